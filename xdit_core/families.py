@@ -1,0 +1,95 @@
+"""The model families the engine knows: how to recognise them and their ComfyUI settings."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Mapping, Optional
+
+from . import latent_formats
+from .errors import XDiTConfigError, XDiTModelError
+from .latent_formats import LatentFormat
+from .sampling import DiscreteEpsSampling, DiscreteFlowSampling, FluxSampling, ModelSampling, flux_auto_shift
+
+FAMILIES = ("flux", "sd3", "pixart")
+CLASS_NAMES = {
+    "FluxTransformer2DModel": "flux",
+    "SD3Transformer2DModel": "sd3",
+    "PixArtTransformer2DModel": "pixart",
+}
+VARIANTS = {"flux": ("dev", "schnell"), "sd3": ("sd3",), "pixart": ("alpha", "sigma")}
+# Latent side must be even for the 2x2 patch embedding: pixels multiple of 8 * 2.
+PIXEL_MULTIPLE = 16
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    """A concrete model's family, variant and the ComfyUI settings that follow from them."""
+
+    family: str
+    variant: str
+    latent_format: LatentFormat
+    default_cfg: float
+    default_guidance: Optional[float]  # Flux with guidance embedding only (FluxGuidance's 3.5)
+    default_shift: float
+    text_dim: int
+    pooled_dim: Optional[int]  # None: the family takes no pooled projection (PixArt)
+    num_heads: int
+
+    @property
+    def latent_channels(self) -> int:
+        return self.latent_format.channels
+
+    def model_sampling(self, shift: Optional[float | str] = None, width: int = 1024,
+                       height: int = 1024) -> ModelSampling:
+        """ComfyUI's model sampling for this model; `shift` overrides the default, `auto` as ModelSamplingFlux."""
+        if shift == "auto":
+            if self.family != "flux":
+                raise XDiTConfigError(f"--shift auto is only defined for Flux (ModelSamplingFlux), not {self.family}")
+            return FluxSampling(flux_auto_shift(width, height))
+        value = self.default_shift if shift is None else float(shift)
+        if self.family == "flux":
+            return FluxSampling(value) if self.variant == "dev" else DiscreteFlowSampling(value, multiplier=1.0)
+        if self.family == "sd3":
+            return DiscreteFlowSampling(value, multiplier=1000.0)
+        return DiscreteEpsSampling()
+
+
+def family_of_class(class_name: Optional[str]) -> str:
+    """Family from a diffusers config's `_class_name`."""
+    if class_name not in CLASS_NAMES:
+        raise XDiTModelError(
+            f"unknown model class {class_name!r} in config.json; supported: {', '.join(CLASS_NAMES)}")
+    return CLASS_NAMES[class_name]
+
+
+def detect_variant(family: str, config: Mapping[str, Any]) -> str:
+    """Variant from the config: Flux dev has a guidance embedder; PixArt-Sigma turns size conditioning off."""
+    if family == "flux":
+        return "dev" if config.get("guidance_embeds", False) else "schnell"
+    if family == "pixart":
+        # PixArt-alpha (1024) derives use_additional_conditions=True from sample_size 128;
+        # PixArt-Sigma's config sets it to False explicitly.
+        return "sigma" if config.get("use_additional_conditions") is False else "alpha"
+    return "sd3"
+
+
+def resolve_model_spec(config: Mapping[str, Any], family: Optional[str] = None,
+                       variant: Optional[str] = None) -> ModelSpec:
+    """Build the ModelSpec of a diffusers transformer config, with optional overrides."""
+    detected = family_of_class(config.get("_class_name")) if family is None else family
+    if detected not in FAMILIES:
+        raise XDiTConfigError(f"unknown family {detected!r}; valid families: {', '.join(FAMILIES)}")
+    family = detected
+    variant = variant or detect_variant(family, config)
+    if variant not in VARIANTS[family]:
+        raise XDiTConfigError(
+            f"unknown variant {variant!r} for {family}; valid variants: {', '.join(VARIANTS[family])}")
+    heads = int(config.get("num_attention_heads", 1))
+    if family == "flux":
+        return ModelSpec("flux", variant, latent_formats.FLUX, 1.0, 3.5 if variant == "dev" else None,
+                         1.15 if variant == "dev" else 1.0, int(config["joint_attention_dim"]),
+                         int(config["pooled_projection_dim"]), heads)
+    if family == "sd3":
+        return ModelSpec("sd3", variant, latent_formats.SD3, 4.5, None, 3.0, int(config["joint_attention_dim"]),
+                         int(config["pooled_projection_dim"]), heads)
+    fmt = latent_formats.SDXL if variant == "sigma" else latent_formats.SD15
+    return ModelSpec("pixart", variant, fmt, 4.5, None, 1.0, int(config["caption_channels"]), None, heads)
