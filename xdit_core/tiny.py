@@ -21,8 +21,9 @@ _BASE: dict[str, dict[str, dict[str, Any]]] = {
         "medium": dict(layers=8, heads=8, head_dim=64, text_dim=256, pooled_dim=128),
     },
     "pixart": {
-        "tiny": dict(layers=4, heads=4, head_dim=16, text_dim=32),
-        "medium": dict(layers=14, heads=8, head_dim=64, text_dim=256),
+        # PixArt-alpha's size conditioning splits the width in thirds: keep it divisible by 3.
+        "tiny": dict(layers=4, heads=4, head_dim=24, text_dim=32),
+        "medium": dict(layers=14, heads=8, head_dim=72, text_dim=256),
     },
 }
 
@@ -61,6 +62,9 @@ def tiny_config(family: str, preset: str = "tiny", layers: Optional[int] = None,
                     attention_head_dim=head_dim, num_attention_heads=heads, joint_attention_dim=p["text_dim"],
                     caption_projection_dim=heads * head_dim, pooled_projection_dim=p["pooled_dim"],
                     out_channels=16, pos_embed_max_size=96)
+    if (variant or "alpha") == "alpha" and (heads * head_dim) % 3:
+        raise XDiTConfigError(f"PixArt-alpha hidden size {heads * head_dim} must be a multiple of 3 "
+                              "(its size conditioning takes a third each for height/width and aspect)")
     return dict(num_attention_heads=heads, attention_head_dim=head_dim, in_channels=4, out_channels=8,
                 num_layers=p["layers"], cross_attention_dim=heads * head_dim, caption_channels=p["text_dim"],
                 sample_size=32, patch_size=2, norm_type="ada_norm_single", num_embeds_ada_norm=1000,

@@ -1,0 +1,77 @@
+"""The conditioning file contract (`--cond`) and the seeded stand-in conditioning used without one."""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Optional
+
+import torch
+
+from .errors import XDiTConditioningError
+from .families import ModelSpec
+from .models.base import BranchCond
+
+RANDOM_TEXT_LENGTH = 32
+
+
+def required_keys(spec: ModelSpec, with_negative: bool) -> list[str]:
+    """Keys a `--cond` file must hold for this model (negative only when CFG evaluates it)."""
+    branches = ["positive"] + (["negative"] if with_negative else [])
+    keys = []
+    for branch in branches:
+        keys.append(branch)
+        if spec.pooled_dim is not None:
+            keys.append(f"{branch}_pooled")
+    return keys
+
+
+def _check_shape(name: str, tensor: torch.Tensor, batch: int, width: int, text: bool) -> torch.Tensor:
+    expected = f"[{batch}, L, {width}]" if text else f"[{batch}, {width}]"
+    ndim = 3 if text else 2
+    if tensor.ndim != ndim or tensor.shape[-1] != width or tensor.shape[0] not in (1, batch):
+        raise XDiTConditioningError(
+            f"--cond tensor {name!r} has shape {list(tensor.shape)}, expected {expected} (batch 1 is repeated)")
+    return tensor.float().expand(batch, *tensor.shape[1:]).contiguous()
+
+
+def load_cond_file(path: str | Path, spec: ModelSpec, batch: int,
+                   with_negative: bool) -> tuple[BranchCond, Optional[BranchCond]]:
+    """Read and validate a conditioning safetensors file; returns (positive, negative or None)."""
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    path = Path(path)
+    if not path.is_file():
+        raise XDiTConditioningError(f"--cond file not found: {path}")
+    try:
+        tensors = load_file(str(path))
+    except (SafetensorError, OSError) as e:
+        raise XDiTConditioningError(f"--cond file {path} is not a readable safetensors file: {e}") from None
+    missing = [k for k in required_keys(spec, with_negative) if k not in tensors]
+    if missing:
+        raise XDiTConditioningError(
+            f"--cond file {path} lacks keys {missing}; a {spec.family} model needs "
+            f"{required_keys(spec, with_negative)}")
+    branches = []
+    for branch in ["positive", "negative"] if with_negative else ["positive"]:
+        text = _check_shape(branch, tensors[branch], batch, spec.text_dim, text=True)
+        pooled = None
+        if spec.pooled_dim is not None:
+            pooled = _check_shape(f"{branch}_pooled", tensors[f"{branch}_pooled"], batch, spec.pooled_dim, False)
+        branches.append(BranchCond(text, pooled))
+    return branches[0], (branches[1] if with_negative else None)
+
+
+def random_cond(spec: ModelSpec, batch: int, seed: int,
+                with_negative: bool) -> tuple[BranchCond, Optional[BranchCond]]:
+    """Stand-in conditioning of the right shapes from a generator seeded with `seed + 1`.
+
+    Its own generator keeps the noise exactly ComfyUI's for `seed`. Both branches are always drawn,
+    so the positive branch does not depend on the CFG scale.
+    """
+    gen = torch.Generator().manual_seed(seed + 1)
+    branches = []
+    for _ in range(2):
+        text = torch.randn(batch, RANDOM_TEXT_LENGTH, spec.text_dim, generator=gen)
+        pooled = torch.randn(batch, spec.pooled_dim, generator=gen) if spec.pooled_dim is not None else None
+        branches.append(BranchCond(text, pooled))
+    return branches[0], (branches[1] if with_negative else None)

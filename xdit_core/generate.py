@@ -1,0 +1,165 @@
+"""`generate`: the engine's main job end to end (load, prepare like KSampler, sample, report)."""
+from __future__ import annotations
+
+import math
+import os
+import resource
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Optional
+
+import torch
+
+from .conditioning import load_cond_file, random_cond
+from .engine import run_request
+from .errors import XDiTConfigError
+from .loading import DTYPES, load_model, read_model_config
+from .models import make_adapter
+from .request import build_request, empty_latent, validate_size
+from .sampling import validate_sampler_settings
+
+BACKENDS = ("local", "ray")
+COMM_KINDS = ("ulysses_all_to_all", "ring_p2p", "pipefusion_p2p", "cfg_gather")
+
+
+@dataclass
+class GenerateOptions:
+    """The flags of `python -m xdit_core generate`; None means the family's default."""
+
+    model: str
+    height: Optional[int] = None
+    width: Optional[int] = None
+    steps: int = 20
+    seed: int = 0
+    family: Optional[str] = None
+    variant: Optional[str] = None
+    batch: int = 1
+    cfg: Optional[float] = None
+    guidance: Optional[float] = None
+    shift: Optional[str] = None  # a number or "auto"
+    sampler: str = "euler"
+    scheduler: str = "simple"
+    denoise: float = 1.0
+    latent: Optional[str] = None
+    cond: Optional[str] = None
+    dtype: str = "fp32"
+    threads: Optional[int] = None
+    backend: str = "local"
+    out: Optional[str] = None
+    report: Optional[str] = None
+    world_size: int = field(default=1, repr=False)
+
+
+def default_threads(ranks: int) -> int:
+    """Cores divided by ranks, at least 1."""
+    return max(1, (os.cpu_count() or 1) // max(1, ranks))
+
+
+def _parse_shift(shift: Optional[str]) -> Optional[float | str]:
+    if shift is None or shift == "auto":
+        return shift
+    try:
+        return float(shift)
+    except ValueError:
+        raise XDiTConfigError(f"--shift must be a number or 'auto', got {shift!r}") from None
+
+
+def read_latent_file(path: str) -> tuple[torch.Tensor, Optional[list[int]]]:
+    """A ComfyUI LATENT file: `samples` (or SaveLatent's `latent_tensor`), optional `batch_index`."""
+    from safetensors.torch import load_file
+
+    p = Path(path)
+    if not p.is_file():
+        raise XDiTConfigError(f"--latent file not found: {p}")
+    try:
+        tensors = load_file(str(p))
+    except Exception as e:  # safetensors raises several types for a bad header
+        raise XDiTConfigError(f"--latent file {p} is not a readable safetensors file: {e}") from None
+    key = "samples" if "samples" in tensors else "latent_tensor" if "latent_tensor" in tensors else None
+    if key is None:
+        raise XDiTConfigError(f"--latent file {p} has no 'samples' tensor (keys: {sorted(tensors)})")
+    batch_index = tensors["batch_index"].tolist() if "batch_index" in tensors else None
+    return tensors[key].float(), batch_index
+
+
+def peak_rss_bytes() -> int:
+    """This process's peak resident set size (Linux reports kilobytes)."""
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
+def generate(opts: GenerateOptions) -> tuple[torch.Tensor, dict[str, Any]]:
+    """Run one generation; returns (ComfyUI LATENT samples [B, C, H/8, W/8], REPORT dict)."""
+    t_start = time.perf_counter()
+    # Cheap checks first, so a bad flag fails before any weight is read.
+    if opts.backend not in BACKENDS:
+        raise XDiTConfigError(f"unknown backend {opts.backend!r}; valid: {', '.join(BACKENDS)}")
+    if opts.backend == "ray":
+        raise XDiTConfigError("--backend ray needs the worker pool, which this version does not have yet; "
+                              "use --backend local")
+    if opts.dtype not in DTYPES:
+        raise XDiTConfigError(f"unknown dtype {opts.dtype!r}; valid: {', '.join(DTYPES)}")
+    validate_sampler_settings(opts.sampler, opts.scheduler, opts.steps, opts.denoise)
+    if opts.batch < 1:
+        raise XDiTConfigError(f"batch must be at least 1, got {opts.batch}")
+    if opts.threads is not None and opts.threads < 1:
+        raise XDiTConfigError(f"threads must be at least 1, got {opts.threads}")
+    shift = _parse_shift(opts.shift)
+    from .families import resolve_model_spec
+
+    spec = resolve_model_spec(read_model_config(opts.model), opts.family, opts.variant)
+
+    batch_index = None
+    if opts.latent is not None:
+        latent, batch_index = read_latent_file(opts.latent)
+        for name, given, actual in (("height", opts.height, latent.shape[2] * 8),
+                                    ("width", opts.width, latent.shape[3] * 8)):
+            if given is not None and given != actual:
+                raise XDiTConfigError(f"--{name} {given} does not match the --latent file's {actual}")
+    else:
+        if opts.height is None or opts.width is None:
+            raise XDiTConfigError("--height and --width are required without --latent")
+        validate_size(spec, opts.height, opts.width)
+        if opts.denoise < 1.0:
+            raise XDiTConfigError(f"denoise {opts.denoise} < 1 needs a starting --latent")
+        latent = empty_latent(spec, opts.batch, opts.height, opts.width)
+    batch = latent.shape[0]
+    cfg = spec.default_cfg if opts.cfg is None else opts.cfg
+    with_negative = not math.isclose(cfg, 1.0)
+    if opts.cond is not None:
+        positive, negative = load_cond_file(opts.cond, spec, batch, with_negative)
+    else:
+        positive, negative = random_cond(spec, batch, opts.seed, with_negative)
+    request = build_request(spec, latent, seed=opts.seed, steps=opts.steps, cfg=cfg, sampler=opts.sampler,
+                            scheduler=opts.scheduler, denoise=opts.denoise, positive=positive,
+                            negative=negative, guidance=opts.guidance, shift=shift, batch_index=batch_index)
+
+    threads = opts.threads or default_threads(opts.world_size)
+    torch.set_num_threads(threads)
+    t_load = time.perf_counter()
+    model, spec = load_model(opts.model, opts.dtype, opts.family, opts.variant)
+    load_s = time.perf_counter() - t_load
+    step_s: list[float] = []
+    out = run_request(make_adapter(model, spec), request, step_seconds=step_s)
+    samples = spec.latent_format.process_out(out)
+
+    config = asdict(opts)
+    config.update(family=spec.family, variant=spec.variant, cfg=cfg, guidance=request.guidance,
+                  shift=opts.shift, threads=threads, height=request.height, width=request.width, batch=batch)
+    config.pop("world_size")
+    report = {
+        "config": config,
+        "world_size": opts.world_size,
+        "wall_s": time.perf_counter() - t_start,
+        "load_s": load_s,
+        "per_rank": [{
+            "rank": 0,
+            "coords": {"cfg": 0, "pipefusion": 0, "ring": 0, "ulysses": 0},
+            "param_bytes": sum(p.numel() * p.element_size() for p in model.parameters()),
+            "peak_rss_bytes": peak_rss_bytes(),
+            "step_s": step_s,
+            "comm_bytes": {k: 0 for k in COMM_KINDS},
+            "comm_bytes_per_step": [{k: 0 for k in COMM_KINDS} for _ in step_s],
+        }],
+    }
+    return samples, report

@@ -1,0 +1,20 @@
+"""Model adapters: one small file per family that drives the unchanged diffusers modules."""
+from __future__ import annotations
+
+import torch
+
+from ..families import ModelSpec
+from .base import BranchCond, ModelAdapter
+from .flux import FluxAdapter
+from .pixart import PixArtAdapter
+from .sd3 import SD3Adapter
+
+ADAPTERS = {"flux": FluxAdapter, "sd3": SD3Adapter, "pixart": PixArtAdapter}
+
+
+def make_adapter(model: torch.nn.Module, spec: ModelSpec) -> ModelAdapter:
+    """The adapter of `spec.family` around a loaded diffusers transformer."""
+    return ADAPTERS[spec.family](model, spec)
+
+
+__all__ = ["ADAPTERS", "BranchCond", "ModelAdapter", "make_adapter"]
