@@ -7,7 +7,7 @@ whole denoising loop from it without a round trip to the host.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Optional, Sequence
 
 import torch
@@ -38,6 +38,16 @@ class SampleRequest:
     @property
     def steps(self) -> int:
         return len(self.sigmas) - 1
+
+    def to(self, device: torch.device) -> "SampleRequest":
+        """A copy with every tensor on `device`."""
+        def move(c: Optional[BranchCond]) -> Optional[BranchCond]:
+            if c is None:
+                return None
+            return BranchCond(c.text.to(device), None if c.pooled is None else c.pooled.to(device))
+
+        return replace(self, noise=self.noise.to(device), latent_image=self.latent_image.to(device),
+                       sigmas=self.sigmas.to(device), positive=move(self.positive), negative=move(self.negative))
 
 
 def validate_size(spec: ModelSpec, height: int, width: int) -> None:

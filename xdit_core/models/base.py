@@ -1,8 +1,8 @@
-"""What every model adapter offers the sampling loop."""
+"""What every model adapter offers: embed, the block list, the output head, and where attention runs."""
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import Optional
+from dataclasses import dataclass, field, replace
+from typing import Any, Callable, Optional
 
 import torch
 
@@ -17,8 +17,31 @@ class BranchCond:
     pooled: Optional[torch.Tensor] = None
 
 
+@dataclass
+class Tokens:
+    """The state between embedding and head: image tokens [B, N, D], text tokens, per-token tables."""
+
+    img: torch.Tensor
+    txt: Optional[torch.Tensor]
+    height: int  # latent height and width (before patching)
+    width: int
+    extras: dict[str, Any] = field(default_factory=dict)  # temb, rotary tables, ...
+
+    def with_(self, **changes: Any) -> "Tokens":
+        return replace(self, **changes)
+
+
+# How the sequence an attention call sees is made: "joint" = text and image tokens concatenated
+# (order given by the adapter's JOINT_ORDER), "image" = image tokens only, "cross" = image queries
+# against replicated text keys and values (needs no communication).
+ATTENTION_KINDS = ("joint", "image", "cross")
+
+
 class ModelAdapter:
-    """Turns (model input, timestep, conditioning) into the model's raw output, in ComfyUI's latent layout."""
+    """Drives the unchanged diffusers modules of one family in the model's own order."""
+
+    JOINT_ORDER: tuple[str, str] = ("txt", "img")
+    TEXT_IS_JOINT = True  # joint text tokens may be split across sequence-parallel ranks
 
     def __init__(self, model: torch.nn.Module, spec: ModelSpec):
         self.model = model
@@ -28,7 +51,33 @@ class ModelAdapter:
     def dtype(self) -> torch.dtype:
         return next(self.model.parameters()).dtype
 
+    def embed(self, x: torch.Tensor, timestep: torch.Tensor, cond: BranchCond,
+              guidance: Optional[float]) -> Tokens:
+        """Latent [B, C, h, w] (model dtype) and timestep [B] -> tokens, with every table the blocks need."""
+        raise NotImplementedError
+
+    def blocks(self) -> list[tuple[torch.nn.Module, Callable[[torch.nn.Module, Tokens], Tokens]]]:
+        """The transformer blocks in order, each with the function that runs it on Tokens."""
+        raise NotImplementedError
+
+    def head(self, tokens: Tokens) -> torch.Tensor:
+        """Final norm and projection on the full image tokens -> model output [B, C, h, w]."""
+        raise NotImplementedError
+
+    def attention_kinds(self) -> dict[torch.nn.Module, str]:
+        """Every attention module and the kind of sequence it attends over (see ATTENTION_KINDS)."""
+        raise NotImplementedError
+
+    def shard_extras(self, tokens: Tokens, shard_txt: Callable, shard_img: Callable) -> dict[str, Any]:
+        """Per-token tables split like the tokens (default: none are per-token)."""
+        return tokens.extras
+
+    def run_blocks(self, tokens: Tokens) -> Tokens:
+        for block, run in self.blocks():
+            tokens = run(block, tokens)
+        return tokens
+
     def predict(self, x: torch.Tensor, timestep: torch.Tensor, cond: BranchCond,
                 guidance: Optional[float]) -> torch.Tensor:
-        """x: [B, C, h, w] in the model's dtype; timestep: [B] as the model expects it."""
-        raise NotImplementedError
+        """Serial forward: x [B, C, h, w] in the model's dtype, timestep [B] as the model expects it."""
+        return self.head(self.run_blocks(self.embed(x, timestep, cond, guidance)))

@@ -6,26 +6,50 @@ from typing import Optional
 import torch
 
 from ..latent_formats import flux_image_ids, pack_flux, unpack_flux
-from .base import BranchCond, ModelAdapter
+from .base import BranchCond, ModelAdapter, Tokens
+
+
+def _run_block(block: torch.nn.Module, t: Tokens) -> Tokens:
+    # Double- and single-stream blocks share this signature in diffusers and return (text, image).
+    txt, img = block(hidden_states=t.img, encoder_hidden_states=t.txt, temb=t.extras["temb"],
+                     image_rotary_emb=t.extras["rotary"])
+    return t.with_(img=img, txt=txt)
 
 
 class FluxAdapter(ModelAdapter):
-    def predict(self, x: torch.Tensor, timestep: torch.Tensor, cond: BranchCond,
-                guidance: Optional[float]) -> torch.Tensor:
+    JOINT_ORDER = ("txt", "img")  # Flux puts the text tokens first
+
+    def embed(self, x: torch.Tensor, timestep: torch.Tensor, cond: BranchCond,
+              guidance: Optional[float]) -> Tokens:
+        m = self.model
         b, _, h, w = x.shape
         dtype = x.dtype
-        g = None
-        if self.model.config.guidance_embeds:
+        img = m.x_embedder(pack_flux(x))
+        t = timestep.to(dtype) * 1000
+        if m.config.guidance_embeds:
             # ComfyUI's Flux uses guidance 3.5 when the conditioning carries none.
-            g = torch.full((b,), 3.5 if guidance is None else guidance, dtype=torch.float32)
-        out = self.model(
-            hidden_states=pack_flux(x),
-            encoder_hidden_states=cond.text.to(dtype),
-            pooled_projections=cond.pooled.to(dtype),
-            timestep=timestep,
-            img_ids=flux_image_ids(h, w, dtype),
-            txt_ids=torch.zeros(cond.text.shape[1], 3, dtype=dtype),
-            guidance=g,
-            return_dict=False,
-        )[0]
-        return unpack_flux(out, h, w)
+            g = torch.full((b,), 3.5 if guidance is None else guidance, dtype=dtype) * 1000
+            temb = m.time_text_embed(t, g, cond.pooled.to(dtype))
+        else:
+            temb = m.time_text_embed(t, cond.pooled.to(dtype))
+        txt = m.context_embedder(cond.text.to(dtype))
+        ids = torch.cat([torch.zeros(cond.text.shape[1], 3, dtype=dtype), flux_image_ids(h, w, dtype)])
+        return Tokens(img, txt, h, w, {"temb": temb, "rotary": m.pos_embed(ids)})
+
+    def blocks(self):
+        m = self.model
+        return [(b, _run_block) for b in list(m.transformer_blocks) + list(m.single_transformer_blocks)]
+
+    def head(self, tokens: Tokens) -> torch.Tensor:
+        out = self.model.proj_out(self.model.norm_out(tokens.img, tokens.extras["temb"]))
+        return unpack_flux(out, tokens.height, tokens.width)
+
+    def attention_kinds(self):
+        m = self.model
+        return {b.attn: "joint" for b in list(m.transformer_blocks) + list(m.single_transformer_blocks)}
+
+    def shard_extras(self, tokens, shard_txt, shard_img):
+        n_txt = tokens.txt.shape[1]
+        rotary = tuple(torch.cat([shard_txt(r[:n_txt], dim=0), shard_img(r[n_txt:], dim=0)])
+                       for r in tokens.extras["rotary"])
+        return {**tokens.extras, "rotary": rotary}

@@ -1,20 +1,48 @@
-"""SD3 / SD3.5: joint text-image attention (MMDiT), pooled CLIP projections."""
+"""SD3 / SD3.5: joint text-image attention (MMDiT, image tokens first), pooled CLIP projections."""
 from __future__ import annotations
 
 from typing import Optional
 
 import torch
 
-from .base import BranchCond, ModelAdapter
+from .base import BranchCond, ModelAdapter, Tokens
+
+
+def _run_block(block: torch.nn.Module, t: Tokens) -> Tokens:
+    txt, img = block(hidden_states=t.img, encoder_hidden_states=t.txt, temb=t.extras["temb"])
+    # The last block is context_pre_only: it returns no text states, and none are needed after it.
+    return t.with_(img=img, txt=txt)
+
+
+def unpatchify(tokens: torch.Tensor, h: int, w: int, patch: int, channels: int) -> torch.Tensor:
+    """[B, (h/p)(w/p), p*p*C] -> [B, C, h, w], the layout of diffusers' DiT heads."""
+    b = tokens.shape[0]
+    x = tokens.reshape(b, h // patch, w // patch, patch, patch, channels)
+    return torch.einsum("nhwpqc->nchpwq", x).reshape(b, channels, h, w)
 
 
 class SD3Adapter(ModelAdapter):
-    def predict(self, x: torch.Tensor, timestep: torch.Tensor, cond: BranchCond,
-                guidance: Optional[float]) -> torch.Tensor:
-        return self.model(
-            hidden_states=x,
-            encoder_hidden_states=cond.text.to(x.dtype),
-            pooled_projections=cond.pooled.to(x.dtype),
-            timestep=timestep,
-            return_dict=False,
-        )[0]
+    JOINT_ORDER = ("img", "txt")  # SD3's joint processor puts the image tokens first
+
+    def embed(self, x: torch.Tensor, timestep: torch.Tensor, cond: BranchCond,
+              guidance: Optional[float]) -> Tokens:
+        m = self.model
+        h, w = x.shape[-2:]
+        temb = m.time_text_embed(timestep, cond.pooled.to(x.dtype))
+        return Tokens(m.pos_embed(x), m.context_embedder(cond.text.to(x.dtype)), h, w, {"temb": temb})
+
+    def blocks(self):
+        return [(b, _run_block) for b in self.model.transformer_blocks]
+
+    def head(self, tokens: Tokens) -> torch.Tensor:
+        m = self.model
+        out = m.proj_out(m.norm_out(tokens.img, tokens.extras["temb"]))
+        return unpatchify(out, tokens.height, tokens.width, m.config.patch_size, m.out_channels)
+
+    def attention_kinds(self):
+        kinds = {}
+        for b in self.model.transformer_blocks:
+            kinds[b.attn] = "joint"
+            if getattr(b, "attn2", None) is not None:  # SD3.5's dual attention: image tokens only
+                kinds[b.attn2] = "image"
+        return kinds

@@ -1,0 +1,34 @@
+"""One rank's parallel context: its mesh, communicators, byte counter and device."""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+from .attention import SPGroups, select_lse_kernel
+from .comm import Comm, CommCounter
+from .mesh import Mesh
+
+
+@dataclass
+class RankContext:
+    mesh: Mesh
+    device: torch.device = field(default_factory=lambda: torch.device("cpu"))
+    attention_backend: str = "auto"
+    counter: CommCounter = field(default_factory=CommCounter)
+
+    def comm(self, name: str) -> Comm:
+        """A counted communicator over this rank's group along `name`."""
+        return Comm(self.mesh.group(name), self.mesh.members(name), self.counter)
+
+    def sp_groups(self) -> SPGroups:
+        return SPGroups(self.comm("ulysses"), self.comm("ring"),
+                        select_lse_kernel(self.device, self.attention_backend))
+
+    @property
+    def sp_degree(self) -> int:
+        return self.mesh.config.sp_degree
+
+    @property
+    def cfg_degree(self) -> int:
+        return self.mesh.config.cfg_degree

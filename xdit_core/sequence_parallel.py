@@ -1,0 +1,68 @@
+"""Sequence parallelism around a model adapter: shard the tokens after embedding, run the blocks under
+the USP attention interceptor, gather the image tokens before the head."""
+from __future__ import annotations
+
+import math
+from typing import Optional
+
+import torch
+
+from .attention import Segment, SequenceParallelAttention, SPGroups
+from .comm import Comm
+from .models.base import BranchCond, ModelAdapter
+
+
+def shard_padded(x: torch.Tensor, dim: int, index: int, parts: int) -> torch.Tensor:
+    """Shard `index` of `parts` along `dim`, after zero-padding the end to a multiple of `parts`."""
+    n = x.shape[dim]
+    local = math.ceil(n / parts)
+    start = index * local
+    real = max(0, min(local, n - start))
+    piece = x.narrow(dim, min(start, n), real)
+    if real == local:
+        return piece
+    pad_shape = list(x.shape)
+    pad_shape[dim] = local - real
+    return torch.cat([piece, x.new_zeros(pad_shape)], dim=dim)
+
+
+class SequenceParallelRunner:
+    """`predict` with the same contract as the adapter's, run over the SP group (ulysses x ring)."""
+
+    def __init__(self, adapter: ModelAdapter, groups: SPGroups, sp_comm: Comm):
+        self.adapter = adapter
+        self.groups = groups
+        self.sp_comm = sp_comm  # the whole SP group, in shard order, for the final gather
+        self.degree = groups.ulysses.size * groups.ring.size
+        self.index = groups.shard_index
+        self.attention = SequenceParallelAttention(adapter.attention_kinds(), groups)
+
+    def predict(self, x: torch.Tensor, timestep: torch.Tensor, cond: BranchCond,
+                guidance: Optional[float]) -> torch.Tensor:
+        a, S, idx = self.adapter, self.degree, self.index
+        tokens = a.embed(x, timestep, cond, guidance)
+        n_img = tokens.img.shape[1]
+        n_txt = tokens.txt.shape[1] if tokens.txt is not None else 0
+        # Joint text is split when its length divides the degree, else replicated (attended once).
+        txt_split = a.TEXT_IS_JOINT and n_txt % S == 0
+
+        def shard_img(t: torch.Tensor, dim: int = 1) -> torch.Tensor:
+            return shard_padded(t, dim, idx, S)
+
+        def shard_txt(t: torch.Tensor, dim: int = 1) -> torch.Tensor:
+            return t.narrow(dim, idx * (n_txt // S), n_txt // S) if txt_split else t
+
+        local = tokens.with_(img=shard_img(tokens.img),
+                             txt=shard_txt(tokens.txt) if a.TEXT_IS_JOINT else tokens.txt,
+                             extras=a.shard_extras(tokens, shard_txt, shard_img))
+        img_seg = Segment(local.img.shape[1], True, n_img)
+        segments = {"image": [img_seg]}
+        if a.TEXT_IS_JOINT:
+            txt_seg = Segment(n_txt // S if txt_split else n_txt, txt_split, n_txt)
+            segments["joint"] = [img_seg if part == "img" else txt_seg for part in a.JOINT_ORDER]
+        self.attention.segments = segments
+        with self.attention:
+            local = a.run_blocks(local)
+        gathered = self.sp_comm.all_gather(local.img, "sp_gather")  # [S, B, N/S, D] in shard order
+        full = gathered.permute(1, 0, 2, 3).reshape(x.shape[0], -1, gathered.shape[-1])[:, :n_img]
+        return a.head(tokens.with_(img=full))
