@@ -47,6 +47,14 @@ def _add_generate(sub) -> None:
     p.add_argument("--backend", default="local", help="local | ray")
     p.add_argument("--out", required=True, help="output LATENT safetensors (`samples`)")
     p.add_argument("--report", help="write REPORT.json here")
+    par = p.add_argument_group("parallelism (xDiT's flags; world size = their product)")
+    par.add_argument("--ulysses_degree", type=int, default=1, help="Ulysses sequence parallel degree")
+    par.add_argument("--ring_degree", type=int, default=1, help="Ring attention sequence parallel degree")
+    par.add_argument("--pipefusion_parallel_degree", type=int, default=1, help="PipeFusion stages")
+    par.add_argument("--use_cfg_parallel", action="store_true", help="negative and positive on two ranks")
+    par.add_argument("--num_pipeline_patch", type=int, help="PipeFusion patches (default: the stage count)")
+    par.add_argument("--warmup_steps", type=int, default=1, help="PipeFusion synchronous warmup steps")
+    par.add_argument("--attention_backend", default="auto", help="auto | flash | sdpa")
 
 
 def _add_tiny(sub) -> None:

@@ -5,22 +5,25 @@ import math
 import os
 import resource
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Optional
 
 import torch
 
+from .attention import ATTENTION_BACKENDS
+from .comm import COMM_KINDS, CommCounter
 from .conditioning import load_cond_file, random_cond
 from .engine import run_request
 from .errors import XDiTConfigError
+from .families import resolve_model_spec
 from .loading import DTYPES, load_model, read_model_config
+from .mesh import ParallelConfig, validate_parallel_config
 from .models import make_adapter
-from .request import build_request, empty_latent, validate_size
+from .request import SampleRequest, build_request, empty_latent, validate_size
 from .sampling import validate_sampler_settings
 
 BACKENDS = ("local", "ray")
-COMM_KINDS = ("ulysses_all_to_all", "ring_p2p", "pipefusion_p2p", "cfg_gather")
 
 
 @dataclass
@@ -48,7 +51,18 @@ class GenerateOptions:
     backend: str = "local"
     out: Optional[str] = None
     report: Optional[str] = None
-    world_size: int = field(default=1, repr=False)
+    ulysses_degree: int = 1
+    ring_degree: int = 1
+    pipefusion_parallel_degree: int = 1
+    use_cfg_parallel: bool = False
+    num_pipeline_patch: Optional[int] = None
+    warmup_steps: int = 1
+    attention_backend: str = "auto"
+
+    @property
+    def parallel(self) -> ParallelConfig:
+        return ParallelConfig(self.ulysses_degree, self.ring_degree, self.pipefusion_parallel_degree,
+                              self.use_cfg_parallel, self.num_pipeline_patch, self.warmup_steps)
 
 
 def default_threads(ranks: int) -> int:
@@ -88,10 +102,78 @@ def peak_rss_bytes() -> int:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
 
+def _rank_report(rank: int, config: ParallelConfig, param_bytes: int, step_s: list[float],
+                 counter: Optional[CommCounter]) -> dict[str, Any]:
+    """One rank's entry of REPORT.json's `per_rank`."""
+    zero = {k: 0 for k in COMM_KINDS}
+    return {
+        "rank": rank,
+        "coords": {d: config.coords(rank)[d] for d in ("cfg", "pipefusion", "ring", "ulysses")},
+        "param_bytes": param_bytes,
+        "peak_rss_bytes": peak_rss_bytes(),
+        "step_s": step_s,
+        "comm_bytes": dict(counter.total) if counter else zero,
+        "comm_bytes_per_step": list(counter.per_step) if counter else [dict(zero) for _ in step_s],
+    }
+
+
+def _parallel_rank(rank: int, device: torch.device, payload: tuple) -> dict[str, Any]:
+    """One rank of a `generate` run on the local backend (runs in a spawned process)."""
+    from .mesh import Mesh
+    from .rank_context import RankContext
+
+    opts, request = payload
+    t0 = time.perf_counter()
+    model, spec = load_model(opts.model, opts.dtype, opts.family, opts.variant)
+    model.to(device)
+    load_s = time.perf_counter() - t0
+    mesh = Mesh(opts.parallel)
+    ctx = RankContext(mesh, device, opts.attention_backend)
+    step_s: list[float] = []
+    out = run_request(make_adapter(model, spec), request, step_seconds=step_s, ctx=ctx)
+    param_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
+    return {"samples": spec.latent_format.process_out(out).cpu() if rank == 0 else None, "load_s": load_s,
+            "report": _rank_report(rank, opts.parallel, param_bytes, step_s, ctx.counter)}
+
+
 def generate(opts: GenerateOptions) -> tuple[torch.Tensor, dict[str, Any]]:
-    """Run one generation; returns (ComfyUI LATENT samples [B, C, H/8, W/8], REPORT dict)."""
+    """Run one generation; returns (ComfyUI LATENT samples [B, C, H/8, W/8], REPORT dict).
+
+    Everything is validated before a weight is read or a process started. With all degrees 1 the
+    run is in-process; otherwise the local backend spawns one process per rank.
+    """
     t_start = time.perf_counter()
-    # Cheap checks first, so a bad flag fails before any weight is read.
+    request, spec, cfg = prepare(opts)
+    world_size = opts.parallel.world_size
+    threads = opts.threads or default_threads(world_size)
+    config = asdict(opts)
+    config.update(family=spec.family, variant=spec.variant, cfg=cfg, guidance=request.guidance,
+                  threads=threads, height=request.height, width=request.width, batch=request.noise.shape[0])
+
+    if world_size == 1:
+        torch.set_num_threads(threads)
+        t_load = time.perf_counter()
+        model, spec = load_model(opts.model, opts.dtype, opts.family, opts.variant)
+        load_s = time.perf_counter() - t_load
+        step_s: list[float] = []
+        out = run_request(make_adapter(model, spec), request, step_seconds=step_s)
+        samples = spec.latent_format.process_out(out)
+        param_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
+        per_rank = [_rank_report(0, opts.parallel, param_bytes, step_s, None)]
+    else:
+        from .launch import spawn_world
+
+        results = spawn_world(_parallel_rank, world_size, (opts, request), threads)
+        samples = results[0]["samples"]
+        load_s = max(r["load_s"] for r in results)
+        per_rank = [r["report"] for r in results]
+    report = {"config": config, "world_size": world_size, "wall_s": time.perf_counter() - t_start,
+              "load_s": load_s, "per_rank": per_rank}
+    return samples, report
+
+
+def prepare(opts: GenerateOptions) -> tuple[SampleRequest, Any, float]:
+    """Validate every flag and build the SampleRequest as KSampler would; returns (request, spec, cfg)."""
     if opts.backend not in BACKENDS:
         raise XDiTConfigError(f"unknown backend {opts.backend!r}; valid: {', '.join(BACKENDS)}")
     if opts.backend == "ray":
@@ -99,14 +181,19 @@ def generate(opts: GenerateOptions) -> tuple[torch.Tensor, dict[str, Any]]:
                               "use --backend local")
     if opts.dtype not in DTYPES:
         raise XDiTConfigError(f"unknown dtype {opts.dtype!r}; valid: {', '.join(DTYPES)}")
+    if opts.attention_backend not in ATTENTION_BACKENDS:
+        raise XDiTConfigError(f"unknown attention backend {opts.attention_backend!r}; "
+                              f"valid: {', '.join(ATTENTION_BACKENDS)}")
     validate_sampler_settings(opts.sampler, opts.scheduler, opts.steps, opts.denoise)
     if opts.batch < 1:
         raise XDiTConfigError(f"batch must be at least 1, got {opts.batch}")
     if opts.threads is not None and opts.threads < 1:
         raise XDiTConfigError(f"threads must be at least 1, got {opts.threads}")
     shift = _parse_shift(opts.shift)
-    from .families import resolve_model_spec
-
+    validate_parallel_config(opts.parallel)
+    if opts.pipefusion_parallel_degree > 1:
+        raise XDiTConfigError("pipefusion_parallel_degree > 1 (PipeFusion) is not in this version yet; "
+                              "use ulysses_degree, ring_degree and use_cfg_parallel")
     spec = resolve_model_spec(read_model_config(opts.model), opts.family, opts.variant)
 
     batch_index = None
@@ -125,6 +212,7 @@ def generate(opts: GenerateOptions) -> tuple[torch.Tensor, dict[str, Any]]:
         latent = empty_latent(spec, opts.batch, opts.height, opts.width)
     batch = latent.shape[0]
     cfg = spec.default_cfg if opts.cfg is None else opts.cfg
+    validate_parallel_config(opts.parallel, num_heads=spec.num_heads, cfg=cfg)
     with_negative = not math.isclose(cfg, 1.0)
     if opts.cond is not None:
         positive, negative = load_cond_file(opts.cond, spec, batch, with_negative)
@@ -133,33 +221,4 @@ def generate(opts: GenerateOptions) -> tuple[torch.Tensor, dict[str, Any]]:
     request = build_request(spec, latent, seed=opts.seed, steps=opts.steps, cfg=cfg, sampler=opts.sampler,
                             scheduler=opts.scheduler, denoise=opts.denoise, positive=positive,
                             negative=negative, guidance=opts.guidance, shift=shift, batch_index=batch_index)
-
-    threads = opts.threads or default_threads(opts.world_size)
-    torch.set_num_threads(threads)
-    t_load = time.perf_counter()
-    model, spec = load_model(opts.model, opts.dtype, opts.family, opts.variant)
-    load_s = time.perf_counter() - t_load
-    step_s: list[float] = []
-    out = run_request(make_adapter(model, spec), request, step_seconds=step_s)
-    samples = spec.latent_format.process_out(out)
-
-    config = asdict(opts)
-    config.update(family=spec.family, variant=spec.variant, cfg=cfg, guidance=request.guidance,
-                  shift=opts.shift, threads=threads, height=request.height, width=request.width, batch=batch)
-    config.pop("world_size")
-    report = {
-        "config": config,
-        "world_size": opts.world_size,
-        "wall_s": time.perf_counter() - t_start,
-        "load_s": load_s,
-        "per_rank": [{
-            "rank": 0,
-            "coords": {"cfg": 0, "pipefusion": 0, "ring": 0, "ulysses": 0},
-            "param_bytes": sum(p.numel() * p.element_size() for p in model.parameters()),
-            "peak_rss_bytes": peak_rss_bytes(),
-            "step_s": step_s,
-            "comm_bytes": {k: 0 for k in COMM_KINDS},
-            "comm_bytes_per_step": [{k: 0 for k in COMM_KINDS} for _ in step_s],
-        }],
-    }
-    return samples, report
+    return request, spec, cfg
