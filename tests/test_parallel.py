@@ -28,11 +28,12 @@ CONFIGS = {
     "u2r2": ParallelConfig(ulysses_degree=2, ring_degree=2),
     "cfg": ParallelConfig(use_cfg_parallel=True),
     "cfg_u2r2": ParallelConfig(ulysses_degree=2, ring_degree=2, use_cfg_parallel=True),
+    "r4_allgather": ParallelConfig(ring_degree=4),  # the same ring with one all-gather instead of hand-offs
 }
 # 64x64 px: 16 image tokens, text 32 (both divide every degree). 48x80 px: 15 image tokens (no
 # degree divides them: padding), text 30 (split at degree 2, replicated at 4).
 SIZES = {"even": (64, 64, 32), "uneven": (48, 80, 30)}
-UNEVEN_CONFIGS = ("u2", "u4", "r2", "u2r2")
+UNEVEN_CONFIGS = ("u2", "u4", "r2", "u2r2", "r4_allgather")
 FAMILIES = ("flux", "sd3", "pixart")
 
 
@@ -62,7 +63,8 @@ def world(tmp_path_factory):
             if key == "sd3_deep":
                 names = ("u2", "r2")
             for name in names:
-                cases.append((f"{key}/{size}/{name}", str(path), CONFIGS[name], request))
+                ring_impl = "allgather" if name.endswith("allgather") else "p2p"
+                cases.append((f"{key}/{size}/{name}", str(path), CONFIGS[name], ring_impl, request))
     results = spawn_world(parallel_world.run_cases, 8, cases, threads=1)[0]
     return results, refs, shapes
 
@@ -105,7 +107,8 @@ def _expected_bytes(family, size, name, spec, config):
         local = heads * split_len * head_dim * 4
         e["ulysses_all_to_all"] = branches * layers * 4 * local * (U - 1) // U  # Q, K, V and the output
         e["ulysses_all_gather"] = branches * layers * (U - 1) * (heads // U) * rep_len * head_dim * 4
-        e["ring_p2p"] = branches * layers * (R - 1) * 2 * (heads // U) * U * split_len * head_dim * 4  # K and V
+        ring_kind = "ring_all_gather" if name.endswith("allgather") else "ring_p2p"
+        e[ring_kind] = branches * layers * (R - 1) * 2 * (heads // U) * U * split_len * head_dim * 4  # K and V
         e["sp_gather"] = branches * (S - 1) * img_loc * hidden * 4
     if par.use_cfg_parallel:
         channels = spec.latent_channels

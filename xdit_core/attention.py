@@ -84,6 +84,7 @@ class SPGroups:
     ulysses: Comm
     ring: Comm
     lse_kernel: Callable
+    ring_impl: str = "p2p"  # "p2p": K/V blocks hop around the ring, overlapped; "allgather": one collective
 
     @property
     def shard_index(self) -> int:
@@ -167,18 +168,26 @@ def usp_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, segments: S
         acc = attend(kr, vr, acc)
     if has_split:
         kv = torch.stack([ks, vs])
-        for step in range(ring.size):
-            pending = ring.ring_exchange(kv, "ring_p2p") if step < ring.size - 1 else None
-            origin = (ring.index - step) % ring.size
-            keep = _valid_key_index(segments, U, origin, kv.device)
-            kb, vb = (kv[0], kv[1]) if keep is None else (kv[0].index_select(2, keep), kv[1].index_select(2, keep))
-            if kb.shape[2] > 0:
-                acc = attend(kb, vb, acc)
-            if pending is not None:
-                buf, works = pending
-                for w in works:
-                    w.wait()
-                kv = buf
+
+        def attend_block(block: torch.Tensor, origin: int, acc):
+            keep = _valid_key_index(segments, U, origin, block.device)
+            kb, vb = (block[0], block[1]) if keep is None else (block[0].index_select(2, keep),
+                                                                block[1].index_select(2, keep))
+            return attend(kb, vb, acc) if kb.shape[2] > 0 else acc
+
+        if groups.ring_impl == "allgather" and ring.size > 1:
+            for origin, block in enumerate(ring.all_gather(kv, "ring_all_gather").unbind(0)):
+                acc = attend_block(block, origin, acc)
+        else:
+            for step in range(ring.size):
+                # Start the next hand-off before computing on the current block, so they overlap.
+                pending = ring.ring_exchange(kv, "ring_p2p") if step < ring.size - 1 else None
+                acc = attend_block(kv, (ring.index - step) % ring.size, acc)
+                if pending is not None:
+                    buf, works = pending
+                    for w in works:
+                        w.wait()
+                    kv = buf
     out = acc[0].to(q.dtype)
 
     # Back to this rank's local layout: [B, H, S_local, D].

@@ -13,8 +13,8 @@ from typing import Optional, Sequence
 import torch
 import torch.distributed as dist
 
-COMM_KINDS = ("ulysses_all_to_all", "ulysses_all_gather", "ring_p2p", "sp_gather", "cfg_gather",
-              "pipefusion_p2p")
+COMM_KINDS = ("ulysses_all_to_all", "ulysses_all_gather", "ring_p2p", "ring_all_gather", "sp_gather",
+              "cfg_gather", "pipefusion_p2p")
 
 
 class CommCounter:

@@ -15,6 +15,7 @@ class RankContext:
     mesh: Mesh
     device: torch.device = field(default_factory=lambda: torch.device("cpu"))
     attention_backend: str = "auto"
+    ring_impl: str = "p2p"
     counter: CommCounter = field(default_factory=CommCounter)
 
     def comm(self, name: str) -> Comm:
@@ -23,7 +24,7 @@ class RankContext:
 
     def sp_groups(self) -> SPGroups:
         return SPGroups(self.comm("ulysses"), self.comm("ring"),
-                        select_lse_kernel(self.device, self.attention_backend))
+                        select_lse_kernel(self.device, self.attention_backend), self.ring_impl)
 
     @property
     def sp_degree(self) -> int:
