@@ -44,7 +44,9 @@ def _add_generate(sub) -> None:
     p.add_argument("--cond", help="conditioning safetensors: positive[_pooled], negative[_pooled]")
     p.add_argument("--dtype", default="fp32", help="fp32 | bf16 | fp16")
     p.add_argument("--threads", type=int, help="torch threads per rank (default: cores / ranks)")
-    p.add_argument("--backend", default="local", help="local | ray")
+    p.add_argument("--backend", default="local",
+                   help="local (processes spawned here) | ray (the worker pool) | env (a rank under torchrun)")
+    p.add_argument("--ray_address", help="join this Ray cluster (default: $XDIT_RAY_ADDRESS, else a local Ray)")
     p.add_argument("--out", required=True, help="output LATENT safetensors (`samples`)")
     p.add_argument("--report", help="write REPORT.json here")
     par = p.add_argument_group("parallelism (xDiT's flags; world size = their product)")
@@ -95,6 +97,8 @@ def cmd_generate(args: argparse.Namespace) -> None:
 
     opts = GenerateOptions(**{k: v for k, v in vars(args).items() if k != "command"})
     samples, report = generate(opts)
+    if samples is None:  # a non-zero rank under --backend env: rank 0 writes
+        return
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     save_file({"samples": samples.contiguous()}, args.out)
     if args.report:

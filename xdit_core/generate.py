@@ -23,7 +23,7 @@ from .models import make_adapter
 from .request import SampleRequest, build_request, empty_latent, validate_size
 from .sampling import validate_sampler_settings
 
-BACKENDS = ("local", "ray")
+BACKENDS = ("local", "ray", "env")
 
 
 @dataclass
@@ -51,6 +51,7 @@ class GenerateOptions:
     backend: str = "local"
     out: Optional[str] = None
     report: Optional[str] = None
+    ray_address: Optional[str] = None
     ulysses_degree: int = 1
     ring_degree: int = 1
     pipefusion_parallel_degree: int = 1
@@ -102,7 +103,7 @@ def peak_rss_bytes() -> int:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
 
-def _rank_report(rank: int, config: ParallelConfig, param_bytes: int, step_s: list[float],
+def rank_report(rank: int, config: ParallelConfig, param_bytes: int, step_s: list[float],
                  counter: Optional[CommCounter]) -> dict[str, Any]:
     """One rank's entry of REPORT.json's `per_rank`."""
     zero = {k: 0 for k in COMM_KINDS}
@@ -133,11 +134,41 @@ def _parallel_rank(rank: int, device: torch.device, payload: tuple) -> dict[str,
     out = run_request(make_adapter(model, spec), request, step_seconds=step_s, ctx=ctx)
     param_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
     return {"samples": spec.latent_format.process_out(out).cpu() if rank == 0 else None, "load_s": load_s,
-            "report": _rank_report(rank, opts.parallel, param_bytes, step_s, ctx.counter)}
+            "report": rank_report(rank, opts.parallel, param_bytes, step_s, ctx.counter)}
 
 
-def generate(opts: GenerateOptions) -> tuple[torch.Tensor, dict[str, Any]]:
+def _run_from_env(opts: GenerateOptions, request: SampleRequest, spec, threads: int):
+    """`--backend env`: this process is one rank of a world launched by torchrun (RANK, WORLD_SIZE, ...)."""
+    import torch.distributed as dist
+
+    world = int(os.environ.get("WORLD_SIZE", "0"))
+    if world != opts.parallel.world_size:
+        raise XDiTConfigError(f"--backend env: WORLD_SIZE is {world or 'unset'} but the mesh "
+                              f"({opts.parallel.describe()}) needs {opts.parallel.world_size}; launch with "
+                              f"torchrun --nproc_per_node {opts.parallel.world_size}")
+    torch.set_num_threads(threads)
+    rank = int(os.environ["RANK"])
+    if torch.cuda.is_available():
+        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", rank)) % torch.cuda.device_count())
+        torch.cuda.set_device(device)
+    else:
+        device = torch.device("cpu")
+    dist.init_process_group("nccl" if device.type == "cuda" else "gloo", init_method="env://")
+    try:
+        result = _parallel_rank(rank, device, (opts, request))
+        reports = [None] * world
+        dist.all_gather_object(reports, result["report"])
+        loads = [None] * world
+        dist.all_gather_object(loads, result["load_s"])
+    finally:
+        dist.destroy_process_group()
+    return result["samples"], max(loads), reports  # samples: None except on rank 0, which writes the outputs
+
+
+def generate(opts: GenerateOptions) -> tuple[Optional[torch.Tensor], dict[str, Any]]:
     """Run one generation; returns (ComfyUI LATENT samples [B, C, H/8, W/8], REPORT dict).
+
+    Under `--backend env` only rank 0 gets the samples; the other ranks get None.
 
     Everything is validated before a weight is read or a process started. With all degrees 1 the
     run is in-process; otherwise the local backend spawns one process per rank.
@@ -150,7 +181,18 @@ def generate(opts: GenerateOptions) -> tuple[torch.Tensor, dict[str, Any]]:
     config.update(family=spec.family, variant=spec.variant, cfg=cfg, guidance=request.guidance,
                   threads=threads, height=request.height, width=request.width, batch=request.noise.shape[0])
 
-    if world_size == 1:
+    if opts.backend == "ray":
+        from .pool import PoolKey, get_pool
+
+        key = PoolKey(str(opts.model), opts.dtype, opts.family, opts.variant, opts.parallel,
+                      opts.attention_backend, threads)
+        pool = get_pool(key, opts.ray_address)
+        samples = spec.latent_format.process_out(pool.sample(request))
+        load_s = pool.stats.load_s
+        per_rank = pool.stats.last_reports
+    elif opts.backend == "env":
+        samples, load_s, per_rank = _run_from_env(opts, request, spec, threads)
+    elif world_size == 1:
         torch.set_num_threads(threads)
         t_load = time.perf_counter()
         model, spec = load_model(opts.model, opts.dtype, opts.family, opts.variant)
@@ -159,7 +201,7 @@ def generate(opts: GenerateOptions) -> tuple[torch.Tensor, dict[str, Any]]:
         out = run_request(make_adapter(model, spec), request, step_seconds=step_s)
         samples = spec.latent_format.process_out(out)
         param_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
-        per_rank = [_rank_report(0, opts.parallel, param_bytes, step_s, None)]
+        per_rank = [rank_report(0, opts.parallel, param_bytes, step_s, None)]
     else:
         from .launch import spawn_world
 
@@ -176,9 +218,6 @@ def prepare(opts: GenerateOptions) -> tuple[SampleRequest, Any, float]:
     """Validate every flag and build the SampleRequest as KSampler would; returns (request, spec, cfg)."""
     if opts.backend not in BACKENDS:
         raise XDiTConfigError(f"unknown backend {opts.backend!r}; valid: {', '.join(BACKENDS)}")
-    if opts.backend == "ray":
-        raise XDiTConfigError("--backend ray needs the worker pool, which this version does not have yet; "
-                              "use --backend local")
     if opts.dtype not in DTYPES:
         raise XDiTConfigError(f"unknown dtype {opts.dtype!r}; valid: {', '.join(DTYPES)}")
     if opts.attention_backend not in ATTENTION_BACKENDS:

@@ -1,0 +1,154 @@
+"""The Ray worker pool on a real two-node Ray cluster on this machine (CPU actors, gloo).
+
+One cluster (2 nodes x 2 CPUs, each with a custom resource) and one 4-rank pool (cfg 2 x ulysses 2) are
+shared by the tests; Ray is shut down after them.
+"""
+import os
+import re
+import signal
+import time
+
+import pytest
+import torch
+
+ray = pytest.importorskip("ray")
+
+from xdit_core import pool as pool_mod  # noqa: E402
+from xdit_core.cli import main  # noqa: E402
+from xdit_core.conditioning import random_cond  # noqa: E402
+from xdit_core.errors import XDiTCancelled, XDiTConfigError, XDiTWorkerError  # noqa: E402
+from xdit_core.loading import load_model  # noqa: E402
+from xdit_core.mesh import ParallelConfig  # noqa: E402
+from xdit_core.pool import PoolKey, WorkerPool, get_pool  # noqa: E402
+from xdit_core.request import build_request, empty_latent  # noqa: E402
+
+MESH = ParallelConfig(ulysses_degree=2, use_cfg_parallel=True)
+MESH_FLAGS = ["--ulysses_degree", "2", "--use_cfg_parallel"]
+
+
+@pytest.fixture(scope="module")
+def cluster():
+    from ray.cluster_utils import Cluster
+
+    c = Cluster(initialize_head=True, head_node_args={"num_cpus": 2, "resources": {"node_a": 1},
+                                                      "include_dashboard": False})
+    c.add_node(num_cpus=2, resources={"node_b": 1})
+    c.wait_for_nodes()
+    os.environ["XDIT_RAY_ADDRESS"] = c.address
+    yield c
+    pool_mod.unload()
+    ray.shutdown()
+    c.shutdown()
+    os.environ.pop("XDIT_RAY_ADDRESS", None)
+
+
+@pytest.fixture(scope="module")
+def first_run(cluster, tiny_models, tmp_path_factory):
+    """`generate --backend ray` (cold: starts the pool) and `--backend local` on the same config."""
+    tmp = tmp_path_factory.mktemp("pool")
+    base = ["generate", "--model", str(tiny_models["flux"]), "--height", "64", "--width", "48", "--steps", "3",
+            "--seed", "5", "--cfg", "2.0", "--threads", "1", *MESH_FLAGS]
+    t0 = time.perf_counter()
+    assert main(base + ["--backend", "ray", "--out", str(tmp / "ray.safetensors")]) == 0
+    cold_s = time.perf_counter() - t0
+    assert main(base + ["--backend", "local", "--out", str(tmp / "local.safetensors")]) == 0
+    t0 = time.perf_counter()
+    assert main(base + ["--backend", "ray", "--out", str(tmp / "ray2.safetensors")]) == 0
+    warm_s = time.perf_counter() - t0
+    return {"tmp": tmp, "cold_s": cold_s, "warm_s": warm_s}
+
+
+def pool_for(tiny_models):
+    return get_pool(PoolKey(str(tiny_models["flux"]), "fp32", None, None, MESH, "auto", 1))
+
+
+def make_request(tiny_models, steps):
+    _, spec = load_model(tiny_models["flux"])
+    pos, neg = random_cond(spec, 1, 0, True)
+    return build_request(spec, empty_latent(spec, 1, 64, 48), seed=1, steps=steps, cfg=2.0, sampler="euler",
+                         scheduler="simple", denoise=1.0, positive=pos, negative=neg)
+
+
+def test_mesh_larger_than_cluster_fails_before_any_actor(cluster, tiny_models):
+    key = PoolKey(str(tiny_models["flux"]), "fp32", None, None, ParallelConfig(ulysses_degree=4, ring_degree=2))
+    pool = WorkerPool(key)
+    with pytest.raises(XDiTConfigError) as e:
+        pool.start()
+    assert "needs 8 CPUs" in str(e.value)
+    assert re.search(r"CPUs per node: [\d.]+: 2, [\d.]+: 2$", str(e.value)), str(e.value)
+    assert pool.workers == [] and pool.placement_groups == []
+
+
+def test_ray_backend_equals_local_bit_for_bit(first_run):
+    from safetensors.torch import load_file
+
+    tmp = first_run["tmp"]
+    ray_out = load_file(str(tmp / "ray.safetensors"))["samples"]
+    assert torch.equal(ray_out, load_file(str(tmp / "local.safetensors"))["samples"])
+    assert torch.equal(ray_out, load_file(str(tmp / "ray2.safetensors"))["samples"])
+
+
+def test_placement_keeps_ulysses_groups_on_one_node_across_two_nodes(first_run, tiny_models):
+    infos = pool_for(tiny_models).infos
+    nodes = [i["node_id"] for i in infos]
+    assert nodes[0] == nodes[1] and nodes[2] == nodes[3]  # ulysses groups: ranks (0, 1) and (2, 3)
+    assert len(set(nodes)) == 2
+
+
+def test_warm_request_loads_nothing_and_is_faster_by_the_load_time(first_run, tiny_models):
+    pool = pool_for(tiny_models)
+    stats = pool.worker_stats()
+    assert [s["load_count"] for s in stats] == [1, 1, 1, 1]
+    load_s = max(s["load_s"] for s in stats)
+    assert first_run["cold_s"] - first_run["warm_s"] >= load_s
+
+
+def test_progress_arrives_in_order_for_every_step(first_run, tiny_models):
+    seen = []
+    pool_for(tiny_models).sample(make_request(tiny_models, 5), on_progress=lambda i, n: seen.append((i, n)))
+    assert seen == [(i, 5) for i in range(1, 6)]
+
+
+def test_cancel_stops_all_ranks_at_the_same_step_and_pool_stays_usable(first_run, tiny_models):
+    pool = pool_for(tiny_models)
+    seen = []
+    with pytest.raises(XDiTCancelled):
+        pool.sample(make_request(tiny_models, 200), on_progress=lambda i, n: seen.append(i),
+                    cancel=lambda: len(seen) >= 2)
+    steps = [len(p) for p in ray.get([w.progress.remote(pool.last_job) for w in pool.workers])]
+    assert len(set(steps)) == 1 and steps[0] < 200  # every rank left at the same step boundary
+    assert ray.get([w.busy.remote() for w in pool.workers]) == [False] * 4
+    out = pool.sample(make_request(tiny_models, 2))
+    assert torch.isfinite(out).all()
+    assert [s["load_count"] for s in pool.worker_stats()] == [1, 1, 1, 1]
+
+
+def test_killed_rank_fails_fast_then_pool_rebuilds(first_run, tiny_models):
+    pool = pool_for(tiny_models)
+    victim = pool.infos[1]["pid"]
+    killed = []
+
+    def kill_once(i, n):
+        if not killed:
+            os.kill(victim, signal.SIGKILL)
+            killed.append(time.perf_counter())
+
+    with pytest.raises(XDiTWorkerError) as e:
+        pool.sample(make_request(tiny_models, 200), on_progress=kill_once)
+    assert time.perf_counter() - killed[0] < 30
+    assert "rank 1" in str(e.value)
+    out = pool.sample(make_request(tiny_models, 2))  # rebuilt: fresh actors, weights loaded once again
+    assert torch.isfinite(out).all()
+    assert victim not in [i["pid"] for i in pool.infos]
+
+
+def test_rank_that_raises_ends_the_request_with_its_message(first_run, tiny_models):
+    pool = pool_for(tiny_models)
+    bad = make_request(tiny_models, 2)
+    bad.positive.text = bad.positive.text[..., :7]  # wrong text width: the context embedder raises
+    t0 = time.perf_counter()
+    with pytest.raises(XDiTWorkerError) as e:
+        pool.sample(bad)
+    assert time.perf_counter() - t0 < 30
+    assert "rank " in str(e.value) and "shapes cannot be multiplied" in str(e.value)
+    assert torch.isfinite(pool.sample(make_request(tiny_models, 2))).all()

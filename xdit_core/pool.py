@@ -1,0 +1,273 @@
+"""The persistent worker pool: one Ray actor per rank, warm across requests, with progress, cancel and
+recovery from failed or dead ranks.
+
+Policy: a process keeps at most one pool (`get_pool`). A request with the same key (model, dtype,
+family, variant, mesh, attention backend, threads) reuses its actors and loaded weights; a different key
+shuts the old actors down first, freeing their memory; `unload()` frees everything. A request that
+fails (a rank raised or died) kills all ranks, because the survivors are blocked in collectives; the
+next request rebuilds the pool.
+"""
+from __future__ import annotations
+
+import logging
+import os
+import time
+import uuid
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Optional
+
+import torch
+
+from .errors import XDiTCancelled, XDiTConfigError, XDiTWorkerError
+from .mesh import ParallelConfig, validate_parallel_config
+from .request import SampleRequest
+
+log = logging.getLogger("xdit")
+PLUGIN_ROOT = Path(__file__).resolve().parent.parent
+POLL_S = 0.05
+FAILURE_SETTLE_S = 3.0  # after a first failure, time for Ray to report a dead actor as the cause
+
+
+@dataclass(frozen=True)
+class PoolKey:
+    """What identifies a warm pool: same key, same actors and weights."""
+
+    model_path: str
+    dtype: str
+    family: Optional[str]
+    variant: Optional[str]
+    parallel: ParallelConfig
+    attention_backend: str = "auto"
+    threads: int = 1
+
+
+@dataclass
+class PoolStats:
+    """Cold-start breakdown and request counters, in seconds."""
+
+    ray_start_s: float = 0.0
+    actor_start_s: float = 0.0
+    rendezvous_s: float = 0.0
+    load_s: float = 0.0
+    requests: int = 0
+    last_reports: list[dict[str, Any]] = field(default_factory=list)
+
+
+def ray_address_from_env(address: Optional[str]) -> Optional[str]:
+    """The explicit address, else XDIT_RAY_ADDRESS, else None (start a local Ray)."""
+    return address or os.environ.get("XDIT_RAY_ADDRESS") or None
+
+
+def ensure_ray(address: Optional[str], num_cpus: Optional[int] = None) -> float:
+    """Connect to Ray (or start a local one bound to loopback, dashboard off); returns the seconds it took."""
+    import ray
+
+    t0 = time.perf_counter()
+    if ray.is_initialized():
+        return 0.0
+    env = {"env_vars": {"PYTHONPATH": os.pathsep.join([str(PLUGIN_ROOT), os.environ.get("PYTHONPATH", "")])}}
+    if address:
+        ray.init(address=address, runtime_env=env, logging_level=logging.WARNING, log_to_driver=False)
+    else:
+        ray.init(num_cpus=num_cpus or max(os.cpu_count() or 1, 8), include_dashboard=False,
+                 _node_ip_address="127.0.0.1", runtime_env=env, logging_level=logging.WARNING,
+                 log_to_driver=False)
+    return time.perf_counter() - t0
+
+
+def check_resources(parallel: ParallelConfig, use_gpu: bool) -> None:
+    """Fail before any actor starts if the cluster cannot hold the mesh; the message lists what each node has."""
+    import ray
+
+    resource = "GPU" if use_gpu else "CPU"
+    nodes = [n for n in ray.nodes() if n.get("Alive")]
+    per_node = [(n["NodeManagerAddress"], int(n["Resources"].get(resource, 0))) for n in nodes]
+    need, uly = parallel.world_size, parallel.ulysses_degree
+    # Each ulysses group must fit on one node: count how many whole groups the nodes can hold.
+    groups_fit = sum(have // uly for _, have in per_node)
+    if groups_fit * uly < need:
+        listing = ", ".join(f"{addr}: {have}" for addr, have in per_node) or "no nodes"
+        raise XDiTConfigError(
+            f"the mesh ({parallel.describe()}) needs {need} {resource}s with each group of {uly} ulysses ranks "
+            f"on one node, but the Ray cluster has {resource}s per node: {listing}")
+
+
+class WorkerPool:
+    """A warm set of rank actors for one PoolKey."""
+
+    def __init__(self, key: PoolKey, ray_address: Optional[str] = None):
+        validate_parallel_config(key.parallel)
+        self.key = key
+        self.address = ray_address_from_env(ray_address)
+        self.stats = PoolStats()
+        self.workers: list = []
+        self.placement_groups: list = []
+        self.infos: list[dict[str, Any]] = []
+        self.broken = False
+        self.last_job: Optional[str] = None
+
+    # -- lifecycle ---------------------------------------------------------------------------
+    def start(self) -> None:
+        """Start the actors (one per rank), rendezvous and load the weights."""
+        import ray
+        from ray.util.placement_group import placement_group
+        from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
+
+        from .worker import RankWorker
+
+        self.stats.ray_start_s = ensure_ray(self.address)
+        use_gpu = torch.cuda.is_available()
+        parallel = self.key.parallel
+        check_resources(parallel, use_gpu)
+        t0 = time.perf_counter()
+        bundle = {"GPU": 1, "CPU": 1} if use_gpu else {"CPU": 1}
+        uly = parallel.ulysses_degree
+        # One strictly packed placement group per ulysses group keeps its all-to-alls on one node.
+        self.placement_groups = [placement_group([bundle] * uly, strategy="STRICT_PACK")
+                                 for _ in range(parallel.world_size // uly)]
+        ray.get([pg.ready() for pg in self.placement_groups])
+        actor_cls = ray.remote(RankWorker)
+        self.workers = []
+        for rank in range(parallel.world_size):
+            strategy = PlacementGroupSchedulingStrategy(self.placement_groups[rank // uly], rank % uly)
+            self.workers.append(actor_cls.options(
+                num_cpus=1, num_gpus=1 if use_gpu else 0, max_concurrency=4, scheduling_strategy=strategy,
+                name=None).remote(rank, parallel.world_size, self.key.threads))
+        self.infos = ray.get([w.info.remote() for w in self.workers])
+        self.stats.actor_start_s = time.perf_counter() - t0
+        master = self.infos[0]
+        model = {"path": self.key.model_path, "dtype": self.key.dtype, "family": self.key.family,
+                 "variant": self.key.variant}
+        timings = self._collect([w.setup.remote(master["ip"], master["port"], model, parallel,
+                                             self.key.attention_backend) for w in self.workers])
+        self.stats.rendezvous_s = max(t["rendezvous_s"] for t in timings)
+        self.stats.load_s = max(t["load_s"] for t in timings)
+        self.broken = False
+
+    def shutdown(self) -> None:
+        """Stop every actor and free its memory (and the placement groups)."""
+        import ray
+        from ray.util.placement_group import remove_placement_group
+
+        for w in self.workers:
+            ray.kill(w, no_restart=True)
+        for pg in self.placement_groups:
+            remove_placement_group(pg)
+        self.workers, self.placement_groups, self.infos = [], [], []
+
+    def worker_stats(self) -> list[dict[str, Any]]:
+        """Each rank's load counter and load time."""
+        import ray
+
+        return ray.get([w.stats.remote() for w in self.workers])
+
+    # -- requests ----------------------------------------------------------------------------
+    def sample(self, request: SampleRequest, on_progress: Optional[Callable[[int, int], None]] = None,
+               cancel: Optional[Callable[[], bool]] = None) -> torch.Tensor:
+        """Run `request` on every rank; returns rank 0's latent (model space, float32, CPU).
+
+        Raises XDiTCancelled when `cancel()` turned true (all ranks stop at the same step) and
+        XDiTWorkerError when a rank failed or died (the pool then rebuilds on the next request).
+        """
+        import ray
+
+        if self.broken or not self.workers:
+            if self.workers:
+                self.shutdown()
+            self.start()
+        job = self.last_job = uuid.uuid4().hex
+        req_ref = ray.put(request)
+        seen, stop_sent = 0, False
+
+        def poll() -> None:
+            nonlocal seen, stop_sent
+            if on_progress is not None:
+                steps = ray.get(self.workers[0].progress.remote(job))
+                for step, total in steps[seen:]:
+                    on_progress(step, total)
+                seen = len(steps)
+            if cancel is not None and not stop_sent and cancel():
+                self.workers[0].request_stop.remote(job)
+                stop_sent = True
+
+        results = self._collect([w.sample.remote(req_ref, job) for w in self.workers], poll)
+        self.stats.requests += 1
+        cancelled = [r for r in results if "cancelled" in r]
+        if cancelled:
+            raise XDiTCancelled(cancelled[0]["cancelled"])
+        self.stats.last_reports = [r["report"] for r in results]
+        return results[0]["samples"]
+
+    def _collect(self, refs: list, poll: Optional[Callable[[], None]] = None) -> list:
+        """Wait for one call per rank, polling between waits; on failure end the request on every rank.
+
+        After the first failure the others get FAILURE_SETTLE_S to report, so that a dead rank is
+        blamed rather than the peers whose collectives broke because of it.
+        """
+        import ray
+
+        rank_of = {ref: r for r, ref in enumerate(refs)}
+        results: dict[int, Any] = {}
+        errors: dict[int, Exception] = {}
+        first_error = None
+        pending = list(refs)
+        while pending:
+            done, pending = ray.wait(pending, num_returns=len(pending), timeout=POLL_S)
+            for ref in done:
+                try:
+                    results[rank_of[ref]] = ray.get(ref)
+                except Exception as e:  # noqa: BLE001 - a rank raised or its process died
+                    errors[rank_of[ref]] = e
+                    first_error = first_error or time.monotonic()
+            if errors and time.monotonic() - first_error > FAILURE_SETTLE_S:
+                break
+            if poll is not None and not errors:
+                poll()
+        if errors:
+            self._fail(errors)
+        return [results[r] for r in range(len(refs))]
+
+    def _fail(self, errors: dict[int, Exception]) -> None:
+        """Blame a dead rank first, else the lowest failing rank; kill all ranks; raise XDiTWorkerError."""
+        from ray.exceptions import RayActorError
+
+        dead = sorted(r for r, e in errors.items() if isinstance(e, RayActorError))
+        rank = dead[0] if dead else min(errors)
+        info = self.infos[rank] if rank < len(self.infos) else {}
+        self.broken = True
+        self.shutdown()
+        what = "died" if dead else "failed"
+        raise XDiTWorkerError(f"rank {rank} (pid {info.get('pid', '?')}) {what}: {_short(errors[rank])}") from None
+
+
+def _short(error: Exception) -> str:
+    """The rank's own message: its exception for a raise, the first line of Ray's report for a death."""
+    cause = getattr(error, "cause", None)  # RayTaskError carries the rank's exception
+    if isinstance(cause, BaseException):
+        return f"{type(cause).__name__}: {cause}"
+    lines = [line for line in str(error).splitlines() if line.strip()]
+    return f"{type(error).__name__}: {lines[0] if lines else 'no message'}"
+
+
+_POOL: Optional[WorkerPool] = None
+
+
+def get_pool(key: PoolKey, ray_address: Optional[str] = None) -> WorkerPool:
+    """The process's pool for `key`: reused when the key matches, else the old one is shut down first."""
+    global _POOL
+    if _POOL is not None and (_POOL.key != key or _POOL.address != ray_address_from_env(ray_address)):
+        _POOL.shutdown()
+        _POOL = None
+    if _POOL is None:
+        _POOL = WorkerPool(key, ray_address)
+        _POOL.start()
+    return _POOL
+
+
+def unload() -> None:
+    """Shut the pool down and free everything it held."""
+    global _POOL
+    if _POOL is not None:
+        _POOL.shutdown()
+        _POOL = None
