@@ -1,7 +1,18 @@
-"""ComfyUI nodes of comfyui-xdit: the only package that knows ComfyUI (imported lazily inside nodes).
+"""ComfyUI nodes of comfyui-xdit: the only package that knows ComfyUI (imported lazily inside the nodes)."""
+from .loader import XDiTLoadModel
+from .mesh import XDiTParallelMesh
+from .sampler import XDiTSampler
+from .unload import XDiTUnload
 
-The node classes (load model, parallel mesh, sample) arrive with the nodes issue; until then the
-plugin registers none, so ComfyUI loads it cleanly and shows nothing half-built.
-"""
-NODE_CLASS_MAPPINGS: dict[str, type] = {}
-NODE_DISPLAY_NAME_MAPPINGS: dict[str, str] = {}
+NODE_CLASS_MAPPINGS = {
+    "XDiTLoadModel": XDiTLoadModel,
+    "XDiTParallelMesh": XDiTParallelMesh,
+    "XDiTSampler": XDiTSampler,
+    "XDiTUnload": XDiTUnload,
+}
+NODE_DISPLAY_NAME_MAPPINGS = {
+    "XDiTLoadModel": "xDiT Load Diffusion Model",
+    "XDiTParallelMesh": "xDiT Parallel Mesh",
+    "XDiTSampler": "xDiT Sampler",
+    "XDiTUnload": "xDiT Unload",
+}

@@ -24,12 +24,14 @@ def required_keys(spec: ModelSpec, with_negative: bool) -> list[str]:
     return keys
 
 
-def _check_shape(name: str, tensor: torch.Tensor, batch: int, width: int, text: bool) -> torch.Tensor:
+def check_shape(name: str, tensor: torch.Tensor, batch: int, width: int, text: bool,
+                source: str = "--cond") -> torch.Tensor:
+    """`tensor` as [batch, L, width] (text) or [batch, width] (pooled), repeating a batch of 1."""
     expected = f"[{batch}, L, {width}]" if text else f"[{batch}, {width}]"
     ndim = 3 if text else 2
     if tensor.ndim != ndim or tensor.shape[-1] != width or tensor.shape[0] not in (1, batch):
         raise XDiTConditioningError(
-            f"--cond tensor {name!r} has shape {list(tensor.shape)}, expected {expected} (batch 1 is repeated)")
+            f"{source} tensor {name!r} has shape {list(tensor.shape)}, expected {expected} (batch 1 is repeated)")
     return tensor.float().expand(batch, *tensor.shape[1:]).contiguous()
 
 
@@ -53,10 +55,10 @@ def load_cond_file(path: str | Path, spec: ModelSpec, batch: int,
             f"{required_keys(spec, with_negative)}")
     branches = []
     for branch in ["positive", "negative"] if with_negative else ["positive"]:
-        text = _check_shape(branch, tensors[branch], batch, spec.text_dim, text=True)
+        text = check_shape(branch, tensors[branch], batch, spec.text_dim, text=True)
         pooled = None
         if spec.pooled_dim is not None:
-            pooled = _check_shape(f"{branch}_pooled", tensors[f"{branch}_pooled"], batch, spec.pooled_dim, False)
+            pooled = check_shape(f"{branch}_pooled", tensors[f"{branch}_pooled"], batch, spec.pooled_dim, False)
         branches.append(BranchCond(text, pooled))
     return branches[0], (branches[1] if with_negative else None)
 

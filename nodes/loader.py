@@ -1,0 +1,46 @@
+"""xDiT Load Diffusion Model: describes a model file; the workers load it, ComfyUI never does."""
+from __future__ import annotations
+
+from . import host
+from .types import XDiTModel
+
+DTYPES = ["default", "bf16", "fp16", "fp32"]
+FAMILIES = ["auto", "flux", "sd3", "pixart"]
+VARIANTS = ["auto", "dev", "schnell", "sd3", "alpha", "sigma"]
+
+
+def default_dtype() -> str:
+    """bf16 on GPUs, fp32 on CPU workers."""
+    return "bf16" if host.visible_gpus() else "fp32"
+
+
+class XDiTLoadModel:
+    CATEGORY = "xDiT"
+    RETURN_TYPES = ("XDIT_MODEL",)
+    RETURN_NAMES = ("model",)
+    FUNCTION = "load"
+    DESCRIPTION = "Pick a diffusion transformer for the xDiT workers (nothing is loaded into ComfyUI)."
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {"required": {
+            "model_name": (host.model_files() or ["(no model files found)"],
+                           {"tooltip": "from ComfyUI's diffusion_models, checkpoints or diffusers folders"}),
+            "weight_dtype": (DTYPES, {"default": "default"}),
+            "family": (FAMILIES, {"default": "auto"}),
+            "variant": (VARIANTS, {"default": "auto"}),
+        }}
+
+    def load(self, model_name: str, weight_dtype: str, family: str, variant: str):
+        from xdit_core.errors import XDiTError
+        from xdit_core.families import resolve_model_spec
+        from xdit_core.loading import read_model_config
+
+        try:
+            path = host.resolve_model_file(model_name)
+            spec = resolve_model_spec(read_model_config(path), None if family == "auto" else family,
+                                      None if variant == "auto" else variant)
+        except (XDiTError, FileNotFoundError) as e:
+            raise ValueError(f"xDiT Load Diffusion Model: {e}") from None
+        dtype = default_dtype() if weight_dtype == "default" else weight_dtype
+        return (XDiTModel(path, dtype, spec.family, spec.variant, spec.num_heads),)

@@ -1,0 +1,117 @@
+"""xDiT Parallel Mesh: the layout of the workers (xDiT's parameter names)."""
+from __future__ import annotations
+
+from typing import Optional
+
+from . import host
+from .types import XDiTMesh, XDiTModel
+
+BACKENDS = ["auto", "flash", "sdpa"]
+FAMILY_DEFAULT_CFG = {"flux": 1.0, "sd3": 4.5, "pixart": 4.5}
+
+
+def worker_count(mesh: XDiTMesh) -> int:
+    """Workers for an `auto` mesh: the GPUs it may use, or 2 CPU workers without GPUs."""
+    visible = host.visible_gpus()
+    if visible == 0:
+        return mesh.gpu_count or 2
+    return (mesh.gpu_count or visible) - mesh.reserve_gpus
+
+
+def summarize(mesh: XDiTMesh, model: Optional[XDiTModel], cfg: Optional[float] = None):
+    """(ParallelConfig or None, one-line summary). Auto needs the model; manual is taken as given."""
+    from xdit_core.auto_mesh import choose_mesh
+    from xdit_core.mesh import ParallelConfig
+
+    where = f"{host.visible_gpus()} GPUs visible" if host.visible_gpus() else "CPU workers (no GPU visible)"
+    if mesh.layout == "manual":
+        pc = ParallelConfig(mesh.ulysses_degree, mesh.ring_degree, mesh.pipefusion_parallel_degree,
+                            mesh.use_cfg_parallel, mesh.num_pipeline_patch or None, mesh.warmup_steps)
+        return pc, f"manual: {pc.describe()}; {where}"
+    if model is None:
+        return None, f"auto: chosen for the model at sampling time; {where}"
+    cfg = FAMILY_DEFAULT_CFG[model.family] if cfg is None else cfg
+    pc, why = choose_mesh(model.family, model.num_heads, worker_count(mesh), cfg)
+    return pc, f"auto: {pc.describe()} — {why}; {where}"
+
+
+class XDiTParallelMesh:
+    CATEGORY = "xDiT"
+    RETURN_TYPES = ("XDIT_MESH", "STRING")
+    RETURN_NAMES = ("mesh", "summary")
+    FUNCTION = "build"
+    DESCRIPTION = "world = cfg (1|2) x pipefusion x ring x ulysses; one worker per rank (one GPU each)."
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        degree = {"default": 1, "min": 1, "max": 64}
+        return {
+            "required": {
+                "layout": (["manual", "auto"], {"default": "manual",
+                                                "tooltip": "auto: xDiT's advice for the model and GPU count"}),
+                "ulysses_degree": ("INT", {**degree, "tooltip": "must divide the model's attention heads"}),
+                "ring_degree": ("INT", degree),
+                "pipefusion_parallel_degree": ("INT", degree),
+                "use_cfg_parallel": ("BOOLEAN", {"default": False, "tooltip": "needs cfg != 1"}),
+                "num_pipeline_patch": ("INT", {"default": 0, "min": 0, "max": 64, "tooltip": "0: default"}),
+                "warmup_steps": ("INT", {"default": 1, "min": 0, "max": 100}),
+                "gpu_count": ("INT", {"default": 0, "min": 0, "max": 1024, "tooltip": "0: all visible GPUs"}),
+            },
+            "optional": {
+                "model": ("XDIT_MODEL", {"tooltip": "lets auto choose (and the summary say) the layout"}),
+                "reserve_gpus": ("INT", {"default": 0, "min": 0, "max": 1024,
+                                         "tooltip": "GPUs left to ComfyUI (text encoders, VAE)"}),
+                "ray_address": ("STRING", {"default": "", "tooltip": "empty: local Ray or $XDIT_RAY_ADDRESS"}),
+                "attention_backend": (BACKENDS, {"default": "auto"}),
+            },
+        }
+
+    @classmethod
+    def VALIDATE_INPUTS(cls, layout="manual", ulysses_degree=1, ring_degree=1, pipefusion_parallel_degree=1,
+                        use_cfg_parallel=False, num_pipeline_patch=0, warmup_steps=1, gpu_count=0,
+                        reserve_gpus=0, **_):
+        """What the widgets alone decide; model-dependent checks run when sampling starts."""
+        for name, v in (("ulysses_degree", ulysses_degree), ("ring_degree", ring_degree),
+                        ("pipefusion_parallel_degree", pipefusion_parallel_degree)):
+            if v < 1:
+                return f"{name} must be >= 1, got {v}"
+        if num_pipeline_patch < 0 or warmup_steps < 0:
+            return f"num_pipeline_patch ({num_pipeline_patch}) and warmup_steps ({warmup_steps}) must be >= 0"
+        if gpu_count and reserve_gpus >= gpu_count:
+            return f"reserve_gpus {reserve_gpus} leaves none of the {gpu_count} GPUs to the workers"
+        world = ulysses_degree * ring_degree * pipefusion_parallel_degree * (2 if use_cfg_parallel else 1)
+        usable = gpu_count - reserve_gpus
+        if layout == "manual" and gpu_count and world != usable:
+            return (f"the degrees make {world} ranks (cfg {2 if use_cfg_parallel else 1} x pipefusion "
+                    f"{pipefusion_parallel_degree} x ring {ring_degree} x ulysses {ulysses_degree}) but "
+                    f"{usable} GPUs are given to the workers; make the product {usable}, or set gpu_count to "
+                    f"{world + reserve_gpus}, or use layout auto")
+        return True
+
+    def build(self, layout, ulysses_degree, ring_degree, pipefusion_parallel_degree, use_cfg_parallel,
+              num_pipeline_patch, warmup_steps, gpu_count, model=None, reserve_gpus=0, ray_address="",
+              attention_backend="auto"):
+        mesh = XDiTMesh(layout, ulysses_degree, ring_degree, pipefusion_parallel_degree, use_cfg_parallel,
+                        num_pipeline_patch, warmup_steps, gpu_count, reserve_gpus, ray_address.strip() or None,
+                        attention_backend)
+        _, summary = summarize(mesh, model)
+        return (mesh, summary)
+
+
+def check_against_model(mesh: XDiTMesh, model: XDiTModel, cfg: float):
+    """The ParallelConfig to run, after the checks that need the model and cfg (before any GPU work)."""
+    from xdit_core.errors import XDiTConfigError
+    from xdit_core.mesh import validate_parallel_config
+
+    parallel, _ = summarize(mesh, model, cfg)
+    validate_parallel_config(parallel, num_heads=model.num_heads, cfg=cfg)
+    if parallel.pipefusion_parallel_degree > 1:
+        raise XDiTConfigError("pipefusion_parallel_degree > 1 (PipeFusion) is not in this version yet; use "
+                              "ulysses_degree, ring_degree and use_cfg_parallel")
+    gpus = host.visible_gpus()
+    if gpus:
+        usable = (mesh.gpu_count or gpus) - mesh.reserve_gpus
+        if parallel.world_size > usable and not mesh.ray_address:
+            raise XDiTConfigError(f"the mesh needs {parallel.world_size} GPUs ({parallel.describe()}) but "
+                                  f"{usable} are available here ({gpus} visible, {mesh.reserve_gpus} reserved)")
+    return parallel

@@ -1,0 +1,98 @@
+"""xDiT Sampler: KSampler's inputs and math, sampled by the parallel workers."""
+from __future__ import annotations
+
+import math
+
+from . import host
+from .mesh import check_against_model
+from .types import XDiTMesh, XDiTModel
+
+SAMPLERS = ["euler", "euler_ancestral", "heun", "dpmpp_2m"]
+SCHEDULERS = ["simple", "normal", "karras", "exponential", "sgm_uniform", "beta"]
+
+
+def branch_from_conditioning(spec, conditioning, batch: int, name: str):
+    """ComfyUI CONDITIONING ([[tensor, dict]]) -> (BranchCond, guidance or None) for the model's family."""
+    from xdit_core.conditioning import check_shape
+    from xdit_core.errors import XDiTConditioningError
+    from xdit_core.models import BranchCond
+
+    if not conditioning:
+        raise XDiTConditioningError(f"{name} conditioning is empty")
+    if len(conditioning) != 1:
+        raise XDiTConditioningError(
+            f"{name} conditioning has {len(conditioning)} entries (combined or area conditioning); the xDiT "
+            "Sampler takes one per branch: use Conditioning (Concat) or a single text encoder output")
+    tensor, extra = conditioning[0]
+    text = check_shape(name, tensor, batch, spec.text_dim, text=True, source=f"{name} conditioning")
+    pooled = None
+    if spec.pooled_dim is not None:
+        if extra.get("pooled_output") is None:
+            raise XDiTConditioningError(f"{name} conditioning has no pooled_output; {spec.family} needs the "
+                                        "pooled CLIP output of its text encoders")
+        pooled = check_shape(f"{name} pooled_output", extra["pooled_output"], batch, spec.pooled_dim,
+                             text=False, source=f"{name} conditioning")
+    return BranchCond(text, pooled), extra.get("guidance")
+
+
+class XDiTSampler:
+    CATEGORY = "xDiT"
+    RETURN_TYPES = ("LATENT",)
+    FUNCTION = "sample"
+    DESCRIPTION = "KSampler on the xDiT workers: same seed and settings, same noise and sigmas."
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {"required": {
+            "model": ("XDIT_MODEL",),
+            "mesh": ("XDIT_MESH",),
+            "positive": ("CONDITIONING",),
+            "negative": ("CONDITIONING",),
+            "latent_image": ("LATENT",),
+            "seed": ("INT", {"default": 0, "min": 0, "max": 0xffffffffffffffff, "control_after_generate": True}),
+            "steps": ("INT", {"default": 20, "min": 1, "max": 10000}),
+            "cfg": ("FLOAT", {"default": 8.0, "min": 0.0, "max": 100.0, "step": 0.1, "round": 0.01}),
+            "sampler_name": (SAMPLERS,),
+            "scheduler": (SCHEDULERS,),
+            "denoise": ("FLOAT", {"default": 1.0, "min": 0.0, "max": 1.0, "step": 0.01}),
+            "shift": ("FLOAT", {"default": 0.0, "min": 0.0, "max": 100.0, "step": 0.01,
+                                "tooltip": "model-sampling shift; 0: the family's default (Flux dev 1.15, "
+                                           "schnell 1.0, SD3 3.0)"}),
+        }}
+
+    def sample(self, model: XDiTModel, mesh: XDiTMesh, positive, negative, latent_image, seed, steps, cfg,
+               sampler_name, scheduler, denoise, shift=0.0):
+        from xdit_core.errors import XDiTCancelled, XDiTError
+        from xdit_core.families import resolve_model_spec
+        from xdit_core.loading import read_model_config
+        from xdit_core.pool import PoolKey, get_pool
+        from xdit_core.request import build_request
+
+        try:
+            if "noise_mask" in latent_image:
+                raise ValueError("this LATENT has a noise_mask (inpainting); the xDiT Sampler does not support "
+                                 "masks yet: use KSampler for inpainting")
+            spec = resolve_model_spec(read_model_config(model.path), model.family, model.variant)
+            samples = latent_image["samples"]
+            batch = samples.shape[0]
+            pos, guidance = branch_from_conditioning(spec, positive, batch, "positive")
+            neg = None
+            if not math.isclose(cfg, 1.0):  # at cfg 1 ComfyUI evaluates no negative branch
+                neg, _ = branch_from_conditioning(spec, negative, batch, "negative")
+            parallel = check_against_model(mesh, model, cfg)
+            request = build_request(spec, samples, seed=seed, steps=steps, cfg=cfg, sampler=sampler_name,
+                                    scheduler=scheduler, denoise=denoise, positive=pos, negative=neg,
+                                    guidance=guidance, shift=shift if shift > 0 else None,
+                                    batch_index=latent_image.get("batch_index"))
+            if host.visible_gpus():
+                host.free_comfy_gpu_memory()
+            pool = get_pool(PoolKey(model.path, model.dtype, model.family, model.variant, parallel,
+                                    mesh.attention_backend, threads=1), mesh.ray_address)
+            out = pool.sample(request, on_progress=host.progress_callback(request.steps), cancel=host.interrupted)
+        except XDiTCancelled:
+            host.raise_interrupted()
+        except XDiTError as e:
+            raise RuntimeError(f"xDiT Sampler: {e}") from None
+        result = dict(latent_image)
+        result["samples"] = spec.latent_format.process_out(out)
+        return (result,)

@@ -1,0 +1,126 @@
+"""The ComfyUI nodes without ComfyUI: import, INPUT_TYPES, validation, and the sampler against the CLI."""
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+from nodes import NODE_CLASS_MAPPINGS, NODE_DISPLAY_NAME_MAPPINGS
+from nodes.loader import XDiTLoadModel
+from nodes.mesh import XDiTParallelMesh
+from nodes.sampler import XDiTSampler
+from nodes.types import XDiTMesh
+from xdit_core.cli import main
+
+
+def test_mappings_and_input_types_are_well_formed():
+    assert set(NODE_CLASS_MAPPINGS) == set(NODE_DISPLAY_NAME_MAPPINGS)
+    for name, cls in NODE_CLASS_MAPPINGS.items():
+        assert cls.CATEGORY == "xDiT" and isinstance(cls.RETURN_TYPES, tuple) and hasattr(cls, cls.FUNCTION)
+        spec = cls.INPUT_TYPES()
+        assert set(spec) <= {"required", "optional", "hidden"}
+        for section in spec.values():
+            for widget, entry in section.items():
+                assert isinstance(entry, tuple) and 1 <= len(entry) <= 2, (name, widget)
+                assert isinstance(entry[0], (str, list)), (name, widget)
+                assert len(entry) == 1 or isinstance(entry[1], dict), (name, widget)
+    ks = XDiTSampler.INPUT_TYPES()["required"]
+    for widget in ("seed", "steps", "cfg", "sampler_name", "scheduler", "denoise", "positive", "negative",
+                   "latent_image"):
+        assert widget in ks  # KSampler's names
+    assert ks["steps"][1]["default"] == 20 and ks["cfg"][1]["default"] == 8.0
+
+
+@pytest.mark.parametrize("kwargs,needle", [
+    (dict(ulysses_degree=2, ring_degree=2, gpu_count=2), "the degrees make 4 ranks"),
+    (dict(ulysses_degree=2, use_cfg_parallel=True, gpu_count=8, reserve_gpus=2), "but 6 GPUs are given"),
+    (dict(gpu_count=2, reserve_gpus=2), "reserve_gpus 2 leaves none of the 2 GPUs"),
+    (dict(ring_degree=0), "ring_degree must be >= 1, got 0"),
+])
+def test_mesh_widgets_rejected_by_validate_inputs(kwargs, needle):
+    result = XDiTParallelMesh.VALIDATE_INPUTS(**kwargs)
+    assert isinstance(result, str) and needle in result, result
+
+
+def test_valid_mesh_widgets_pass():
+    assert XDiTParallelMesh.VALIDATE_INPUTS(ulysses_degree=2, ring_degree=2, gpu_count=4) is True
+    assert XDiTParallelMesh.VALIDATE_INPUTS(layout="auto", ulysses_degree=1, gpu_count=3) is True
+
+
+def load(path, family="auto"):
+    return XDiTLoadModel().load(str(path), "fp32", family, "auto")[0]
+
+
+def test_loader_describes_without_loading(tiny_models):
+    m = load(tiny_models["pixart_sigma"])
+    assert (m.family, m.variant, m.dtype, m.num_heads) == ("pixart", "sigma", "fp32", 4)
+    with pytest.raises(ValueError, match="xDiT Load Diffusion Model: model path not found"):
+        load(tiny_models["sd3"] / "missing")
+
+
+def test_auto_mesh_summary_says_what_it_chose(tiny_models):
+    mesh_node = XDiTParallelMesh()
+    _, flux = mesh_node.build("auto", 1, 1, 1, False, 0, 1, 4, model=load(tiny_models["flux"]))
+    assert "auto: cfg 1 x pipefusion 1 x ring 1 x ulysses 4 = 4 ranks" in flux and "Flux" in flux
+    _, sd3 = mesh_node.build("auto", 1, 1, 1, False, 0, 1, 4, model=load(tiny_models["sd3"]))
+    assert "cfg 2 x pipefusion 1 x ring 1 x ulysses 2 = 4 ranks" in sd3 and "CFG parallel" in sd3
+
+
+def conditioning(spec_dim, pooled_dim, gen, guidance=None):
+    extra = {"pooled_output": torch.randn(1, pooled_dim, generator=gen)} if pooled_dim else {}
+    if guidance is not None:
+        extra["guidance"] = guidance
+    return [[torch.randn(1, 9, spec_dim, generator=gen), extra]]
+
+
+def sampler_args(model, mesh, **over):
+    gen = torch.Generator().manual_seed(0)
+    args = dict(model=model, mesh=mesh, positive=conditioning(32, 32, gen, guidance=2.5),
+                negative=conditioning(32, 32, gen), latent_image={"samples": torch.zeros(1, 4, 8, 6)}, seed=7,
+                steps=3, cfg=2.0, sampler_name="dpmpp_2m", scheduler="karras", denoise=1.0, shift=0.0)
+    args.update(over)
+    return args
+
+
+@pytest.mark.parametrize("mesh,cfg,needle", [
+    (XDiTMesh("manual", ulysses_degree=3), 2.0, "ulysses_degree 3 does not divide the model's 4 attention heads"),
+    (XDiTMesh("manual", use_cfg_parallel=True), 1.0, "use_cfg_parallel needs cfg != 1"),
+    (XDiTMesh("manual", pipefusion_parallel_degree=2), 2.0, "PipeFusion) is not in this version yet"),
+])
+def test_model_invalid_meshes_fail_at_sampling_start(tiny_models, monkeypatch, mesh, cfg, needle):
+    import xdit_core.pool
+
+    monkeypatch.setattr(xdit_core.pool, "get_pool", lambda *a, **k: pytest.fail("a pool was started"))
+    with pytest.raises(RuntimeError) as e:
+        XDiTSampler().sample(**sampler_args(load(tiny_models["flux"]), mesh, cfg=cfg))
+    assert needle in str(e.value)
+
+
+def test_noise_mask_is_refused(tiny_models):
+    latent = {"samples": torch.zeros(1, 16, 8, 6), "noise_mask": torch.ones(1, 1, 64, 48)}
+    with pytest.raises(ValueError, match="noise_mask"):
+        XDiTSampler().sample(**sampler_args(load(tiny_models["flux"]), XDiTMesh("manual"), latent_image=latent))
+
+
+def test_sampler_node_equals_cli_generate(tiny_models, tmp_path):
+    import ray
+
+    from xdit_core import pool
+
+    model = load(tiny_models["flux"])
+    mesh = XDiTParallelMesh().build("manual", 2, 1, 1, False, 0, 1, 0)[0]
+    args = sampler_args(model, mesh)
+    try:
+        (latent,) = XDiTSampler().sample(**args)
+    finally:
+        pool.unload()
+        ray.shutdown()
+    pos, neg = args["positive"][0], args["negative"][0]
+    save_file({"positive": pos[0], "positive_pooled": pos[1]["pooled_output"], "negative": neg[0],
+               "negative_pooled": neg[1]["pooled_output"]}, str(tmp_path / "cond.safetensors"))
+    out = tmp_path / "cli.safetensors"
+    assert main(["generate", "--model", str(tiny_models["flux"]), "--height", "64", "--width", "48", "--steps", "3",
+                 "--seed", "7", "--cfg", "2.0", "--guidance", "2.5", "--sampler", "dpmpp_2m", "--scheduler",
+                 "karras", "--cond", str(tmp_path / "cond.safetensors"), "--ulysses_degree", "2", "--threads", "1",
+                 "--out", str(out)]) == 0
+    cli = load_file(str(out))["samples"]
+    assert latent["samples"].shape == (1, 16, 8, 6)  # the empty 4-channel latent widened as KSampler does
+    assert torch.equal(latent["samples"], cli)

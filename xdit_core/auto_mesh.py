@@ -1,0 +1,29 @@
+"""The `auto` mesh: xDiT's published advice turned into a rule (Ulysses within a node for Flux and
+whenever there is no negative branch; CFG parallel first for SD3 and PixArt, then sequence parallel)."""
+from __future__ import annotations
+
+import math
+
+from .mesh import ParallelConfig
+
+
+def _split_sp(ranks: int, heads: int) -> tuple[int, int]:
+    """(ulysses, ring) for `ranks` sequence-parallel ranks: as much Ulysses as the heads allow."""
+    ulysses = max(d for d in range(1, ranks + 1) if ranks % d == 0 and heads % d == 0)
+    return ulysses, ranks // ulysses
+
+
+def choose_mesh(family: str, num_heads: int, ranks: int, cfg: float) -> tuple[ParallelConfig, str]:
+    """A mesh for `ranks` workers and the reason, in one line."""
+    if ranks <= 1:
+        return ParallelConfig(), "1 rank: serial"
+    negative = not math.isclose(cfg, 1.0)
+    if family != "flux" and negative and ranks % 2 == 0:
+        u, r = _split_sp(ranks // 2, num_heads)
+        return (ParallelConfig(ulysses_degree=u, ring_degree=r, use_cfg_parallel=True),
+                f"{family} with cfg {cfg:g}: CFG parallel 2 x Ulysses {u} x Ring {r} (xDiT advises cfg x PipeFusion; "
+                "PipeFusion is not in this version, so the rest is sequence parallel)")
+    u, r = _split_sp(ranks, num_heads)
+    why = "Flux" if family == "flux" else f"{family} at cfg 1 (no negative branch)" if not negative else family
+    return (ParallelConfig(ulysses_degree=u, ring_degree=r),
+            f"{why}: Ulysses {u} x Ring {r} (Ulysses as far as the {num_heads} heads divide, within a node)")
