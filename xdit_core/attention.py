@@ -128,8 +128,13 @@ def _merge(acc: Optional[tuple[torch.Tensor, torch.Tensor]], out: torch.Tensor, 
 
 
 def usp_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, segments: Sequence[Segment],
-                  groups: SPGroups, scale: Optional[float] = None) -> torch.Tensor:
-    """Exact attention over the whole (unsharded) sequence for this rank's local queries. q, k, v: [B, H, S, D]."""
+                  groups: SPGroups, scale: Optional[float] = None,
+                  kv_cache: Optional[Callable[[torch.Tensor, torch.Tensor], tuple]] = None) -> torch.Tensor:
+    """Exact attention over the whole (unsharded) sequence for this rank's local queries. q, k, v: [B, H, S, D].
+
+    `kv_cache(ks, vs) -> (k, v)` (PipeFusion, ring degree 1) takes the split part's keys and values
+    after the all-to-all and returns the keys and values to attend over instead (a full-length buffer).
+    """
     b, heads, _, d = q.shape
     scale = 1.0 / math.sqrt(d) if scale is None else scale
     uly, ring = groups.ulysses, groups.ring
@@ -155,6 +160,8 @@ def usp_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, segments: S
     else:
         query = qs
 
+    if kv_cache is not None:
+        ks, vs = kv_cache(ks, vs)
     blocks_total = (ring.size if has_split else 0) + (1 if has_rep else 0)
 
     def attend(kb: torch.Tensor, vb: torch.Tensor, acc):
@@ -170,7 +177,7 @@ def usp_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, segments: S
         kv = torch.stack([ks, vs])
 
         def attend_block(block: torch.Tensor, origin: int, acc):
-            keep = _valid_key_index(segments, U, origin, block.device)
+            keep = None if kv_cache is not None else _valid_key_index(segments, U, origin, block.device)
             kb, vb = (block[0], block[1]) if keep is None else (block[0].index_select(2, keep),
                                                                 block[1].index_select(2, keep))
             return attend(kb, vb, acc) if kb.shape[2] > 0 else acc

@@ -76,6 +76,13 @@ def run_request(adapter: ModelAdapter, request: SampleRequest, on_step: Optional
         if on_step is not None:
             on_step(i, n)
 
-    x = run_sampler(request.sampler, ms, x, sigmas, make_denoiser(adapter, ms, request, ctx),
-                    request.seed, step_done)
+    if ctx is not None and ctx.mesh.config.pipefusion_parallel_degree > 1:
+        from .pipefusion import PipeFusionRunner
+
+        runner = PipeFusionRunner(adapter, ctx)
+        x = runner.run(request, ms, x, step_done)
+        ctx.effective_patches = runner.effective_patches
+    else:
+        x = run_sampler(request.sampler, ms, x, sigmas, make_denoiser(adapter, ms, request, ctx),
+                        request.seed, step_done)
     return ms.inverse_noise_scaling(sigmas[-1], x).float()

@@ -17,6 +17,7 @@ class RankContext:
     attention_backend: str = "auto"
     ring_impl: str = "p2p"
     counter: CommCounter = field(default_factory=CommCounter)
+    effective_patches: int = 0  # PipeFusion's M after fitting it to the latent (0: no PipeFusion)
 
     def comm(self, name: str) -> Comm:
         """A counted communicator over this rank's group along `name`."""

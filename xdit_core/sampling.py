@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Callable, Optional, Sequence
+from typing import Callable, Generator, Optional, Sequence
 
 import numpy as np
 import torch
@@ -259,48 +259,87 @@ Denoiser = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 StepCallback = Callable[[int, int], None]
 
 
+class AncestralNoise:
+    """ComfyUI's `default_noise_sampler`: one generator seeded with the sampling seed, one full-size draw
+    per step that needs noise. Draws are cached by step so that patches of the same step share one draw."""
+
+    def __init__(self, seed: int, shape: Sequence[int], dtype: torch.dtype, device: torch.device):
+        self.generator = torch.Generator(device=device).manual_seed(seed)
+        self.shape, self.dtype, self.device = tuple(shape), dtype, device
+        self._draws: dict[int, torch.Tensor] = {}
+
+    def __call__(self, step: int) -> torch.Tensor:
+        if step not in self._draws:
+            self._draws = {step: torch.randn(self.shape, dtype=self.dtype, device=self.device,
+                                             generator=self.generator)}
+        return self._draws[step]
+
+
+# A sampler step is a generator: it yields (x, sigma) for each model evaluation it needs, receives the
+# denoised prediction, and returns the next x. The serial loop drives it directly; PipeFusion drives
+# one per patch, so that multistep state and ancestral noise stay per patch.
+StepGen = Generator[tuple[torch.Tensor, torch.Tensor], torch.Tensor, torch.Tensor]
+
+
 @dataclass
 class Sampler:
-    """One of k-diffusion's samplers as ComfyUI runs it, with its per-run state."""
+    """One of k-diffusion's samplers as ComfyUI runs it, with its per-run state.
+
+    `noise(step)` gives the ancestral noise for this sampler's part of the latent at a step; by default
+    the whole latent's draw.
+    """
 
     name: str
     ms: ModelSampling
-    seed: int  # ancestral noise comes from a generator seeded with the sampling seed, as in ComfyUI
+    seed: int
+    noise: Optional[Callable[[int], torch.Tensor]] = None
 
     def __post_init__(self) -> None:
         self.old_denoised: Optional[torch.Tensor] = None
-        self._generator: Optional[torch.Generator] = None
 
-    def ancestral_noise(self, x: torch.Tensor) -> torch.Tensor:
-        """The next draw of ComfyUI's `default_noise_sampler` (one generator for the whole run)."""
-        if self._generator is None:
-            self._generator = torch.Generator(device=x.device).manual_seed(self.seed)
-        return torch.randn(x.size(), dtype=x.dtype, device=x.device, generator=self._generator)
+    def evaluations(self, i: int, sigmas: torch.Tensor) -> int:
+        """Model evaluations step i needs (heun: two, except when it ends at sigma 0)."""
+        return 2 if self.name == "heun" and sigmas[i + 1] != 0 else 1
 
     def step(self, i: int, x: torch.Tensor, sigmas: torch.Tensor, denoise: Denoiser) -> torch.Tensor:
-        """Advance x from sigmas[i] to sigmas[i+1]."""
-        return getattr(self, "_" + self.name)(i, x, sigmas, denoise)
+        """Advance x from sigmas[i] to sigmas[i+1], calling `denoise` for every evaluation."""
+        gen = self.step_gen(i, x, sigmas)
+        request = next(gen)
+        while True:
+            try:
+                request = gen.send(denoise(*request))
+            except StopIteration as done:
+                return done.value
 
-    def _euler(self, i, x, sigmas, denoise):
+    def step_gen(self, i: int, x: torch.Tensor, sigmas: torch.Tensor) -> StepGen:
+        return getattr(self, "_" + self.name)(i, x, sigmas)
+
+    def _ancestral_noise(self, i: int, x: torch.Tensor) -> torch.Tensor:
+        if self.noise is None:
+            self.noise = AncestralNoise(self.seed, x.shape, x.dtype, x.device)
+        return self.noise(i)
+
+    def _euler(self, i, x, sigmas):
         sigma = sigmas[i]
-        denoised = denoise(x, sigma)
+        denoised = yield x, sigma
         d = (x - denoised) / sigma
         return x + d * (sigmas[i + 1] - sigma)
 
-    def _heun(self, i, x, sigmas, denoise):
+    def _heun(self, i, x, sigmas):
         sigma, sigma_next = sigmas[i], sigmas[i + 1]
-        denoised = denoise(x, sigma)
+        denoised = yield x, sigma
         d = (x - denoised) / sigma
         dt = sigma_next - sigma
         if sigma_next == 0:
             return x + d * dt
         x_2 = x + d * dt
-        d_2 = (x_2 - denoise(x_2, sigma_next)) / sigma_next
+        denoised_2 = yield x_2, sigma_next
+        d_2 = (x_2 - denoised_2) / sigma_next
         return x + (d + d_2) / 2 * dt
 
-    def _dpmpp_2m(self, i, x, sigmas, denoise):
+    def _dpmpp_2m(self, i, x, sigmas):
         sigma, sigma_next = sigmas[i], sigmas[i + 1]
-        denoised = denoise(x, sigma)
+        denoised = yield x, sigma
         t, t_next = -sigma.log(), -sigma_next.log()
         h = t_next - t
         ratio = (-t_next).exp() / (-t).exp()
@@ -314,9 +353,9 @@ class Sampler:
         self.old_denoised = denoised
         return x
 
-    def _euler_ancestral(self, i, x, sigmas, denoise):
+    def _euler_ancestral(self, i, x, sigmas):
         sigma, sigma_next = sigmas[i], sigmas[i + 1]
-        denoised = denoise(x, sigma)
+        denoised = yield x, sigma
         if self.ms.prediction == "const":  # ComfyUI switches to the rectified-flow variant (eta 1)
             if sigma_next == 0:
                 return denoised
@@ -325,13 +364,13 @@ class Sampler:
             renoise = (sigma_next ** 2 - sigma_down ** 2 * alpha_next ** 2 / alpha_down ** 2) ** 0.5
             ratio = sigma_down / sigma
             x = ratio * x + (1 - ratio) * denoised
-            return (alpha_next / alpha_down) * x + self.ancestral_noise(x) * renoise
+            return (alpha_next / alpha_down) * x + self._ancestral_noise(i, x) * renoise
         sigma_up = min(sigma_next, (sigma_next ** 2 * (sigma ** 2 - sigma_next ** 2) / sigma ** 2) ** 0.5)
         sigma_down = (sigma_next ** 2 - sigma_up ** 2) ** 0.5
         if sigma_down == 0:
             return denoised
         d = (x - denoised) / sigma
-        return x + d * (sigma_down - sigma) + self.ancestral_noise(x) * sigma_up
+        return x + d * (sigma_down - sigma) + self._ancestral_noise(i, x) * sigma_up
 
 
 def run_sampler(name: str, ms: ModelSampling, x: torch.Tensor, sigmas: torch.Tensor, denoise: Denoiser,

@@ -1,0 +1,338 @@
+"""PipeFusion: the blocks split into stages, the latent into M horizontal patches that flow through them.
+
+Every attention layer of a stage keeps full-length image K/V buffers (per CFG branch). A patch writes
+its fresh K/V into its slice and attends over the whole buffer: fresh for the patches already done at
+this evaluation, one evaluation stale for the rest. The first `warmup_steps` steps run synchronously on
+the whole image (exact, and they fill the buffers). Then patches go stage to stage point to point; the
+last stage runs the head, CFG and the sampler step per patch and sends the patch's next input back to
+the first stage. Ulysses may run inside each stage (the buffers then live in the post-all-to-all
+layout: this rank's heads, every image token); joint text is replicated within a stage.
+
+Stop point: every rank ends a step when it has processed that step's last patch; cancel and progress
+are decided there (the pool broadcasts rank 0's decision), so all ranks stop at the same step.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Callable, Optional
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+
+from .attention import Segment, SPGroups, select_lse_kernel, usp_attention
+from .comm import Comm
+from .errors import XDiTConfigError, XDiTWorkerError
+from .models.base import ModelAdapter, Tokens
+from .rank_context import RankContext
+from .request import SampleRequest
+from .sampling import AncestralNoise, ModelSampling, Sampler
+from .sequence_parallel import shard_padded
+from .stages import balance_stages, module_bytes, patch_rows
+
+_SDPA_ARGS = ("query", "key", "value", "attn_mask", "dropout_p", "is_causal", "scale", "enable_gqa")
+
+
+@dataclass
+class Unit:
+    """A piece of work flowing through the stages: some image tokens of one CFG branch."""
+
+    rows: tuple[int, int]  # latent rows
+    tokens: torch.Tensor  # global image token indices, in order
+    branch: int
+
+
+class PipeFusionAttention(torch.overrides.TorchFunctionMode):
+    """Routes the stage's attention through the per-layer K/V buffers (see the module docstring)."""
+
+    def __init__(self, kinds: dict[torch.nn.Module, str], joint_order: tuple[str, str], groups: SPGroups,
+                 n_img: int):
+        super().__init__()
+        self.groups, self.joint_order, self.n_img = groups, joint_order, n_img
+        self.current: Optional[tuple[int, str]] = None
+        self.unit: Optional[Unit] = None
+        self.segments: dict[str, list[Segment]] = {}
+        self.gathered_index: Optional[torch.Tensor] = None  # global token id of each gathered position
+        self.keep: Optional[torch.Tensor] = None  # gathered positions that are real tokens
+        self.buffers: dict[tuple[int, int], tuple[torch.Tensor, torch.Tensor]] = {}
+        self._hooks = []
+        for m, kind in kinds.items():
+            self._hooks.append(m.register_forward_pre_hook(self._make_hook(id(m), kind)))
+            self._hooks.append(m.register_forward_hook(self._clear))
+
+    def _make_hook(self, key: int, kind: str):
+        def hook(module, args):
+            self.current = (key, kind)
+        return hook
+
+    def _clear(self, module, args, output):
+        self.current = None
+
+    def set_unit(self, unit: Unit, txt_len: int, has_text: bool) -> None:
+        """Describe the local sequence of the unit about to run: its image shard and replicated text."""
+        uly = self.groups.ulysses
+        n = len(unit.tokens)
+        loc = -(-n // uly.size)
+        img = Segment(loc, True, n)
+        self.segments = {"image": [img]}
+        if has_text:
+            txt = Segment(txt_len, False, txt_len)
+            self.segments["joint"] = [img if part == "img" else txt for part in self.joint_order]
+        # After the all-to-all the split part holds the shards of every ulysses rank, in rank order.
+        pos = torch.arange(uly.size * loc)
+        self.keep = pos[pos < n]
+        self.gathered_index = unit.tokens[self.keep]
+        self.unit = unit
+
+    def _cache(self, key: int):
+        def update(ks: torch.Tensor, vs: torch.Tensor):
+            slot = (key, self.unit.branch)
+            if slot not in self.buffers:
+                shape = (ks.shape[0], ks.shape[1], self.n_img, ks.shape[3])
+                self.buffers[slot] = (ks.new_zeros(shape), vs.new_zeros(shape))
+            kb, vb = self.buffers[slot]
+            idx = self.gathered_index.to(ks.device)
+            keep = self.keep.to(ks.device)
+            kb.index_copy_(2, idx, ks.index_select(2, keep))
+            vb.index_copy_(2, idx, vs.index_select(2, keep))
+            return kb, vb
+        return update
+
+    def remove(self) -> None:
+        for h in self._hooks:
+            h.remove()
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if func is not F.scaled_dot_product_attention or self.current is None or self.current[1] == "cross":
+            return func(*args, **kwargs)
+        params = dict(zip(_SDPA_ARGS, args))
+        params.update(kwargs)
+        key, kind = self.current
+        return usp_attention(params["query"], params["key"], params["value"], self.segments[kind], self.groups,
+                             params.get("scale"), kv_cache=self._cache(key))
+
+
+@dataclass
+class PatchDriver:
+    """One patch's sampler, advanced one model evaluation at a time."""
+
+    sampler: Sampler
+    x: torch.Tensor
+    sigmas: torch.Tensor
+    step: int = 0
+    gen: object = None
+    request: Optional[tuple[torch.Tensor, torch.Tensor]] = None
+    finished_steps: list[int] = field(default_factory=list)
+
+    def start(self) -> None:
+        self.gen = self.sampler.step_gen(self.step, self.x, self.sigmas)
+        self.request = next(self.gen)
+
+    def feed(self, denoised: torch.Tensor) -> None:
+        try:
+            self.request = self.gen.send(denoised)
+        except StopIteration as done:
+            self.x = done.value
+            self.finished_steps.append(self.step)
+            self.step += 1
+            if self.step < len(self.sigmas) - 1:
+                self.start()
+
+
+def pipefusion_rounds(sampler: str, sigmas: torch.Tensor) -> list[tuple[int, torch.Tensor, bool]]:
+    """Every model evaluation in order: (step, sigma, last evaluation of the step)."""
+    probe = Sampler(sampler, None, 0)
+    out = []
+    for i in range(len(sigmas) - 1):
+        n = probe.evaluations(i, sigmas)
+        sig = [sigmas[i], sigmas[i + 1]][:n]
+        out += [(i, s, k == n - 1) for k, s in enumerate(sig)]
+    return out
+
+
+class PipeFusionRunner:
+    """One rank's share of a PipeFusion run (stage, ulysses shard, CFG branch)."""
+
+    def __init__(self, adapter: ModelAdapter, ctx: RankContext):
+        config = ctx.mesh.config
+        if config.ring_degree > 1:
+            raise XDiTConfigError("pipefusion_parallel_degree > 1 combines with ulysses_degree and "
+                                  "use_cfg_parallel in this version, not with ring_degree; use ring_degree 1")
+        self.adapter, self.ctx = adapter, ctx
+        self.P = config.pipefusion_parallel_degree
+        self.stage = ctx.mesh.coords["pipefusion"]
+        blocks = adapter.blocks()
+        self.stage_ranges = balance_stages([module_bytes(b) for b, _ in blocks], self.P)
+        mine = self.stage_ranges[self.stage]
+        # Free the blocks of the other stages: their parameters become meta tensors.
+        for i, (block, _) in enumerate(blocks):
+            if i not in mine:
+                block.to("meta")
+        self.blocks = [blocks[i] for i in mine]
+        self.pp: Comm = ctx.comm("pipefusion")
+        self.sp_comm: Comm = ctx.comm("sp")
+        self.groups = SPGroups(ctx.comm("ulysses"), ctx.comm("ring"),
+                               select_lse_kernel(ctx.device, ctx.attention_backend))
+        self.cfg_comm: Optional[Comm] = ctx.comm("cfg") if config.cfg_degree > 1 else None
+        self.effective_patches = 0
+
+    @property
+    def first(self) -> bool:
+        return self.stage == 0
+
+    @property
+    def last(self) -> bool:
+        return self.stage == self.P - 1
+
+    # -- point to point between stages -------------------------------------------------------
+    def _send(self, x: torch.Tensor, to_stage: int, tag: int) -> tuple:
+        """Start a send; returns (work, tensor): the tensor must live until the work completes."""
+        x = x.contiguous()
+        self.ctx.counter.add("pipefusion_p2p", x.numel() * x.element_size())
+        return dist.isend(x, self.pp.members[to_stage], tag=tag), x
+
+    def _recv(self, shape, dtype, from_stage: int, tag: int) -> torch.Tensor:
+        buf = torch.empty(shape, dtype=dtype, device=self.ctx.device)
+        dist.recv(buf, self.pp.members[from_stage], tag=tag)
+        return buf
+
+    # -- the run -----------------------------------------------------------------------------
+    def run(self, request: SampleRequest, ms: ModelSampling, x: torch.Tensor,
+            step_done: Callable[[int, int], None]) -> torch.Tensor:
+        """The whole denoising loop from x (noise-scaled); returns the final x on every rank of the stage 0."""
+        a, config = self.adapter, self.ctx.mesh.config
+        b, c, h, w = x.shape
+        per_row = w // 2  # every family here patches the latent 2x2
+        rows = patch_rows(h, config.num_pipeline_patch or self.P, 2)
+        self.effective_patches = len(rows)
+        n_img = (h // 2) * per_row
+        units_pipe = [(r, torch.arange(r[0] // 2 * per_row, r[1] // 2 * per_row)) for r in rows]
+        unit_full = ((0, h), torch.arange(n_img))
+        branches = self._branches(request)
+        sigmas = request.sigmas.to(x.device)
+        rounds = pipefusion_rounds(request.sampler, sigmas)
+        warm_rounds = sum(1 for i, _, _ in rounds if i < config.warmup_steps)
+        noise = AncestralNoise(request.seed, x.shape, x.dtype, x.device)
+        drivers = []
+        for r0, r1 in rows:
+            sampler = Sampler(request.sampler, ms, request.seed,
+                              noise=lambda i, r0=r0, r1=r1: noise(i)[:, :, r0:r1])
+            drivers.append(PatchDriver(sampler, x[:, :, r0:r1], sigmas))
+        for d in drivers:
+            d.start()
+        x_eval = x.clone()  # stage 0's latest input for every patch
+        attention = PipeFusionAttention(a.attention_kinds(), a.JOINT_ORDER, self.groups, n_img)
+        sends: list = []
+        try:
+            for rnd, (step, sigma, step_end) in enumerate(rounds):
+                sync = rnd < warm_rounds
+                units = [unit_full] if sync else units_pipe
+                for u, (unit_rows, tokens) in enumerate(units):
+                    if self.first and rnd > 0 and self.P > 1:
+                        for m, (r0, r1) in enumerate(rows):  # the patches this unit covers, from the last stage
+                            if r0 >= unit_rows[0] and r1 <= unit_rows[1]:
+                                x_eval[:, :, r0:r1] = self._recv((b, c, r1 - r0, w), x.dtype, self.P - 1,
+                                                                 tag=self._tag(rnd, m, 99))
+                    outs = []
+                    for k, (branch_id, cond) in enumerate(branches):
+                        unit = Unit(unit_rows, tokens, branch_id)
+                        outs.append(self._forward_unit(unit, x_eval, ms, sigma, cond, request, attention,
+                                                       rnd, u, k, sends))
+                    if self.last:
+                        self._finish_unit(unit_rows, outs, drivers, rows, x_eval, ms, sigma, request, rnd,
+                                          rnd + 1 < len(rounds), sends)
+                if step_end:
+                    for work, _ in sends:
+                        work.wait()
+                    sends = []
+                    step_done(step + 1, len(sigmas) - 1)
+        finally:
+            for work, _ in sends:
+                work.wait()
+            attention.remove()
+        return self._final(drivers, x)
+
+    def _branches(self, request: SampleRequest):
+        """(branch id, conditioning) this rank's pipeline evaluates: 0 = negative, 1 = positive."""
+        if request.negative is None:
+            return [(1, request.positive)]
+        if self.cfg_comm is not None:
+            return [(0, request.negative)] if self.cfg_comm.index == 0 else [(1, request.positive)]
+        return [(0, request.negative), (1, request.positive)]
+
+    @staticmethod
+    def _tag(rnd: int, unit: int, branch: int) -> int:
+        return (rnd * 1000 + unit) * 100 + branch
+
+    def _forward_unit(self, unit: Unit, x_eval, ms, sigma, cond, request, attention, rnd, u, k, sends):
+        """This stage's blocks on one unit; returns the model output of the unit on the last stage."""
+        a = self.adapter
+        S, idx = self.sp_comm.size, self.sp_comm.index
+        dtype = a.dtype
+        timestep = ms.timestep(sigma.reshape(1).cpu()).float().to(x_eval.device).expand(x_eval.shape[0])
+        full = a.embed(ms.calculate_input(sigma, x_eval).to(dtype), timestep, cond, request.guidance)
+        tokens = unit.tokens.to(x_eval.device)
+
+        def shard_img(t: torch.Tensor, dim: int = 1) -> torch.Tensor:
+            return shard_padded(t.index_select(dim, tokens), dim, idx, S)
+
+        def keep_txt(t: torch.Tensor, dim: int = 1) -> torch.Tensor:
+            return t
+
+        extras = a.shard_extras(full, keep_txt, shard_img)
+        n_txt = full.txt.shape[1] if full.txt is not None else 0
+        loc = -(-len(tokens) // S)
+        joint = a.TEXT_IS_JOINT and full.txt is not None
+        if self.first:
+            local = full.with_(img=shard_img(full.img), extras=extras)
+        else:
+            width = full.img.shape[-1]
+            recv = self._recv((full.img.shape[0], loc + (n_txt if joint else 0), width), dtype, self.stage - 1,
+                              tag=self._tag(rnd, u, k))
+            local = full.with_(img=recv[:, :loc], txt=recv[:, loc:] if joint else full.txt, extras=extras)
+        attention.set_unit(unit, n_txt, joint)
+        with attention:
+            for block, run in self.blocks:
+                local = run(block, local)
+        if not self.last:
+            payload = torch.cat([local.img, local.txt], dim=1) if joint else local.img
+            sends.append(self._send(payload, self.stage + 1, self._tag(rnd, u, k)))
+            return None
+        gathered = self.sp_comm.all_gather(local.img, "sp_gather")
+        img = gathered.permute(1, 0, 2, 3).reshape(local.img.shape[0], -1, local.img.shape[-1])[:, :len(tokens)]
+        r0, r1 = unit.rows
+        out = a.head(Tokens(img, None, r1 - r0, x_eval.shape[-1], full.extras)).float()
+        return ms.calculate_denoised(sigma, out, x_eval[:, :, r0:r1])
+
+    def _finish_unit(self, unit_rows, outs, drivers, rows, x_eval, ms, sigma, request, rnd, more, sends):
+        """Last stage: CFG for the unit, the sampler step of each patch it covers, inputs back to stage 0."""
+        if self.cfg_comm is not None:
+            uncond, cond = self.cfg_comm.all_gather(outs[0], "cfg_gather").unbind(0)
+        elif len(outs) == 2:
+            uncond, cond = outs
+        else:
+            uncond, cond = None, outs[0]
+        denoised = cond if uncond is None else uncond + (cond - uncond) * request.cfg
+        for m, (r0, r1) in enumerate(rows):
+            if r0 < unit_rows[0] or r1 > unit_rows[1]:
+                continue
+            d = drivers[m]
+            if not torch.equal(d.request[1], sigma):
+                raise XDiTWorkerError(f"PipeFusion schedule mismatch: patch {m} expects sigma "
+                                      f"{float(d.request[1]):.6f}, the pipeline delivered {float(sigma):.6f}")
+            d.feed(denoised[:, :, r0 - unit_rows[0]:r1 - unit_rows[0]])
+            if more:
+                nxt = d.request[0]
+                x_eval[:, :, r0:r1] = nxt
+                if self.P > 1:
+                    sends.append(self._send(nxt, 0, self._tag(rnd + 1, m, 99)))
+
+    def _final(self, drivers, x) -> torch.Tensor:
+        """The final latent on every rank: the last stage's patches, broadcast over the pipeline group."""
+        out = torch.cat([d.x for d in drivers], dim=2) if self.last else torch.empty_like(x)
+        if self.P > 1:
+            dist.broadcast(out, self.pp.members[-1], group=self.pp.group)
+            if self.last:
+                self.ctx.counter.add("pipefusion_p2p", out.numel() * out.element_size() * (self.P - 1))
+        return out
