@@ -43,4 +43,4 @@ class XDiTLoadModel:
         except (XDiTError, FileNotFoundError) as e:
             raise ValueError(f"xDiT Load Diffusion Model: {e}") from None
         dtype = default_dtype() if weight_dtype == "default" else weight_dtype
-        return (XDiTModel(path, dtype, spec.family, spec.variant, spec.num_heads),)
+        return (XDiTModel(path, dtype, spec.family, spec.variant, spec.num_heads, spec.num_blocks),)

@@ -31,7 +31,7 @@ def summarize(mesh: XDiTMesh, model: Optional[XDiTModel], cfg: Optional[float] =
     if model is None:
         return None, f"auto: chosen for the model at sampling time; {where}"
     cfg = FAMILY_DEFAULT_CFG[model.family] if cfg is None else cfg
-    pc, why = choose_mesh(model.family, model.num_heads, worker_count(mesh), cfg)
+    pc, why = choose_mesh(model.family, model.num_heads, worker_count(mesh), cfg, model.num_blocks)
     return pc, f"auto: {pc.describe()} — {why}; {where}"
 
 
@@ -98,16 +98,14 @@ class XDiTParallelMesh:
         return (mesh, summary)
 
 
-def check_against_model(mesh: XDiTMesh, model: XDiTModel, cfg: float):
+def check_against_model(mesh: XDiTMesh, model: XDiTModel, cfg: float, steps: int, latent_height: int):
     """The ParallelConfig to run, after the checks that need the model and cfg (before any GPU work)."""
     from xdit_core.errors import XDiTConfigError
     from xdit_core.mesh import validate_parallel_config
 
     parallel, _ = summarize(mesh, model, cfg)
-    validate_parallel_config(parallel, num_heads=model.num_heads, cfg=cfg)
-    if parallel.pipefusion_parallel_degree > 1:
-        raise XDiTConfigError("pipefusion_parallel_degree > 1 (PipeFusion) is not in this version yet; use "
-                              "ulysses_degree, ring_degree and use_cfg_parallel")
+    validate_parallel_config(parallel, num_heads=model.num_heads, cfg=cfg, num_blocks=model.num_blocks,
+                             steps=steps, latent_height=latent_height)
     gpus = host.visible_gpus()
     if gpus:
         usable = (mesh.gpu_count or gpus) - mesh.reserve_gpus

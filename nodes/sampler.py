@@ -79,7 +79,7 @@ class XDiTSampler:
             neg = None
             if not math.isclose(cfg, 1.0):  # at cfg 1 ComfyUI evaluates no negative branch
                 neg, _ = branch_from_conditioning(spec, negative, batch, "negative")
-            parallel = check_against_model(mesh, model, cfg)
+            parallel = check_against_model(mesh, model, cfg, steps, samples.shape[2])
             request = build_request(spec, samples, seed=seed, steps=steps, cfg=cfg, sampler=sampler_name,
                                     scheduler=scheduler, denoise=denoise, positive=pos, negative=neg,
                                     guidance=guidance, shift=shift if shift > 0 else None,

@@ -14,6 +14,7 @@ class XDiTModel:
     family: str
     variant: str
     num_heads: int
+    num_blocks: int = 0
 
 
 @dataclass(frozen=True)

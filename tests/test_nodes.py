@@ -61,7 +61,7 @@ def test_auto_mesh_summary_says_what_it_chose(tiny_models):
     _, flux = mesh_node.build("auto", 1, 1, 1, False, 0, 1, 4, model=load(tiny_models["flux"]))
     assert "auto: cfg 1 x pipefusion 1 x ring 1 x ulysses 4 = 4 ranks" in flux and "Flux" in flux
     _, sd3 = mesh_node.build("auto", 1, 1, 1, False, 0, 1, 4, model=load(tiny_models["sd3"]))
-    assert "cfg 2 x pipefusion 1 x ring 1 x ulysses 2 = 4 ranks" in sd3 and "CFG parallel" in sd3
+    assert "cfg 2 x pipefusion 2 x ring 1 x ulysses 1 = 4 ranks" in sd3 and "CFG parallel 2 x PipeFusion 2" in sd3
 
 
 def conditioning(spec_dim, pooled_dim, gen, guidance=None):
@@ -83,7 +83,8 @@ def sampler_args(model, mesh, **over):
 @pytest.mark.parametrize("mesh,cfg,needle", [
     (XDiTMesh("manual", ulysses_degree=3), 2.0, "ulysses_degree 3 does not divide the model's 4 attention heads"),
     (XDiTMesh("manual", use_cfg_parallel=True), 1.0, "use_cfg_parallel needs cfg != 1"),
-    (XDiTMesh("manual", pipefusion_parallel_degree=2), 2.0, "PipeFusion) is not in this version yet"),
+    (XDiTMesh("manual", pipefusion_parallel_degree=8), 2.0, "pipefusion_parallel_degree 8 is larger than the "
+                                                           "model's 6 blocks"),
 ])
 def test_model_invalid_meshes_fail_at_sampling_start(tiny_models, monkeypatch, mesh, cfg, needle):
     import xdit_core.pool

@@ -3,6 +3,8 @@
 All cases run in one spawned world of 8 gloo ranks (spawning costs seconds per process here);
 smaller meshes use the first ranks.
 """
+from dataclasses import replace
+
 import pytest
 import torch
 
@@ -12,12 +14,14 @@ from xdit_core.engine import run_request
 from xdit_core.launch import spawn_world
 from xdit_core.loading import load_model
 from xdit_core.mesh import ParallelConfig
+from xdit_core.stages import balance_stages, module_bytes
 from xdit_core.models import make_adapter
 from xdit_core.request import build_request, empty_latent
 from xdit_core.tiny import write_tiny
 
 import parallel_world
 
+PATHS = {}  # family -> tiny model folder of the shared world
 TOL = 1e-4  # max|parallel - serial| / max|serial|
 STEPS, CFG = 2, 4.0
 CONFIGS = {
@@ -35,13 +39,26 @@ CONFIGS = {
 SIZES = {"even": (64, 64, 32), "uneven": (48, 80, 30)}
 UNEVEN_CONFIGS = ("u2", "u4", "r2", "u2r2", "r4_allgather")
 FAMILIES = ("flux", "sd3", "pixart")
+# PipeFusion: exact when every step is a warmup step; approximate (stale K/V) once patches pipeline.
+PF_CONFIGS = {
+    "pf2": ParallelConfig(pipefusion_parallel_degree=2),
+    "pf4": ParallelConfig(pipefusion_parallel_degree=4),
+    "pf2_u2": ParallelConfig(pipefusion_parallel_degree=2, ulysses_degree=2),
+    "cfg_pf2_u2": ParallelConfig(pipefusion_parallel_degree=2, ulysses_degree=2, use_cfg_parallel=True),
+    "pf2_m4": ParallelConfig(pipefusion_parallel_degree=2, num_pipeline_patch=4),
+}
+PF_EXACT = ("pf2", "pf4", "pf2_u2", "cfg_pf2_u2")
+PF_PIPELINED = ("pf2", "pf2_m4", "pf2_u2")
+PF_STEPS = 4
+PF_SHARP_STD = 0.1
+PF_BOUND = 0.25  # max|d|/max|ref| after 1 warmup step of 4; measured values are printed
 
 
-def make_request(spec, height, width, text_len):
+def make_request(spec, height, width, text_len, steps=STEPS):
     pos, neg = random_cond(spec, 1, 0, True)
     for c in (pos, neg):
         c.text = c.text[:, :text_len]
-    return build_request(spec, empty_latent(spec, 1, height, width), seed=0, steps=STEPS, cfg=CFG,
+    return build_request(spec, empty_latent(spec, 1, height, width), seed=0, steps=steps, cfg=CFG,
                          sampler="euler", scheduler="simple", denoise=1.0, positive=pos, negative=neg)
 
 
@@ -50,6 +67,7 @@ def world(tmp_path_factory):
     root = tmp_path_factory.mktemp("par")
     paths = {f: write_tiny(f, root / f, seed=2) for f in FAMILIES}
     paths["sd3_deep"] = write_tiny("sd3", root / "sd3_deep", seed=2, layers=8)
+    PATHS.update(paths)
     cases, refs, shapes = [], {}, {}
     for key, path in paths.items():
         model, spec = load_model(path)
@@ -65,8 +83,26 @@ def world(tmp_path_factory):
             for name in names:
                 ring_impl = "allgather" if name.endswith("allgather") else "p2p"
                 cases.append((f"{key}/{size}/{name}", str(path), CONFIGS[name], ring_impl, request))
-    results = spawn_world(parallel_world.run_cases, 8, cases, threads=1)[0]
-    return results, refs, shapes
+    # Staleness only shows when tokens interact strongly: the pipelined cases use models initialised with
+    # a larger weight scale (same shapes).
+    sharp = {key: write_tiny(key.split("_")[0], root / f"{key}_sharp", seed=2, weight_std=PF_SHARP_STD,
+                             layers=8 if key == "sd3_deep" else None) for key in FAMILIES + ("sd3_deep",)}
+    h, w, text_len = SIZES["even"]
+    for key in FAMILIES:
+        spec = load_model(paths[key])[1]
+        for name in PF_EXACT:
+            cfg = replace(PF_CONFIGS[name], warmup_steps=STEPS)
+            cases.append((f"{key}/even/{name}", str(paths[key]), cfg, "p2p", make_request(spec, h, w, text_len)))
+    for key, path in sharp.items():
+        model, spec = load_model(path)
+        request = make_request(spec, h, w, text_len, PF_STEPS)
+        refs[(key, "pipelined")] = run_request(make_adapter(model, spec), request)
+        shapes[(key, "pipelined")] = (spec, model.config)
+        for name in (PF_PIPELINED if key in FAMILIES else ("pf2",)):
+            cfg = replace(PF_CONFIGS[name], warmup_steps=1)
+            cases.append((f"{key}/pipelined/{name}", str(path), cfg, "p2p", request))
+    per_rank = spawn_world(parallel_world.run_cases, 8, cases, threads=1, timeout_s=600)
+    return per_rank[0], refs, shapes, per_rank
 
 
 PARITY = [(f, s, c) for f in FAMILIES for s in SIZES for c in (CONFIGS if s == "even" else UNEVEN_CONFIGS)]
@@ -74,7 +110,7 @@ PARITY = [(f, s, c) for f in FAMILIES for s in SIZES for c in (CONFIGS if s == "
 
 @pytest.mark.parametrize("family,size,config", PARITY)
 def test_parallel_equals_serial(world, family, size, config):
-    results, refs, _ = world
+    results, refs, _, _ = world
     out, ref = results[f"{family}/{size}/{config}"]["out"], refs[(family, size)]
     err = float((out - ref).abs().max() / ref.abs().max())
     print(f"parity {family:6s} {size:6s} {config:8s} max|d|/max|ref| = {err:.2e}")
@@ -113,13 +149,13 @@ def _expected_bytes(family, size, name, spec, config):
     if par.use_cfg_parallel:
         channels = spec.latent_channels
         e["cfg_gather"] = channels * (h // 8) * (w // 8) * 4
-    return e
+    return e  # "control" stays 0: only PipeFusion exchanges a schedule check
 
 
 @pytest.mark.parametrize("family,size,config", [(f, s, c) for f, s, c in PARITY if c != "cfg_u2r2"] +
                          [("sd3_deep", "even", "u2"), ("sd3_deep", "even", "r2")])
 def test_counters_equal_analytic_bytes(world, family, size, config):
-    results, _, shapes = world
+    results, _, shapes, _ = world
     spec, model_config = shapes[(family, size)]
     res = results[f"{family}/{size}/{config}"]
     expected = _expected_bytes(family.split("_")[0], size, config, spec, model_config)
@@ -131,7 +167,7 @@ def test_counters_equal_analytic_bytes(world, family, size, config):
 
 @pytest.mark.parametrize("config,kind", [("u2", "ulysses_all_to_all"), ("r2", "ring_p2p")])
 def test_counters_grow_linearly_with_depth(world, config, kind):
-    results, _, shapes = world
+    results, _, shapes, _ = world
     shallow = results[f"sd3/even/{config}"]["total"][kind]
     deep = results[f"sd3_deep/even/{config}"]["total"][kind]
     layers = shapes[("sd3", "even")][1].num_layers, shapes[("sd3_deep", "even")][1].num_layers
@@ -159,3 +195,92 @@ def test_cli_local_backend_equals_serial_cli(tiny_models, tmp_path, flags):
     assert report["world_size"] == 2 and len(report["per_rank"]) == 2
     kind = "ulysses_all_to_all" if "--ulysses_degree" in flags else "cfg_gather"
     assert all(r["comm_bytes"][kind] > 0 for r in report["per_rank"])
+
+
+@pytest.mark.parametrize("family,config", [(f, c) for f in FAMILIES for c in PF_EXACT])
+def test_pipefusion_with_all_warmup_steps_equals_serial(world, family, config):
+    results, refs, _, _ = world
+    out, ref = results[f"{family}/even/{config}"]["out"], refs[(family, "even")]
+    err = float((out - ref).abs().max() / ref.abs().max())
+    print(f"pipefusion exact {family:6s} {config:10s} max|d|/max|ref| = {err:.2e}")
+    assert err <= TOL
+
+
+@pytest.mark.parametrize("family,config", [(f, c) for f in FAMILIES for c in PF_PIPELINED])
+def test_pipefusion_stale_kv_is_real_and_bounded(world, family, config):
+    results, refs, _, _ = world
+    res = results[f"{family}/pipelined/{config}"]
+    out, ref = res["out"], refs[(family, "pipelined")]
+    err = float((out - ref).abs().max() / ref.abs().max())
+    print(f"pipefusion warmup 1/{PF_STEPS} {family:6s} {config:8s} M={res['effective_patches']} "
+          f"max|d|/max|ref| = {err:.2e}")
+    assert 1e-6 < err < PF_BOUND
+    assert res["effective_patches"] == (4 if config == "pf2_m4" else 2)
+
+
+def _stage_bytes(path, stages):
+    model, _ = load_model(path)
+    adapter = make_adapter(model, load_model(path)[1])
+    blocks = [b for b, _ in adapter.blocks()]
+    ranges = balance_stages([module_bytes(b) for b in blocks], stages)
+    block_ids = {id(p) for b in blocks for p in b.parameters()}
+    shared = sum(p.numel() * p.element_size() for p in model.parameters() if id(p) not in block_ids)
+    return [shared + sum(module_bytes(blocks[i]) for i in r) for r in ranges]
+
+
+@pytest.mark.parametrize("family,config,stages", [(f, "pf2", 2) for f in FAMILIES] + [("flux", "pf4", 4)])
+def test_pipefusion_rank_holds_exactly_its_stage(world, tiny_models, family, config, stages):
+    _, _, _, per_rank = world
+    expected = _stage_bytes(tiny_models_path(world, family), stages)
+    name = f"{family}/even/{config}"
+    for rank_results in per_rank:
+        if name in rank_results:
+            r = rank_results[name]
+            assert r["param_bytes"] == expected[r["coords"]["pipefusion"]]
+
+
+def tiny_models_path(world, family):
+    return PATHS[family]
+
+
+@pytest.mark.parametrize("family", FAMILIES + ("sd3_deep",))
+def test_pipefusion_p2p_bytes_per_step_equal_the_patch_hand_off(world, family):
+    results, _, shapes, per_rank = world
+    spec, config = shapes[(family, "pipelined")]
+    h, w, n_txt = SIZES["even"]
+    n_img = (h // 16) * (w // 16)
+    hidden = config.num_attention_heads * config.attention_head_dim
+    joint_txt = 0 if family == "pixart" else n_txt
+    patches = 2
+    # Stage 0 sends, per branch and unit, the unit's hidden states plus the text copy that rides along:
+    # the warmup step sends the whole image as one unit, the pipelined steps one unit per patch.
+    warmup = 2 * (n_img + joint_txt) * hidden * 4
+    pipelined = 2 * (n_img + patches * joint_txt) * hidden * 4
+    res = results[f"{family}/pipelined/pf2"]
+    assert [s["pipefusion_p2p"] for s in res["per_step"]] == [warmup] + [pipelined] * (PF_STEPS - 1)
+    # The last stage sends the next input of every patch back to stage 0 (not after the last step).
+    last = next(r[f"{family}/pipelined/pf2"] for r in per_rank[1:] if f"{family}/pipelined/pf2" in r
+                and r[f"{family}/pipelined/pf2"]["coords"]["pipefusion"] == 1)
+    latent = spec.latent_channels * (h // 8) * (w // 8) * 4
+    assert [s["pipefusion_p2p"] for s in last["per_step"]] == [latent] * (PF_STEPS - 1) + [0]
+
+
+def test_pipefusion_p2p_bytes_do_not_grow_with_depth(world):
+    results, _, shapes, _ = world
+    shallow, deep = results["sd3/pipelined/pf2"], results["sd3_deep/pipelined/pf2"]
+    assert shapes[("sd3_deep", "pipelined")][1].num_layers == 2 * shapes[("sd3", "pipelined")][1].num_layers
+    assert shallow["per_step"] == deep["per_step"]
+
+
+def test_pipefusion_stage_mismatch_fails_instead_of_hanging(tiny_models):
+    """Stage 1 gets a request with more steps than stage 0: both stop with an error, quickly."""
+    import time
+
+    from xdit_core.errors import XDiTWorkerError
+
+    model, spec = load_model(tiny_models["sd3"])
+    requests = [make_request(spec, 64, 64, 32, steps) for steps in (2, 3)]
+    t0 = time.perf_counter()
+    with pytest.raises(XDiTWorkerError, match="PipeFusion stages disagree"):
+        spawn_world(parallel_world.run_mismatched, 2, (str(tiny_models["sd3"]), requests), threads=1, timeout_s=120)
+    assert time.perf_counter() - t0 < 120

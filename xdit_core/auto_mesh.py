@@ -1,5 +1,5 @@
 """The `auto` mesh: xDiT's published advice turned into a rule (Ulysses within a node for Flux and
-whenever there is no negative branch; CFG parallel first for SD3 and PixArt, then sequence parallel)."""
+whenever there is no negative branch; CFG parallel x PipeFusion for SD3 and PixArt)."""
 from __future__ import annotations
 
 import math
@@ -13,16 +13,18 @@ def _split_sp(ranks: int, heads: int) -> tuple[int, int]:
     return ulysses, ranks // ulysses
 
 
-def choose_mesh(family: str, num_heads: int, ranks: int, cfg: float) -> tuple[ParallelConfig, str]:
+def choose_mesh(family: str, num_heads: int, ranks: int, cfg: float,
+                num_blocks: int = 0) -> tuple[ParallelConfig, str]:
     """A mesh for `ranks` workers and the reason, in one line."""
     if ranks <= 1:
         return ParallelConfig(), "1 rank: serial"
     negative = not math.isclose(cfg, 1.0)
     if family != "flux" and negative and ranks % 2 == 0:
-        u, r = _split_sp(ranks // 2, num_heads)
-        return (ParallelConfig(ulysses_degree=u, ring_degree=r, use_cfg_parallel=True),
-                f"{family} with cfg {cfg:g}: CFG parallel 2 x Ulysses {u} x Ring {r} (xDiT advises cfg x PipeFusion; "
-                "PipeFusion is not in this version, so the rest is sequence parallel)")
+        stages = ranks // 2
+        if stages == 1 or stages <= num_blocks:
+            return (ParallelConfig(pipefusion_parallel_degree=stages, use_cfg_parallel=True),
+                    f"{family} with cfg {cfg:g}: CFG parallel 2 x PipeFusion {stages} (xDiT's advice; PipeFusion "
+                    "after 1 exact warmup step is approximate, set warmup_steps = steps for exact)")
     u, r = _split_sp(ranks, num_heads)
     why = "Flux" if family == "flux" else f"{family} at cfg 1 (no negative branch)" if not negative else family
     return (ParallelConfig(ulysses_degree=u, ring_degree=r),

@@ -14,7 +14,7 @@ import torch
 import torch.distributed as dist
 
 COMM_KINDS = ("ulysses_all_to_all", "ulysses_all_gather", "ring_p2p", "ring_all_gather", "sp_gather",
-              "cfg_gather", "pipefusion_p2p")
+              "cfg_gather", "pipefusion_p2p", "control")  # control: tiny consistency checks
 
 
 class CommCounter:

@@ -33,6 +33,7 @@ class ModelSpec:
     text_dim: int
     pooled_dim: Optional[int]  # None: the family takes no pooled projection (PixArt)
     num_heads: int
+    num_blocks: int = 0  # transformer blocks in PipeFusion's order (Flux: double then single)
 
     @property
     def latent_channels(self) -> int:
@@ -84,12 +85,13 @@ def resolve_model_spec(config: Mapping[str, Any], family: Optional[str] = None,
         raise XDiTConfigError(
             f"unknown variant {variant!r} for {family}; valid variants: {', '.join(VARIANTS[family])}")
     heads = int(config.get("num_attention_heads", 1))
+    blocks = int(config.get("num_layers", 0)) + int(config.get("num_single_layers", 0))
     if family == "flux":
         return ModelSpec("flux", variant, latent_formats.FLUX, 1.0, 3.5 if variant == "dev" else None,
                          1.15 if variant == "dev" else 1.0, int(config["joint_attention_dim"]),
-                         int(config["pooled_projection_dim"]), heads)
+                         int(config["pooled_projection_dim"]), heads, blocks)
     if family == "sd3":
         return ModelSpec("sd3", variant, latent_formats.SD3, 4.5, None, 3.0, int(config["joint_attention_dim"]),
-                         int(config["pooled_projection_dim"]), heads)
+                         int(config["pooled_projection_dim"]), heads, blocks)
     fmt = latent_formats.SDXL if variant == "sigma" else latent_formats.SD15
-    return ModelSpec("pixart", variant, fmt, 4.5, None, 1.0, int(config["caption_channels"]), None, heads)
+    return ModelSpec("pixart", variant, fmt, 4.5, None, 1.0, int(config["caption_channels"]), None, heads, blocks)

@@ -104,10 +104,11 @@ def peak_rss_bytes() -> int:
 
 
 def rank_report(rank: int, config: ParallelConfig, param_bytes: int, step_s: list[float],
-                 counter: Optional[CommCounter]) -> dict[str, Any]:
-    """One rank's entry of REPORT.json's `per_rank`."""
+                counter: Optional[CommCounter], effective_patches: int = 0) -> dict[str, Any]:
+    """One rank's entry of REPORT.json's `per_rank` (param_bytes: the parameters this rank holds)."""
     zero = {k: 0 for k in COMM_KINDS}
     return {
+        "effective_num_pipeline_patch": effective_patches,
         "rank": rank,
         "coords": {d: config.coords(rank)[d] for d in ("cfg", "pipefusion", "ring", "ulysses")},
         "param_bytes": param_bytes,
@@ -132,9 +133,9 @@ def _parallel_rank(rank: int, device: torch.device, payload: tuple) -> dict[str,
     ctx = RankContext(mesh, device, opts.attention_backend)
     step_s: list[float] = []
     out = run_request(make_adapter(model, spec), request, step_seconds=step_s, ctx=ctx)
-    param_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
+    param_bytes = sum(p.numel() * p.element_size() for p in model.parameters() if not p.is_meta)
     return {"samples": spec.latent_format.process_out(out).cpu() if rank == 0 else None, "load_s": load_s,
-            "report": rank_report(rank, opts.parallel, param_bytes, step_s, ctx.counter)}
+            "report": rank_report(rank, opts.parallel, param_bytes, step_s, ctx.counter, ctx.effective_patches)}
 
 
 def _run_from_env(opts: GenerateOptions, request: SampleRequest, spec, threads: int):
@@ -210,7 +211,8 @@ def generate(opts: GenerateOptions) -> tuple[Optional[torch.Tensor], dict[str, A
         load_s = max(r["load_s"] for r in results)
         per_rank = [r["report"] for r in results]
     report = {"config": config, "world_size": world_size, "wall_s": time.perf_counter() - t_start,
-              "load_s": load_s, "per_rank": per_rank}
+              "load_s": load_s, "effective_num_pipeline_patch": per_rank[0].get("effective_num_pipeline_patch", 0),
+              "per_rank": per_rank}
     return samples, report
 
 
@@ -230,9 +232,6 @@ def prepare(opts: GenerateOptions) -> tuple[SampleRequest, Any, float]:
         raise XDiTConfigError(f"threads must be at least 1, got {opts.threads}")
     shift = _parse_shift(opts.shift)
     validate_parallel_config(opts.parallel)
-    if opts.pipefusion_parallel_degree > 1:
-        raise XDiTConfigError("pipefusion_parallel_degree > 1 (PipeFusion) is not in this version yet; "
-                              "use ulysses_degree, ring_degree and use_cfg_parallel")
     spec = resolve_model_spec(read_model_config(opts.model), opts.family, opts.variant)
 
     batch_index = None
@@ -251,7 +250,8 @@ def prepare(opts: GenerateOptions) -> tuple[SampleRequest, Any, float]:
         latent = empty_latent(spec, opts.batch, opts.height, opts.width)
     batch = latent.shape[0]
     cfg = spec.default_cfg if opts.cfg is None else opts.cfg
-    validate_parallel_config(opts.parallel, num_heads=spec.num_heads, cfg=cfg)
+    validate_parallel_config(opts.parallel, num_heads=spec.num_heads, cfg=cfg, num_blocks=spec.num_blocks,
+                             steps=opts.steps, latent_height=latent.shape[2])
     with_negative = not math.isclose(cfg, 1.0)
     if opts.cond is not None:
         positive, negative = load_cond_file(opts.cond, spec, batch, with_negative)

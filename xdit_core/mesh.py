@@ -82,7 +82,9 @@ def _divisors(n: int) -> list[int]:
 
 
 def validate_parallel_config(config: ParallelConfig, *, world_size: Optional[int] = None,
-                             num_heads: Optional[int] = None, cfg: Optional[float] = None) -> None:
+                             num_heads: Optional[int] = None, cfg: Optional[float] = None,
+                             num_blocks: Optional[int] = None, steps: Optional[int] = None,
+                             latent_height: Optional[int] = None) -> None:
     """Raise XDiTConfigError for an impossible mesh, saying what would be valid. No process is started."""
     for name, value in (("ulysses_degree", config.ulysses_degree), ("ring_degree", config.ring_degree),
                         ("pipefusion_parallel_degree", config.pipefusion_parallel_degree)):
@@ -101,6 +103,20 @@ def validate_parallel_config(config: ParallelConfig, *, world_size: Optional[int
         raise XDiTConfigError(
             f"ulysses_degree {config.ulysses_degree} does not divide the model's {num_heads} attention heads; "
             f"valid ulysses degrees: {valid} (use ring_degree for the rest)")
+    if config.pipefusion_parallel_degree > 1:
+        if config.ring_degree > 1:
+            raise XDiTConfigError("pipefusion_parallel_degree > 1 combines with ulysses_degree and use_cfg_parallel "
+                                  "in this version, not with ring_degree; set ring_degree to 1")
+        if num_blocks is not None and config.pipefusion_parallel_degree > num_blocks:
+            raise XDiTConfigError(f"pipefusion_parallel_degree {config.pipefusion_parallel_degree} is larger than "
+                                  f"the model's {num_blocks} blocks; use at most {num_blocks} stages")
+        if steps is not None and config.warmup_steps > steps:
+            raise XDiTConfigError(f"warmup_steps {config.warmup_steps} is more than the {steps} steps; "
+                                  f"use 0 to {steps} ({steps} = no pipelined step, exact)")
+        patch_rows = None if latent_height is None else latent_height // 2
+        if patch_rows is not None and config.num_pipeline_patch and config.num_pipeline_patch > patch_rows:
+            raise XDiTConfigError(f"num_pipeline_patch {config.num_pipeline_patch} is more than this latent's "
+                                  f"{patch_rows} patch rows ({latent_height * 8} px high); use at most {patch_rows}")
     if cfg is not None and config.use_cfg_parallel and math.isclose(cfg, 1.0):
         raise XDiTConfigError(
             "use_cfg_parallel needs cfg != 1: at cfg 1.0 ComfyUI evaluates no negative branch, so the second "

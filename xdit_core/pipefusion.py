@@ -13,6 +13,7 @@ are decided there (the pool broadcasts rank 0's decision), so all ranks stop at 
 """
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass, field
 from typing import Callable, Optional
 
@@ -30,6 +31,7 @@ from .sampling import AncestralNoise, ModelSampling, Sampler
 from .sequence_parallel import shard_padded
 from .stages import balance_stages, module_bytes, patch_rows
 
+log = logging.getLogger("xdit")
 _SDPA_ARGS = ("query", "key", "value", "attn_mask", "dropout_p", "is_causal", "scale", "enable_gqa")
 
 
@@ -206,6 +208,9 @@ class PipeFusionRunner:
         per_row = w // 2  # every family here patches the latent 2x2
         rows = patch_rows(h, config.num_pipeline_patch or self.P, 2)
         self.effective_patches = len(rows)
+        if config.num_pipeline_patch and len(rows) != config.num_pipeline_patch:
+            log.warning("num_pipeline_patch %d does not fit %d latent rows; using %d patches",
+                        config.num_pipeline_patch, h, len(rows))
         n_img = (h // 2) * per_row
         units_pipe = [(r, torch.arange(r[0] // 2 * per_row, r[1] // 2 * per_row)) for r in rows]
         unit_full = ((0, h), torch.arange(n_img))
@@ -221,6 +226,7 @@ class PipeFusionRunner:
             drivers.append(PatchDriver(sampler, x[:, :, r0:r1], sigmas))
         for d in drivers:
             d.start()
+        self._check_schedule(rounds, rows, x, request)
         x_eval = x.clone()  # stage 0's latest input for every patch
         attention = PipeFusionAttention(a.attention_kinds(), a.JOINT_ORDER, self.groups, n_img)
         sends: list = []
@@ -252,6 +258,17 @@ class PipeFusionRunner:
                 work.wait()
             attention.remove()
         return self._final(drivers, x)
+
+    def _check_schedule(self, rounds, rows, x, request: SampleRequest) -> None:
+        """All stages must run the same schedule, or their hand-offs would wait forever: compare first."""
+        sig = torch.tensor([len(rounds), len(rows), float(sum(float(s) for _, s, _ in rounds)), x.numel(),
+                            request.positive.text.shape[1], 0 if request.negative is None else 1],
+                           dtype=torch.float64, device=x.device)
+        seen = self.pp.all_gather(sig, "control").cpu()
+        if not all(torch.equal(seen[0], row) for row in seen):
+            raise XDiTWorkerError(
+                "PipeFusion stages disagree on the schedule (evaluations, patches, sigma sum, latent size, text "
+                f"length, branches): {[[round(v, 4) for v in row.tolist()] for row in seen]}")
 
     def _branches(self, request: SampleRequest):
         """(branch id, conditioning) this rank's pipeline evaluates: 0 = negative, 1 = positive."""

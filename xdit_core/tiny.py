@@ -80,8 +80,11 @@ def model_class(family: str):
             "pixart": diffusers.PixArtTransformer2DModel}[family]
 
 
-def build_tiny(family: str, seed: int = 0, **kwargs: Any) -> torch.nn.Module:
-    """A random-weight model, deterministic for `seed` (weights ~ N(0, 0.02), biases small)."""
+def build_tiny(family: str, seed: int = 0, weight_std: float = 0.02, **kwargs: Any) -> torch.nn.Module:
+    """A random-weight model, deterministic for `seed` (weights ~ N(0, weight_std), biases small).
+
+    A larger `weight_std` makes tokens interact more strongly through attention (tests of PipeFusion's
+    staleness use it); 0.02 is the usual transformer initialisation."""
     model = model_class(family)(**tiny_config(family, **kwargs))
     gen = torch.Generator().manual_seed(seed)
     with torch.no_grad():
@@ -92,12 +95,12 @@ def build_tiny(family: str, seed: int = 0, **kwargs: Any) -> torch.nn.Module:
             if param.dim() == 1:
                 param.copy_(noise * 0.01 + (1.0 if name.endswith(".weight") else 0.0))
             else:
-                param.copy_(noise * 0.02)
+                param.copy_(noise * weight_std)
     return model.eval()
 
 
-def write_tiny(family: str, out: str | Path, seed: int = 0, **kwargs: Any) -> Path:
+def write_tiny(family: str, out: str | Path, seed: int = 0, weight_std: float = 0.02, **kwargs: Any) -> Path:
     """Build and `save_pretrained` a random-weight model into `out`; returns the folder."""
     out = Path(out)
-    build_tiny(family, seed=seed, **kwargs).save_pretrained(out, safe_serialization=True)
+    build_tiny(family, seed=seed, weight_std=weight_std, **kwargs).save_pretrained(out, safe_serialization=True)
     return out

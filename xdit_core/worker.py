@@ -101,7 +101,8 @@ class RankWorker:
             self._running = False
         param_bytes = sum(p.numel() * p.element_size() for p in self.adapter.model.parameters()
                           if not p.is_meta)
-        report = rank_report(self.rank, self.ctx.mesh.config, param_bytes, step_s, self.ctx.counter)
+        report = rank_report(self.rank, self.ctx.mesh.config, param_bytes, step_s, self.ctx.counter,
+                             self.ctx.effective_patches)
         return {"samples": out.cpu() if self.rank == 0 else None, "report": report, "rank": self.rank}
 
     def progress(self, job: str) -> list[tuple[int, int]]:
