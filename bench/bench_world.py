@@ -12,24 +12,31 @@ from xdit_core.rank_context import RankContext
 
 
 def run(rank: int, device: torch.device, payload) -> dict:
-    """For each repeat and config (ParallelConfig, ring_impl): member ranks run it, the others wait."""
+    """For each repeat and config (ParallelConfig, ring_impl): member ranks run it, the others wait.
+
+    Returns {config: {"times": [s], "bytes_per_step": rank's mean bytes sent per step}}.
+    """
     path, request, configs, repeats = payload
-    model, spec = load_model(path)
-    adapter = make_adapter(model, spec)
     meshes = {name: Mesh(cfg, list(range(cfg.world_size))) for name, (cfg, _) in configs.items()}
-    times: dict[str, list[float]] = {name: [] for name in configs}
-    run_request(adapter, request)  # warm-up: first-call allocations and kernel selection
+    shared = make_adapter(*load_model(path))
+    # PipeFusion frees the blocks of other stages, so each PipeFusion config gets its own copy.
+    adapters = {name: make_adapter(*load_model(path)) if cfg.pipefusion_parallel_degree > 1 else shared
+                for name, (cfg, _) in configs.items() if meshes[name].is_member}
+    out = {name: {"times": [], "bytes_per_step": 0.0} for name in configs}
+    run_request(shared, request)  # warm-up: first-call allocations and kernel selection
     for rep in range(repeats):
         order = list(configs) if rep % 2 == 0 else list(reversed(configs))  # balance drift
         for name in order:
             dist.barrier()
             mesh = meshes[name]
             if mesh.is_member:
-                steps: list[float] = []
                 cfg, ring_impl = configs[name]
                 ctx = RankContext(mesh, device, ring_impl=ring_impl) if cfg.world_size > 1 else None
                 t0 = time.perf_counter()
-                run_request(adapter, request, step_seconds=steps, ctx=ctx)
-                times[name].append(time.perf_counter() - t0)
+                run_request(adapters[name], request, ctx=ctx)
+                out[name]["times"].append(time.perf_counter() - t0)
+                if ctx is not None:
+                    steps = ctx.counter.per_step
+                    out[name]["bytes_per_step"] = sum(sum(s.values()) for s in steps) / len(steps)
             dist.barrier()
-    return times
+    return out

@@ -1,6 +1,8 @@
-"""CPU scaling: serial (1 thread) vs 2-rank Ulysses and Ring (1 thread each), measured in one run.
+"""CPU scaling: serial (1 thread) vs 2-rank Ulysses, Ring and PipeFusion (1 thread each), in one run.
 
 Ring runs twice: K/V hand-offs point to point (overlapped with compute) and one all-gather.
+PipeFusion runs with 1 warmup step (approximate after it). PipeFusion 2 x Ulysses 2 uses 4 ranks on
+this 2-core machine, so its efficiency is over 4 ranks sharing 2 cores.
 
     python bench/cpu_scaling.py [--family flux] [--size 256] [--steps 3] [--repeats 5]
 
@@ -46,8 +48,13 @@ def main() -> None:
                                 negative=None)
         configs = {"serial": (ParallelConfig(), "p2p"), "ulysses 2": (ParallelConfig(ulysses_degree=2), "p2p"),
                    "ring 2 p2p": (ParallelConfig(ring_degree=2), "p2p"),
-                   "ring 2 allgather": (ParallelConfig(ring_degree=2), "allgather")}
-        times = spawn_world(bench_world.run, 2, (str(path), request, configs, args.repeats), threads=1)[0]
+                   "ring 2 allgather": (ParallelConfig(ring_degree=2), "allgather"),
+                   "pipefusion 2": (ParallelConfig(pipefusion_parallel_degree=2, warmup_steps=1), "p2p"),
+                   "pipefusion 2 x uly 2": (ParallelConfig(pipefusion_parallel_degree=2, ulysses_degree=2,
+                                                           warmup_steps=1), "p2p")}
+        world = max(cfg.world_size for cfg, _ in configs.values())
+        measured = spawn_world(bench_world.run, world, (str(path), request, configs, args.repeats), threads=1)[0]
+        times = {name: m["times"] for name, m in measured.items()}
 
     base = statistics.median(times["serial"])
     rows = []
@@ -56,14 +63,16 @@ def main() -> None:
         speedup = base / med
         ranks = configs[name][0].world_size
         rows.append({"config": name, "ranks": ranks, "median_s": med, "min_s": min(ts), "max_s": max(ts),
-                     "speedup": speedup, "efficiency": speedup / ranks, "runs": ts})
+                     "speedup": speedup, "efficiency": speedup / ranks, "runs": ts,
+                     "kb_per_step_rank0": measured[name]["bytes_per_step"] / 1e3})
     tokens = (args.size // 16) ** 2
     print(f"CPU scaling: {args.family} medium, {args.size}x{args.size} ({tokens} image tokens + 32 text), "
           f"{args.steps} euler steps, 1 thread per rank, {args.repeats} repeats")
-    print(f"{'config':<17} {'ranks':>5} {'median s':>9} {'spread s':>15} {'speedup':>8} {'efficiency':>10}")
+    print(f"{'config':<21} {'ranks':>5} {'median s':>9} {'spread s':>15} {'speedup':>8} {'efficiency':>10} "
+          f"{'kB/step (rank 0)':>17}")
     for r in rows:
-        print(f"{r['config']:<17} {r['ranks']:>5} {r['median_s']:>9.3f} {r['min_s']:>7.3f}-{r['max_s']:<7.3f} "
-              f"{r['speedup']:>8.2f} {r['efficiency']:>10.2f}")
+        print(f"{r['config']:<21} {r['ranks']:>5} {r['median_s']:>9.3f} {r['min_s']:>7.3f}-{r['max_s']:<7.3f} "
+              f"{r['speedup']:>8.2f} {r['efficiency']:>10.2f} {r['kb_per_step_rank0']:>17.0f}")
     out = ROOT / "bench" / "results"
     out.mkdir(parents=True, exist_ok=True)
     (out / "cpu_scaling.json").write_text(json.dumps({"args": vars(args), "rows": rows}, indent=2))
