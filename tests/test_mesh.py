@@ -50,7 +50,6 @@ def test_validation_errors(config, kwargs, needle):
     (["--pipefusion_parallel_degree", "2", "--warmup_steps", "3"], "warmup_steps 3 is more than the 2 steps"),
     (["--pipefusion_parallel_degree", "2", "--num_pipeline_patch", "5"],
      "num_pipeline_patch 5 is more than this latent's 4 patch rows (64 px high); use at most 4"),
-    (["--pipefusion_parallel_degree", "2", "--ring_degree", "2"], "not with ring_degree; set ring_degree to 1"),
     (["--ulysses_degree", "2", "--attention_backend", "xformers"], "unknown attention backend 'xformers'"),
 ])
 def test_cli_rejects_bad_mesh_before_starting_processes(tiny_models, capsys, monkeypatch, flags, needle):

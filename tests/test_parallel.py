@@ -44,11 +44,12 @@ PF_CONFIGS = {
     "pf2": ParallelConfig(pipefusion_parallel_degree=2),
     "pf4": ParallelConfig(pipefusion_parallel_degree=4),
     "pf2_u2": ParallelConfig(pipefusion_parallel_degree=2, ulysses_degree=2),
+    "pf2_r2": ParallelConfig(pipefusion_parallel_degree=2, ring_degree=2),
     "cfg_pf2_u2": ParallelConfig(pipefusion_parallel_degree=2, ulysses_degree=2, use_cfg_parallel=True),
     "pf2_m4": ParallelConfig(pipefusion_parallel_degree=2, num_pipeline_patch=4),
 }
-PF_EXACT = ("pf2", "pf4", "pf2_u2", "cfg_pf2_u2")
-PF_PIPELINED = ("pf2", "pf2_m4", "pf2_u2")
+PF_EXACT = ("pf2", "pf4", "pf2_u2", "pf2_r2", "cfg_pf2_u2")
+PF_PIPELINED = ("pf2", "pf2_m4", "pf2_u2", "pf2_r2")
 PF_STEPS = 4
 PF_SHARP_STD = 0.1
 PF_BOUND = 0.25  # max|d|/max|ref| after 1 warmup step of 4; measured values are printed

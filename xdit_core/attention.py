@@ -132,8 +132,9 @@ def usp_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, segments: S
                   kv_cache: Optional[Callable[[torch.Tensor, torch.Tensor], tuple]] = None) -> torch.Tensor:
     """Exact attention over the whole (unsharded) sequence for this rank's local queries. q, k, v: [B, H, S, D].
 
-    `kv_cache(ks, vs) -> (k, v)` (PipeFusion, ring degree 1) takes the split part's keys and values
-    after the all-to-all and returns the keys and values to attend over instead (a full-length buffer).
+    `kv_cache(ks, vs) -> (k, v)` (PipeFusion) takes the split part's keys and values after the all-to-all
+    and returns complete keys and values over every rank's tokens (a full-length buffer, which it keeps
+    up to date across the ring group itself); they are then attended as one block, without a ring pass.
     """
     b, heads, _, d = q.shape
     scale = 1.0 / math.sqrt(d) if scale is None else scale
@@ -160,9 +161,8 @@ def usp_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, segments: S
     else:
         query = qs
 
-    if kv_cache is not None:
-        ks, vs = kv_cache(ks, vs)
-    blocks_total = (ring.size if has_split else 0) + (1 if has_rep else 0)
+    split_blocks = 0 if not has_split else 1 if kv_cache is not None else ring.size
+    blocks_total = split_blocks + (1 if has_rep else 0)
 
     def attend(kb: torch.Tensor, vb: torch.Tensor, acc):
         if blocks_total == 1:  # one block: no LSE needed
@@ -173,11 +173,13 @@ def usp_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, segments: S
     acc = None
     if has_rep:
         acc = attend(kr, vr, acc)
-    if has_split:
+    if has_split and kv_cache is not None:
+        acc = attend(*kv_cache(ks, vs), acc)
+    elif has_split:
         kv = torch.stack([ks, vs])
 
         def attend_block(block: torch.Tensor, origin: int, acc):
-            keep = None if kv_cache is not None else _valid_key_index(segments, U, origin, block.device)
+            keep = _valid_key_index(segments, U, origin, block.device)
             kb, vb = (block[0], block[1]) if keep is None else (block[0].index_select(2, keep),
                                                                 block[1].index_select(2, keep))
             return attend(kb, vb, acc) if kb.shape[2] > 0 else acc

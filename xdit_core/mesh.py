@@ -104,9 +104,6 @@ def validate_parallel_config(config: ParallelConfig, *, world_size: Optional[int
             f"ulysses_degree {config.ulysses_degree} does not divide the model's {num_heads} attention heads; "
             f"valid ulysses degrees: {valid} (use ring_degree for the rest)")
     if config.pipefusion_parallel_degree > 1:
-        if config.ring_degree > 1:
-            raise XDiTConfigError("pipefusion_parallel_degree > 1 combines with ulysses_degree and use_cfg_parallel "
-                                  "in this version, not with ring_degree; set ring_degree to 1")
         if num_blocks is not None and config.pipefusion_parallel_degree > num_blocks:
             raise XDiTConfigError(f"pipefusion_parallel_degree {config.pipefusion_parallel_degree} is larger than "
                                   f"the model's {num_blocks} blocks; use at most {num_blocks} stages")

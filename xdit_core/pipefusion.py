@@ -5,8 +5,9 @@ its fresh K/V into its slice and attends over the whole buffer: fresh for the pa
 this evaluation, one evaluation stale for the rest. The first `warmup_steps` steps run synchronously on
 the whole image (exact, and they fill the buffers). Then patches go stage to stage point to point; the
 last stage runs the head, CFG and the sampler step per patch and sends the patch's next input back to
-the first stage. Ulysses may run inside each stage (the buffers then live in the post-all-to-all
-layout: this rank's heads, every image token); joint text is replicated within a stage.
+the first stage. Ulysses and Ring may run inside each stage: the buffers then live in the
+post-all-to-all layout (this rank's heads, every image token), and the ring ranks exchange only the
+current patch's fresh K/V; joint text is replicated within a stage.
 
 Stop point: every rank ends a step when it has processed that step's last patch; cancel and progress
 are decided there (the pool broadcasts rank 0's decision), so all ranks stop at the same step.
@@ -23,7 +24,7 @@ import torch.nn.functional as F
 
 from .attention import Segment, SPGroups, select_lse_kernel, usp_attention
 from .comm import Comm
-from .errors import XDiTConfigError, XDiTWorkerError
+from .errors import XDiTWorkerError
 from .models.base import ModelAdapter, Tokens
 from .rank_context import RankContext
 from .request import SampleRequest
@@ -54,8 +55,9 @@ class PipeFusionAttention(torch.overrides.TorchFunctionMode):
         self.current: Optional[tuple[int, str]] = None
         self.unit: Optional[Unit] = None
         self.segments: dict[str, list[Segment]] = {}
-        self.gathered_index: Optional[torch.Tensor] = None  # global token id of each gathered position
-        self.keep: Optional[torch.Tensor] = None  # gathered positions that are real tokens
+        # Per ring rank: the gathered positions that are real tokens, and their global token ids.
+        self.keep: list[torch.Tensor] = []
+        self.gathered_index: list[torch.Tensor] = []
         self.buffers: dict[tuple[int, int], tuple[torch.Tensor, torch.Tensor]] = {}
         self._hooks = []
         for m, kind in kinds.items():
@@ -72,18 +74,22 @@ class PipeFusionAttention(torch.overrides.TorchFunctionMode):
 
     def set_unit(self, unit: Unit, txt_len: int, has_text: bool) -> None:
         """Describe the local sequence of the unit about to run: its image shard and replicated text."""
-        uly = self.groups.ulysses
+        U, R = self.groups.ulysses.size, self.groups.ring.size
         n = len(unit.tokens)
-        loc = -(-n // uly.size)
+        loc = -(-n // (U * R))
         img = Segment(loc, True, n)
         self.segments = {"image": [img]}
         if has_text:
             txt = Segment(txt_len, False, txt_len)
             self.segments["joint"] = [img if part == "img" else txt for part in self.joint_order]
-        # After the all-to-all the split part holds the shards of every ulysses rank, in rank order.
-        pos = torch.arange(uly.size * loc)
-        self.keep = pos[pos < n]
-        self.gathered_index = unit.tokens[self.keep]
+        # After the all-to-all, ring rank r holds the shards r*U + u of every ulysses rank u, in order.
+        pos = torch.arange(U * loc)
+        self.keep, self.gathered_index = [], []
+        for r in range(R):
+            in_unit = (r * U + pos // loc) * loc + pos % loc
+            keep = pos[in_unit < n]
+            self.keep.append(keep)
+            self.gathered_index.append(unit.tokens[in_unit[keep]])
         self.unit = unit
 
     def _cache(self, key: int):
@@ -93,10 +99,14 @@ class PipeFusionAttention(torch.overrides.TorchFunctionMode):
                 shape = (ks.shape[0], ks.shape[1], self.n_img, ks.shape[3])
                 self.buffers[slot] = (ks.new_zeros(shape), vs.new_zeros(shape))
             kb, vb = self.buffers[slot]
-            idx = self.gathered_index.to(ks.device)
-            keep = self.keep.to(ks.device)
-            kb.index_copy_(2, idx, ks.index_select(2, keep))
-            vb.index_copy_(2, idx, vs.index_select(2, keep))
+            # Every ring rank keeps the whole buffer: the fresh K/V of the other ring ranks' shards arrive
+            # with one all-gather of this patch's K/V (not of the buffer).
+            fresh = self.groups.ring.all_gather(torch.stack([ks, vs]), "ring_all_gather")
+            for r in range(fresh.shape[0]):
+                idx = self.gathered_index[r].to(ks.device)
+                keep = self.keep[r].to(ks.device)
+                kb.index_copy_(2, idx, fresh[r, 0].index_select(2, keep))
+                vb.index_copy_(2, idx, fresh[r, 1].index_select(2, keep))
             return kb, vb
         return update
 
@@ -158,9 +168,6 @@ class PipeFusionRunner:
 
     def __init__(self, adapter: ModelAdapter, ctx: RankContext):
         config = ctx.mesh.config
-        if config.ring_degree > 1:
-            raise XDiTConfigError("pipefusion_parallel_degree > 1 combines with ulysses_degree and "
-                                  "use_cfg_parallel in this version, not with ring_degree; use ring_degree 1")
         self.adapter, self.ctx = adapter, ctx
         self.P = config.pipefusion_parallel_degree
         self.stage = ctx.mesh.coords["pipefusion"]
