@@ -285,3 +285,23 @@ def test_pipefusion_stage_mismatch_fails_instead_of_hanging(tiny_models):
     with pytest.raises(XDiTWorkerError, match="PipeFusion stages disagree"):
         spawn_world(parallel_world.run_mismatched, 2, (str(tiny_models["sd3"]), requests), threads=1, timeout_s=120)
     assert time.perf_counter() - t0 < 120
+
+
+def test_env_backend_under_torchrun_equals_local(tiny_models, tmp_path):
+    """`--backend env`: ranks from torchrun's environment; rank 0 writes the same latent as --backend local."""
+    import subprocess
+    import sys
+
+    from safetensors.torch import load_file
+
+    from xdit_core.cli import main
+
+    base = ["generate", "--model", str(tiny_models["sd3"]), "--height", "48", "--width", "64", "--steps", "2",
+            "--seed", "4", "--threads", "1", "--ulysses_degree", "2"]
+    assert main(base + ["--backend", "local", "--out", str(tmp_path / "local.safetensors")]) == 0
+    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "-m", "xdit_core",
+                           *base, "--backend", "env", "--out", str(tmp_path / "env.safetensors")],
+                          capture_output=True, text=True, timeout=180)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    local = load_file(str(tmp_path / "local.safetensors"))["samples"]
+    assert torch.equal(load_file(str(tmp_path / "env.safetensors"))["samples"], local)

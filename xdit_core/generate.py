@@ -108,9 +108,9 @@ def rank_report(rank: int, config: ParallelConfig, param_bytes: int, step_s: lis
     """One rank's entry of REPORT.json's `per_rank` (param_bytes: the parameters this rank holds)."""
     zero = {k: 0 for k in COMM_KINDS}
     return {
-        "effective_num_pipeline_patch": effective_patches,
         "rank": rank,
         "coords": {d: config.coords(rank)[d] for d in ("cfg", "pipefusion", "ring", "ulysses")},
+        "effective_num_pipeline_patch": effective_patches,
         "param_bytes": param_bytes,
         "peak_rss_bytes": peak_rss_bytes(),
         "step_s": step_s,
