@@ -62,8 +62,8 @@ def pool_for(tiny_models):
     return get_pool(PoolKey(str(tiny_models["flux"]), "fp32", None, None, MESH, "auto", 1))
 
 
-def make_request(tiny_models, steps):
-    _, spec = load_model(tiny_models["flux"])
+def make_request(tiny_models, steps, family="flux"):
+    _, spec = load_model(tiny_models[family])
     pos, neg = random_cond(spec, 1, 0, True)
     return build_request(spec, empty_latent(spec, 1, 64, 48), seed=1, steps=steps, cfg=2.0, sampler="euler",
                          scheduler="simple", denoise=1.0, positive=pos, negative=neg)
@@ -152,3 +152,25 @@ def test_rank_that_raises_ends_the_request_with_its_message(first_run, tiny_mode
     assert time.perf_counter() - t0 < 30
     assert "rank " in str(e.value) and "shapes cannot be multiplied" in str(e.value)
     assert torch.isfinite(pool.sample(make_request(tiny_models, 2))).all()
+
+
+def test_pipefusion_pool_cancels_at_a_common_step_and_matches_local(first_run, tiny_models, tmp_path):
+    """PipeFusion's stop point: every rank ends the step after its last patch; a cancel there drains cleanly."""
+    from safetensors.torch import load_file
+
+    mesh = ParallelConfig(pipefusion_parallel_degree=2, ulysses_degree=2, warmup_steps=1)
+    pool = get_pool(PoolKey(str(tiny_models["sd3"]), "fp32", None, None, mesh, "auto", 1))
+    with pytest.raises(XDiTCancelled):
+        seen = []
+        pool.sample(make_request(tiny_models, 100, "sd3"), on_progress=lambda i, n: seen.append(i),
+                    cancel=lambda: len(seen) >= 2)
+    steps = [len(p) for p in ray.get([w.progress.remote(pool.last_job) for w in pool.workers])]
+    assert len(set(steps)) == 1 and steps[0] < 100
+    base = ["generate", "--model", str(tiny_models["sd3"]), "--height", "64", "--width", "48", "--steps", "3",
+            "--seed", "2", "--threads", "1", "--pipefusion_parallel_degree", "2", "--ulysses_degree", "2",
+            "--warmup_steps", "1"]
+    assert main(base + ["--backend", "ray", "--out", str(tmp_path / "ray.safetensors")]) == 0
+    assert main(base + ["--backend", "local", "--out", str(tmp_path / "local.safetensors")]) == 0
+    assert torch.equal(load_file(str(tmp_path / "ray.safetensors"))["samples"],
+                       load_file(str(tmp_path / "local.safetensors"))["samples"])
+

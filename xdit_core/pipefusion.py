@@ -24,7 +24,7 @@ import torch.nn.functional as F
 
 from .attention import Segment, SPGroups, select_lse_kernel, usp_attention
 from .comm import Comm
-from .errors import XDiTWorkerError
+from .errors import XDiTCancelled, XDiTWorkerError
 from .models.base import ModelAdapter, Tokens
 from .rank_context import RankContext
 from .request import SampleRequest
@@ -195,11 +195,23 @@ class PipeFusionRunner:
         return self.stage == self.P - 1
 
     # -- point to point between stages -------------------------------------------------------
-    def _send(self, x: torch.Tensor, to_stage: int, tag: int) -> tuple:
-        """Start a send; returns (work, tensor): the tensor must live until the work completes."""
+    def _send(self, x: torch.Tensor, to_stage: int, rnd: int, tag: int) -> tuple:
+        """Start a send; returns (round, work, tensor): the tensor must live until the work completes."""
         x = x.contiguous()
         self.ctx.counter.add("pipefusion_p2p", x.numel() * x.element_size())
-        return dist.isend(x, self.pp.members[to_stage], tag=tag), x
+        return rnd, dist.isend(x, self.pp.members[to_stage], tag=tag), x
+
+    @staticmethod
+    def _wait_sends(sends: list, before_round: Optional[int] = None) -> list:
+        """Wait for the sends that belong to rounds before `before_round` (all if None); return the rest."""
+        rest = []
+        for entry in sends:
+            rnd, work, _ = entry
+            if before_round is not None and rnd >= before_round:
+                rest.append(entry)
+            else:
+                work.wait()
+        return rest
 
     def _recv(self, shape, dtype, from_stage: int, tag: int) -> torch.Tensor:
         buf = torch.empty(shape, dtype=dtype, device=self.ctx.device)
@@ -236,6 +248,10 @@ class PipeFusionRunner:
         self._check_schedule(rounds, rows, x, request)
         x_eval = x.clone()  # stage 0's latest input for every patch
         attention = PipeFusionAttention(a.attention_kinds(), a.JOINT_ORDER, self.groups, n_img)
+        # Sends in flight, as (round, work, tensor). Forward hand-offs are received within their round;
+        # the last stage's "next input" sends are received by stage 0 at the start of the next round, so
+        # a step boundary waits only for sends of earlier rounds (waiting for the current ones could
+        # deadlock against a collective that stage 0 enters first).
         sends: list = []
         try:
             for rnd, (step, sigma, step_end) in enumerate(rounds):
@@ -256,13 +272,17 @@ class PipeFusionRunner:
                         self._finish_unit(unit_rows, outs, drivers, rows, x_eval, ms, sigma, request, rnd,
                                           rnd + 1 < len(rounds), sends)
                 if step_end:
-                    for work, _ in sends:
-                        work.wait()
-                    sends = []
-                    step_done(step + 1, len(sigmas) - 1)
+                    sends = self._wait_sends(sends, before_round=rnd + 1)
+                    try:
+                        step_done(step + 1, len(sigmas) - 1)
+                    except XDiTCancelled:
+                        # Every rank stops here. Stage 0 takes the next inputs the last stage already sent.
+                        if self.first and rnd + 1 < len(rounds) and self.P > 1:
+                            for m, (r0, r1) in enumerate(rows):
+                                self._recv((b, c, r1 - r0, w), x.dtype, self.P - 1, tag=self._tag(rnd + 1, m, 99))
+                        raise
         finally:
-            for work, _ in sends:
-                work.wait()
+            self._wait_sends(sends)
             attention.remove()
         return self._final(drivers, x)
 
@@ -321,7 +341,7 @@ class PipeFusionRunner:
                 local = run(block, local)
         if not self.last:
             payload = torch.cat([local.img, local.txt], dim=1) if joint else local.img
-            sends.append(self._send(payload, self.stage + 1, self._tag(rnd, u, k)))
+            sends.append(self._send(payload, self.stage + 1, rnd, self._tag(rnd, u, k)))
             return None
         gathered = self.sp_comm.all_gather(local.img, "sp_gather")
         img = gathered.permute(1, 0, 2, 3).reshape(local.img.shape[0], -1, local.img.shape[-1])[:, :len(tokens)]
@@ -350,7 +370,7 @@ class PipeFusionRunner:
                 nxt = d.request[0]
                 x_eval[:, :, r0:r1] = nxt
                 if self.P > 1:
-                    sends.append(self._send(nxt, 0, self._tag(rnd + 1, m, 99)))
+                    sends.append(self._send(nxt, 0, rnd + 1, self._tag(rnd + 1, m, 99)))
 
     def _final(self, drivers, x) -> torch.Tensor:
         """The final latent on every rank: the last stage's patches, broadcast over the pipeline group."""

@@ -70,7 +70,8 @@ def ensure_ray(address: Optional[str], num_cpus: Optional[int] = None) -> float:
     if address:
         ray.init(address=address, runtime_env=env, logging_level=logging.WARNING, log_to_driver=False)
     else:
-        ray.init(num_cpus=num_cpus or max(os.cpu_count() or 1, 8), include_dashboard=False,
+        # address="local": always a fresh, private instance, never some other cluster found on the machine.
+        ray.init(address="local", num_cpus=num_cpus or max(os.cpu_count() or 1, 8), include_dashboard=False,
                  _node_ip_address="127.0.0.1", runtime_env=env, logging_level=logging.WARNING,
                  log_to_driver=False)
     return time.perf_counter() - t0
