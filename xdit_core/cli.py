@@ -25,7 +25,8 @@ class _Parser(argparse.ArgumentParser):
 
 def _add_generate(sub) -> None:
     p = sub.add_parser("generate", help="sample one latent from a model")
-    p.add_argument("--model", required=True, help="diffusers model folder")
+    p.add_argument("--model", required=True, help="diffusers model folder, or one .safetensors file in the original "
+                                                   "Flux/SD3/PixArt layout (bare or an all-in-one checkpoint)")
     p.add_argument("--family", help="flux | sd3 | pixart (default: from config.json's _class_name)")
     p.add_argument("--variant", help="flux: dev | schnell; pixart: alpha | sigma (default: detected)")
     p.add_argument("--height", type=int, help="pixels, a multiple of 16 (default: from --latent)")

@@ -119,6 +119,18 @@ def rank_report(rank: int, config: ParallelConfig, param_bytes: int, step_s: lis
     }
 
 
+def pipefusion_parts(model: str, family: Optional[str], variant: Optional[str], parallel: ParallelConfig,
+                     rank: int):
+    """The ModelParts a rank loads under PipeFusion (its stage's share), or None to load everything."""
+    if parallel.pipefusion_parallel_degree == 1:
+        return None
+    from .stages import stage_parts
+
+    config = read_model_config(model)
+    return stage_parts(config, resolve_model_spec(config, family, variant), parallel.pipefusion_parallel_degree,
+                       parallel.coords(rank)["pipefusion"])
+
+
 def _parallel_rank(rank: int, device: torch.device, payload: tuple) -> dict[str, Any]:
     """One rank of a `generate` run on the local backend (runs in a spawned process)."""
     from .mesh import Mesh
@@ -126,8 +138,8 @@ def _parallel_rank(rank: int, device: torch.device, payload: tuple) -> dict[str,
 
     opts, request = payload
     t0 = time.perf_counter()
-    model, spec = load_model(opts.model, opts.dtype, opts.family, opts.variant)
-    model.to(device)
+    model, spec = load_model(opts.model, opts.dtype, opts.family, opts.variant, device=device,
+                             parts=pipefusion_parts(opts.model, opts.family, opts.variant, opts.parallel, rank))
     load_s = time.perf_counter() - t0
     mesh = Mesh(opts.parallel)
     ctx = RankContext(mesh, device, opts.attention_backend)

@@ -1,67 +1,249 @@
-"""Load a diffusers transformer offline, safetensors only."""
+"""Load a diffusion transformer offline: a diffusers folder or a single original-layout safetensors file
+(bare or inside an all-in-one checkpoint), whole or only the parts one rank needs.
+
+The model is built on the meta device and only the selected modules are materialised, tensor by tensor
+from the file; the rest stay on meta. Nothing is ever fetched from a hub.
+"""
 from __future__ import annotations
 
 import json
-import os
+import math
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Optional
+from typing import Any, Callable, Optional
 
 import torch
 
-from .errors import XDiTModelError
-from .families import CLASS_NAMES, ModelSpec, resolve_model_spec
+from .errors import XDiTConfigError, XDiTModelError
+from .families import ModelSpec, resolve_model_spec
+from .key_mapping import IGNORED_ORIGINAL, Rule, identity_rules, layout_rules, original_shape, split
+from .model_files import (PICKLE_SUFFIXES, SAFETENSORS_SUFFIXES, LoadStats, WeightFiles, folder_weight_files,
+                          open_safetensors, refuse_pickle)
+from .original_layout import config_from_shapes, detect_layout, unknown_layout_message
+from .tiny import model_class
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
-PICKLE_SUFFIXES = (".bin", ".ckpt", ".pt", ".pth", ".pkl")
+# The diffusers modules of each family by role. Block lists are in the adapters' flat order; whatever
+# is neither a block, the input embedder nor the head is conditioning (time/text/guidance embedders),
+# which every rank loads.
+BLOCK_LISTS = {"flux": ("transformer_blocks", "single_transformer_blocks"), "sd3": ("transformer_blocks",),
+               "pixart": ("transformer_blocks",)}
+EMBED_MODULES = {"flux": ("x_embedder",), "sd3": ("pos_embed",), "pixart": ("pos_embed",)}
+HEAD_MODULES = {"flux": ("norm_out", "proj_out"), "sd3": ("norm_out", "proj_out"),
+                "pixart": ("norm_out", "proj_out", "scale_shift_table")}
+
+__all__ = ["DTYPES", "LoadStats", "ModelParts", "block_prefixes", "load_model", "read_model_config"]
 
 
-def _refuse_pickle(path: Path) -> XDiTModelError:
-    return XDiTModelError(
-        f"{path} is a pickle checkpoint; only safetensors are loaded (pickle can run code). Convert it once: "
-        "python -c \"import torch, safetensors.torch as st; "
-        f"st.save_file(torch.load('{path}', weights_only=True), '{path.with_suffix('.safetensors')}')\"")
+@dataclass(frozen=True)
+class ModelParts:
+    """The modules one rank materialises: blocks by flat index (the adapter's order), and whether the
+    input embedder and the output head come too. Conditioning embedders are always loaded."""
+
+    blocks: frozenset[int]  # any iterable of ints is accepted (a range, a list)
+    embed: bool = True
+    head: bool = True
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "blocks", frozenset(int(i) for i in self.blocks))
 
 
-def read_model_config(path: str | Path) -> dict:
-    """The config.json of a diffusers model folder, after checking the folder holds safetensors weights."""
+@dataclass
+class _Source:
+    config: dict[str, Any]
+    files: WeightFiles
+    layout: Optional[str]  # family of an original-layout file; None for diffusers tensor names
+
+
+def _existing(path: str | Path) -> Path:
     path = Path(path)
     if not path.exists():
         raise XDiTModelError(f"model path not found: {path}")
-    if path.is_file():
-        if path.suffix in PICKLE_SUFFIXES:
-            raise _refuse_pickle(path)
-        raise XDiTModelError(
-            f"{path} is a single file; this version loads diffusers model folders (config.json + safetensors)")
-    config_file = path / "config.json"
+    return path
+
+
+def _model_folder(path: Path) -> Path:
+    # A whole diffusers pipeline (as downloaded from a hub) keeps its transformer in a subfolder.
+    if not (path / "config.json").is_file() and (path / "model_index.json").is_file() \
+            and (path / "transformer" / "config.json").is_file():
+        return path / "transformer"
+    return path
+
+
+def _read_folder_config(folder: Path) -> dict[str, Any]:
+    config_file = folder / "config.json"
     if not config_file.is_file():
-        raise XDiTModelError(f"{path} has no config.json; expected a diffusers model folder "
-                             f"(save_pretrained layout of one of {', '.join(CLASS_NAMES)})")
-    if not any(path.glob("*.safetensors")):
-        pickles = [p for p in path.iterdir() if p.suffix in PICKLE_SUFFIXES]
-        if pickles:
-            raise _refuse_pickle(pickles[0])
-        raise XDiTModelError(f"{path} holds no .safetensors weight file")
+        raise XDiTModelError(f"{folder} has no config.json; expected a diffusers model folder (config.json + "
+                             "safetensors) or a single .safetensors file")
     try:
-        return json.loads(config_file.read_text())
+        config = json.loads(config_file.read_text())
     except json.JSONDecodeError as e:
         raise XDiTModelError(f"{config_file} is not valid JSON: {e}") from None
+    # PixArt-alpha's diffusers folders predate the PixArt class and name the generic one.
+    if config.get("_class_name") == "Transformer2DModel" and config.get("norm_type") == "ada_norm_single":
+        config = {**config, "_class_name": "PixArtTransformer2DModel"}
+    return config
 
 
-def load_model(path: str | Path, dtype: str = "fp32", family: Optional[str] = None,
-               variant: Optional[str] = None) -> tuple[torch.nn.Module, ModelSpec]:
-    """Load a diffusers model folder on the CPU in `dtype`; returns (model, spec)."""
-    from .tiny import model_class
+def _open_single_file(path: Path, stats: LoadStats) -> _Source:
+    if path.suffix in PICKLE_SUFFIXES:
+        raise refuse_pickle(path)
+    if path.suffix not in SAFETENSORS_SUFFIXES:
+        raise XDiTModelError(f"{path} is not a .safetensors file; --model takes a diffusers model folder or a "
+                             "single .safetensors file")
+    with open_safetensors(path) as f:
+        keys = list(f.keys())
+    layout = detect_layout(keys)
+    if layout is None:
+        raise XDiTModelError(unknown_layout_message(path))
+    family, prefix = layout
+    files = WeightFiles({k[len(prefix):]: (path, k) for k in keys if k.startswith(prefix)}, stats)
+    return _Source(config_from_shapes(family, files.shapes), files, family)
 
+
+def _open(path: str | Path, stats: LoadStats) -> _Source:
+    path = _existing(path)
+    if path.is_file():
+        return _open_single_file(path, stats)
+    folder = _model_folder(path)
+    config = _read_folder_config(folder)
+    locations = {name: (file, name) for name, file in folder_weight_files(folder).items()}
+    return _Source(config, WeightFiles(locations, stats), None)
+
+
+def read_model_config(path: str | Path) -> dict[str, Any]:
+    """The diffusers config of a model path: a folder's config.json, or a single file's matched config."""
+    return _open(path, LoadStats()).config
+
+
+def block_prefixes(model: torch.nn.Module, family: str) -> list[str]:
+    """The name prefix of every transformer block, in the adapter's flat order (Flux: double, then single)."""
+    return [f"{lst}.{i}." for lst in BLOCK_LISTS[family] for i in range(len(getattr(model, lst)))]
+
+
+def _selector(model: torch.nn.Module, family: str, parts: Optional[ModelParts]) -> Callable[[str], bool]:
+    """Whether a tensor name belongs to the selected parts."""
+    if parts is None:
+        return lambda name: True
+    blocks = block_prefixes(model, family)
+    outside = sorted(i for i in parts.blocks if not 0 <= i < len(blocks))
+    if outside:
+        raise XDiTConfigError(f"block indices {outside} are out of range: the model has {len(blocks)} blocks "
+                              f"(0..{len(blocks) - 1})")
+    every_block, chosen = tuple(blocks), tuple(blocks[i] for i in sorted(parts.blocks))
+
+    def keep(name: str) -> bool:
+        if name.startswith(every_block):
+            return name.startswith(chosen)
+        top = name.split(".", 1)[0]
+        if top in EMBED_MODULES[family]:
+            return parts.embed
+        if top in HEAD_MODULES[family]:
+            return parts.head
+        return True
+
+    return keep
+
+
+def _build_on_meta(family: str, config: dict[str, Any], dtype: torch.dtype) -> torch.nn.Module:
+    # As diffusers does: parameters take the default dtype, buffers keep the float32 they are made in.
+    previous = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)
+    try:
+        with torch.device("meta"):
+            return model_class(family).from_config(config)
+    finally:
+        torch.set_default_dtype(previous)
+
+
+def _is_scale_key(name: str, weights: set[str]) -> bool:
+    """ComfyUI's scaled-fp8 extras: the marker and per-weight scales (`scale_input` is unused here)."""
+    if name == "scaled_fp8":
+        return True
+    stem, _, last = name.rpartition(".")
+    return last in ("scale_weight", "scale_input") and f"{stem}.weight" in weights
+
+
+def _check_weights(path: Path, family: str, files: WeightFiles, rules: list[Rule],
+                   shapes: dict[str, tuple[int, ...]], ignored: set[str]) -> None:
+    """Every tensor present with the shape the config gives, nothing unknown: checked before any read."""
+    expected = {r.original: original_shape(r, shapes) for r in rules}
+    missing = [k for k in expected if k not in files.shapes]
+    wrong = [k for k in expected if k in files.shapes and files.shapes[k] != expected[k]]
+    weights = set(expected)
+    unexpected = [k for k in files.shapes if k not in expected and k not in ignored and not _is_scale_key(k, weights)]
+    if not (missing or wrong or unexpected):
+        return
+    problems = []
+    if missing:
+        problems.append(f"{len(missing)} missing (e.g. {missing[0]})")
+    if unexpected:
+        problems.append(f"{len(unexpected)} unexpected (e.g. {unexpected[0]})")
+    if wrong:
+        k = wrong[0]
+        problems.append(f"{len(wrong)} of another shape (e.g. {k}: {list(files.shapes[k])} in the file, "
+                        f"{list(expected[k])} for the config)")
+    raise XDiTModelError(f"{path}: the weights do not match the {family} model config: {'; '.join(problems)}")
+
+
+def _read(files: WeightFiles, name: str) -> torch.Tensor:
+    """A stored tensor; a scaled-fp8 weight is multiplied by its scale (in float32)."""
+    tensor = files.read(name)
+    scale = name[: -len("weight")] + "scale_weight" if name.endswith(".weight") else None
+    if scale is not None and scale in files:
+        return tensor.to(torch.float32) * files.read(scale).to(torch.float32)
+    return tensor
+
+
+def _rebuild_sincos_tables(model: torch.nn.Module, keep: Callable[[str], bool], device: torch.device) -> None:
+    """Non-persistent buffers are not in any file: PixArt's sin-cos position table is computed again."""
+    from diffusers.models.embeddings import PatchEmbed, get_2d_sincos_pos_embed
+
+    persistent = set(model.state_dict())
+    for name, buf in list(model.named_buffers()):
+        if name in persistent or not keep(name):
+            continue
+        owner_name, _, attr = name.rpartition(".")
+        owner = model.get_submodule(owner_name)
+        if not (isinstance(owner, PatchEmbed) and attr == "pos_embed"):
+            raise XDiTModelError(f"cannot rebuild the buffer {name} of {type(owner).__name__} (not in weight files)")
+        table = get_2d_sincos_pos_embed(buf.shape[-1], math.isqrt(buf.shape[1]), base_size=owner.base_size,
+                                        interpolation_scale=owner.interpolation_scale, output_type="pt")
+        owner.pos_embed = table.float().unsqueeze(0).to(device)
+
+
+def load_model(path: str | Path, dtype: str = "fp32", family: Optional[str] = None, variant: Optional[str] = None,
+               *, parts: Optional[ModelParts] = None, device: str | torch.device = "cpu",
+               stats: Optional[LoadStats] = None) -> tuple[torch.nn.Module, ModelSpec]:
+    """Load a model in `dtype` onto `device`, whole or only `parts` (the rest stays on meta); returns
+    (model, spec). `stats`, when given, counts what was read."""
     if dtype not in DTYPES:
         raise XDiTModelError(f"unknown dtype {dtype!r}; valid: {', '.join(DTYPES)}")
-    config = read_model_config(path)
-    spec = resolve_model_spec(config, family, variant)
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")  # never reach for a hub
-    try:
-        model = model_class(spec.family).from_pretrained(
-            str(path), torch_dtype=DTYPES[dtype], use_safetensors=True, local_files_only=True,
-            low_cpu_mem_usage=False)
-    except (OSError, ValueError, RuntimeError, KeyError) as e:
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise XDiTModelError(f"cannot load {path} as {spec.family}: {first}") from None
+    stats = LoadStats() if stats is None else stats
+    source = _open(path, stats)
+    if source.layout is not None and family is not None and family != source.layout:
+        raise XDiTModelError(f"{path} holds an original-layout {source.layout} model; family {family!r} does "
+                             "not fit it (leave the family to detection)")
+    spec = resolve_model_spec(source.config, family, variant)
+    model = _build_on_meta(spec.family, source.config, DTYPES[dtype])
+    meta = model.state_dict()
+    shapes = {name: tuple(t.shape) for name, t in meta.items()}
+    if source.layout is None:
+        rules, ignored = identity_rules(list(meta)), set()
+    else:
+        rules = layout_rules(spec.family, list(meta))
+        tables = [n for n, _ in model.named_buffers() if n not in meta]  # rebuilt, so ignored in the file
+        ignored = {r.original for r in layout_rules(spec.family, tables)} | set(IGNORED_ORIGINAL[spec.family])
+    _check_weights(Path(path), spec.family, source.files, rules, shapes, ignored)
+    keep = _selector(model, spec.family, parts)
+    device = torch.device(device)
+    state = {}
+    for rule in rules:
+        if any(keep(p) for p in rule.parts):
+            for name, piece in split(rule, _read(source.files, rule.original), shapes).items():
+                # A copy in its own allocation: tensors read from a file sit wherever the file's layout puts
+                # them, and misaligned memory takes other CPU kernels (results would depend on the file).
+                state[name] = piece.to(device=device, dtype=meta[name].dtype, copy=True)
+    model.load_state_dict(state, strict=False, assign=True)
+    _rebuild_sincos_tables(model, keep, device)
     return model.eval().requires_grad_(False), spec

@@ -41,6 +41,22 @@ def balance_stages(block_bytes: Sequence[int], stages: int) -> list[range]:
     return bounds[::-1]
 
 
+def stage_parts(config: dict, spec, stages: int, stage: int):
+    """What PipeFusion stage `stage` of `stages` loads: its blocks, the embedders every stage runs
+    (for the per-token tables and the conditioning), and the output head on the last stage only.
+
+    The split is computed on a meta-device copy of the model, so nothing is read to decide it."""
+    from .loading import ModelParts
+    from .models import make_adapter
+    from .tiny import model_class
+
+    with torch.device("meta"):
+        model = model_class(spec.family).from_config(config)
+    blocks = [b for b, _ in make_adapter(model, spec).blocks()]
+    ranges = balance_stages([module_bytes(b) for b in blocks], stages)
+    return ModelParts(ranges[stage], embed=True, head=stage == stages - 1)
+
+
 def patch_rows(latent_height: int, patches: int, patch_size: int) -> list[tuple[int, int]]:
     """Latent row ranges of `patches` horizontal strips, each a whole number of patch rows (as even as
     possible). Fewer strips when the latent has fewer patch rows: the caller reports the effective M."""

@@ -58,8 +58,11 @@ class RankWorker:
         self.device = init_process_group(self.rank, self.world_size, port, host=master_addr)
         mesh = Mesh(parallel)
         t1 = time.perf_counter()
-        net, spec = load_model(model["path"], model["dtype"], model.get("family"), model.get("variant"))
-        net.to(self.device)
+        from .generate import pipefusion_parts
+
+        parts = pipefusion_parts(model["path"], model.get("family"), model.get("variant"), parallel, self.rank)
+        net, spec = load_model(model["path"], model["dtype"], model.get("family"), model.get("variant"),
+                               parts=parts, device=self.device)
         self.adapter = make_adapter(net, spec)
         self.ctx = RankContext(mesh, self.device, attention_backend)
         self.load_count += 1

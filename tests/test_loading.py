@@ -1,0 +1,328 @@
+"""Model loading: diffusers folders, original-layout single files, all-in-one checkpoints, fp8, partial loads."""
+import json
+import shutil
+
+import pytest
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+from xdit_core.cli import main
+from xdit_core.errors import XDiTConfigError, XDiTModelError
+from xdit_core.families import CLASS_NAMES, resolve_model_spec
+from xdit_core.generate import GenerateOptions, generate
+from xdit_core.key_mapping import layout_rules, model_tensors, split, to_original
+from xdit_core.loading import LoadStats, ModelParts, load_model, read_model_config
+from xdit_core.models import BranchCond, make_adapter
+from xdit_core.original_layout import config_from_shapes, detect_layout, shipped_configs
+from xdit_core.tiny import model_class
+
+AIO = "model.diffusion_model."
+MODELS = ("flux", "flux_schnell", "sd3", "pixart", "pixart_sigma")
+# Other components of an all-in-one checkpoint, which the loader must leave alone.
+AIO_EXTRAS = {"first_stage_model.x": torch.zeros(3), "cond_stage_model.y": torch.ones(2, 2)}
+# fp8 weights (2-D and up; biases and norms stay bf16) against bf16 weights: relative L2 error of the
+# 2-step output. Measured on tiny Flux (3 seeds): e4m3fn 0.007, e5m2 0.011-0.012, scaled e4m3fn 0.006.
+FP8_TOLERANCE = {torch.float8_e4m3fn: 0.02, torch.float8_e5m2: 0.03}
+
+
+def family_of(folder) -> str:
+    return resolve_model_spec(read_model_config(folder)).family
+
+
+def diffusers_reference(folder) -> torch.nn.Module:
+    """The model as diffusers' own from_pretrained loads it: the reference every load is compared with."""
+    return model_class(family_of(folder)).from_pretrained(folder, low_cpu_mem_usage=False).eval()
+
+
+def write_original(path, folder, prefix="", extras=None, cast=None) -> dict:
+    """The diffusers folder written as one original-layout file (our reverse mapping); returns its tensors."""
+    tensors = to_original(family_of(folder), model_tensors(diffusers_reference(folder)))
+    if cast is not None:
+        tensors = {k: cast(v) for k, v in tensors.items()}
+    save_file({**{prefix + k: v.contiguous() for k, v in tensors.items()}, **(extras or {})}, str(path))
+    return tensors
+
+
+def assert_same_tensors(model, reference):
+    ours, theirs = model_tensors(model), model_tensors(reference)
+    assert ours.keys() == theirs.keys()
+    for name, t in theirs.items():
+        assert ours[name].dtype == t.dtype and torch.equal(ours[name], t), name
+
+
+def tiny_generate(path, dtype="fp32") -> torch.Tensor:
+    samples, _ = generate(GenerateOptions(model=str(path), height=32, width=32, steps=2, seed=3, dtype=dtype))
+    return samples
+
+
+def relative_error(a: torch.Tensor, b: torch.Tensor) -> float:
+    return float((a - b).norm() / b.norm())
+
+
+@pytest.fixture(scope="module")
+def single_files(tiny_models, tmp_path_factory):
+    """Every tiny model as a bare original-layout file and inside an all-in-one checkpoint."""
+    root = tmp_path_factory.mktemp("single_files")
+    out = {}
+    for name in MODELS:
+        bare, aio = root / f"{name}.safetensors", root / f"{name}_aio.safetensors"
+        write_original(bare, tiny_models[name])
+        # PixArt's original files also carry the null caption of training, which diffusers has no place for.
+        extra = {AIO + "y_embedder.y_embedding": torch.zeros(4, 32)} if name.startswith("pixart") else {}
+        write_original(aio, tiny_models[name], prefix=AIO, extras={**AIO_EXTRAS, **extra})
+        out[name] = {"bare": bare, "aio": aio}
+    return out
+
+
+@pytest.mark.parametrize("name", MODELS)
+def test_single_files_load_and_generate_like_the_folder(name, tiny_models, single_files):
+    folder = tiny_models[name]
+    reference = diffusers_reference(folder)
+    folder_spec = resolve_model_spec(read_model_config(folder))
+    paths = [folder, single_files[name]["bare"], single_files[name]["aio"]]
+    for path in paths:
+        model, spec = load_model(path)
+        assert_same_tensors(model, reference)
+        assert spec == folder_spec
+    assert read_model_config(paths[1]) == read_model_config(paths[2])
+    outputs = [tiny_generate(p) for p in paths]
+    assert torch.equal(outputs[0], outputs[1]) and torch.equal(outputs[0], outputs[2])
+
+
+def test_cli_generates_from_an_all_in_one_checkpoint(single_files, tiny_models, tmp_path):
+    out = tmp_path / "latent.safetensors"
+    rc = main(["generate", "--model", str(single_files["sd3"]["aio"]), "--height", "32", "--width", "32",
+               "--steps", "2", "--seed", "3", "--out", str(out)])
+    assert rc == 0
+    with safe_open(str(out), "pt") as f:
+        assert torch.equal(f.get_tensor("samples"), tiny_generate(tiny_models["sd3"]))
+
+
+@pytest.mark.parametrize("name", ["flux", "sd3", "pixart"])
+def test_sharded_folder_equals_from_pretrained_in_every_dtype(name, tiny_models, tmp_path):
+    reference = diffusers_reference(tiny_models[name])
+    reference.save_pretrained(tmp_path, max_shard_size="100KB")
+    assert (tmp_path / "diffusion_pytorch_model.safetensors.index.json").is_file()
+    model, _ = load_model(tmp_path)
+    assert_same_tensors(model, reference)
+    for dtype, torch_dtype in (("bf16", torch.bfloat16), ("fp16", torch.float16)):
+        model, _ = load_model(tmp_path, dtype)
+        expected = {n: p.to(torch_dtype) for n, p in reference.named_parameters()}
+        for n, p in model.named_parameters():
+            assert p.dtype == torch_dtype and torch.equal(p, expected[n]), n
+        # Buffers (sin-cos tables) stay float32, as diffusers makes them.
+        assert all(b.dtype == torch.float32 for b in model.buffers())
+
+
+# Facts of the real checkpoints, checked against the shapes our reverse mapping gives.
+REAL_FACTS = {
+    "flux1-dev": ("dev", {"single_blocks.0.linear1.weight": (21504, 3072),
+                          "double_blocks.0.img_attn.qkv.weight": (9216, 3072),
+                          "final_layer.adaLN_modulation.1.weight": (6144, 3072)}, 780),
+    "flux1-schnell": ("schnell", {"img_in.weight": (3072, 64)}, 776),
+    "sd3-medium": ("sd3", {"pos_embed": (1, 192 * 192, 1536), "x_embedder.proj.weight": (1536, 16, 2, 2)}, None),
+    "sd3.5-medium": ("sd3", {"pos_embed": (1, 384 * 384, 1536),
+                             "joint_blocks.12.x_block.attn2.qkv.weight": (4608, 1536),
+                             "joint_blocks.0.x_block.adaLN_modulation.1.weight": (9 * 1536, 1536)}, None),
+    "sd3.5-large": ("sd3", {"joint_blocks.37.context_block.adaLN_modulation.1.weight": (2 * 2432, 2432),
+                            "joint_blocks.0.x_block.attn.ln_q.weight": (64,)}, None),
+    "pixart-alpha-xl-2-1024-ms": ("alpha", {"blocks.27.cross_attn.kv_linear.weight": (2304, 1152),
+                                            "pos_embed": (1, 4096, 1152), "t_block.1.weight": (6912, 1152)}, None),
+    "pixart-sigma-xl-2-1024-ms": ("sigma", {"y_embedder.y_proj.fc1.weight": (1152, 4096)}, None),
+}
+
+
+def test_every_shipped_config_is_covered():
+    assert set(shipped_configs()) == set(REAL_FACTS)
+
+
+@pytest.mark.parametrize("stem", sorted(REAL_FACTS))
+def test_shipped_config_round_trips_through_the_original_layout(stem):
+    """Diffusers shapes -> original shapes -> detected config -> diffusers shapes, on the meta device."""
+    config = shipped_configs()[stem]
+    family = CLASS_NAMES[config["_class_name"]]
+    with torch.device("meta"):
+        model = model_class(family).from_config(config)
+    diffusers_tensors = model_tensors(model)
+    original = to_original(family, diffusers_tensors)
+    variant, facts, key_count = REAL_FACTS[stem]
+    assert {k: tuple(original[k].shape) for k in facts} == facts
+    if key_count is not None:
+        assert len(original) == key_count
+    assert detect_layout([AIO + k for k in original] + list(AIO_EXTRAS)) == (family, AIO)
+    detected = config_from_shapes(family, {k: tuple(v.shape) for k, v in original.items()})
+    assert detected == config
+    assert resolve_model_spec(detected).variant == variant
+    with torch.device("meta"):
+        rebuilt = model_class(family).from_config(detected)
+    shapes = {k: tuple(v.shape) for k, v in model_tensors(rebuilt).items()}
+    back = {}
+    for rule in layout_rules(family, list(shapes)):
+        back.update(split(rule, original[rule.original], shapes))
+    assert {k: tuple(v.shape) for k, v in back.items()} == {k: tuple(v.shape) for k, v in diffusers_tensors.items()}
+
+
+def test_pixart_resolution_variant_keeps_the_shipped_heads():
+    """A 2K PixArt-Sigma differs from the 1024 one only in its position table: same heads, its own size."""
+    config = shipped_configs()["pixart-sigma-xl-2-1024-ms"]
+    with torch.device("meta"):
+        model = model_class("pixart").from_config({**config, "sample_size": 256, "interpolation_scale": None})
+    shapes = {k: tuple(v.shape) for k, v in to_original("pixart", model_tensors(model)).items()}
+    detected = config_from_shapes("pixart", shapes)
+    assert detected["num_attention_heads"] == 16 and detected["sample_size"] == 256
+    with torch.device("meta"):
+        assert model_class("pixart").from_config(detected).pos_embed.interpolation_scale == 4
+
+
+@pytest.mark.parametrize("fp8", list(FP8_TOLERANCE), ids=["e4m3fn", "e5m2"])
+def test_fp8_file_loads_exactly_and_samples_close_to_bf16(fp8, tiny_models, tmp_path):
+    folder = tiny_models["flux"]
+    bf16_file, fp8_file = tmp_path / "bf16.safetensors", tmp_path / "fp8.safetensors"
+    write_original(bf16_file, folder, cast=lambda t: t.to(torch.bfloat16))
+    stored = write_original(fp8_file, folder, cast=lambda t: t.to(fp8 if t.dim() >= 2 else torch.bfloat16))
+    model, _ = load_model(fp8_file, "bf16")
+    # Upcast at load: every weight is the stored fp8 value, exactly, in bf16.
+    loaded = to_original("flux", model_tensors(model))
+    assert all(torch.equal(loaded[k], v.to(torch.bfloat16)) for k, v in stored.items())
+    assert relative_error(tiny_generate(fp8_file, "bf16"), tiny_generate(bf16_file, "bf16")) < FP8_TOLERANCE[fp8]
+
+
+def test_scaled_fp8_checkpoint_applies_its_scales(tiny_models, tmp_path):
+    """ComfyUI's scaled fp8: a `scaled_fp8` marker and a float32 `scale_weight` next to each fp8 weight."""
+    folder = tiny_models["flux"]
+    tensors = to_original("flux", model_tensors(diffusers_reference(folder)))
+    stored = {AIO + "scaled_fp8": torch.zeros(0, dtype=torch.float8_e4m3fn)}
+    expected = {}
+    for k, v in tensors.items():
+        if v.dim() >= 2:
+            scale = v.abs().max() / 448  # e4m3fn's largest value
+            q = (v / scale).to(torch.float8_e4m3fn)
+            stored[AIO + k], stored[AIO + k[: -len("weight")] + "scale_weight"] = q, scale.reshape(())
+            expected[k] = (q.float() * scale).to(torch.bfloat16)
+        else:
+            stored[AIO + k] = expected[k] = v.to(torch.bfloat16)
+    path = tmp_path / "scaled.safetensors"
+    save_file(stored, str(path))
+    model, _ = load_model(path, "bf16")
+    loaded = to_original("flux", model_tensors(model))
+    assert all(torch.equal(loaded[k], v) for k, v in expected.items())
+    plain = tmp_path / "bf16.safetensors"
+    write_original(plain, folder, cast=lambda t: t.to(torch.bfloat16))
+    error = relative_error(tiny_generate(path, "bf16"), tiny_generate(plain, "bf16"))
+    assert error < FP8_TOLERANCE[torch.float8_e4m3fn]
+
+
+def original_bytes(path, prefixes) -> int:
+    """Bytes of the file's model tensors whose original names start with one of `prefixes`."""
+    with safe_open(str(path), "pt") as f:
+        return sum(f.get_tensor(k).numel() * f.get_tensor(k).element_size() for k in f.keys()
+                   if k.startswith(AIO) and k[len(AIO):].startswith(prefixes))
+
+
+def test_partial_loads_read_their_share_and_equal_the_full_load(tiny_models, single_files):
+    path = single_files["pixart"]["aio"]
+    full_stats, first_stats, second_stats = LoadStats(), LoadStats(), LoadStats()
+    full, spec = load_model(path, stats=full_stats)
+    first, _ = load_model(path, parts=ModelParts(range(0, 2), embed=True, head=False), stats=first_stats)
+    second, _ = load_model(path, parts=ModelParts([2, 3], embed=False, head=True), stats=second_stats)
+
+    conditioning = original_bytes(path, ("t_embedder.", "t_block.", "csize_embedder.", "ar_embedder.",
+                                         "y_embedder.y_proj."))
+    blocks = [original_bytes(path, (f"blocks.{i}.",)) for i in range(4)]
+    embed, head = original_bytes(path, ("x_embedder.",)), original_bytes(path, ("final_layer.",))
+    assert full_stats.bytes_read == conditioning + sum(blocks) + embed + head  # nothing else read (not y_embedding)
+    assert first_stats.bytes_read == conditioning + blocks[0] + blocks[1] + embed
+    assert second_stats.bytes_read == conditioning + blocks[2] + blocks[3] + head
+    assert blocks[0] + blocks[1] == sum(blocks) / 2  # half the blocks: half of the block bytes
+    # Beyond the conditioning embedders every stage reads (17% of this tiny model, under 3% of PixArt-XL),
+    # each half reads half of the bytes.
+    rest = full_stats.bytes_read - conditioning
+    for stats in (first_stats, second_stats):
+        assert abs((stats.bytes_read - conditioning) / rest - 0.5) < 0.01
+
+    reference = model_tensors(full)
+    for part, prefixes in ((first, ("transformer_blocks.0.", "transformer_blocks.1.", "pos_embed.")),
+                           (second, ("transformer_blocks.2.", "transformer_blocks.3.", "proj_out.",
+                                     "scale_shift_table"))):
+        for name, t in model_tensors(part).items():
+            own = name.startswith(prefixes) or name.startswith(("adaln_single.", "caption_projection."))
+            assert t.is_meta != own, name
+            if own:
+                assert torch.equal(t, reference[name]), name
+
+    # Stage by stage, the two halves compute what the whole model computes.
+    a, b, whole = make_adapter(first, spec), make_adapter(second, spec), make_adapter(full, spec)
+    x, t = torch.randn(1, 4, 8, 8), torch.tensor([500.0])
+    cond = BranchCond(torch.randn(1, 6, spec.text_dim))
+    tokens = a.embed(x, t, cond, None)
+    for block, run in a.blocks()[:2] + b.blocks()[2:]:
+        tokens = run(block, tokens)
+    assert torch.equal(b.head(tokens), whole.predict(x, t, cond, None))
+
+
+def test_flux_flat_block_indices_span_double_then_single_blocks(tiny_models):
+    model, spec = load_model(tiny_models["flux"], parts=ModelParts({1, 2}, embed=False, head=False))
+    assert spec.num_blocks == 6  # 2 double + 4 single
+    live = {n.split(".")[0] + "." + n.split(".")[1] for n, p in model.named_parameters()
+            if not p.is_meta and "blocks" in n}
+    assert live == {"transformer_blocks.1", "single_transformer_blocks.0"}
+    assert model.x_embedder.weight.is_meta and model.proj_out.weight.is_meta and model.norm_out.linear.weight.is_meta
+    assert not model.time_text_embed.guidance_embedder.linear_1.weight.is_meta
+    assert not model.context_embedder.weight.is_meta
+    with pytest.raises(XDiTConfigError, match=r"block indices \[6\] are out of range: the model has 6 blocks"):
+        load_model(tiny_models["flux"], parts=ModelParts([5, 6]))
+
+
+# --- bad input: one clear error each ---------------------------------------------------------------------
+
+def test_truncated_file_is_refused(single_files, tmp_path):
+    data = single_files["flux"]["bare"].read_bytes()
+    path = tmp_path / "cut.safetensors"
+    path.write_bytes(data[: len(data) // 2])
+    for call in (read_model_config, load_model):
+        with pytest.raises(XDiTModelError, match="is not a readable safetensors file"):
+            call(path)
+
+
+def test_unknown_layout_lists_the_supported_ones(tmp_path):
+    path = tmp_path / "unet.safetensors"
+    save_file({"input_blocks.0.0.weight": torch.zeros(4, 4, 3, 3)}, str(path))
+    with pytest.raises(XDiTModelError) as e:
+        load_model(path)
+    message = str(e.value)
+    assert "no diffusion transformer in a known layout" in message and "\n" not in message
+    for name in ("Flux.1 dev/schnell", "SD3/SD3.5", "PixArt-alpha/Sigma", "model.diffusion_model.", "diffusers"):
+        assert name in message
+
+
+@pytest.mark.parametrize("suffix", [".ckpt", ".bin"])
+def test_pickle_checkpoints_are_refused_with_a_conversion(suffix, tmp_path):
+    path = tmp_path / f"model{suffix}"
+    path.write_bytes(b"never unpickled")
+    with pytest.raises(XDiTModelError, match="is a pickle checkpoint; only safetensors .* Convert it once"):
+        load_model(path)
+
+
+@pytest.mark.parametrize("change,needle", [
+    ({"joint_attention_dim": 48}, r"1 of another shape \(e.g. context_embedder.weight: \[64, 32\] in the file, "
+                                  r"\[64, 48\] for the config\)"),
+    ({"num_layers": 3}, r"28 unexpected \(e.g. transformer_blocks.2.attn.to_add_out.bias\)"),
+])
+def test_folder_whose_weights_do_not_match_its_config(change, needle, tiny_models, tmp_path):
+    folder = tmp_path / "sd3"
+    shutil.copytree(tiny_models["sd3"], folder)
+    config = json.loads((folder / "config.json").read_text())
+    (folder / "config.json").write_text(json.dumps({**config, **change}))
+    with pytest.raises(XDiTModelError, match="the weights do not match the sd3 model config: .*" + needle):
+        load_model(folder)
+
+
+def test_single_file_missing_a_tensor_or_forced_to_another_family(single_files, tmp_path):
+    path = tmp_path / "partial.safetensors"
+    with safe_open(str(single_files["sd3"]["bare"]), "pt") as f:
+        save_file({k: f.get_tensor(k) for k in f.keys() if k != "final_layer.linear.bias"}, str(path))
+    with pytest.raises(XDiTModelError, match=r"1 missing \(e.g. final_layer.linear.bias\)"):
+        load_model(path)
+    with pytest.raises(XDiTModelError, match="holds an original-layout sd3 model; family 'flux' does not fit"):
+        load_model(single_files["sd3"]["bare"], family="flux")

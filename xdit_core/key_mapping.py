@@ -1,0 +1,206 @@
+"""Our mapping between the original single-file layouts (BFL's Flux, Stability's MMDiT, PixArt's own) and
+the diffusers modules, in both directions.
+
+A `Rule` ties one tensor of the original layout to the diffusers tensors it holds, concatenated along
+dim 0 (fused q/k/v, Flux's `linear1` = q, k, v and the MLP input, PixArt's cross-attention `kv_linear`).
+Rules are made from the diffusers tensor names alone and split sizes come from the diffusers shapes, so
+no width is written here: tiny and full-size models go through the same code.
+"""
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from typing import Mapping, Optional, Sequence
+
+import torch
+
+from .errors import XDiTModelError
+
+# Per family: diffusers block list -> (original block list, table of the block's tensors).
+# Table entries map a diffusers module path (its .weight/.bias follow) or a full tensor name to the
+# original name and the part index inside a fused original tensor.
+_FLUX_DOUBLE = {
+    "attn.to_q": ("img_attn.qkv", 0), "attn.to_k": ("img_attn.qkv", 1), "attn.to_v": ("img_attn.qkv", 2),
+    "attn.add_q_proj": ("txt_attn.qkv", 0), "attn.add_k_proj": ("txt_attn.qkv", 1),
+    "attn.add_v_proj": ("txt_attn.qkv", 2),
+    "attn.to_out.0": ("img_attn.proj", 0), "attn.to_add_out": ("txt_attn.proj", 0),
+    "norm1.linear": ("img_mod.lin", 0), "norm1_context.linear": ("txt_mod.lin", 0),
+    "ff.net.0.proj": ("img_mlp.0", 0), "ff.net.2": ("img_mlp.2", 0),
+    "ff_context.net.0.proj": ("txt_mlp.0", 0), "ff_context.net.2": ("txt_mlp.2", 0),
+    "attn.norm_q.weight": ("img_attn.norm.query_norm.scale", 0),
+    "attn.norm_k.weight": ("img_attn.norm.key_norm.scale", 0),
+    "attn.norm_added_q.weight": ("txt_attn.norm.query_norm.scale", 0),
+    "attn.norm_added_k.weight": ("txt_attn.norm.key_norm.scale", 0),
+}
+_FLUX_SINGLE = {
+    "attn.to_q": ("linear1", 0), "attn.to_k": ("linear1", 1), "attn.to_v": ("linear1", 2),
+    "proj_mlp": ("linear1", 3), "proj_out": ("linear2", 0), "norm.linear": ("modulation.lin", 0),
+    "attn.norm_q.weight": ("norm.query_norm.scale", 0), "attn.norm_k.weight": ("norm.key_norm.scale", 0),
+}
+_FLUX_GLOBAL = {
+    "x_embedder": ("img_in", 0), "context_embedder": ("txt_in", 0),
+    "time_text_embed.timestep_embedder.linear_1": ("time_in.in_layer", 0),
+    "time_text_embed.timestep_embedder.linear_2": ("time_in.out_layer", 0),
+    "time_text_embed.text_embedder.linear_1": ("vector_in.in_layer", 0),
+    "time_text_embed.text_embedder.linear_2": ("vector_in.out_layer", 0),
+    "time_text_embed.guidance_embedder.linear_1": ("guidance_in.in_layer", 0),
+    "time_text_embed.guidance_embedder.linear_2": ("guidance_in.out_layer", 0),
+    "norm_out.linear": ("final_layer.adaLN_modulation.1", 0), "proj_out": ("final_layer.linear", 0),
+}
+_SD3_BLOCK = {
+    "attn.to_q": ("x_block.attn.qkv", 0), "attn.to_k": ("x_block.attn.qkv", 1),
+    "attn.to_v": ("x_block.attn.qkv", 2),
+    "attn.add_q_proj": ("context_block.attn.qkv", 0), "attn.add_k_proj": ("context_block.attn.qkv", 1),
+    "attn.add_v_proj": ("context_block.attn.qkv", 2),
+    "attn.to_out.0": ("x_block.attn.proj", 0), "attn.to_add_out": ("context_block.attn.proj", 0),
+    "attn.norm_q": ("x_block.attn.ln_q", 0), "attn.norm_k": ("x_block.attn.ln_k", 0),
+    "attn.norm_added_q": ("context_block.attn.ln_q", 0), "attn.norm_added_k": ("context_block.attn.ln_k", 0),
+    "attn2.to_q": ("x_block.attn2.qkv", 0), "attn2.to_k": ("x_block.attn2.qkv", 1),
+    "attn2.to_v": ("x_block.attn2.qkv", 2), "attn2.to_out.0": ("x_block.attn2.proj", 0),
+    "attn2.norm_q": ("x_block.attn2.ln_q", 0), "attn2.norm_k": ("x_block.attn2.ln_k", 0),
+    "norm1.linear": ("x_block.adaLN_modulation.1", 0),
+    "norm1_context.linear": ("context_block.adaLN_modulation.1", 0),
+    "ff.net.0.proj": ("x_block.mlp.fc1", 0), "ff.net.2": ("x_block.mlp.fc2", 0),
+    "ff_context.net.0.proj": ("context_block.mlp.fc1", 0), "ff_context.net.2": ("context_block.mlp.fc2", 0),
+}
+_SD3_GLOBAL = {
+    "pos_embed.proj": ("x_embedder.proj", 0), "pos_embed.pos_embed": ("pos_embed", 0),
+    "time_text_embed.timestep_embedder.linear_1": ("t_embedder.mlp.0", 0),
+    "time_text_embed.timestep_embedder.linear_2": ("t_embedder.mlp.2", 0),
+    "time_text_embed.text_embedder.linear_1": ("y_embedder.mlp.0", 0),
+    "time_text_embed.text_embedder.linear_2": ("y_embedder.mlp.2", 0),
+    "context_embedder": ("context_embedder", 0),
+    "norm_out.linear": ("final_layer.adaLN_modulation.1", 0), "proj_out": ("final_layer.linear", 0),
+}
+_PIXART_BLOCK = {
+    "attn1.to_q": ("attn.qkv", 0), "attn1.to_k": ("attn.qkv", 1), "attn1.to_v": ("attn.qkv", 2),
+    "attn1.to_out.0": ("attn.proj", 0),
+    "attn2.to_q": ("cross_attn.q_linear", 0), "attn2.to_k": ("cross_attn.kv_linear", 0),
+    "attn2.to_v": ("cross_attn.kv_linear", 1), "attn2.to_out.0": ("cross_attn.proj", 0),
+    "ff.net.0.proj": ("mlp.fc1", 0), "ff.net.2": ("mlp.fc2", 0),
+    "scale_shift_table": ("scale_shift_table", 0),
+}
+_PIXART_GLOBAL = {
+    "pos_embed.proj": ("x_embedder.proj", 0), "pos_embed.pos_embed": ("pos_embed", 0),
+    "caption_projection.linear_1": ("y_embedder.y_proj.fc1", 0),
+    "caption_projection.linear_2": ("y_embedder.y_proj.fc2", 0),
+    "adaln_single.emb.timestep_embedder.linear_1": ("t_embedder.mlp.0", 0),
+    "adaln_single.emb.timestep_embedder.linear_2": ("t_embedder.mlp.2", 0),
+    "adaln_single.emb.resolution_embedder.linear_1": ("csize_embedder.mlp.0", 0),
+    "adaln_single.emb.resolution_embedder.linear_2": ("csize_embedder.mlp.2", 0),
+    "adaln_single.emb.aspect_ratio_embedder.linear_1": ("ar_embedder.mlp.0", 0),
+    "adaln_single.emb.aspect_ratio_embedder.linear_2": ("ar_embedder.mlp.2", 0),
+    "adaln_single.linear": ("t_block.1", 0),
+    "proj_out": ("final_layer.linear", 0), "scale_shift_table": ("final_layer.scale_shift_table", 0),
+}
+_LAYOUTS: dict[str, tuple[dict[str, tuple[str, dict]], dict]] = {
+    "flux": ({"transformer_blocks": ("double_blocks", _FLUX_DOUBLE),
+              "single_transformer_blocks": ("single_blocks", _FLUX_SINGLE)}, _FLUX_GLOBAL),
+    "sd3": ({"transformer_blocks": ("joint_blocks", _SD3_BLOCK)}, _SD3_GLOBAL),
+    "pixart": ({"transformer_blocks": ("blocks", _PIXART_BLOCK)}, _PIXART_GLOBAL),
+}
+# Original tensors that diffusers has no place for: PixArt's learned null caption (training's dropout).
+IGNORED_ORIGINAL = {"flux": (), "sd3": (), "pixart": ("y_embedder.y_embedding",)}
+
+_BLOCK_NAME = re.compile(r"^([a-z_]+)\.(\d+)\.(.+)$")
+
+
+@dataclass(frozen=True)
+class Rule:
+    """One original tensor = its diffusers `parts` concatenated along dim 0, halves swapped if `swap`."""
+
+    original: str
+    parts: tuple[str, ...]
+    swap: bool = False  # final adaLN: the original layout is (shift, scale), diffusers' is (scale, shift)
+
+
+def _lookup(table: Mapping[str, tuple[str, int]], local: str) -> Optional[tuple[str, int]]:
+    if local in table:
+        return table[local]
+    module, _, param = local.rpartition(".")
+    if module in table:
+        name, part = table[module]
+        return f"{name}.{param}", part
+    return None
+
+
+def _translate(family: str, name: str, last_block: dict[str, int]) -> tuple[str, int, bool]:
+    """A diffusers tensor name -> (original name, part index, swap halves)."""
+    blocks, global_table = _LAYOUTS[family]
+    m = _BLOCK_NAME.match(name)
+    if m and m.group(1) in blocks:
+        block_list, index, local = m.group(1), int(m.group(2)), m.group(3)
+        original_list, table = blocks[block_list]
+        found = _lookup(table, local)
+        # SD3's last block is "context pre-only": its text modulation is a final-layer style (scale, shift).
+        swap = (family == "sd3" and local.startswith("norm1_context.linear.")
+                and index == last_block[block_list])
+        if found:
+            return f"{original_list}.{index}.{found[0]}", found[1], swap
+    else:
+        found = _lookup(global_table, name)
+        if found:
+            return found[0], found[1], name.startswith("norm_out.linear.")
+    raise XDiTModelError(f"no original-layout name for the {family} tensor {name!r} "
+                         "(a diffusers version this mapping does not know?)")
+
+
+def layout_rules(family: str, names: Sequence[str]) -> list[Rule]:
+    """The rules covering the diffusers tensors `names` of a `family` model, in the order of `names`."""
+    last_block: dict[str, int] = {}
+    for name in names:
+        m = _BLOCK_NAME.match(name)
+        if m:
+            last_block[m.group(1)] = max(last_block.get(m.group(1), -1), int(m.group(2)))
+    grouped: dict[str, dict[int, str]] = {}
+    swaps: dict[str, bool] = {}
+    for name in names:
+        original, part, swap = _translate(family, name, last_block)
+        grouped.setdefault(original, {})[part] = name
+        swaps[original] = swap
+    return [Rule(original, tuple(parts[i] for i in sorted(parts)), swaps[original])
+            for original, parts in grouped.items()]
+
+
+def identity_rules(names: Sequence[str]) -> list[Rule]:
+    """Rules of a diffusers checkpoint: every tensor under its own name."""
+    return [Rule(name, (name,)) for name in names]
+
+
+def swap_halves(t: torch.Tensor) -> torch.Tensor:
+    """(a, b) -> (b, a) along dim 0: the scale/shift order of the final adaLN modulation."""
+    first, second = t.chunk(2, dim=0)
+    return torch.cat([second, first], dim=0)
+
+
+def join(rule: Rule, tensors: Mapping[str, torch.Tensor]) -> torch.Tensor:
+    """The original tensor of `rule` from the diffusers tensors."""
+    parts = [tensors[p] for p in rule.parts]
+    joined = parts[0] if len(parts) == 1 else torch.cat(parts, dim=0)
+    return swap_halves(joined) if rule.swap else joined
+
+
+def split(rule: Rule, tensor: torch.Tensor, shapes: Mapping[str, Sequence[int]]) -> dict[str, torch.Tensor]:
+    """The diffusers tensors of `rule` from its original tensor; part sizes from the diffusers `shapes`."""
+    if rule.swap:
+        tensor = swap_halves(tensor)
+    if len(rule.parts) == 1:
+        return {rule.parts[0]: tensor}
+    pieces = tensor.split([shapes[p][0] for p in rule.parts], dim=0)
+    return dict(zip(rule.parts, pieces))
+
+
+def original_shape(rule: Rule, shapes: Mapping[str, Sequence[int]]) -> tuple[int, ...]:
+    """The shape the original tensor of `rule` has for diffusers tensors of `shapes`."""
+    first = tuple(shapes[rule.parts[0]])
+    return (sum(shapes[p][0] for p in rule.parts),) + first[1:]
+
+
+def model_tensors(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """Every parameter and buffer of a model by name, non-persistent buffers included."""
+    return {**dict(model.named_parameters()), **dict(model.named_buffers())}
+
+
+def to_original(family: str, tensors: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """A diffusers state dict (or `model_tensors`) in the original single-file layout of `family`."""
+    return {rule.original: join(rule, tensors) for rule in layout_rules(family, list(tensors))}
