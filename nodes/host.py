@@ -48,13 +48,25 @@ def resolve_model_file(choice: str) -> str:
 
 
 def progress_callback(total: int) -> Callable[[int, int], None]:
-    """ComfyUI's progress bar for the node (a no-op without ComfyUI)."""
+    """ComfyUI's progress bar for the node (a no-op without ComfyUI).
+
+    ComfyUI's progress hook raises its interruption (and clears the flag) when the user cancels. Raised
+    here it would leave the workers running; so the flag is set again and the pool's cancel check, which
+    stops every rank at the same step, sees it."""
     try:
+        import comfy.model_management as mm
         import comfy.utils
     except ImportError:
         return lambda step, n: None
     bar = comfy.utils.ProgressBar(total)
-    return lambda step, n: bar.update_absolute(step, n)
+
+    def update(step: int, n: int) -> None:
+        try:
+            bar.update_absolute(step, n)
+        except mm.InterruptProcessingException:
+            mm.interrupt_current_processing(True)
+
+    return update
 
 
 def interrupted() -> bool:

@@ -31,6 +31,16 @@ class XDiTLoadModel:
             "variant": (VARIANTS, {"default": "auto"}),
         }}
 
+    @classmethod
+    def VALIDATE_INPUTS(cls, model_name):
+        """A listed model, or (for scripts posting API prompts) an absolute path that exists."""
+        from pathlib import Path
+
+        if model_name in host.model_files() or (Path(model_name).is_absolute() and Path(model_name).exists()):
+            return True
+        return (f"model {model_name!r} is not in ComfyUI's diffusion_models, checkpoints or diffusers folders "
+                "(refresh the node after adding files), nor an existing absolute path")
+
     def load(self, model_name: str, weight_dtype: str, family: str, variant: str):
         from xdit_core.errors import XDiTError
         from xdit_core.families import resolve_model_spec

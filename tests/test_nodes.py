@@ -125,3 +125,55 @@ def test_sampler_node_equals_cli_generate(tiny_models, tmp_path):
     cli = load_file(str(out))["samples"]
     assert latent["samples"].shape == (1, 16, 8, 6)  # the empty 4-channel latent widened as KSampler does
     assert torch.equal(latent["samples"], cli)
+
+
+def test_mesh_validation_keeps_comfyui_checks_for_other_inputs():
+    import inspect
+
+    params = inspect.signature(XDiTParallelMesh.VALIDATE_INPUTS).parameters
+    assert not any(p.kind == p.VAR_KEYWORD for p in params.values())  # **kwargs would disable ComfyUI's checks
+    assert "attention_backend" not in params
+    assert "layout must be manual or auto" in XDiTParallelMesh.VALIDATE_INPUTS(layout="bogus")
+
+
+def test_loader_validation_accepts_listed_names_and_absolute_paths(tiny_models):
+    assert XDiTLoadModel.VALIDATE_INPUTS(str(tiny_models["flux"])) is True
+    assert "is not in ComfyUI's" in XDiTLoadModel.VALIDATE_INPUTS("diffusion_models/missing.safetensors")
+
+
+def test_host_callback_exception_stops_every_rank_before_it_propagates(tiny_models):
+    """If the host's progress callback raises, the pool stops all ranks first, then re-raises."""
+    import ray
+
+    from xdit_core import pool
+    from xdit_core.mesh import ParallelConfig
+    from xdit_core.pool import PoolKey, get_pool
+
+    class HostInterrupt(Exception):
+        pass
+
+    def interrupt(step, n):
+        raise HostInterrupt()
+
+    model = load(tiny_models["flux"])
+    try:
+        p = get_pool(PoolKey(model.path, "fp32", None, None, ParallelConfig(ulysses_degree=2), "auto", 1))
+        args = sampler_args(model, XDiTMesh("manual", ulysses_degree=2), steps=200)
+        from xdit_core.families import resolve_model_spec
+        from xdit_core.loading import read_model_config
+        from xdit_core.request import build_request
+        from nodes.sampler import branch_from_conditioning
+
+        spec = resolve_model_spec(read_model_config(model.path))
+        pos, _ = branch_from_conditioning(spec, args["positive"], 1, "positive")
+        neg, _ = branch_from_conditioning(spec, args["negative"], 1, "negative")
+        request = build_request(spec, args["latent_image"]["samples"], seed=1, steps=200, cfg=2.0, sampler="euler",
+                                scheduler="simple", denoise=1.0, positive=pos, negative=neg)
+        with pytest.raises(HostInterrupt):
+            p.sample(request, on_progress=interrupt)
+        assert ray.get([w.busy.remote() for w in p.workers]) == [False, False]
+        steps = [len(s) for s in ray.get([w.progress.remote(p.last_job) for w in p.workers])]
+        assert len(set(steps)) == 1 and steps[0] < 200
+    finally:
+        pool.unload()
+        ray.shutdown()

@@ -223,6 +223,16 @@ def usp_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, segments: S
 _SDPA_ARGS = ("query", "key", "value", "attn_mask", "dropout_p", "is_causal", "scale", "enable_gqa")
 
 
+def sdpa_params(args: tuple, kwargs: dict) -> dict:
+    """The arguments of an F.scaled_dot_product_attention call by name (diffusers passes keywords)."""
+    params = dict(zip(_SDPA_ARGS, args))
+    params.update(kwargs)
+    if params.get("attn_mask") is not None or params.get("is_causal") or params.get("dropout_p", 0.0):
+        raise NotImplementedError("parallel attention supports unmasked, non-causal, dropout-free attention "
+                                  "(what these DiTs use)")
+    return params
+
+
 class SequenceParallelAttention(torch.overrides.TorchFunctionMode):
     """Routes `F.scaled_dot_product_attention` of the model's attention modules to `usp_attention`.
 
@@ -255,10 +265,6 @@ class SequenceParallelAttention(torch.overrides.TorchFunctionMode):
         kwargs = kwargs or {}
         if func is not F.scaled_dot_product_attention or self.current in (None, "cross"):
             return func(*args, **kwargs)
-        params = dict(zip(_SDPA_ARGS, args))
-        params.update(kwargs)
-        if params.get("attn_mask") is not None or params.get("is_causal") or params.get("dropout_p", 0.0):
-            raise NotImplementedError("sequence-parallel attention supports unmasked, non-causal, dropout-free "
-                                      "attention (what these DiTs use)")
+        params = sdpa_params(args, kwargs)
         return usp_attention(params["query"], params["key"], params["value"], self.segments[self.current],
                              self.groups, params.get("scale"))

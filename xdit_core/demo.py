@@ -65,7 +65,8 @@ def run_demo(family: str, out_dir: Path, steps: int, size: int, seed: int) -> No
          f"{1000 * _mean(serial_report['per_rank'][0]['step_s']):.1f}", "reference"),
         ("pool, cold", str(report["world_size"]), f"{cold_s:.2f}",
          f"{1000 * _mean(report['per_rank'][0]['step_s']):.1f}", f"{err:.1e}"),
-        ("pool, warm", str(report["world_size"]), f"{warm_s:.2f}", "", "bit-identical" if warm.equal(cold) else "DIFFERS"),
+        ("pool, warm", str(report["world_size"]), f"{warm_s:.2f}", "",
+         "bit-identical" if warm.equal(cold) else "DIFFERS"),
     ]
     widths = [max(len(r[i]) for r in rows) for i in range(5)]
     for r in rows:

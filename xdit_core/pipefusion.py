@@ -22,7 +22,7 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
-from .attention import Segment, SPGroups, select_lse_kernel, usp_attention
+from .attention import Segment, SPGroups, sdpa_params, select_lse_kernel, usp_attention
 from .comm import Comm
 from .errors import XDiTCancelled, XDiTWorkerError
 from .models.base import ModelAdapter, Tokens
@@ -33,7 +33,6 @@ from .sequence_parallel import shard_padded
 from .stages import balance_stages, module_bytes, patch_rows
 
 log = logging.getLogger("xdit")
-_SDPA_ARGS = ("query", "key", "value", "attn_mask", "dropout_p", "is_causal", "scale", "enable_gqa")
 
 
 @dataclass
@@ -118,8 +117,7 @@ class PipeFusionAttention(torch.overrides.TorchFunctionMode):
         kwargs = kwargs or {}
         if func is not F.scaled_dot_product_attention or self.current is None or self.current[1] == "cross":
             return func(*args, **kwargs)
-        params = dict(zip(_SDPA_ARGS, args))
-        params.update(kwargs)
+        params = sdpa_params(args, kwargs)
         key, kind = self.current
         return usp_attention(params["query"], params["key"], params["value"], self.segments[kind], self.groups,
                              params.get("scale"), kv_cache=self._cache(key))

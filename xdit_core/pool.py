@@ -189,10 +189,13 @@ class WorkerPool:
                     on_progress(step, total)
                 seen = len(steps)
             if cancel is not None and not stop_sent and cancel():
-                self.workers[0].request_stop.remote(job)
+                stop()
                 stop_sent = True
 
-        results = self._collect([w.sample.remote(req_ref, job) for w in self.workers], poll)
+        def stop() -> None:
+            self.workers[0].request_stop.remote(job)
+
+        results = self._collect([w.sample.remote(req_ref, job) for w in self.workers], poll, stop)
         self.stats.requests += 1
         cancelled = [r for r in results if "cancelled" in r]
         if cancelled:
@@ -200,11 +203,14 @@ class WorkerPool:
         self.stats.last_reports = [r["report"] for r in results]
         return results[0]["samples"]
 
-    def _collect(self, refs: list, poll: Optional[Callable[[], None]] = None) -> list:
+    def _collect(self, refs: list, poll: Optional[Callable[[], None]] = None,
+                 stop: Optional[Callable[[], None]] = None) -> list:
         """Wait for one call per rank, polling between waits; on failure end the request on every rank.
 
         After the first failure the others get FAILURE_SETTLE_S to report, so that a dead rank is
-        blamed rather than the peers whose collectives broke because of it.
+        blamed rather than the peers whose collectives broke because of it. If `poll` raises (a host
+        callback), the ranks are stopped with `stop` and awaited before the exception goes on, so no
+        request is ever left running on the actors.
         """
         import ray
 
@@ -212,6 +218,7 @@ class WorkerPool:
         results: dict[int, Any] = {}
         errors: dict[int, Exception] = {}
         first_error = None
+        aborted: Optional[BaseException] = None
         pending = list(refs)
         while pending:
             done, pending = ray.wait(pending, num_returns=len(pending), timeout=POLL_S)
@@ -224,9 +231,16 @@ class WorkerPool:
             if errors and time.monotonic() - first_error > FAILURE_SETTLE_S:
                 break
             if poll is not None and not errors:
-                poll()
+                try:
+                    poll()
+                except BaseException as e:  # noqa: BLE001 - re-raised once every rank has stopped
+                    aborted, poll = e, None
+                    if stop is not None:
+                        stop()
         if errors:
             self._fail(errors)
+        if aborted is not None:
+            raise aborted
         return [results[r] for r in range(len(refs))]
 
     def _fail(self, errors: dict[int, Exception]) -> None:

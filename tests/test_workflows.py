@@ -1,0 +1,311 @@
+"""The shipped workflows (workflows/*.json, UI format; workflows/api/*.json, API format), without ComfyUI.
+
+The core ComfyUI nodes they use are described in CORE_NODES; tests/test_comfyui_integration.py checks that
+table against a real ComfyUI's /object_info.
+"""
+import importlib.util
+import inspect
+import json
+import math
+import re
+import sys
+from pathlib import Path
+
+import pytest
+
+from nodes import NODE_CLASS_MAPPINGS, NODE_DISPLAY_NAME_MAPPINGS
+from nodes.mesh import XDiTParallelMesh, check_against_model
+from nodes.types import XDiTModel
+
+ROOT = Path(__file__).resolve().parent.parent
+WORKFLOWS = ROOT / "workflows"
+UI_FILES = sorted(WORKFLOWS.glob("*.json"))
+EXPECTED = {"flux1_ulysses", "sd35_cfg_parallel", "pixart_sigma_hybrid"}
+WIDGET_TYPES = {"INT", "FLOAT", "STRING", "BOOLEAN", "COMBO"}
+CONTROL_VALUES = {"fixed", "increment", "decrement", "randomize"}
+
+# Core nodes (ComfyUI 0.3.64): socket inputs and outputs in slot order, widgets in widget order.
+# Widget specs: ("FILE", folder): a file from that models folder; ("COMBO", [...]): values our workflows may
+# use (each must be one of ComfyUI's options); ("INT", min, step); ("FLOAT", min, max); ("STRING",).
+CORE_NODES = {
+    "DualCLIPLoader": {"inputs": [], "outputs": ["CLIP"], "widgets": {
+        "clip_name1": ("FILE", "text_encoders"), "clip_name2": ("FILE", "text_encoders"),
+        "type": ("COMBO", ["flux", "sd3"]), "device": ("COMBO", ["default", "cpu"])}},
+    "TripleCLIPLoader": {"inputs": [], "outputs": ["CLIP"], "widgets": {
+        "clip_name1": ("FILE", "text_encoders"), "clip_name2": ("FILE", "text_encoders"),
+        "clip_name3": ("FILE", "text_encoders")}},
+    "CLIPLoader": {"inputs": [], "outputs": ["CLIP"], "widgets": {
+        "clip_name": ("FILE", "text_encoders"), "type": ("COMBO", ["pixart", "sd3"]),
+        "device": ("COMBO", ["default", "cpu"])}},
+    "CLIPTextEncode": {"inputs": [("clip", "CLIP")], "outputs": ["CONDITIONING"], "widgets": {"text": ("STRING",)}},
+    "FluxGuidance": {"inputs": [("conditioning", "CONDITIONING")], "outputs": ["CONDITIONING"],
+                     "widgets": {"guidance": ("FLOAT", 0.0, 100.0)}},
+    "ConditioningZeroOut": {"inputs": [("conditioning", "CONDITIONING")], "outputs": ["CONDITIONING"], "widgets": {}},
+    "EmptySD3LatentImage": {"inputs": [], "outputs": ["LATENT"], "widgets": {
+        "width": ("INT", 16, 16), "height": ("INT", 16, 16), "batch_size": ("INT", 1, 1)}},
+    "EmptyLatentImage": {"inputs": [], "outputs": ["LATENT"], "widgets": {
+        "width": ("INT", 16, 8), "height": ("INT", 16, 8), "batch_size": ("INT", 1, 1)}},
+    "VAELoader": {"inputs": [], "outputs": ["VAE"], "widgets": {"vae_name": ("FILE", "vae")}},
+    "VAEDecode": {"inputs": [("samples", "LATENT"), ("vae", "VAE")], "outputs": ["IMAGE"], "widgets": {}},
+    "SaveImage": {"inputs": [("images", "IMAGE")], "outputs": [], "widgets": {"filename_prefix": ("STRING",)}},
+    "SaveLatent": {"inputs": [("samples", "LATENT")], "outputs": [], "widgets": {"filename_prefix": ("STRING",)}},
+}
+# The model each workflow is for: family, variant, attention heads and transformer blocks of the real checkpoint.
+MODELS = {"flux1_ulysses": ("flux", "dev", 24, 19 + 38), "sd35_cfg_parallel": ("sd3", "sd3", 38, 38),
+          "pixart_sigma_hybrid": ("pixart", "sigma", 16, 28)}
+
+
+def our_signature(node_type):
+    """(sockets [(name, type)], outputs [type], widgets {name: (type or options, opts)}) from INPUT_TYPES."""
+    cls = NODE_CLASS_MAPPINGS[node_type]
+    sockets, widgets = [], {}
+    for section in ("required", "optional"):
+        for name, entry in cls.INPUT_TYPES().get(section, {}).items():
+            kind, opts = entry[0], entry[1] if len(entry) > 1 else {}
+            if isinstance(kind, list) or kind in WIDGET_TYPES:
+                widgets[name] = (kind, opts)
+            else:
+                sockets.append((name, kind))
+    return sockets, list(cls.RETURN_TYPES), widgets
+
+
+def signature(node_type):
+    """(sockets, outputs, widget names, names followed by a control_after_generate value)."""
+    if node_type in NODE_CLASS_MAPPINGS:
+        sockets, outputs, widgets = our_signature(node_type)
+        return sockets, outputs, list(widgets), {n for n, (_, o) in widgets.items() if o.get("control_after_generate")}
+    core = CORE_NODES[node_type]
+    return core["inputs"], core["outputs"], list(core["widgets"]), set()
+
+
+def named_widgets(node):
+    """{widget name: value} of a UI node, dropping the control_after_generate entries."""
+    _, _, names, control = signature(node["type"])
+    values = list(node["widgets_values"])
+    out = {}
+    for name in names:
+        assert values, f"node {node['id']} ({node['type']}) has too few widgets_values"
+        out[name] = values.pop(0)
+        if name in control:
+            assert values and values.pop(0) in CONTROL_VALUES, f"node {node['id']}: {name}'s control value"
+    assert not values, f"node {node['id']} ({node['type']}) has extra widgets_values {values}"
+    return out
+
+
+def load(path):
+    return json.loads(path.read_text())
+
+
+def graph_nodes(ui):
+    return [n for n in ui["nodes"] if n["type"] != "Note"]
+
+
+ids = [p.stem for p in UI_FILES]
+
+
+def test_the_three_workflows_ship_with_api_copies_and_nothing_else_is_listed():
+    assert EXPECTED <= set(ids)
+    assert sorted(p.name for p in (WORKFLOWS / "api").glob("*.json")) == sorted(p.name for p in UI_FILES)
+    # ComfyUI's template browser lists every workflows/*.json: each must be a UI workflow.
+    for path in UI_FILES:
+        assert load(path).get("version") == 0.4, path
+
+
+@pytest.mark.parametrize("path", UI_FILES, ids=ids)
+def test_ui_structure(path):
+    ui = load(path)
+    assert {"last_node_id", "last_link_id", "nodes", "links", "groups", "config", "extra", "version"} <= set(ui)
+    node_ids = [n["id"] for n in ui["nodes"]]
+    assert len(set(node_ids)) == len(node_ids) and all(isinstance(i, int) and i > 0 for i in node_ids)
+    assert ui["last_node_id"] == max(node_ids)
+    assert ui["last_link_id"] == max((link[0] for link in ui["links"]), default=0)
+    orders = sorted(n["order"] for n in ui["nodes"])
+    assert orders == list(range(len(ui["nodes"])))
+    for n in ui["nodes"]:
+        assert {"id", "type", "pos", "size", "flags", "order", "mode", "inputs", "outputs", "properties",
+                "widgets_values"} <= set(n), n["id"]
+        assert len(n["pos"]) == 2 and len(n["size"]) == 2 and n["mode"] == 0
+        if n["type"] != "Note":
+            assert n["properties"]["Node name for S&R"] == n["type"]
+    # Nothing overlaps: each node's box (title bar included) is clear of the others.
+    boxes = [(n["pos"][0], n["pos"][1] - 30, n["pos"][0] + n["size"][0], n["pos"][1] + n["size"][1])
+             for n in ui["nodes"]]
+    for i, a in enumerate(boxes):
+        for b in boxes[i + 1:]:
+            assert a[2] <= b[0] or b[2] <= a[0] or a[3] <= b[1] or b[3] <= a[1], (a, b)
+
+
+@pytest.mark.parametrize("path", UI_FILES, ids=ids)
+def test_links_agree_with_both_ends(path):
+    ui = load(path)
+    by_id = {n["id"]: n for n in ui["nodes"]}
+    link_ids = [link[0] for link in ui["links"]]
+    assert len(set(link_ids)) == len(link_ids)
+    for link_id, src, src_slot, dst, dst_slot, kind in ui["links"]:
+        out = by_id[src]["outputs"][src_slot]
+        inp = by_id[dst]["inputs"][dst_slot]
+        assert link_id in out["links"] and inp["link"] == link_id, link_id
+        assert out["type"] == inp["type"] == kind, link_id
+        assert signature(by_id[src]["type"])[1][src_slot] == kind
+        assert signature(by_id[dst]["type"])[0][dst_slot] == (inp["name"], kind)
+    # Every link a node lists is in `links`, pointing back at it.
+    links = {link[0]: link for link in ui["links"]}
+    for n in ui["nodes"]:
+        for slot, inp in enumerate(n["inputs"]):
+            if inp["link"] is not None:
+                assert links[inp["link"]][3:5] == [n["id"], slot]
+        for slot, out in enumerate(n["outputs"]):
+            assert out.get("slot_index", slot) == slot
+            for link_id in out["links"] or []:
+                assert links[link_id][1:3] == [n["id"], slot]
+
+
+@pytest.mark.parametrize("path", UI_FILES, ids=ids)
+def test_nodes_are_known_with_their_sockets_and_valid_widgets(path):
+    for n in graph_nodes(load(path)):
+        assert n["type"] in NODE_CLASS_MAPPINGS or n["type"] in CORE_NODES, n["type"]
+        sockets, outputs, _, _ = signature(n["type"])
+        assert [(i["name"], i["type"]) for i in n["inputs"]] == sockets, n["id"]
+        assert [o["type"] for o in n["outputs"]] == outputs, n["id"]
+        values = named_widgets(n)
+        if n["type"] in NODE_CLASS_MAPPINGS:
+            check_our_widgets(n["type"], values)
+        else:
+            check_core_widgets(n["type"], values)
+        # ComfyUI refuses a prompt whose required socket is unconnected.
+        required = NODE_CLASS_MAPPINGS[n["type"]].INPUT_TYPES().get("required", {}) \
+            if n["type"] in NODE_CLASS_MAPPINGS else dict(sockets)
+        for i in n["inputs"]:
+            if i["name"] in required:
+                assert i["link"] is not None, (n["id"], i["name"])
+
+
+def check_our_widgets(node_type, values):
+    _, _, widgets = our_signature(node_type)
+    for name, value in values.items():
+        kind, opts = widgets[name]
+        if isinstance(kind, list):
+            if name == "model_name":  # the list is ComfyUI's files; the entry's form is ours
+                assert re.fullmatch(r"(diffusion_models|checkpoints|diffusers)/[^/].*", value), value
+            else:
+                assert value in kind, (name, value)
+        elif kind == "INT":
+            assert isinstance(value, int) and not isinstance(value, bool)
+            assert opts.get("min", -math.inf) <= value <= opts.get("max", math.inf), (name, value)
+        elif kind == "FLOAT":
+            assert isinstance(value, (int, float)) and opts.get("min", -math.inf) <= value <= opts.get("max", math.inf)
+        elif kind == "BOOLEAN":
+            assert isinstance(value, bool), (name, value)
+        else:
+            assert isinstance(value, str), (name, value)
+    if node_type == "XDiTParallelMesh":
+        # As ComfyUI does: VALIDATE_INPUTS gets only the inputs its signature names.
+        named = inspect.signature(XDiTParallelMesh.VALIDATE_INPUTS).parameters
+        assert XDiTParallelMesh.VALIDATE_INPUTS(**{k: v for k, v in values.items() if k in named}) is True
+
+
+def check_core_widgets(node_type, values):
+    for name, value in values.items():
+        spec = CORE_NODES[node_type]["widgets"][name]
+        if spec[0] == "FILE":
+            assert isinstance(value, str) and value.endswith(".safetensors"), (name, value)
+        elif spec[0] == "COMBO":
+            assert value in spec[1], (name, value)
+        elif spec[0] == "INT":
+            assert isinstance(value, int) and value >= spec[1] and value % spec[2] == 0, (name, value)
+        elif spec[0] == "FLOAT":
+            assert isinstance(value, (int, float)) and spec[1] <= value <= spec[2], (name, value)
+        else:
+            assert isinstance(value, str), (name, value)
+
+
+def nodes_of(ui, node_type):
+    return [n for n in ui["nodes"] if n["type"] == node_type]
+
+
+def source(ui, node, input_name):
+    """The UI node feeding `input_name` of `node`."""
+    link_id = next(i["link"] for i in node["inputs"] if i["name"] == input_name)
+    src = next(link[1] for link in ui["links"] if link[0] == link_id)
+    return next(n for n in ui["nodes"] if n["id"] == src)
+
+
+@pytest.mark.parametrize("path", UI_FILES, ids=ids)
+def test_mesh_runs_today_on_the_real_model(path):
+    """The mesh passes the sampler's own checks for the real model, cfg, steps and size (ulysses divides the
+    heads, cfg parallel only with a negative branch, ...), with one rank per given GPU."""
+    family, variant, heads, blocks = MODELS[path.stem]
+    ui = load(path)
+    (sampler,) = nodes_of(ui, "XDiTSampler")
+    mesh_node = source(ui, sampler, "mesh")
+    values = named_widgets(mesh_node)
+    mesh, summary = XDiTParallelMesh().build(**values)
+    settings = named_widgets(sampler)
+    cfg, latent_height = settings["cfg"], named_widgets(source(ui, sampler, "latent_image"))["height"] // 8
+    model = XDiTModel("unused", "bf16", family, variant, heads, blocks)
+    parallel = check_against_model(mesh, model, cfg, settings["steps"], latent_height)
+    assert parallel.world_size == mesh.gpu_count > 1 and mesh.layout == "manual", summary
+    assert named_widgets(source(ui, sampler, "model"))["family"] in ("auto", family)
+    if family == "flux":
+        assert cfg == 1.0 and not mesh.use_cfg_parallel and parallel.ulysses_degree == mesh.gpu_count
+        assert source(ui, sampler, "positive")["type"] == "FluxGuidance"
+    else:
+        assert cfg != 1.0 and mesh.use_cfg_parallel
+        assert source(ui, sampler, "negative")["type"] == "CLIPTextEncode"
+
+
+@pytest.mark.parametrize("path", UI_FILES, ids=ids)
+def test_note_names_every_file_and_the_meshes_for_2_4_8_gpus(path):
+    ui = load(path)
+    (note,) = nodes_of(ui, "Note")
+    text = note["widgets_values"][0]
+    for n in graph_nodes(ui):
+        for name, spec in CORE_NODES.get(n["type"], {}).get("widgets", {}).items():
+            if spec[0] == "FILE":
+                assert f"{spec[1]}/{named_widgets(n)[name]}" in text, (n["type"], name)
+        if n["type"] == "XDiTLoadModel":
+            assert named_widgets(n)["model_name"] in text
+    for gpus in (2, 4, 8):
+        assert re.search(rf"^- {gpus} GPUs: .*(ulysses|pipefusion_parallel)_degree \d", text, re.M), gpus
+
+
+def ui_to_api(ui):
+    """ComfyUI's 'Export (API)': Notes dropped, links as [source id, slot], widgets by name."""
+    links = {link[0]: link for link in ui["links"]}
+    prompt = {}
+    for n in graph_nodes(ui):
+        inputs = {i["name"]: [str(links[i["link"]][1]), links[i["link"]][2]]
+                  for i in n["inputs"] if i["link"] is not None}
+        inputs.update(named_widgets(n))
+        prompt[str(n["id"])] = {"class_type": n["type"], "inputs": inputs}
+    return prompt
+
+
+@pytest.mark.parametrize("path", UI_FILES, ids=ids)
+def test_api_file_is_the_ui_workflow_exported(path):
+    api = load(WORKFLOWS / "api" / path.name)
+    assert api == ui_to_api(load(path))
+
+
+def test_generator_output_is_what_is_committed():
+    spec = importlib.util.spec_from_file_location("build_workflows", ROOT / "tools" / "build_workflows.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # its dataclasses look their module up
+    try:
+        spec.loader.exec_module(module)
+    finally:
+        del sys.modules[spec.name]
+    rendered = module.render()
+    assert {str(p) for p in rendered} == {str(p.relative_to(ROOT)) for p in UI_FILES} | \
+        {str((WORKFLOWS / "api" / p.name).relative_to(ROOT)) for p in UI_FILES}
+    for rel, text in rendered.items():
+        assert (ROOT / rel).read_text() == text, f"{rel} is stale: run python tools/build_workflows.py"
+
+
+def test_readme_section_covers_every_workflow():
+    readme = (ROOT / "README.md").read_text()
+    section = readme.split("## Using it in ComfyUI")[1].split("\n## ")[0]
+    for path in UI_FILES:
+        assert f"`{path.name}`" in section, path.name
+    for display in NODE_DISPLAY_NAME_MAPPINGS.values():
+        assert display in section, display

@@ -1,0 +1,353 @@
+"""Build the example workflows from one description: UI format in workflows/, API format in workflows/api/.
+
+    python tools/build_workflows.py           # (re)write the files
+    python tools/build_workflows.py --check   # exit 1 if the committed files differ from what this builds
+
+Our nodes' signatures come from their INPUT_TYPES; the core ComfyUI nodes used are listed in CORE below.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+
+from nodes import NODE_CLASS_MAPPINGS  # noqa: E402
+
+WIDGET_TYPES = {"INT", "FLOAT", "STRING", "BOOLEAN", "COMBO"}
+
+# Core node signatures (ComfyUI 0.3.64): socket inputs, outputs, widget names, all in slot/widget order.
+CORE = {
+    "DualCLIPLoader": ([], [("CLIP", "CLIP")], ["clip_name1", "clip_name2", "type", "device"]),
+    "TripleCLIPLoader": ([], [("CLIP", "CLIP")], ["clip_name1", "clip_name2", "clip_name3"]),
+    "CLIPLoader": ([], [("CLIP", "CLIP")], ["clip_name", "type", "device"]),
+    "CLIPTextEncode": ([("clip", "CLIP")], [("CONDITIONING", "CONDITIONING")], ["text"]),
+    "FluxGuidance": ([("conditioning", "CONDITIONING")], [("CONDITIONING", "CONDITIONING")], ["guidance"]),
+    "ConditioningZeroOut": ([("conditioning", "CONDITIONING")], [("CONDITIONING", "CONDITIONING")], []),
+    "EmptySD3LatentImage": ([], [("LATENT", "LATENT")], ["width", "height", "batch_size"]),
+    "EmptyLatentImage": ([], [("LATENT", "LATENT")], ["width", "height", "batch_size"]),
+    "VAELoader": ([], [("VAE", "VAE")], ["vae_name"]),
+    "VAEDecode": ([("samples", "LATENT"), ("vae", "VAE")], [("IMAGE", "IMAGE")], []),
+    "SaveImage": ([("images", "IMAGE")], [], ["filename_prefix"]),
+}
+SIZES = {
+    "XDiTLoadModel": (360, 130), "XDiTParallelMesh": (360, 320), "XDiTSampler": (320, 334),
+    "DualCLIPLoader": (360, 130), "TripleCLIPLoader": (360, 106), "CLIPLoader": (360, 106),
+    "CLIPTextEncode": (420, 180), "FluxGuidance": (320, 58), "ConditioningZeroOut": (320, 26),
+    "EmptySD3LatentImage": (320, 106), "EmptyLatentImage": (320, 106), "VAELoader": (360, 58),
+    "VAEDecode": (210, 46), "SaveImage": (520, 560),
+}
+
+
+def signature(node_type: str):
+    """(socket inputs, outputs, widget names, widgets followed by a control_after_generate value)."""
+    if node_type in CORE:
+        sockets, outputs, widgets = CORE[node_type]
+        return sockets, outputs, widgets, set()
+    cls = NODE_CLASS_MAPPINGS[node_type]
+    spec = cls.INPUT_TYPES()
+    sockets, widgets, control = [], [], set()
+    for section in ("required", "optional"):
+        for name, entry in spec.get(section, {}).items():
+            kind, opts = entry[0], entry[1] if len(entry) > 1 else {}
+            if isinstance(kind, list) or kind in WIDGET_TYPES:
+                widgets.append(name)
+                if opts.get("control_after_generate"):
+                    control.add(name)
+            else:
+                sockets.append((name, kind))
+    names = getattr(cls, "RETURN_NAMES", None) or cls.RETURN_TYPES
+    return sockets, list(zip(names, cls.RETURN_TYPES)), widgets, control
+
+
+@dataclass
+class Out:
+    node: "Node"
+    slot: int
+
+
+@dataclass
+class Node:
+    id: int
+    type: str
+    pos: tuple
+    values: dict
+    title: str | None = None
+    color: tuple | None = None
+    size: tuple | None = None
+    note: str | None = None
+
+    def out(self, name: str) -> Out:
+        outputs = signature(self.type)[1]
+        return Out(self, [n for n, _ in outputs].index(name))
+
+
+@dataclass
+class Graph:
+    nodes: list = field(default_factory=list)
+
+    def add(self, node_type, pos, title=None, color=None, **values) -> Node:
+        node = Node(len(self.nodes) + 1, node_type, pos, values, title, color)
+        self.nodes.append(node)
+        return node
+
+    def note(self, pos, size, text) -> Node:
+        node = Node(len(self.nodes) + 1, "Note", pos, {}, size=size, note=text)
+        self.nodes.append(node)
+        return node
+
+
+POSITIVE, NEGATIVE = ("#232", "#353"), ("#322", "#533")
+
+
+def ui_format(graph: Graph) -> dict:
+    """LiteGraph's workflow JSON (version 0.4), as ComfyUI's frontend saves it."""
+    links, inputs, outputs = [], {}, {}
+    for node in graph.nodes:
+        if node.note is not None:
+            continue
+        sockets, outs, _, _ = signature(node.type)
+        inputs[node.id] = [{"name": n, "type": t, "link": None} for n, t in sockets]
+        outputs[node.id] = [{"name": n, "type": t, "links": [], "slot_index": i} for i, (n, t) in enumerate(outs)]
+    for node in graph.nodes:
+        for slot, (name, kind) in enumerate(signature(node.type)[0] if node.note is None else []):
+            src = node.values.get(name)
+            if src is None:
+                continue
+            link_id = len(links) + 1
+            links.append([link_id, src.node.id, src.slot, node.id, slot, kind])
+            inputs[node.id][slot]["link"] = link_id
+            outputs[src.node.id][src.slot]["links"].append(link_id)
+    order = topological_order(graph)
+    ui_nodes = []
+    for node in graph.nodes:
+        if node.note is not None:
+            ui_nodes.append({"id": node.id, "type": "Note", "pos": list(node.pos), "size": list(node.size),
+                             "flags": {}, "order": order[node.id], "mode": 0, "inputs": [], "outputs": [],
+                             "properties": {}, "widgets_values": [node.note], "color": "#432", "bgcolor": "#653"})
+            continue
+        entry = {"id": node.id, "type": node.type, "pos": list(node.pos), "size": list(SIZES[node.type]),
+                 "flags": {}, "order": order[node.id], "mode": 0, "inputs": inputs[node.id],
+                 "outputs": outputs[node.id], "properties": {"Node name for S&R": node.type},
+                 "widgets_values": widget_values(node, ui=True)}
+        if node.title:
+            entry["title"] = node.title
+        if node.color:
+            entry["color"], entry["bgcolor"] = node.color
+        ui_nodes.append(entry)
+    return {"last_node_id": max(n.id for n in graph.nodes), "last_link_id": len(links), "nodes": ui_nodes,
+            "links": links, "groups": [], "config": {}, "extra": {"ds": {"scale": 0.75, "offset": [480, 80]}},
+            "version": 0.4}
+
+
+def widget_values(node: Node, ui: bool):
+    _, _, widgets, control = signature(node.type)
+    sockets = {n for n, _ in signature(node.type)[0]}
+    unknown = set(node.values) - set(widgets) - sockets
+    missing = set(widgets) - set(node.values)
+    assert not unknown and not missing, (node.type, unknown, missing)
+    if not ui:
+        return {w: node.values[w] for w in widgets}
+    values = []
+    for w in widgets:
+        values.append(node.values[w])
+        if w in control:
+            values.append("randomize")
+    return values
+
+
+def api_format(graph: Graph) -> dict:
+    """The `POST /prompt` form: {id: {class_type, inputs}}, links as [source id, output slot]."""
+    prompt = {}
+    for node in graph.nodes:
+        if node.note is not None:
+            continue
+        inputs = {}
+        for name, _ in signature(node.type)[0]:
+            src = node.values.get(name)
+            if src is not None:
+                inputs[name] = [str(src.node.id), src.slot]
+        inputs.update(widget_values(node, ui=False))
+        prompt[str(node.id)] = {"class_type": node.type, "inputs": inputs}
+    return prompt
+
+
+def topological_order(graph: Graph) -> dict:
+    """Execution order the frontend stores in `order`: sources first, ties by id."""
+    deps = {n.id: {v.node.id for v in n.values.values() if isinstance(v, Out)} for n in graph.nodes}
+    order, done = {}, set()
+    while len(done) < len(deps):
+        ready = min(i for i, d in deps.items() if i not in done and d <= done)
+        order[ready] = len(order)
+        done.add(ready)
+    return order
+
+
+# ---- the workflows --------------------------------------------------------------------------------------
+
+FLUX_MODEL = "diffusion_models/flux1-dev.safetensors"
+SD35_MODEL = "diffusers/stable-diffusion-3.5-large/transformer"
+PIXART_MODEL = "diffusers/PixArt-Sigma-XL-2-1024-MS/transformer"
+PROMPT = ("a red fox in a snowy birch forest at dawn, soft golden light through the trees, "
+          "highly detailed photograph")
+
+
+def mesh(graph, pos, model, ulysses=1, ring=1, cfg_parallel=False, gpus=0, pipefusion=1, warmup=1):
+    return graph.add("XDiTParallelMesh", pos, layout="manual", ulysses_degree=ulysses, ring_degree=ring,
+                     pipefusion_parallel_degree=pipefusion, use_cfg_parallel=cfg_parallel, num_pipeline_patch=0,
+                     warmup_steps=warmup, gpu_count=gpus, model=model.out("model"), reserve_gpus=0, ray_address="",
+                     attention_backend="auto")
+
+
+def sampler(graph, pos, model, mesh_node, positive, negative, latent, steps, cfg, sampler_name, scheduler):
+    return graph.add("XDiTSampler", pos, model=model.out("model"), mesh=mesh_node.out("mesh"), positive=positive,
+                     negative=negative, latent_image=latent.out("LATENT"), seed=42, steps=steps, cfg=cfg,
+                     sampler_name=sampler_name, scheduler=scheduler, denoise=1.0, shift=0.0)
+
+
+def decode_and_save(graph, latent, vae, prefix):
+    decode = graph.add("VAEDecode", (1240, 60), samples=latent.out("LATENT"), vae=vae.out("VAE"))
+    graph.add("SaveImage", (1240, 150), images=decode.out("IMAGE"), filename_prefix=prefix)
+
+
+FLUX_NOTE = """xDiT: Flux.1 dev with Ulysses sequence parallelism
+
+Files, under ComfyUI/models/:
+- diffusion_models/flux1-dev.safetensors (Flux.1 dev, picked in "xDiT Load Diffusion Model"), or instead the transformer folder of black-forest-labs/FLUX.1-dev (config.json + *.safetensors) as diffusers/FLUX.1-dev/transformer/, picked as diffusers/FLUX.1-dev/transformer
+- text_encoders/clip_l.safetensors and text_encoders/t5xxl_fp16.safetensors (comfyanonymous/flux_text_encoders)
+- vae/ae.safetensors (the Flux VAE)
+
+Mesh (xDiT Parallel Mesh, layout manual, gpu_count = GPUs for the workers):
+- 2 GPUs: ulysses_degree 2
+- 4 GPUs: ulysses_degree 4 (as set here)
+- 8 GPUs: ulysses_degree 8; across two 4-GPU machines: ulysses 4 x ring 2
+Flux has 24 attention heads, so ulysses_degree must divide 24; use ring_degree for the rest. Flux runs at cfg 1 (guidance comes from FluxGuidance), so there is no negative branch: keep use_cfg_parallel off. layout auto chooses the same for you. The text encoders and VAE run in ComfyUI itself; the negative input is ignored at cfg 1."""
+
+SD35_NOTE = """xDiT: SD3.5 Large with CFG parallel x PipeFusion
+
+Files, under ComfyUI/models/:
+- diffusers/stable-diffusion-3.5-large/transformer/ (the transformer folder of stabilityai/stable-diffusion-3.5-large: config.json + *.safetensors), picked in "xDiT Load Diffusion Model"
+- text_encoders/clip_l.safetensors, text_encoders/clip_g.safetensors, text_encoders/t5xxl_fp16.safetensors (the text_encoders of the same repository)
+- vae/sd3.5_vae.safetensors (its vae/diffusion_pytorch_model.safetensors, renamed)
+
+Mesh (xDiT Parallel Mesh, layout manual, gpu_count = GPUs for the workers). CFG parallel puts the positive and the negative prompt on two halves of the GPUs (needs cfg != 1); PipeFusion splits the 38 blocks into stages (each GPU holds only its stage's weights) and pipelines patches of the image through them, as xDiT advises for SD3:
+- 2 GPUs: use_cfg_parallel, pipefusion_parallel_degree 1
+- 4 GPUs: use_cfg_parallel, pipefusion_parallel_degree 2 (as set here)
+- 8 GPUs: use_cfg_parallel, pipefusion_parallel_degree 4
+PipeFusion is exact for its first warmup_steps steps and then uses one-step-stale attention for patches not yet recomputed (a small, measured difference); set warmup_steps to the step count for an exact result, or use ulysses_degree 2 instead of PipeFusion (SD3.5 Large has 38 heads, so Ulysses can only be 1 or 2; go further with ring_degree). layout auto picks CFG parallel x PipeFusion."""
+
+PIXART_NOTE = """xDiT: PixArt-Sigma with a hybrid mesh (CFG parallel x Ulysses x Ring)
+
+Files, under ComfyUI/models/:
+- diffusers/PixArt-Sigma-XL-2-1024-MS/transformer/ (the transformer folder of PixArt-alpha/PixArt-Sigma-XL-2-1024-MS: config.json + *.safetensors), picked in "xDiT Load Diffusion Model"
+- text_encoders/t5xxl_fp16.safetensors (T5-XXL; the CLIPLoader's type is pixart)
+- vae/sdxl_vae.safetensors (the SDXL VAE, which PixArt-Sigma uses)
+
+Mesh (xDiT Parallel Mesh, layout manual, gpu_count = GPUs for the workers):
+- 2 GPUs: use_cfg_parallel, ulysses_degree 1
+- 4 GPUs: use_cfg_parallel, ulysses_degree 2
+- 8 GPUs: use_cfg_parallel, ulysses_degree 2, ring_degree 2 (as set here); cfg x ulysses 4 also works
+PixArt-Sigma has 16 attention heads, so ulysses_degree must divide 16. use_cfg_parallel needs cfg != 1. Width and height must be multiples of 16."""
+
+
+def flux1_ulysses() -> Graph:
+    g = Graph()
+    g.note((-460, 60), (420, 620), FLUX_NOTE)
+    model = g.add("XDiTLoadModel", (0, 60), model_name=FLUX_MODEL, weight_dtype="default", family="auto",
+                  variant="auto")
+    clip = g.add("DualCLIPLoader", (0, 230), clip_name1="clip_l.safetensors", clip_name2="t5xxl_fp16.safetensors",
+                 type="flux", device="default")
+    vae = g.add("VAELoader", (0, 400), vae_name="ae.safetensors")
+    latent = g.add("EmptySD3LatentImage", (0, 500), width=1024, height=1024, batch_size=1)
+    text = g.add("CLIPTextEncode", (400, 60), title="Positive prompt", color=POSITIVE, text=PROMPT,
+                 clip=clip.out("CLIP"))
+    guided = g.add("FluxGuidance", (400, 280), conditioning=text.out("CONDITIONING"), guidance=3.5)
+    zero = g.add("ConditioningZeroOut", (400, 380), title="Negative (unused at cfg 1)", color=NEGATIVE,
+                 conditioning=text.out("CONDITIONING"))
+    m = mesh(g, (400, 450), model, ulysses=4, gpus=4)
+    s = sampler(g, (880, 60), model, m, guided.out("CONDITIONING"), zero.out("CONDITIONING"), latent, 20, 1.0,
+                "euler", "simple")
+    decode_and_save(g, s, vae, "xdit_flux1")
+    return g
+
+
+def sd35_cfg_parallel() -> Graph:
+    g = Graph()
+    g.note((-460, 60), (420, 620), SD35_NOTE)
+    model = g.add("XDiTLoadModel", (0, 60), model_name=SD35_MODEL, weight_dtype="default", family="auto",
+                  variant="auto")
+    clip = g.add("TripleCLIPLoader", (0, 230), clip_name1="clip_l.safetensors", clip_name2="clip_g.safetensors",
+                 clip_name3="t5xxl_fp16.safetensors")
+    vae = g.add("VAELoader", (0, 380), vae_name="sd3.5_vae.safetensors")
+    latent = g.add("EmptySD3LatentImage", (0, 480), width=1024, height=1024, batch_size=1)
+    pos = g.add("CLIPTextEncode", (400, 60), title="Positive prompt", color=POSITIVE, text=PROMPT,
+                clip=clip.out("CLIP"))
+    neg = g.add("CLIPTextEncode", (400, 280), title="Negative prompt", color=NEGATIVE,
+                text="blurry, low quality, watermark, text", clip=clip.out("CLIP"))
+    m = mesh(g, (400, 500), model, cfg_parallel=True, gpus=4, pipefusion=2, warmup=2)
+    s = sampler(g, (880, 60), model, m, pos.out("CONDITIONING"), neg.out("CONDITIONING"), latent, 28, 4.5,
+                "euler", "sgm_uniform")
+    decode_and_save(g, s, vae, "xdit_sd35")
+    return g
+
+
+def pixart_sigma_hybrid() -> Graph:
+    g = Graph()
+    g.note((-460, 60), (420, 620), PIXART_NOTE)
+    model = g.add("XDiTLoadModel", (0, 60), model_name=PIXART_MODEL, weight_dtype="default", family="auto",
+                  variant="auto")
+    clip = g.add("CLIPLoader", (0, 230), clip_name="t5xxl_fp16.safetensors", type="pixart", device="default")
+    vae = g.add("VAELoader", (0, 380), vae_name="sdxl_vae.safetensors")
+    latent = g.add("EmptyLatentImage", (0, 480), width=1024, height=1024, batch_size=1)
+    pos = g.add("CLIPTextEncode", (400, 60), title="Positive prompt", color=POSITIVE, text=PROMPT,
+                clip=clip.out("CLIP"))
+    neg = g.add("CLIPTextEncode", (400, 280), title="Negative prompt", color=NEGATIVE,
+                text="blurry, low quality, watermark, text", clip=clip.out("CLIP"))
+    m = mesh(g, (400, 500), model, ulysses=2, ring=2, cfg_parallel=True, gpus=8)
+    s = sampler(g, (880, 60), model, m, pos.out("CONDITIONING"), neg.out("CONDITIONING"), latent, 20, 4.5,
+                "dpmpp_2m", "normal")
+    decode_and_save(g, s, vae, "xdit_pixart_sigma")
+    return g
+
+
+WORKFLOWS = {"flux1_ulysses": flux1_ulysses, "sd35_cfg_parallel": sd35_cfg_parallel,
+             "pixart_sigma_hybrid": pixart_sigma_hybrid}
+
+
+def render() -> dict[Path, str]:
+    """Every output file's path (relative to the repo) and text."""
+    files = {}
+    for name, build in WORKFLOWS.items():
+        graph = build()
+        files[Path("workflows") / f"{name}.json"] = json.dumps(ui_format(graph), indent=2) + "\n"
+        files[Path("workflows") / "api" / f"{name}.json"] = json.dumps(api_format(graph), indent=2) + "\n"
+    return files
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--check", action="store_true", help="compare with the committed files, write nothing")
+    args = parser.parse_args(argv)
+    stale = []
+    for rel, text in render().items():
+        path = ROOT / rel
+        if args.check:
+            if not path.is_file() or path.read_text() != text:
+                stale.append(str(rel))
+        else:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            path.write_text(text)
+            print(f"wrote {rel}")
+    if stale:
+        print("out of date (run python tools/build_workflows.py): " + ", ".join(stale))
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
