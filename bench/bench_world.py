@@ -1,42 +1,358 @@
-"""Rank-side code of the CPU scaling benchmark (importable by spawned processes)."""
+"""Rank-side code of the benchmarks. `spawn_world` starts these in fresh gloo processes, so they live at
+module level; every rank of the world calls the same function with the same payload."""
+
+from __future__ import annotations
+
+import statistics
 import time
+from typing import Any, Callable, Optional
 
 import torch
 import torch.distributed as dist
+import torch.nn.functional as F
 
+from bench.common import proc_status_kb
+from xdit_core.attention import SPGroups, select_lse_kernel
+from xdit_core.comm import Comm
 from xdit_core.engine import run_request
 from xdit_core.loading import load_model
-from xdit_core.mesh import Mesh
+from xdit_core.mesh import Mesh, ParallelConfig
 from xdit_core.models import make_adapter
+from xdit_core.models.base import ModelAdapter
 from xdit_core.rank_context import RankContext
+from xdit_core.request import SampleRequest
+from xdit_core.sampling import is_max_denoise
+from xdit_core.sequence_parallel import SequenceParallelRunner
 
 
-def run(rank: int, device: torch.device, payload) -> dict:
-    """For each repeat and config (ParallelConfig, ring_impl): member ranks run it, the others wait.
+def _sent(ctx: Optional[RankContext]) -> dict[str, int]:
+    """Bytes this rank sent over the run's steps, by kind (the per-step tallies summed)."""
+    if ctx is None:
+        return {}
+    out: dict[str, int] = {}
+    for step in ctx.counter.per_step:
+        for k, v in step.items():
+            out[k] = out.get(k, 0) + v
+    return out
 
-    Returns {config: {"times": [s], "bytes_per_step": rank's mean bytes sent per step}}.
-    """
-    path, request, configs, repeats = payload
-    meshes = {name: Mesh(cfg, list(range(cfg.world_size))) for name, (cfg, _) in configs.items()}
+
+def _param_bytes(adapter: ModelAdapter) -> int:
+    return sum(p.numel() * p.element_size() for p in adapter.model.parameters() if not p.is_meta)
+
+
+def _adapters(path: str, configs: dict[str, ParallelConfig], meshes: dict[str, Mesh]) -> dict[str, ModelAdapter]:
+    """One shared adapter; PipeFusion frees the blocks of other stages, so each PipeFusion config gets its own."""
     shared = make_adapter(*load_model(path))
-    # PipeFusion frees the blocks of other stages, so each PipeFusion config gets its own copy.
-    adapters = {name: make_adapter(*load_model(path)) if cfg.pipefusion_parallel_degree > 1 else shared
-                for name, (cfg, _) in configs.items() if meshes[name].is_member}
-    out = {name: {"times": [], "bytes_per_step": 0.0} for name in configs}
-    run_request(shared, request)  # warm-up: first-call allocations and kernel selection
-    for rep in range(repeats):
-        order = list(configs) if rep % 2 == 0 else list(reversed(configs))  # balance drift
+    return {
+        name: make_adapter(*load_model(path)) if cfg.pipefusion_parallel_degree > 1 else shared
+        for name, cfg in configs.items()
+        if meshes[name].is_member
+    }
+
+
+# ---------------------------------------------------------------------------------------------------
+# CPU scaling (timed configs) and the calibration of the performance model
+# ---------------------------------------------------------------------------------------------------
+def scaling_world(rank: int, device: torch.device, payload: dict[str, Any]) -> dict[str, Any]:
+    """Calibrate (rank 0 times the blocks serially, ranks 0 and 1 measure the link), then time every config
+    `repeats` times, interleaved (the order reversed every other repeat); ranks outside a mesh wait.
+
+    payload: path, requests {key: SampleRequest}, configs {name: (ParallelConfig, ring_impl, request key)},
+    repeats, calibration_sizes {size: SampleRequest}. Returns times, bytes sent per config, and on rank 0
+    the calibration samples.
+    """
+    configs = {name: c[0] for name, c in payload["configs"].items()}
+    meshes = {name: Mesh(cfg, list(range(cfg.world_size))) for name, cfg in configs.items()}
+    adapters = _adapters(payload["path"], configs, meshes)
+    requests = payload["requests"]
+    times: dict[str, list[float]] = {name: [] for name in configs}
+    sent: dict[str, dict[str, int]] = {}
+    shared = next(a for n, a in adapters.items() if configs[n].pipefusion_parallel_degree == 1)
+    run_request(shared, next(iter(requests.values())))  # first-call allocations and kernel selection
+    out: dict[str, Any] = {}
+    if rank == 0:  # the calibration first, while rank 1 waits
+        out["blocks"] = time_blocks(shared, payload["calibration_sizes"], payload["calibration_repeats"])
+    dist.barrier()
+    link = link_samples(rank, payload["calibration_repeats"])
+    if rank == 0:
+        out["link"] = link
+    contention, probe = [], _evaluation(shared, next(iter(requests.values())))
+    for rep in range(payload["repeats"]):
+        contention.append(_contention(rank, probe))
+        order = list(configs) if rep % 2 == 0 else list(reversed(configs))
         for name in order:
             dist.barrier()
-            mesh = meshes[name]
-            if mesh.is_member:
-                cfg, ring_impl = configs[name]
-                ctx = RankContext(mesh, device, ring_impl=ring_impl) if cfg.world_size > 1 else None
+            if meshes[name].is_member:
+                cfg, ring_impl, key = payload["configs"][name]
+                ctx = RankContext(meshes[name], device, ring_impl=ring_impl) if cfg.world_size > 1 else None
                 t0 = time.perf_counter()
-                run_request(adapters[name], request, ctx=ctx)
-                out[name]["times"].append(time.perf_counter() - t0)
-                if ctx is not None:
-                    steps = ctx.counter.per_step
-                    out[name]["bytes_per_step"] = sum(sum(s.values()) for s in steps) / len(steps)
+                run_request(adapters[name], requests[key], ctx=ctx)
+                times[name].append(time.perf_counter() - t0)
+                sent[name] = _sent(ctx)
             dist.barrier()
+    out.update(times=times, bytes=sent, contention=contention)
     return out
+
+
+def _contention(rank: int, evaluate: Callable[[], Any]) -> float:
+    """How much slower rank 0 runs one serial evaluation of the model while every rank runs one than while
+    the others wait (the ranks share cores, caches and memory bandwidth with each other and with
+    whatever else runs on the machine)."""
+    alone, both = [], []
+    for _ in range(3):  # interleaved; the fastest of each, as the load of other processes comes and goes
+        dist.barrier()
+        if rank == 0:
+            alone.append(_median_time(evaluate, 1))
+        dist.barrier()
+        both.append(_median_time(evaluate, 1))
+    dist.barrier()
+    return min(both) / min(alone) if rank == 0 else 0.0
+
+
+def _sp_evaluation(adapter: ModelAdapter, request: SampleRequest) -> Callable[[], Any]:
+    """`_evaluation` through a degree-1 SequenceParallelRunner: all of its work but no communication."""
+    lone = Comm(None, [0], None)
+    runner = SequenceParallelRunner(adapter, SPGroups(lone, lone, select_lse_kernel(torch.device("cpu"))), lone)
+    return _evaluation(adapter, request, runner.predict)
+
+
+def _evaluation(
+    adapter: ModelAdapter, request: SampleRequest, predict: Optional[Callable[..., Any]] = None
+) -> Callable[[], Any]:
+    """One serial model evaluation at the request's first sigma (positive branch)."""
+    ms = adapter.spec.model_sampling(request.shift, width=request.width, height=request.height)
+    sigma = request.sigmas[0]
+    x = ms.noise_scaling(sigma, request.noise, request.latent_image, is_max_denoise(ms, request.sigmas))
+    xc = ms.calculate_input(sigma, x).to(adapter.dtype)
+    timestep = ms.timestep(sigma.reshape(1).cpu()).float().to(x.device).expand(x.shape[0])
+    predict = predict or adapter.predict
+    return torch.no_grad()(lambda: predict(xc, timestep, request.positive, request.guidance))
+
+
+class _AttentionShapes(torch.overrides.TorchFunctionMode):
+    """Records the (query, key, value) shapes of every scaled_dot_product_attention call."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.shapes: list[tuple[torch.Size, torch.Size, torch.Size]] = []
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if func is F.scaled_dot_product_attention:
+            q, k, v = (args[i] if len(args) > i else kwargs[n] for i, n in enumerate(("query", "key", "value")))
+            self.shapes.append((q.shape, k.shape, v.shape))
+        return func(*args, **kwargs)
+
+
+def _sync() -> None:
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        torch.cuda.synchronize()
+
+
+def _median_time(fn: Callable[[], Any], repeats: int) -> float:
+    """Median seconds of `fn` (CUDA work included: the device is synchronised around each call)."""
+    times = []
+    for _ in range(repeats):
+        _sync()
+        t0 = time.perf_counter()
+        fn()
+        _sync()
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times)
+
+
+@torch.no_grad()
+def time_blocks(adapter: ModelAdapter, requests: dict[int, SampleRequest], repeats: int) -> dict[str, Any]:
+    """Serial per-block times at several resolutions, uninstrumented; each block's attention kernels timed
+    apart on tensors of the shapes the block used (recorded in one extra pass), the rest is the
+    difference. Also the embedder, the head and a whole sampler step. Medians over `repeats`.
+
+    `sp_overhead`: what our sequence-parallel machinery (attention interception, layout copies) adds to
+    one evaluation at degree 1, where no byte moves.
+
+    Returns {"kinds": [block class per block], "rest": [[block, tokens, s]], "attention": [[block, q, k, s]],
+    "embed": [[tokens, s]], "head": [[tokens, s]], "step": [[image tokens, step s, evaluation s]],
+    "sp_overhead": [[tokens, s]]}.
+    """
+    a = adapter
+    blocks = a.blocks()
+    out: dict[str, Any] = {
+        "kinds": [type(b).__name__ for b, _ in blocks],
+        "rest": [],
+        "attention": [],
+        "embed": [],
+        "head": [],
+        "step": [],
+        "sp_overhead": [],
+    }
+    for _, request in sorted(requests.items()):
+        ms = a.spec.model_sampling(request.shift, width=request.width, height=request.height)
+        sigma = request.sigmas[0]
+        x = ms.noise_scaling(sigma, request.noise, request.latent_image, is_max_denoise(ms, request.sigmas))
+        xc = ms.calculate_input(sigma, x).to(a.dtype)
+        timestep = ms.timestep(sigma.reshape(1).cpu()).float().to(x.device).expand(x.shape[0])
+        embed = lambda: a.embed(xc, timestep, request.positive, request.guidance)
+        inputs = [embed()]
+        shapes = []
+        for block, run in blocks:  # the input of every block, and its attention shapes
+            recorder = _AttentionShapes()
+            with recorder:
+                inputs.append(run(block, inputs[-1]))
+            shapes.append(recorder.shapes)
+        tokens = inputs[-1]
+        n_img = tokens.img.shape[1]
+        n_txt = tokens.txt.shape[1] if a.TEXT_IS_JOINT and tokens.txt is not None else 0
+        out["embed"].append([n_img + n_txt, _median_time(embed, repeats)])
+        out["head"].append([n_img, _median_time(lambda: a.head(tokens), repeats)])
+        for i, (block, run) in enumerate(blocks):
+            total = _median_time(lambda: run(block, inputs[i]), repeats)
+            kernels = 0.0
+            for qs, ks, vs in shapes[i]:
+                q, k, v = (torch.randn(shape, device=xc.device, dtype=a.dtype) for shape in (qs, ks, vs))
+                t = _median_time(lambda: F.scaled_dot_product_attention(q, k, v), repeats)
+                out["attention"].append([i, qs[-2], ks[-2], t])
+                kernels += t
+            out["rest"].append([i, n_img + n_txt, max(0.0, total - kernels)])
+        evaluation = _median_time(_evaluation(a, request), repeats)
+        out["sp_overhead"].append(
+            [n_img + n_txt, max(0.0, _median_time(_sp_evaluation(a, request), repeats) - evaluation)]
+        )
+        step = _median_time(lambda: run_request(a, request), max(1, repeats // 2)) / request.steps
+        out["step"].append([n_img, step, evaluation])
+    return out
+
+
+def link_samples(
+    rank: int, repeats: int, sizes: tuple[int, ...] = (64, 1 << 14, 1 << 18, 1 << 21, 1 << 23)
+) -> dict[str, Any]:
+    """Ranks 0 and 1 of the default group (the others only join the collectives' barriers): seconds per
+    transfer by kind and size, and how much of a point-to-point exchange hides behind compute.
+
+    Returns {"p2p" | "all_to_all" | "all_gather": [[tensor bytes, s]], "overlap": fraction}.
+    """
+    world = dist.get_world_size()
+    pair = dist.new_group([0, 1]) if world > 2 else None
+    out: dict[str, Any] = {"p2p": [], "all_to_all": [], "all_gather": []}
+    member = rank < 2
+    for size in sizes:
+        x = torch.ones(size // 4)
+        samples: dict[str, list[float]] = {k: [] for k in ("p2p", "all_to_all", "all_gather")}
+        for _ in range(repeats):
+            if member:
+                dist.barrier(group=pair)
+                t0 = time.perf_counter()
+                if rank == 0:
+                    dist.send(x, 1, group=pair)
+                    dist.recv(x, 1, group=pair)
+                else:
+                    dist.recv(x, 0, group=pair)
+                    dist.send(x, 0, group=pair)
+                samples["p2p"].append((time.perf_counter() - t0) / 2)
+                y = torch.empty_like(x)
+                dist.barrier(group=pair)
+                t0 = time.perf_counter()
+                dist.all_to_all_single(y, x, group=pair)
+                samples["all_to_all"].append(time.perf_counter() - t0)
+                gathered = [torch.empty_like(x) for _ in range(2)]
+                dist.barrier(group=pair)
+                t0 = time.perf_counter()
+                dist.all_gather(gathered, x, group=pair)
+                samples["all_gather"].append(time.perf_counter() - t0)
+        if member:
+            for k, v in samples.items():
+                out[k].append([size, statistics.median(v)])
+    out["overlap"] = _overlap(rank, repeats, pair) if member else 0.0
+    dist.barrier()
+    return out
+
+
+def _overlap(rank: int, repeats: int, group) -> float:
+    """1 - (exchange and compute together - compute alone) / exchange alone, median over repeats, in [0, 1]."""
+    a = torch.randn(256, 256)
+    payload = torch.ones(1 << 21)  # 8 MB each way
+    peer = 1 - rank
+
+    def compute() -> None:
+        for _ in range(40):
+            a @ a
+
+    def exchange() -> list:
+        buf = torch.empty_like(payload)
+        return dist.batch_isend_irecv(
+            [dist.P2POp(dist.isend, payload, peer, group=group), dist.P2POp(dist.irecv, buf, peer, group=group)]
+        )
+
+    fractions = []
+    for _ in range(repeats):
+        dist.barrier(group=group)
+        t0 = time.perf_counter()
+        compute()
+        t_compute = time.perf_counter() - t0
+        dist.barrier(group=group)
+        t0 = time.perf_counter()
+        for w in exchange():
+            w.wait()
+        t_comm = time.perf_counter() - t0
+        dist.barrier(group=group)
+        t0 = time.perf_counter()
+        works = exchange()
+        compute()
+        for w in works:
+            w.wait()
+        t_both = time.perf_counter() - t0
+        fractions.append(min(1.0, max(0.0, 1 - (t_both - t_compute) / t_comm)))
+    return statistics.median(fractions)
+
+
+# ---------------------------------------------------------------------------------------------------
+# Fidelity and communication
+# ---------------------------------------------------------------------------------------------------
+def fidelity_world(rank: int, device: torch.device, payload: dict[str, Any]) -> dict[str, Any]:
+    """Run every case (name, model path, ParallelConfig, ring_impl, request key); ranks outside a case's mesh
+    wait. Returns per case: the final latent (rank 0), bytes sent over the run, parameter bytes held."""
+    requests = payload["requests"]
+    adapters: dict[str, ModelAdapter] = {}
+    results: dict[str, Any] = {}
+    for name, path, config, ring_impl, key in payload["cases"]:
+        mesh = Mesh(config, list(range(config.world_size)))
+        if not mesh.is_member:
+            continue
+        if config.pipefusion_parallel_degree > 1:
+            adapter = make_adapter(*load_model(path))
+        else:
+            adapter = adapters.setdefault(path, make_adapter(*load_model(path)))
+        ctx = RankContext(mesh, device, ring_impl=ring_impl)
+        out = run_request(adapter, requests[key], ctx=ctx)
+        results[name] = {
+            "out": out if rank == 0 else None,
+            "bytes": _sent(ctx),
+            "param_bytes": _param_bytes(adapter),
+            "effective_patches": ctx.effective_patches,
+            "coords": mesh.coords,
+        }
+    return results
+
+
+# ---------------------------------------------------------------------------------------------------
+# Memory
+# ---------------------------------------------------------------------------------------------------
+def memory_world(rank: int, device: torch.device, payload: tuple[str, ParallelConfig, SampleRequest]) -> dict[str, int]:
+    """One config in fresh processes, loaded as the pool's workers load it (a PipeFusion stage reads only
+    its share): resident memory before loading, after loading, peak (VmHWM) after a run, and the
+    parameter bytes the rank holds."""
+    from xdit_core.generate import pipefusion_parts
+
+    path, config, request = payload
+    base = proc_status_kb("VmRSS")
+    mesh = Mesh(config, list(range(config.world_size)))
+    adapter = make_adapter(*load_model(path, parts=pipefusion_parts(path, None, None, config, rank)))
+    loaded = proc_status_kb("VmRSS")
+    ctx = RankContext(mesh, device) if config.world_size > 1 else None
+    run_request(adapter, request, ctx=ctx)
+    return {
+        "rss_base_kb": base,
+        "rss_loaded_kb": loaded,
+        "hwm_kb": proc_status_kb("VmHWM"),
+        "rss_end_kb": proc_status_kb("VmRSS"),
+        "param_bytes": _param_bytes(adapter),
+    }

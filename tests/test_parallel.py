@@ -22,6 +22,7 @@ from xdit_core.tiny import write_tiny
 import parallel_world
 
 PATHS = {}  # family -> tiny model folder of the shared world
+CASES = []  # (name, model path, ParallelConfig, ring_impl, SampleRequest) of the shared world
 TOL = 1e-4  # max|parallel - serial| / max|serial|
 STEPS, CFG = 2, 4.0
 CONFIGS = {
@@ -102,6 +103,7 @@ def world(tmp_path_factory):
         for name in (PF_PIPELINED if key in FAMILIES else ("pf2",)):
             cfg = replace(PF_CONFIGS[name], warmup_steps=1)
             cases.append((f"{key}/pipelined/{name}", str(path), cfg, "p2p", request))
+    CASES[:] = cases
     per_rank = spawn_world(parallel_world.run_cases, 8, cases, threads=1, timeout_s=600)
     return per_rank[0], refs, shapes, per_rank
 
@@ -164,6 +166,25 @@ def test_counters_equal_analytic_bytes(world, family, size, config):
     for step in res["per_step"]:
         assert step == expected
     assert res["total"] == {k: v * STEPS for k, v in expected.items()}
+
+
+def test_performance_model_charges_exactly_the_counted_bytes(world):
+    """What the latency model (bench/perfmodel.py) charges each rank equals that rank's counters, in every
+    case of the world: USP, CFG parallel, PipeFusion (warmup and pipelined), hybrids, even and uneven sizes."""
+    from bench.calibrate import model_shape, shape_workload
+    from bench.perfmodel import message_bytes
+
+    _, _, _, per_rank = world
+    adapters = {}
+    for name, path, config, ring_impl, request in CASES:
+        if path not in adapters:
+            adapters[path] = make_adapter(*load_model(path))
+        workload = shape_workload(model_shape(adapters[path], request))
+        for rank in range(config.world_size):
+            steps = per_rank[rank][name]["per_step"]
+            counted = {k: sum(s.get(k, 0) for s in steps) for k in COMM_KINDS}
+            model = message_bytes(workload, config, rank, len(steps), ring_impl)
+            assert model == counted, f"{name}, rank {rank}"
 
 
 @pytest.mark.parametrize("config,kind", [("u2", "ulysses_all_to_all"), ("r2", "ring_p2p")])

@@ -1,0 +1,174 @@
+"""Every benchmark in one go: `python -m bench [NAME ...] [--quick] [--publish]`.
+
+NAMEs (default: all, in this order): fidelity, communication, memory, cpu_scaling, overheads, model.
+Prints one table (or a few) per benchmark, writes bench/results/<name>.json, bench/results/tables.md and
+PNG plots into bench/results/. `--publish` also copies the plots into docs/ and writes the model's test
+fixture (tests/fixtures/perf_cpu.json) from the cpu_scaling run. `--quick` shrinks every size for a
+smoke run (about 3 minutes); the default sizes take about 15 minutes on 2 cores.
+"""
+
+from __future__ import annotations
+
+import argparse
+import shutil
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any, Callable
+
+from bench import common, plots
+
+NAMES = ("fidelity", "communication", "memory", "cpu_scaling", "overheads", "model")
+FIXTURE = common.ROOT / "tests" / "fixtures" / "perf_cpu.json"
+
+SIZES = {  # option: (default, --quick)
+    "fid_size": (256, 128),
+    "fid_steps": (4, 3),
+    "size": (384, 128),
+    "steps": (6, 2),
+    "repeats": (5, 2),
+    "calibration_sizes": ((128, 256, 384, 512), (64, 128, 192)),
+    "calibration_repeats": (3, 2),
+    "mem_size": (256, 128),
+    "ovh_size": (256, 128),
+    "ovh_steps": (4, 2),
+    "pool_size": (256, 128),
+}
+
+
+def parse(argv: list[str]) -> argparse.Namespace:
+    ap = argparse.ArgumentParser(prog="python -m bench", description=__doc__.splitlines()[0])
+    ap.add_argument("names", nargs="*", metavar="NAME", help=f"benchmarks to run: {', '.join(NAMES)} (default: all)")
+    ap.add_argument("--quick", action="store_true", help="small sizes and few repeats (a smoke run)")
+    ap.add_argument(
+        "--publish", action="store_true", help="also write docs/perf_*.png and tests/fixtures/perf_cpu.json"
+    )
+    for name, (default, quick) in SIZES.items():
+        ap.add_argument(
+            f"--{name.replace('_', '-')}",
+            dest=name,
+            type=int,
+            nargs="+" if isinstance(default, tuple) else None,
+            help=f"default {default}, --quick {quick}",
+        )
+    opts = ap.parse_args(argv)
+    unknown = [n for n in opts.names if n not in NAMES]
+    if unknown:
+        ap.error(f"unknown benchmark {', '.join(unknown)}; choose from {', '.join(NAMES)}")
+    opts.names = [n for n in NAMES if n in opts.names] if opts.names else list(NAMES)
+    for name, (default, quick) in SIZES.items():
+        if getattr(opts, name) is None:
+            setattr(opts, name, quick if opts.quick else default)
+    return opts
+
+
+def main(argv: list[str]) -> None:
+    opts = parse(argv)
+    command = "python -m bench " + " ".join(argv)
+    from bench import cpu_scaling, fidelity, memory, overheads, published
+
+    results: dict[str, Any] = {}
+    reports: list[str] = []
+    made: list[Path] = []
+    started = time.perf_counter()
+
+    def emit(text: str) -> None:
+        print(text + "\n", flush=True)
+        reports.append(text)
+
+    with tempfile.TemporaryDirectory() as tmp_name:
+        tmp = Path(tmp_name)
+
+        def fid() -> None:
+            if "fidelity" not in results:
+                results["fidelity"] = fidelity.run(opts, tmp)
+                common.write_json("fidelity", results["fidelity"] | {"command": command})
+
+        def do_fidelity() -> None:
+            fid()
+            emit(fidelity.report_fidelity(results["fidelity"]))
+            made.append(plots.fidelity(results["fidelity"], common.RESULTS))
+
+        def do_communication() -> None:
+            fid()
+            emit(fidelity.report_communication(results["fidelity"]))
+            made.append(plots.communication(results["fidelity"], common.RESULTS))
+
+        def do_memory() -> None:
+            results["memory"] = memory.run(opts, tmp)
+            common.write_json("memory", results["memory"] | {"command": command})
+            emit(memory.report(results["memory"]))
+            made.append(plots.memory(results["memory"], common.RESULTS))
+
+        def do_scaling() -> None:
+            results["cpu_scaling"] = cpu_scaling.run(opts, tmp)
+            common.write_json("cpu_scaling", results["cpu_scaling"] | {"command": command})
+            emit(cpu_scaling.report(results["cpu_scaling"]))
+            made.append(plots.cpu_scaling(results["cpu_scaling"], common.RESULTS))
+
+        def do_overheads() -> None:
+            results["overheads"] = overheads.run(opts, tmp)
+            common.write_json("overheads", results["overheads"] | {"command": command})
+            emit(overheads.report(results["overheads"]))
+
+        def do_model() -> None:
+            results["model"] = published.run()
+            common.write_json("model", results["model"] | {"command": command})
+            emit(published.report(results["model"]))
+            made.append(plots.published(results["model"], common.RESULTS))
+            made.append(plots.scaling(results["model"], common.RESULTS))
+
+        steps: dict[str, Callable[[], None]] = dict(
+            fidelity=do_fidelity,
+            communication=do_communication,
+            memory=do_memory,
+            cpu_scaling=do_scaling,
+            overheads=do_overheads,
+            model=do_model,
+        )
+        info = common.machine()
+        print(
+            f"{command}\nmachine: {info['cpu']}, {info['cores']} cores, torch {info['torch']}, load average "
+            f"{' '.join(info['load_average'])}, git {info['git']}\n",
+            flush=True,
+        )
+        for name in opts.names:
+            t0 = time.perf_counter()
+            steps[name]()
+            print(f"[{name}: {time.perf_counter() - t0:.0f} s]\n", flush=True)
+    total = time.perf_counter() - started
+    header = (
+        f"`{command}` on {info['cpu']} ({info['cores']} cores, load average at start "
+        f"{' '.join(info['load_average'])}), torch {info['torch']}, git {info['git']}; {total / 60:.1f} min\n\n"
+    )
+    (common.RESULTS / "tables.md").write_text(header + "\n\n".join(reports) + "\n")
+    if opts.publish:
+        for path in made:
+            shutil.copy(path, common.DOCS / path.name)
+        if "cpu_scaling" in results:
+            write_fixture(results["cpu_scaling"], command, info)
+    print(f"total {total / 60:.1f} min; results in {common.RESULTS}" + (" and docs/" if opts.publish else ""))
+
+
+def write_fixture(result: dict[str, Any], command: str, info: dict[str, Any]) -> None:
+    """The calibrated model inputs and the measured times and bytes of every CPU config (tests/test_perfmodel.py)."""
+    import json
+    import statistics
+
+    keep = ("config", "ring_impl", "request", "baseline", "ranks", "measured", "bytes", "predicted_s")
+    data = {
+        "command": command,
+        "machine": info,
+        "size": result["size"],
+        "steps": result["steps"],
+        "link": result["link"],
+        "contention": statistics.median(result["contention"]),
+        "workloads": result["workloads"],
+        "rows": {n: {k: r[k] for k in keep} for n, r in result["rows"].items()},
+    }
+    FIXTURE.write_text(json.dumps(data, indent=1) + "\n")
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])

@@ -1,0 +1,225 @@
+"""The performance model (bench/perfmodel.py): its communication formulas against the PipeFusion paper's
+table, its message sizes against our counters, its ranking against CPU measurements, and the claims about
+links that the method advice rests on.
+
+The CPU measurements are a fixture written by `python -m bench cpu_scaling --publish` (the calibrated
+workload, the gloo link and every config's measured times and bytes); regenerating it re-measures.
+"""
+
+import itertools
+import json
+from pathlib import Path
+
+import pytest
+import sympy
+
+from bench.calibrate import link_from_json, spread_ok, workload_from_json
+from bench.perfmodel import (
+    FLUX_DEV,
+    LINKS,
+    PAPER_METHODS,
+    BlockCost,
+    Cluster,
+    Workload,
+    exact_comm_elements,
+    flop_workload,
+    message_bytes,
+    paper_comm_elements,
+    predict,
+    uniform_link,
+)
+from xdit_core.mesh import ParallelConfig
+
+FIXTURE = Path(__file__).parent / "fixtures" / "perf_cpu.json"
+pc = ParallelConfig
+
+
+# --------------------------------------------------------------------------------------------------
+# The paper's communication table, symbolically
+# --------------------------------------------------------------------------------------------------
+p, hs, L, N = sympy.symbols("p hs L N", positive=True)
+
+
+@pytest.mark.parametrize("method", PAPER_METHODS)
+def test_exact_volumes_reduce_to_the_papers_table(method):
+    """Per device per step, the exact volume of each method has the paper's order in p, hs, L and N:
+    the ratio tends to 1 as N grows (the paper drops the (N-1)/N of ring collectives)."""
+    exact = exact_comm_elements(method, p, hs, L, N)
+    paper = paper_comm_elements(method, p, hs, L, N)
+    ratio = sympy.simplify(exact / paper)
+    assert ratio.free_symbols <= {N}, f"{method}: the ratio depends on the shapes: {ratio}"
+    assert sympy.limit(ratio, N, sympy.oo) == 1
+    if method == "pipefusion":
+        assert ratio == 1  # independent of N and of the depth L
+    else:
+        assert sympy.simplify(ratio - (N - 1) / N) == 0
+
+
+def test_papers_table_orders_the_methods():
+    """PipeFusion's volume is independent of L; per layer, Ulysses < Ring = DistriFusion < TP for N > 4."""
+    vol = {m: paper_comm_elements(m, p, hs, L, N) for m in PAPER_METHODS}
+    assert sympy.diff(vol["pipefusion"], L) == 0
+    assert all(sympy.diff(vol[m], L) != 0 for m in PAPER_METHODS if m != "pipefusion")
+    at8 = {m: v.subs(N, 8) for m, v in vol.items()}
+    assert sympy.simplify(at8["ring"] - at8["distrifusion"]) == 0
+    assert all(
+        sympy.simplify(a / b) < 1 for a, b in [(at8["ulysses"], at8["ring"]), (at8["ring"], at8["tensor_parallel"])]
+    )
+
+
+def _image_only(tokens: int = 64, heads: int = 8, head_dim: int = 16, layers: int = 4, bytes_: int = 4) -> Workload:
+    """A workload whose only sequence is the image (cross-attention text moves no bytes), as in the paper."""
+    block = BlockCost(0.0, 0.0, 0.0, 0.0)
+    side = int(tokens**0.5) * 2
+    return Workload(
+        "image only",
+        (block,) * layers,
+        (1,) * layers,
+        heads,
+        head_dim,
+        tokens,
+        16,
+        False,
+        (1, 4, side, side),
+        act_bytes=bytes_,
+        cross_text=True,
+    )
+
+
+@pytest.mark.parametrize("n", [2, 4, 8])
+def test_message_sizes_equal_the_exact_formulas(n):
+    """The model's per-rank bytes for one step equal the exact volumes times the element size."""
+    w = _image_only()
+    shape = dict(p=w.img_tokens, hs=w.hidden, L=len(w.blocks), N=n)
+    uly = message_bytes(w, pc(ulysses_degree=n))
+    ring = message_bytes(w, pc(ring_degree=n))
+    assert uly["ulysses_all_to_all"] == exact_comm_elements("ulysses", **shape) * w.act_bytes
+    assert ring["ring_p2p"] == exact_comm_elements("ring", **shape) * w.act_bytes
+    # PipeFusion: a middle stage receives and sends every patch's activations once per step; the
+    # counters count what a rank sends, half of the paper's figure.
+    pf = pc(pipefusion_parallel_degree=4, num_pipeline_patch=4, warmup_steps=0)
+    middle = message_bytes(w, pf, rank=pf.rank_of({"ulysses": 0, "ring": 0, "pipefusion": 1, "cfg": 0}))
+    assert 2 * middle["pipefusion_p2p"] == exact_comm_elements("pipefusion", **shape) * w.act_bytes
+
+
+def test_pipefusion_bytes_do_not_grow_with_depth_and_sp_bytes_do():
+    shallow, deep = _image_only(layers=4), _image_only(layers=8)
+    pf = pc(pipefusion_parallel_degree=2, warmup_steps=0)
+    assert message_bytes(shallow, pf)["pipefusion_p2p"] == message_bytes(deep, pf)["pipefusion_p2p"] > 0
+    uly = pc(ulysses_degree=2)
+    assert 2 * message_bytes(shallow, uly)["ulysses_all_to_all"] == message_bytes(deep, uly)["ulysses_all_to_all"]
+
+
+# --------------------------------------------------------------------------------------------------
+# Against the CPU measurements (fixture)
+# --------------------------------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def cpu():
+    data = json.loads(FIXTURE.read_text())
+    workloads = {k: workload_from_json(v) for k, v in data["workloads"].items()}
+    cluster = Cluster("fixture", link_from_json(data["link"]), contention=data["contention"])
+    return data, workloads, cluster
+
+
+def _predict(cpu, row):
+    data, workloads, cluster = cpu
+    return predict(workloads[row["request"]], pc(**row["config"]), cluster, data["steps"], row["ring_impl"]).total
+
+
+def test_model_bytes_equal_the_measured_counters(cpu):
+    data, workloads, _ = cpu
+    checked = 0
+    for name, row in data["rows"].items():
+        cfg = pc(**row["config"])
+        for r in range(cfg.world_size):
+            model = message_bytes(workloads[row["request"]], cfg, r, data["steps"], row["ring_impl"])
+            measured = {k: v for k, v in row["bytes"][str(r)].items() if v}
+            assert {k: v for k, v in model.items() if v} == measured, f"{name}, rank {r}"
+            checked += 1
+    assert checked >= 10
+
+
+def test_model_ranks_configs_as_measured_where_the_difference_exceeds_the_spread(cpu):
+    data, _, _ = cpu
+    rows = data["rows"]
+    compared = 0
+    for a, b in itertools.combinations(rows, 2):
+        ma, mb = rows[a]["measured"], rows[b]["measured"]
+        if not spread_ok(ma, mb):
+            continue
+        compared += 1
+        measured_faster = ma["median"] < mb["median"]
+        predicted_faster = _predict(cpu, rows[a]) < _predict(cpu, rows[b])
+        assert measured_faster == predicted_faster, (
+            f"measured {a} {ma['median']:.3f} s vs {b} {mb['median']:.3f} s; predicted "
+            f"{_predict(cpu, rows[a]):.3f} vs {_predict(cpu, rows[b]):.3f}"
+        )
+    assert compared >= 5, "too few configs differ beyond their spread to test the ranking"
+
+
+def test_model_error_on_the_cpu_is_bounded(cpu):
+    """The calibrated model predicts every measured config within 25% (docs/performance.md states the errors)."""
+    data, _, _ = cpu
+    for name, row in data["rows"].items():
+        error = _predict(cpu, row) / row["measured"]["median"] - 1
+        assert abs(error) < 0.25, f"{name}: predicted {100 * error:+.0f}%"
+
+
+# --------------------------------------------------------------------------------------------------
+# Links: what the method advice rests on
+# --------------------------------------------------------------------------------------------------
+def _flux_1024(s_per_flop: float = 2.5e-15) -> Workload:
+    return flop_workload(FLUX_DEV, 1024, 1024, s_per_flop=s_per_flop)
+
+
+def test_slower_links_never_make_a_config_faster():
+    w = _flux_1024()
+    for cfg in (
+        pc(ulysses_degree=4),
+        pc(ring_degree=4),
+        pc(pipefusion_parallel_degree=4, warmup_steps=1),
+        pc(ulysses_degree=2, ring_degree=2),
+    ):
+        times = [predict(w, cfg, Cluster(k, LINKS[k]), 28).total for k in ("nvlink", "pcie", "eth25")]
+        assert times == sorted(times), cfg.describe()
+
+
+def test_pipefusion_is_the_least_link_sensitive_method():
+    """The PipeFusion paper's claim: over a slow link (25 GbE) PipeFusion loses least against NVLink."""
+    w = _flux_1024()
+    slowdown = {}
+    for name, cfg in {
+        "ulysses": pc(ulysses_degree=4),
+        "ring": pc(ring_degree=4),
+        "pipefusion": pc(pipefusion_parallel_degree=4, warmup_steps=1),
+    }.items():
+        fast, slow = (predict(w, cfg, Cluster(k, LINKS[k]), 28).total for k in ("nvlink", "eth25"))
+        slowdown[name] = slow / fast
+    assert slowdown["pipefusion"] < min(slowdown["ulysses"], slowdown["ring"])
+    assert slowdown["pipefusion"] < 1.1
+
+
+def test_free_links_give_ideal_sequence_parallel_speedup():
+    """With no communication cost and no fixed costs, Ulysses over N ranks divides the time by N."""
+    free = Cluster("free", uniform_link("free", float("inf"), 0.0))
+    w = _flux_1024()
+    serial = predict(w, pc(), free, 28).total
+    for n in (2, 4, 8):
+        assert predict(w, pc(ulysses_degree=n), free, 28).total == pytest.approx(serial / n, rel=1e-9)
+
+
+# --------------------------------------------------------------------------------------------------
+# The GPU script's code path, on the CPU with a small model (its times mean nothing here)
+# --------------------------------------------------------------------------------------------------
+def test_gpu_script_runs_end_to_end_on_cpu_with_a_small_model(tmp_path):
+    from bench import gpu
+
+    out = tmp_path / "gpu.json"
+    args = ["--device", "cpu", "--small", "--steps", "1", "--repeats", "1", "--size", "64", "--sizes", "64", "128"]
+    assert gpu.main(args + ["--out", str(out)]) == 0
+    result = json.loads(out.read_text())
+    assert result["engine_vs_diffusers"]["max_rel_diff"] < 1e-2  # our loop and diffusers' agree (bf16)
+    samples = result["blocks"]["samples"]
+    assert samples["kinds"] == ["FluxTransformerBlock", "FluxSingleTransformerBlock", "FluxSingleTransformerBlock"]
+    assert len(samples["rest"]) == 3 * 2 and all(t >= 0 for *_, t in samples["rest"])  # 3 blocks x 2 sizes
+    assert result["attention_ms"]["ours: flash-attn (+ LSE)"] is None  # not on the CPU
