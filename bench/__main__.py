@@ -4,7 +4,7 @@ NAMEs (default: all, in this order): fidelity, communication, memory, cpu_scalin
 Prints one table (or a few) per benchmark, writes bench/results/<name>.json, bench/results/tables.md and
 PNG plots into bench/results/. `--publish` also copies the plots into docs/ and writes the model's test
 fixture (tests/fixtures/perf_cpu.json) from the cpu_scaling run. `--quick` shrinks every size for a
-smoke run (about 3 minutes); the default sizes take about 15 minutes on 2 cores.
+smoke run (about 4 minutes); the default sizes take about 8 minutes on 2 cores.
 """
 
 from __future__ import annotations
