@@ -4,7 +4,7 @@ measured model; plus their JSON form (the test fixture stores them)."""
 
 from __future__ import annotations
 
-from dataclasses import asdict
+from dataclasses import asdict, replace
 from typing import Any, Sequence
 
 import numpy as np
@@ -64,24 +64,8 @@ def cpu_workload(name: str, shape: dict[str, Any], blocks: dict[str, Any]) -> Wo
     # The sampler's own work per step: a whole step minus its evaluation, at the nearest calibrated size.
     nearest = min(blocks["step"], key=lambda s: abs(s[0] - shape["img_tokens"]))
     step_fixed = max(0.0, nearest[1] - nearest[2])
-    return Workload(
-        name,
-        block_costs(blocks),
-        tuple(shape["block_bytes"]),
-        shape["heads"],
-        shape["head_dim"],
-        shape["img_tokens"],
-        shape["txt_tokens"],
-        shape["joint_text"],
-        tuple(shape["latent"]),
-        branches=shape["branches"],
-        act_bytes=shape["act_bytes"],
-        cross_text=shape["cross_text"],
-        embed=embed,
-        head=head,
-        step_fixed=step_fixed,
-        sp_overhead=fit_line(*zip(*blocks["sp_overhead"])),
-    )
+    return replace(shape_workload(shape), name=name, blocks=block_costs(blocks), embed=embed, head=head,
+                   step_fixed=step_fixed, sp_overhead=fit_line(*zip(*blocks["sp_overhead"])))
 
 
 def model_shape(adapter: Any, request: Any) -> dict[str, Any]:

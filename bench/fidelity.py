@@ -107,7 +107,7 @@ def report_fidelity(result: dict[str, Any]) -> str:
     )
     return format_table(
         title,
-        ["model", "config", "ranks", "max|d|/max|ref|", "PSNR dB"],
+        ["model", "config", "ranks", "max abs diff / max abs ref", "PSNR dB"],
         [[r["model"], r["config"], r["world"], f"{r['max_rel']:.2e}", r["psnr_db"]] for r in result["rows"]],
     )
 
