@@ -112,14 +112,16 @@ def _contention(rank: int, evaluate: Callable[[], Any]) -> float:
 def _sp_evaluation(adapter: ModelAdapter, request: SampleRequest) -> Callable[[], Any]:
     """`_evaluation` through a degree-1 SequenceParallelRunner: all of its work but no communication."""
     lone = Comm(None, [0], None)
-    runner = SequenceParallelRunner(adapter, SPGroups(lone, lone, select_lse_kernel(torch.device("cpu"))), lone)
+    kernel = select_lse_kernel(next(adapter.model.parameters()).device)
+    runner = SequenceParallelRunner(adapter, SPGroups(lone, lone, kernel), lone)
     return _evaluation(adapter, request, runner.predict)
 
 
 def _evaluation(
     adapter: ModelAdapter, request: SampleRequest, predict: Optional[Callable[..., Any]] = None
 ) -> Callable[[], Any]:
-    """One serial model evaluation at the request's first sigma (positive branch)."""
+    """One serial model evaluation at the request's first sigma (positive branch), on the model's device."""
+    request = request.to(next(adapter.model.parameters()).device)
     ms = adapter.spec.model_sampling(request.shift, width=request.width, height=request.height)
     sigma = request.sigmas[0]
     x = ms.noise_scaling(sigma, request.noise, request.latent_image, is_max_denoise(ms, request.sigmas))
@@ -185,7 +187,9 @@ def time_blocks(adapter: ModelAdapter, requests: dict[int, SampleRequest], repea
         "step": [],
         "sp_overhead": [],
     }
+    device = next(a.model.parameters()).device
     for _, request in sorted(requests.items()):
+        request = request.to(device)
         ms = a.spec.model_sampling(request.shift, width=request.width, height=request.height)
         sigma = request.sigmas[0]
         x = ms.noise_scaling(sigma, request.noise, request.latent_image, is_max_denoise(ms, request.sigmas))

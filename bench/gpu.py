@@ -169,6 +169,8 @@ def main(argv: list[str]) -> int:
     ap.add_argument("--out", type=Path, default=RESULTS / "gpu.json", help="where the results go (JSON)")
     opts = ap.parse_args(argv)
     device = torch.device(opts.device)
+    if device.type == "cuda" and device.index is None and torch.cuda.is_available():
+        device = torch.device("cuda", torch.cuda.current_device())
     if device.type == "cuda" and not torch.cuda.is_available():
         print(
             "bench.gpu: no CUDA GPU on this machine (torch.cuda.is_available() is False); nothing was measured. "

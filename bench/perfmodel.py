@@ -32,7 +32,7 @@ shapes; tests/test_perfmodel.py checks that the exact forms reduce to the paper'
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from typing import Any, Optional, Sequence
 
 from xdit_core.comm import COMM_KINDS
@@ -96,12 +96,13 @@ class Cluster:
     contention: float = 1.0  # compute slowdown while every rank computes at once (shared CPU cores)
 
 
-def transfer_time(cluster: Cluster, kind: str, group: Sequence[int], world: int, nbytes: float) -> float:
+def transfer_time(cluster: Cluster, kind: str, group: Sequence[int], world: int, nbytes: float,
+                  sharing: Optional[int] = None) -> float:
     """Seconds for the first rank of `group` to move `nbytes` (its local tensor) by `kind` over the group.
 
     Wire bytes per rank: p2p the tensor; all-to-all (n-1)/n of it; all-gather (n-1) copies. Latency is
     paid once per peer (ring algorithms). A group that spans nodes sends the remote share over `inter`,
-    whose bandwidth the ranks of one node share.
+    whose bandwidth `sharing` ranks of the node use at once (default: all of the node's ranks).
     """
     n = len(group)
     if n <= 1 or nbytes <= 0:
@@ -116,7 +117,7 @@ def transfer_time(cluster: Cluster, kind: str, group: Sequence[int], world: int,
         return messages * local.latency + wire / local.bandwidth
     far = cluster.inter.cost(kind)
     t_local = wire * (1 - remote) / local.bandwidth
-    t_far = wire * remote / (far.bandwidth / per_node)
+    t_far = wire * remote / (far.bandwidth / (sharing or per_node))
     return messages * max(local.latency, far.latency) + max(t_local, t_far)
 
 
@@ -212,12 +213,12 @@ def _sp_layout(w: Workload, sp: int) -> tuple[int, int, int]:
     return img_loc, img_loc, w.txt_tokens
 
 
-def _pf_units(w: Workload, config: ParallelConfig) -> tuple[list[tuple[int, int]], int]:
-    """PipeFusion's patches as (latent rows, image tokens), and the tokens of one latent row pair."""
+def _pf_units(w: Workload, config: ParallelConfig) -> list[tuple[int, int]]:
+    """PipeFusion's patches as (latent rows, image tokens)."""
     _, _, h, wid = w.latent
     per_row = wid // w.patch
     rows = patch_rows(h, config.num_pipeline_patch or config.pipefusion_parallel_degree, w.patch)
-    return [(r1 - r0, (r1 - r0) // w.patch * per_row) for r0, r1 in rows], per_row
+    return [(r1 - r0, (r1 - r0) // w.patch * per_row) for r0, r1 in rows]
 
 
 def message_bytes(
@@ -261,7 +262,7 @@ def message_bytes(
         return out
     stage = coords["pipefusion"]
     last = stage == P - 1
-    patches, per_row = _pf_units(w, config)
+    patches = _pf_units(w, config)
     stage_blocks = len(balance_stages(list(w.block_bytes), P)[stage])
     txt_joint = w.txt_tokens if w.joint_text else 0
     warm = min(config.warmup_steps, steps)
@@ -379,13 +380,14 @@ def _pf_stage(
     compute += w.embed_s() + w.sp_overhead_s(loc + txt, len(stage_blocks))  # every stage embeds the whole image
     if last:
         comm += transfer_time(cluster, "all_gather", sp, world, B * loc * w.hidden * a)
-        compute += w.head_s(tokens) + w.step_fixed * tokens / w.img_tokens
+        compute += w.head_s(tokens)
         if config.cfg_degree > 1:
             comm += transfer_time(
                 cluster, "all_gather", _groups(config, "cfg"), world, B * w.latent[1] * rows * w.latent[3] * 4
             )
     host = sum(b.host for b in stage_blocks)
-    return {"compute": compute * evals, "comm": comm * evals, "host": host * evals}
+    sampler = w.step_fixed * tokens / w.img_tokens if last else 0.0  # once per unit, whatever the branches
+    return {"compute": compute * evals + sampler, "comm": comm * evals, "host": host * evals}
 
 
 def _pipefusion(w: Workload, config: ParallelConfig, cluster: Cluster, steps: int) -> Prediction:
@@ -393,7 +395,7 @@ def _pipefusion(w: Workload, config: ParallelConfig, cluster: Cluster, steps: in
     world = config.world_size
     ranges = balance_stages(list(w.block_bytes), P)
     stages = [[w.blocks[i] for i in r] for r in ranges]
-    patches, _ = _pf_units(w, config)
+    patches = _pf_units(w, config)
     M = len(patches)
     txt = w.txt_tokens if w.joint_text else 0
     B, _, h, lat_w = w.latent
@@ -401,13 +403,12 @@ def _pipefusion(w: Workload, config: ParallelConfig, cluster: Cluster, steps: in
 
     def hop(stage: int, tokens: int) -> float:  # stage -> stage + 1, per unit (all branches)
         peers = [config.rank_of({"ulysses": 0, "ring": 0, "pipefusion": s, "cfg": 0}) for s in (stage, stage + 1)]
-        return evals * transfer_time(
-            cluster, "p2p", peers, world, B * (_cdiv(tokens, S) + txt) * w.hidden * w.act_bytes
-        )
+        nbytes = B * (_cdiv(tokens, S) + txt) * w.hidden * w.act_bytes
+        return evals * transfer_time(cluster, "p2p", peers, world, nbytes, sharing=S)  # the stage's S ranks send
 
     def back(rows: int) -> float:  # last stage -> stage 0: the patch's next input
         peers = [config.rank_of({"ulysses": 0, "ring": 0, "pipefusion": s, "cfg": 0}) for s in (P - 1, 0)]
-        return transfer_time(cluster, "p2p", peers, world, B * w.latent[1] * rows * lat_w * 4)
+        return transfer_time(cluster, "p2p", peers, world, B * w.latent[1] * rows * lat_w * 4, sharing=1)
 
     def stage_time(s: int, tokens: int, rows: int) -> float:
         return _evaluation_time(_pf_stage(w, config, cluster, stages[s], tokens, rows, s == P - 1), cluster, world)
@@ -427,7 +428,7 @@ def _pipefusion(w: Workload, config: ParallelConfig, cluster: Cluster, steps: in
     fill = sum(tau[:-1]) + sum(hops[:-1])
     warm = min(config.warmup_steps, steps)
     pipelined = steps - warm
-    loop = warm * (warm_round + w.step_fixed) + pipelined * period + (fill if pipelined else 0.0)
+    loop = warm * warm_round + pipelined * period + (fill if pipelined else 0.0)
     total = w.image_fixed + loop
     breakdown = {
         "warmup_step": warm_round,
@@ -664,8 +665,3 @@ def best_config(
     timed = [(predict(w, c, cluster, steps).total, i, c) for i, c in enumerate(configs)]
     t, _, c = min(timed)
     return c, t
-
-
-def with_overrides(w: Workload, **changes: Any) -> Workload:
-    """A copy of `w` with some fields replaced (a thin wrapper for readability at call sites)."""
-    return replace(w, **changes)

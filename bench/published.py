@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import statistics
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any, Callable, Optional
 
 import torch
@@ -38,6 +38,7 @@ from bench.perfmodel import (
 )
 from xdit_core.auto_mesh import choose_mesh
 from xdit_core.mesh import ParallelConfig
+from xdit_core.stages import balance_stages
 
 LAUNCH_S = 5e-6  # seconds per CUDA kernel launch in eager PyTorch (assumed; not measured here)
 ATTN_SLOWDOWN = 2.0  # attention kernels reach half the FLOP rate of GEMMs (assumed: FlashAttention-2 vs cuBLAS)
@@ -354,6 +355,25 @@ def scaling_curves(
     return out
 
 
+def stage_balance(s_per_flop: float, attn_call_s: float) -> list[dict[str, Any]]:
+    """FLUX.1-dev 1024px PipeFusion speedups with stages balanced by parameter bytes (what xdit_core does)
+    and by block count: a double-stream block holds 2.4x the bytes of a single-stream one but about the
+    same FLOPs per token, so byte-balanced stages are compute-imbalanced."""
+    w = flop_workload(FLUX_DEV, 1024, 1024, 1, 1, s_per_flop, ATTN_SLOWDOWN, attn_call_s=attn_call_s)
+    by_blocks = replace(w, block_bytes=(1,) * len(w.blocks))
+    out = []
+    for link in ("nvlink", "pcie"):
+        cluster = Cluster(link, LINKS[link])
+        serial = predict(w, pc(), cluster, 28).total
+        for n in (2, 4, 8):
+            cfg = pc(pipefusion_parallel_degree=n)
+            out.append({"link": LINKS[link].name, "stages": n,
+                        "blocks_per_stage": [len(r) for r in balance_stages(list(w.block_bytes), n)],
+                        "bytes_balanced": serial / predict(w, cfg, cluster, 28).total,
+                        "block_balanced": serial / predict(by_blocks, cfg, cluster, 28).total})
+    return out
+
+
 def run() -> dict[str, Any]:
     host = measure_host_dispatch()
     comparison, fits = compare(host)
@@ -366,6 +386,7 @@ def run() -> dict[str, Any]:
         "comparison": comparison,
         "fits": fits,
         "scaling": scaling_curves(s, fits["attn_call_s"]),
+        "stage_balance": stage_balance(s, fits["attn_call_s"]),
         "links": {
             k: {"bandwidth": v.p2p.bandwidth, "latency": v.p2p.latency, "overlap": v.overlap} for k, v in LINKS.items()
         },
@@ -437,6 +458,15 @@ def report(result: dict[str, Any]) -> str:
             "Advice: the model's fastest mesh vs xdit_core's auto mesh (28 steps, compiled-stack throughput)",
             ["model", "link", "GPUs", "model's best", "speedup", "auto mesh", "speedup", "auto within 5%"],
             rows,
+        )
+    )
+    parts.append(
+        format_table(
+            "PipeFusion stages for FLUX.1-dev 1024px (28 steps, M = stages, warmup 1): predicted speedup with "
+            "stages balanced by parameter bytes (xdit_core) vs by block count",
+            ["link", "stages", "blocks per stage (by bytes)", "by bytes", "by block count"],
+            [[b["link"], b["stages"], ", ".join(map(str, b["blocks_per_stage"])), f"{b['bytes_balanced']:.2f}x",
+              f"{b['block_balanced']:.2f}x"] for b in result["stage_balance"]],
         )
     )
     return "\n\n".join(parts)

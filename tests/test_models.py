@@ -8,7 +8,7 @@ from xdit_core.families import resolve_model_spec
 from xdit_core.latent_formats import FLUX, SD3, SD15, SDXL, flux_image_ids, pack_flux, unpack_flux
 from xdit_core.loading import load_model
 from xdit_core.models import BranchCond, make_adapter
-from xdit_core.tiny import build_tiny, tiny_config
+from xdit_core.tiny import build_tiny, model_class, tiny_config
 
 
 def test_tiny_structure():
@@ -98,3 +98,21 @@ def test_adapter_forward_equals_diffusers(tiny_models, name):
     assert ours.shape == x.shape
     assert ours.abs().max() > 0
     assert torch.allclose(ours, ref, atol=1e-6), (ours - ref).abs().max()
+
+
+@pytest.mark.parametrize("family,variant", [("flux", "dev"), ("flux", "schnell"), ("sd3", None), ("pixart", "alpha"),
+                                            ("pixart", "sigma")])
+def test_adapter_creates_its_tensors_on_the_models_device(family, variant):
+    """The whole forward on the meta device: a tensor the adapter made on the CPU (guidance, position ids,
+    size conditioning) would meet the model's weights on another device and raise, as it would on CUDA."""
+    config = tiny_config(family, variant=variant)
+    spec = resolve_model_spec(config, family)
+    with torch.device("meta"):
+        model = model_class(family).from_config(config)
+    meta = dict(device="meta")
+    x = torch.empty(1, spec.latent_channels, 8, 8, **meta)
+    cond = BranchCond(torch.empty(1, 5, spec.text_dim, **meta),
+                      torch.empty(1, spec.pooled_dim, **meta) if spec.pooled_dim else None)
+    with torch.no_grad():
+        out = make_adapter(model, spec).predict(x, torch.full((1,), 0.5, **meta), cond, 3.5)
+    assert out.device.type == "meta" and out.shape == x.shape

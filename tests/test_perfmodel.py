@@ -56,15 +56,14 @@ def test_exact_volumes_reduce_to_the_papers_table(method):
 
 
 def test_papers_table_orders_the_methods():
-    """PipeFusion's volume is independent of L; per layer, Ulysses < Ring = DistriFusion < TP for N > 4."""
+    """PipeFusion's volume is independent of L; per layer, Ulysses < Ring = DistriFusion < TP for every N > 2."""
     vol = {m: paper_comm_elements(m, p, hs, L, N) for m in PAPER_METHODS}
     assert sympy.diff(vol["pipefusion"], L) == 0
     assert all(sympy.diff(vol[m], L) != 0 for m in PAPER_METHODS if m != "pipefusion")
-    at8 = {m: v.subs(N, 8) for m, v in vol.items()}
-    assert sympy.simplify(at8["ring"] - at8["distrifusion"]) == 0
-    assert all(
-        sympy.simplify(a / b) < 1 for a, b in [(at8["ulysses"], at8["ring"]), (at8["ring"], at8["tensor_parallel"])]
-    )
+    assert sympy.simplify(vol["ring"] - vol["distrifusion"]) == 0
+    ulysses_below_ring = sympy.solve_univariate_inequality(vol["ulysses"] < vol["ring"], N, relational=False)
+    assert ulysses_below_ring.intersect(sympy.Interval.open(0, sympy.oo)) == sympy.Interval.open(2, sympy.oo)
+    assert sympy.simplify(vol["tensor_parallel"] / vol["ring"]) == 2
 
 
 def _image_only(tokens: int = 64, heads: int = 8, head_dim: int = 16, layers: int = 4, bytes_: int = 4) -> Workload:
@@ -140,21 +139,23 @@ def test_model_bytes_equal_the_measured_counters(cpu):
 
 
 def test_model_ranks_configs_as_measured_where_the_difference_exceeds_the_spread(cpu):
+    """Every pair of configs of the same request (serial included) whose measured ranges are disjoint is
+    ordered the same way by the model; at least two such pairs are between parallel configs."""
     data, _, _ = cpu
     rows = data["rows"]
-    compared = 0
+    parallel_pairs = 0
     for a, b in itertools.combinations(rows, 2):
         ma, mb = rows[a]["measured"], rows[b]["measured"]
-        if not spread_ok(ma, mb):
+        if rows[a]["request"] != rows[b]["request"] or not spread_ok(ma, mb):
             continue
-        compared += 1
+        parallel_pairs += rows[a]["ranks"] > 1 and rows[b]["ranks"] > 1
         measured_faster = ma["median"] < mb["median"]
         predicted_faster = _predict(cpu, rows[a]) < _predict(cpu, rows[b])
         assert measured_faster == predicted_faster, (
             f"measured {a} {ma['median']:.3f} s vs {b} {mb['median']:.3f} s; predicted "
             f"{_predict(cpu, rows[a]):.3f} vs {_predict(cpu, rows[b]):.3f}"
         )
-    assert compared >= 5, "too few configs differ beyond their spread to test the ranking"
+    assert parallel_pairs >= 2, "too few parallel configs differ beyond their spread to test the ranking"
 
 
 def test_model_error_on_the_cpu_is_bounded(cpu):
@@ -221,5 +222,5 @@ def test_gpu_script_runs_end_to_end_on_cpu_with_a_small_model(tmp_path):
     assert result["engine_vs_diffusers"]["max_rel_diff"] < 1e-2  # our loop and diffusers' agree (bf16)
     samples = result["blocks"]["samples"]
     assert samples["kinds"] == ["FluxTransformerBlock", "FluxSingleTransformerBlock", "FluxSingleTransformerBlock"]
-    assert len(samples["rest"]) == 3 * 2 and all(t >= 0 for *_, t in samples["rest"])  # 3 blocks x 2 sizes
-    assert result["attention_ms"]["ours: flash-attn (+ LSE)"] is None  # not on the CPU
+    assert [(i, n) for i, n, _ in samples["rest"]] == [(i, n) for n in (16 + 512, 64 + 512) for i in range(3)]
+    assert result["attention_ms"]["torch SDPA (no LSE)"] > 0 and result["attention_ms"]["ours: sdpa (+ LSE)"] > 0

@@ -28,12 +28,12 @@ class FluxAdapter(ModelAdapter):
         t = timestep.to(dtype) * 1000
         if m.config.guidance_embeds:
             # ComfyUI's Flux uses guidance 3.5 when the conditioning carries none.
-            g = torch.full((b,), 3.5 if guidance is None else guidance, dtype=dtype) * 1000
+            g = torch.full((b,), 3.5 if guidance is None else guidance, dtype=dtype, device=x.device) * 1000
             temb = m.time_text_embed(t, g, cond.pooled.to(dtype))
         else:
             temb = m.time_text_embed(t, cond.pooled.to(dtype))
         txt = m.context_embedder(cond.text.to(dtype))
-        ids = torch.cat([torch.zeros(cond.text.shape[1], 3, dtype=dtype), flux_image_ids(h, w, dtype)])
+        ids = torch.cat([torch.zeros(cond.text.shape[1], 3, dtype=dtype), flux_image_ids(h, w, dtype)]).to(x.device)
         return Tokens(img, txt, h, w, {"temb": temb, "rotary": m.pos_embed(ids)})
 
     def blocks(self):

@@ -25,8 +25,8 @@ class PixArtAdapter(ModelAdapter):
         added = {"resolution": None, "aspect_ratio": None}
         if m.config.use_additional_conditions:
             # As ComfyUI's PixArt: image size in pixels and aspect ratio height / width.
-            added = {"resolution": torch.tensor([[h * 8.0, w * 8.0]], dtype=x.dtype).repeat(b, 1),
-                     "aspect_ratio": torch.tensor([[h / w]], dtype=x.dtype).repeat(b, 1)}
+            added = {"resolution": torch.tensor([[h * 8.0, w * 8.0]], dtype=x.dtype, device=x.device).repeat(b, 1),
+                     "aspect_ratio": torch.tensor([[h / w]], dtype=x.dtype, device=x.device).repeat(b, 1)}
         img = m.pos_embed(x)
         t6, embedded_t = m.adaln_single(timestep, added, batch_size=b, hidden_dtype=x.dtype)
         # Unpadded T5 states without a mask, as ComfyUI passes them.
