@@ -82,7 +82,8 @@ class PipeFusionAttention(torch.overrides.TorchFunctionMode):
             txt = Segment(txt_len, False, txt_len)
             self.segments["joint"] = [img if part == "img" else txt for part in self.joint_order]
         # After the all-to-all, ring rank r holds the shards r*U + u of every ulysses rank u, in order.
-        pos = torch.arange(U * loc)
+        # Built once per unit on the tokens' device (the model's), as every attention layer indexes with them.
+        pos = torch.arange(U * loc, device=unit.tokens.device)
         self.keep, self.gathered_index = [], []
         for r in range(R):
             in_unit = (r * U + pos // loc) * loc + pos % loc
@@ -102,8 +103,7 @@ class PipeFusionAttention(torch.overrides.TorchFunctionMode):
             # with one all-gather of this patch's K/V (not of the buffer).
             fresh = self.groups.ring.all_gather(torch.stack([ks, vs]), "ring_all_gather")
             for r in range(fresh.shape[0]):
-                idx = self.gathered_index[r].to(ks.device)
-                keep = self.keep[r].to(ks.device)
+                idx, keep = self.gathered_index[r], self.keep[r]
                 kb.index_copy_(2, idx, fresh[r, 0].index_select(2, keep))
                 vb.index_copy_(2, idx, fresh[r, 1].index_select(2, keep))
             return kb, vb
@@ -229,8 +229,8 @@ class PipeFusionRunner:
             log.warning("num_pipeline_patch %d does not fit %d latent rows; using %d patches",
                         config.num_pipeline_patch, h, len(rows))
         n_img = (h // 2) * per_row
-        units_pipe = [(r, torch.arange(r[0] // 2 * per_row, r[1] // 2 * per_row)) for r in rows]
-        unit_full = ((0, h), torch.arange(n_img))
+        units_pipe = [(r, torch.arange(r[0] // 2 * per_row, r[1] // 2 * per_row, device=x.device)) for r in rows]
+        unit_full = ((0, h), torch.arange(n_img, device=x.device))
         branches = self._branches(request)
         sigmas = request.sigmas.to(x.device)
         rounds = pipefusion_rounds(request.sampler, sigmas)
@@ -314,7 +314,7 @@ class PipeFusionRunner:
         dtype = a.dtype
         timestep = ms.timestep(sigma.reshape(1).cpu()).float().to(x_eval.device).expand(x_eval.shape[0])
         full = a.embed(ms.calculate_input(sigma, x_eval).to(dtype), timestep, cond, request.guidance)
-        tokens = unit.tokens.to(x_eval.device)
+        tokens = unit.tokens
 
         def shard_img(t: torch.Tensor, dim: int = 1) -> torch.Tensor:
             return shard_padded(t.index_select(dim, tokens), dim, idx, S)
