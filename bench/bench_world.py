@@ -344,7 +344,7 @@ def memory_world(rank: int, device: torch.device, payload: tuple[str, ParallelCo
     """One config in fresh processes, loaded as the pool's workers load it (a PipeFusion stage reads only
     its share): resident memory before loading, after loading, peak (VmHWM) after a run, and the
     parameter bytes the rank holds."""
-    from xdit_core.generate import pipefusion_parts
+    from xdit_core.stages import pipefusion_parts
 
     path, config, request = payload
     base = proc_status_kb("VmRSS")

@@ -119,22 +119,11 @@ def rank_report(rank: int, config: ParallelConfig, param_bytes: int, step_s: lis
     }
 
 
-def pipefusion_parts(model: str, family: Optional[str], variant: Optional[str], parallel: ParallelConfig,
-                     rank: int):
-    """The ModelParts a rank loads under PipeFusion (its stage's share), or None to load everything."""
-    if parallel.pipefusion_parallel_degree == 1:
-        return None
-    from .stages import stage_parts
-
-    config = read_model_config(model)
-    return stage_parts(config, resolve_model_spec(config, family, variant), parallel.pipefusion_parallel_degree,
-                       parallel.coords(rank)["pipefusion"])
-
-
 def _parallel_rank(rank: int, device: torch.device, payload: tuple) -> dict[str, Any]:
     """One rank of a `generate` run on the local backend (runs in a spawned process)."""
     from .mesh import Mesh
     from .rank_context import RankContext
+    from .stages import pipefusion_parts
 
     opts, request = payload
     t0 = time.perf_counter()

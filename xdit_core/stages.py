@@ -3,11 +3,12 @@ patches (horizontal strips of the latent) that flow through them."""
 from __future__ import annotations
 
 import math
-from typing import Sequence
+from typing import Optional, Sequence
 
 import torch
 
 from .errors import XDiTConfigError
+from .mesh import ParallelConfig
 
 
 def module_bytes(module: torch.nn.Module) -> int:
@@ -55,6 +56,20 @@ def stage_parts(config: dict, spec, stages: int, stage: int):
     blocks = [b for b, _ in make_adapter(model, spec).blocks()]
     ranges = balance_stages([module_bytes(b) for b in blocks], stages)
     return ModelParts(ranges[stage], embed=True, head=stage == stages - 1)
+
+
+def pipefusion_parts(model: str, family: Optional[str], variant: Optional[str], parallel: ParallelConfig,
+                     rank: int):
+    """The ModelParts mesh rank `rank` loads from the model at path `model`: its PipeFusion stage's
+    share, or None (everything) without PipeFusion."""
+    if parallel.pipefusion_parallel_degree == 1:
+        return None
+    from .families import resolve_model_spec
+    from .loading import read_model_config
+
+    config = read_model_config(model)
+    return stage_parts(config, resolve_model_spec(config, family, variant), parallel.pipefusion_parallel_degree,
+                       parallel.coords(rank)["pipefusion"])
 
 
 def patch_rows(latent_height: int, patches: int, patch_size: int) -> list[tuple[int, int]]:

@@ -53,13 +53,12 @@ class RankWorker:
         from .mesh import Mesh
         from .models import make_adapter
         from .rank_context import RankContext
+        from .stages import pipefusion_parts
 
         t0 = time.perf_counter()
         self.device = init_process_group(self.rank, self.world_size, port, host=master_addr)
         mesh = Mesh(parallel)
         t1 = time.perf_counter()
-        from .generate import pipefusion_parts
-
         parts = pipefusion_parts(model["path"], model.get("family"), model.get("variant"), parallel, self.rank)
         net, spec = load_model(model["path"], model["dtype"], model.get("family"), model.get("variant"),
                                parts=parts, device=self.device)
