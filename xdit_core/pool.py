@@ -181,6 +181,9 @@ class WorkerPool:
         req_ref = ray.put(request)
         seen, stop_sent = 0, False
 
+        def stop() -> None:
+            self.workers[0].request_stop.remote(job)
+
         def poll() -> None:
             nonlocal seen, stop_sent
             if on_progress is not None:
@@ -191,9 +194,6 @@ class WorkerPool:
             if cancel is not None and not stop_sent and cancel():
                 stop()
                 stop_sent = True
-
-        def stop() -> None:
-            self.workers[0].request_stop.remote(job)
 
         results = self._collect([w.sample.remote(req_ref, job) for w in self.workers], poll, stop)
         self.stats.requests += 1
