@@ -154,7 +154,7 @@ class Workload:
     together; otherwise (PixArt) the image attends to itself and, by a second call per block, to the
     text (`cross_text`). `latent` is the sampler state [B, C, h, w] (float32); `patch` latent rows per
     token row. `embed`, `head`: (fixed, per token) seconds for the whole image, every evaluation;
-    `step_fixed`: the sampler's own work per step; `image_fixed`: per image outside the loop.
+    `step_fixed`: the sampler's own work per step.
     """
 
     name: str
@@ -173,7 +173,6 @@ class Workload:
     embed: tuple[float, float] = (0.0, 0.0)
     head: tuple[float, float] = (0.0, 0.0)
     step_fixed: float = 0.0
-    image_fixed: float = 0.0
     sp_overhead: tuple[float, float] = (0.0, 0.0)
     ring_hop_host: float = 0.0  # host dispatch of one extra ring hop per block (attention call, merge, p2p)
 
@@ -428,8 +427,7 @@ def _pipefusion(w: Workload, config: ParallelConfig, cluster: Cluster, steps: in
     fill = sum(tau[:-1]) + sum(hops[:-1])
     warm = min(config.warmup_steps, steps)
     pipelined = steps - warm
-    loop = warm * warm_round + pipelined * period + (fill if pipelined else 0.0)
-    total = w.image_fixed + loop
+    total = warm * warm_round + pipelined * period + (fill if pipelined else 0.0)
     breakdown = {
         "warmup_step": warm_round,
         "period": period,
@@ -438,7 +436,7 @@ def _pipefusion(w: Workload, config: ParallelConfig, cluster: Cluster, steps: in
         "hop": max(hops),
         "patches": float(M),
     }
-    return Prediction(total, loop / steps, breakdown)
+    return Prediction(total, total / steps, breakdown)
 
 
 def predict(w: Workload, config: ParallelConfig, cluster: Cluster, steps: int, ring_impl: str = "p2p") -> Prediction:
@@ -479,7 +477,7 @@ def predict(w: Workload, config: ParallelConfig, cluster: Cluster, steps: int, r
         "host": evals * parts["host"],
         "sampler": w.step_fixed,
     }
-    return Prediction(w.image_fixed + steps * per_step, per_step, breakdown)
+    return Prediction(steps * per_step, per_step, breakdown)
 
 
 # ---------------------------------------------------------------------------------------------------
