@@ -12,17 +12,17 @@ import torch.distributed as dist
 import torch.nn.functional as F
 
 from bench.common import proc_status_kb
-from xdit_core.attention import SPGroups, select_lse_kernel
-from xdit_core.comm import Comm
-from xdit_core.engine import run_request
-from xdit_core.loading import load_model
-from xdit_core.mesh import Mesh, ParallelConfig
+from xdit_core.parallel.attention import SPGroups, select_lse_kernel
+from xdit_core.parallel.comm import Comm
+from xdit_core.runtime.job import run_request
+from xdit_core.loading.load import load_model
+from xdit_core.parallel.mesh import Mesh, ParallelConfig
 from xdit_core.models import make_adapter
 from xdit_core.models.base import ModelAdapter
-from xdit_core.rank_context import RankContext
-from xdit_core.request import SampleRequest
-from xdit_core.sampling import is_max_denoise
-from xdit_core.sequence_parallel import SequenceParallelRunner
+from xdit_core.parallel.context import RankContext
+from xdit_core.sampling.request import SampleRequest
+from xdit_core.sampling.samplers import is_max_denoise
+from xdit_core.parallel.sequence_parallel import SequenceParallelRunner
 
 
 def _sent(ctx: Optional[RankContext]) -> dict[str, int]:
@@ -344,7 +344,7 @@ def memory_world(rank: int, device: torch.device, payload: tuple[str, ParallelCo
     """One config in fresh processes, loaded as the pool's workers load it (a PipeFusion stage reads only
     its share): resident memory before loading, after loading, peak (VmHWM) after a run, and the
     parameter bytes the rank holds."""
-    from xdit_core.stages import pipefusion_parts
+    from xdit_core.parallel.stages import pipefusion_parts
 
     path, config, request = payload
     base = proc_status_kb("VmRSS")

@@ -70,7 +70,7 @@ def cpu_workload(name: str, shape: dict[str, Any], blocks: dict[str, Any]) -> Wo
 
 def model_shape(adapter: Any, request: Any) -> dict[str, Any]:
     """What the model needs to know of a loaded model and a request (JSON-ready)."""
-    from xdit_core.stages import module_bytes
+    from xdit_core.parallel.stages import module_bytes
 
     model = adapter.model
     latent = tuple(request.noise.shape)

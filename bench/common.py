@@ -11,9 +11,9 @@ from typing import Any, Optional, Sequence
 
 import torch
 
-from xdit_core.conditioning import random_cond
-from xdit_core.families import ModelSpec
-from xdit_core.request import SampleRequest, build_request, empty_latent
+from xdit_core.models.conditioning import random_cond
+from xdit_core.models.families import ModelSpec
+from xdit_core.sampling.request import SampleRequest, build_request, empty_latent
 
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "bench" / "results"
@@ -153,7 +153,7 @@ def proc_status_kb(field: str) -> int:
 
 def model_path(tmp: Path, family: str, preset: str = "medium", weight_std: float = 0.02) -> Path:
     """A random-weight model folder under `tmp`, written once (seed 0)."""
-    from xdit_core.tiny import write_tiny
+    from xdit_core.cli.tiny import write_tiny
 
     path = tmp / f"{family}_{preset}_{weight_std:g}"
     if not (path / "config.json").exists():

@@ -20,9 +20,9 @@ from bench import bench_world
 from bench.calibrate import cpu_workload, link_from_samples, link_to_json, model_shape, workload_to_json
 from bench.common import format_table, make_request, median_spread, model_path
 from bench.perfmodel import Cluster, message_bytes, predict
-from xdit_core.launch import spawn_world
-from xdit_core.loading import load_model
-from xdit_core.mesh import ParallelConfig
+from xdit_core.runtime.launch import spawn_world
+from xdit_core.loading.load import load_model
+from xdit_core.parallel.mesh import ParallelConfig
 from xdit_core.models import make_adapter
 
 CFG_SCALE = 3.5

@@ -21,10 +21,10 @@ from bench import bench_world
 from bench.calibrate import model_shape, shape_workload
 from bench.common import fidelity, format_table, make_request, model_path
 from bench.perfmodel import message_bytes, method_of, paper_comm_elements
-from xdit_core.engine import run_request
-from xdit_core.launch import spawn_world
-from xdit_core.loading import load_model
-from xdit_core.mesh import ParallelConfig
+from xdit_core.runtime.job import run_request
+from xdit_core.runtime.launch import spawn_world
+from xdit_core.loading.load import load_model
+from xdit_core.parallel.mesh import ParallelConfig
 from xdit_core.models import make_adapter
 
 FAMILIES = ("flux", "sd3", "pixart")

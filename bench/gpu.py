@@ -61,7 +61,7 @@ def random_flux(device: torch.device, config: dict[str, Any]) -> torch.nn.Module
 
 def flux_request(spec: Any, size: int, steps: int) -> Any:
     from xdit_core.models.base import BranchCond
-    from xdit_core.request import build_request, empty_latent
+    from xdit_core.sampling.request import build_request, empty_latent
 
     gen = torch.Generator().manual_seed(1)
     cond = BranchCond(torch.randn(1, TEXT_TOKENS, spec.text_dim, generator=gen),
@@ -94,7 +94,7 @@ def _timed(fn: Any) -> float:
 
 def engine_vs_diffusers(model: torch.nn.Module, adapter: Any, size: int, steps: int, repeats: int) -> dict[str, Any]:
     from bench.overheads import plain_flux_loop
-    from xdit_core.engine import run_request
+    from xdit_core.runtime.job import run_request
 
     request = flux_request(adapter.spec, size, steps)
     ours, plain = run_request(adapter, request), plain_flux_loop(model, request)
@@ -117,7 +117,7 @@ def attention_kernels(device: torch.device, shape: tuple[int, ...], repeats: int
     """Milliseconds per call on q, k, v of `shape` in bf16 (Flux at 1024px: [1, 24, 4096 + 512, 128])."""
     import torch.nn.functional as F
 
-    from xdit_core.attention import _flash_attn_available, select_lse_kernel
+    from xdit_core.parallel.attention import _flash_attn_available, select_lse_kernel
 
     q, k, v = (torch.randn(shape, device=device, dtype=torch.bfloat16) for _ in range(3))
     kernels = {
@@ -177,7 +177,7 @@ def main(argv: list[str]) -> int:
             "Run `python -m bench.gpu` on a machine with an NVIDIA GPU (80 GB for the FLUX.1-dev-sized model)."
         )
         return 0
-    from xdit_core.families import resolve_model_spec
+    from xdit_core.models.families import resolve_model_spec
     from xdit_core.models import make_adapter
 
     if device.type == "cuda":

@@ -10,9 +10,9 @@ from typing import Any
 from bench import bench_world
 from bench.common import format_table, make_request, model_path
 from bench.perfmodel import describe
-from xdit_core.launch import spawn_world
-from xdit_core.loading import load_model
-from xdit_core.mesh import ParallelConfig
+from xdit_core.runtime.launch import spawn_world
+from xdit_core.loading.load import load_model
+from xdit_core.parallel.mesh import ParallelConfig
 
 CFG_SCALE = 3.5
 

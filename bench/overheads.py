@@ -15,12 +15,12 @@ from typing import Any, Callable
 import torch
 
 from bench.common import format_table, make_request, median_spread, model_path
-from xdit_core.engine import run_request
-from xdit_core.latent_formats import flux_image_ids, pack_flux, unpack_flux
-from xdit_core.loading import load_model
-from xdit_core.mesh import ParallelConfig
+from xdit_core.runtime.job import run_request
+from xdit_core.models.latent_formats import flux_image_ids, pack_flux, unpack_flux
+from xdit_core.loading.load import load_model
+from xdit_core.parallel.mesh import ParallelConfig
 from xdit_core.models import make_adapter
-from xdit_core.request import SampleRequest
+from xdit_core.sampling.request import SampleRequest
 
 
 @torch.no_grad()
@@ -92,7 +92,7 @@ def pool(opts: argparse.Namespace, tmp: Path) -> dict[str, Any]:
     """Cold start of a 1-rank pool (1 thread) and warm requests against the same run in-process."""
     import ray
 
-    from xdit_core.pool import PoolKey, WorkerPool
+    from xdit_core.runtime.pool import PoolKey, WorkerPool
 
     threads = torch.get_num_threads()
     torch.set_num_threads(1)

@@ -35,9 +35,9 @@ import math
 from dataclasses import dataclass, field
 from typing import Any, Optional, Sequence
 
-from xdit_core.comm import COMM_KINDS
-from xdit_core.mesh import ParallelConfig
-from xdit_core.stages import balance_stages, patch_rows
+from xdit_core.parallel.comm import COMM_KINDS
+from xdit_core.parallel.mesh import ParallelConfig
+from xdit_core.parallel.stages import balance_stages, patch_rows
 
 # ---------------------------------------------------------------------------------------------------
 # Links and clusters

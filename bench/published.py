@@ -36,9 +36,9 @@ from bench.perfmodel import (
     flop_workload,
     predict,
 )
-from xdit_core.auto_mesh import choose_mesh
-from xdit_core.mesh import ParallelConfig
-from xdit_core.stages import balance_stages
+from xdit_core.parallel.auto_mesh import choose_mesh
+from xdit_core.parallel.mesh import ParallelConfig
+from xdit_core.parallel.stages import balance_stages
 
 LAUNCH_S = 5e-6  # seconds per CUDA kernel launch in eager PyTorch (assumed; not measured here)
 ATTN_SLOWDOWN = 2.0  # attention kernels reach half the FLOP rate of GEMMs (assumed: FlashAttention-2 vs cuBLAS)
@@ -158,7 +158,7 @@ def measure_host_dispatch(repeats: int = 200) -> dict[str, dict[str, float]]:
             self.ops += 1
             return func(*args, **(kwargs or {}))
 
-    from xdit_core.attention import _merge, select_lse_kernel
+    from xdit_core.parallel.attention import _merge, select_lse_kernel
 
     threads = torch.get_num_threads()
     torch.set_num_threads(1)

@@ -42,15 +42,13 @@ class XDiTLoadModel:
                 "(refresh the node after adding files), nor an existing absolute path")
 
     def load(self, model_name: str, weight_dtype: str, family: str, variant: str):
-        from xdit_core.errors import XDiTError
-        from xdit_core.families import resolve_model_spec
-        from xdit_core.loading import read_model_config
+        from xdit_core import api
 
         try:
             path = host.resolve_model_file(model_name)
-            spec = resolve_model_spec(read_model_config(path), None if family == "auto" else family,
+            spec = api.describe_model(path, None if family == "auto" else family,
                                       None if variant == "auto" else variant)
-        except (XDiTError, FileNotFoundError) as e:
+        except (api.XDiTError, FileNotFoundError) as e:
             raise ValueError(f"xDiT Load Diffusion Model: {e}") from None
         dtype = default_dtype() if weight_dtype == "default" else weight_dtype
         return (XDiTModel(path, dtype, spec.family, spec.variant, spec.num_heads, spec.num_blocks),)

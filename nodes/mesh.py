@@ -20,8 +20,7 @@ def worker_count(mesh: XDiTMesh) -> int:
 
 def summarize(mesh: XDiTMesh, model: Optional[XDiTModel], cfg: Optional[float] = None):
     """(ParallelConfig or None, one-line summary). Auto needs the model; manual is taken as given."""
-    from xdit_core.auto_mesh import choose_mesh
-    from xdit_core.mesh import ParallelConfig
+    from xdit_core.api import ParallelConfig, choose_mesh
 
     where = f"{host.visible_gpus()} GPUs visible" if host.visible_gpus() else "CPU workers (no GPU visible)"
     if mesh.layout == "manual":
@@ -104,8 +103,7 @@ class XDiTParallelMesh:
 
 def check_against_model(mesh: XDiTMesh, model: XDiTModel, cfg: float, steps: int, latent_height: int):
     """The ParallelConfig to run, after the checks that need the model and cfg (before any GPU work)."""
-    from xdit_core.errors import XDiTConfigError
-    from xdit_core.mesh import validate_parallel_config
+    from xdit_core.api import XDiTConfigError, validate_parallel_config
 
     parallel, _ = summarize(mesh, model, cfg)
     validate_parallel_config(parallel, num_heads=model.num_heads, cfg=cfg, num_blocks=model.num_blocks,

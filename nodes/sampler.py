@@ -13,9 +13,8 @@ SCHEDULERS = ["simple", "normal", "karras", "exponential", "sgm_uniform", "beta"
 
 def branch_from_conditioning(spec, conditioning, batch: int, name: str):
     """ComfyUI CONDITIONING ([[tensor, dict]]) -> (BranchCond, guidance or None) for the model's family."""
-    from xdit_core.conditioning import check_shape
-    from xdit_core.errors import XDiTConditioningError
-    from xdit_core.models import BranchCond
+    from xdit_core.api import BranchCond, XDiTConditioningError
+    from xdit_core.api import check_conditioning_shape as check_shape
 
     if not conditioning:
         raise XDiTConditioningError(f"{name} conditioning is empty")
@@ -62,17 +61,13 @@ class XDiTSampler:
 
     def sample(self, model: XDiTModel, mesh: XDiTMesh, positive, negative, latent_image, seed, steps, cfg,
                sampler_name, scheduler, denoise, shift=0.0):
-        from xdit_core.errors import XDiTCancelled, XDiTError
-        from xdit_core.families import resolve_model_spec
-        from xdit_core.loading import read_model_config
-        from xdit_core.pool import PoolKey, get_pool
-        from xdit_core.request import build_request
+        from xdit_core import api
 
         try:
             if "noise_mask" in latent_image:
                 raise ValueError("this LATENT has a noise_mask (inpainting); the xDiT Sampler does not support "
                                  "masks yet: use KSampler for inpainting")
-            spec = resolve_model_spec(read_model_config(model.path), model.family, model.variant)
+            spec = api.describe_model(model.path, model.family, model.variant)
             samples = latent_image["samples"]
             batch = samples.shape[0]
             pos, guidance = branch_from_conditioning(spec, positive, batch, "positive")
@@ -80,18 +75,19 @@ class XDiTSampler:
             if not math.isclose(cfg, 1.0):  # at cfg 1 ComfyUI evaluates no negative branch
                 neg, _ = branch_from_conditioning(spec, negative, batch, "negative")
             parallel = check_against_model(mesh, model, cfg, steps, samples.shape[2])
-            request = build_request(spec, samples, seed=seed, steps=steps, cfg=cfg, sampler=sampler_name,
+            request = api.build_request(spec, samples, seed=seed, steps=steps, cfg=cfg, sampler=sampler_name,
                                     scheduler=scheduler, denoise=denoise, positive=pos, negative=neg,
                                     guidance=guidance, shift=shift if shift > 0 else None,
                                     batch_index=latent_image.get("batch_index"))
             if host.visible_gpus():
                 host.free_comfy_gpu_memory()
-            pool = get_pool(PoolKey(model.path, model.dtype, model.family, model.variant, parallel,
-                                    mesh.attention_backend, threads=1), mesh.ray_address)
-            out = pool.sample(request, on_progress=host.progress_callback(request.steps), cancel=host.interrupted)
-        except XDiTCancelled:
+            key = api.PoolKey(model.path, model.dtype, model.family, model.variant, parallel,
+                              mesh.attention_backend, threads=1)
+            out = api.sample(key, request, mesh.ray_address, on_progress=host.progress_callback(request.steps),
+                             cancel=host.interrupted)
+        except api.XDiTCancelled:
             host.raise_interrupted()
-        except XDiTError as e:
+        except api.XDiTError as e:
             raise RuntimeError(f"xDiT Sampler: {e}") from None
         result = dict(latent_image)
         result["samples"] = spec.latent_format.process_out(out)

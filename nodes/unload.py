@@ -19,7 +19,7 @@ class XDiTUnload:
         return float("nan")  # always run: unloading is a side effect, not a cached result
 
     def unload(self, latent=None):
-        from xdit_core import pool
+        from xdit_core import api
 
-        pool.unload()
+        api.unload()
         return (latent,)

@@ -1,11 +1,11 @@
 """Runs inside every rank of the one spawned world the parallel tests share (see test_parallel.py)."""
 import torch
 
-from xdit_core.engine import run_request
-from xdit_core.loading import load_model
-from xdit_core.mesh import Mesh
+from xdit_core.runtime.job import run_request
+from xdit_core.loading.load import load_model
+from xdit_core.parallel.mesh import Mesh
 from xdit_core.models import make_adapter
-from xdit_core.rank_context import RankContext
+from xdit_core.parallel.context import RankContext
 
 
 def run_cases(rank: int, device: torch.device, cases: list) -> dict:
@@ -36,7 +36,7 @@ def run_cases(rank: int, device: torch.device, cases: list) -> dict:
 
 def run_mismatched(rank: int, device: torch.device, payload) -> None:
     """PipeFusion 2 where each stage gets a different request (an injected schedule mismatch)."""
-    from xdit_core.mesh import ParallelConfig
+    from xdit_core.parallel.mesh import ParallelConfig
 
     path, requests = payload
     mesh = Mesh(ParallelConfig(pipefusion_parallel_degree=2))

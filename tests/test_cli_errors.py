@@ -7,7 +7,7 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from xdit_core.cli import main
+from xdit_core.cli.main import main
 
 
 def run_cli(capsys, argv):

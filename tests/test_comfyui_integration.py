@@ -284,7 +284,7 @@ def server(tmp_path_factory):
         pytest.skip("no Python with ComfyUI's and comfyui-xdit's requirements (set COMFYUI_PYTHON)")
     if not (Path(COMFYUI) / "main.py").is_file():
         pytest.skip(f"COMFYUI_PATH={COMFYUI} has no main.py")
-    from xdit_core.tiny import write_tiny
+    from xdit_core.cli.tiny import write_tiny
 
     base = tmp_path_factory.mktemp("comfy_base")
     nodes_dir = base / "custom_nodes"

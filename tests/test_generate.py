@@ -6,10 +6,10 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from xdit_core.cli import main
-from xdit_core.generate import GenerateOptions, generate
-from xdit_core.loading import load_model
-from xdit_core.sampling import calculate_sigmas
+from xdit_core.cli.main import main
+from xdit_core.cli.generate import GenerateOptions, generate
+from xdit_core.loading.load import load_model
+from xdit_core.sampling.samplers import calculate_sigmas
 
 
 def test_generate_is_bit_deterministic(tiny_models):

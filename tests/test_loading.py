@@ -7,15 +7,15 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from xdit_core.cli import main
+from xdit_core.cli.main import main
 from xdit_core.errors import XDiTConfigError, XDiTModelError
-from xdit_core.families import CLASS_NAMES, resolve_model_spec
-from xdit_core.generate import GenerateOptions, generate
-from xdit_core.key_mapping import layout_rules, model_tensors, split, to_original
-from xdit_core.loading import LoadStats, ModelParts, load_model, read_model_config
+from xdit_core.models.families import CLASS_NAMES, resolve_model_spec
+from xdit_core.cli.generate import GenerateOptions, generate
+from xdit_core.loading.key_mapping import layout_rules, model_tensors, split, to_original
+from xdit_core.loading.load import LoadStats, ModelParts, load_model, read_model_config
 from xdit_core.models import BranchCond, make_adapter
-from xdit_core.original_layout import config_from_shapes, detect_layout, shipped_configs
-from xdit_core.tiny import model_class
+from xdit_core.loading.original_layout import config_from_shapes, detect_layout, shipped_configs
+from xdit_core.models.families import model_class
 
 AIO = "model.diffusion_model."
 MODELS = ("flux", "flux_schnell", "sd3", "pixart", "pixart_sigma")

@@ -1,9 +1,9 @@
 """Mesh layout and validation (no process is started for any of these)."""
 import pytest
 
-from xdit_core.cli import main
+from xdit_core.cli.main import main
 from xdit_core.errors import XDiTConfigError
-from xdit_core.mesh import ParallelConfig, validate_parallel_config
+from xdit_core.parallel.mesh import ParallelConfig, validate_parallel_config
 
 
 def test_rank_layout_ulysses_fastest_then_ring_pipefusion_cfg():
@@ -53,12 +53,12 @@ def test_validation_errors(config, kwargs, needle):
     (["--ulysses_degree", "2", "--attention_backend", "xformers"], "unknown attention backend 'xformers'"),
 ])
 def test_cli_rejects_bad_mesh_before_starting_processes(tiny_models, capsys, monkeypatch, flags, needle):
-    import xdit_core.launch
+    import xdit_core.runtime.launch
 
     def no_spawn(*a, **k):
         raise AssertionError("a process was started")
 
-    monkeypatch.setattr(xdit_core.launch, "spawn_world", no_spawn)
+    monkeypatch.setattr(xdit_core.runtime.launch, "spawn_world", no_spawn)
     rc = main(["generate", "--model", str(tiny_models["sd3"]), "--height", "64", "--width", "64", "--steps", "2",
                "--seed", "0", "--out", "never.safetensors", *flags])
     err = capsys.readouterr().err.strip()

@@ -4,11 +4,12 @@ import json
 import pytest
 import torch
 
-from xdit_core.families import resolve_model_spec
-from xdit_core.latent_formats import FLUX, SD3, SD15, SDXL, flux_image_ids, pack_flux, unpack_flux
-from xdit_core.loading import load_model
+from xdit_core.models.families import resolve_model_spec
+from xdit_core.models.latent_formats import FLUX, SD3, SD15, SDXL, flux_image_ids, pack_flux, unpack_flux
+from xdit_core.loading.load import load_model
 from xdit_core.models import BranchCond, make_adapter
-from xdit_core.tiny import build_tiny, model_class, tiny_config
+from xdit_core.cli.tiny import build_tiny, tiny_config
+from xdit_core.models.families import model_class
 
 
 def test_tiny_structure():

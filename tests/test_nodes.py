@@ -8,7 +8,7 @@ from nodes.loader import XDiTLoadModel
 from nodes.mesh import XDiTParallelMesh
 from nodes.sampler import XDiTSampler
 from nodes.types import XDiTMesh
-from xdit_core.cli import main
+from xdit_core.cli.main import main
 
 
 def test_mappings_and_input_types_are_well_formed():
@@ -87,9 +87,9 @@ def sampler_args(model, mesh, **over):
                                                            "model's 6 blocks"),
 ])
 def test_model_invalid_meshes_fail_at_sampling_start(tiny_models, monkeypatch, mesh, cfg, needle):
-    import xdit_core.pool
+    import xdit_core.runtime.pool
 
-    monkeypatch.setattr(xdit_core.pool, "get_pool", lambda *a, **k: pytest.fail("a pool was started"))
+    monkeypatch.setattr(xdit_core.runtime.pool, "get_pool", lambda *a, **k: pytest.fail("a pool was started"))
     with pytest.raises(RuntimeError) as e:
         XDiTSampler().sample(**sampler_args(load(tiny_models["flux"]), mesh, cfg=cfg))
     assert needle in str(e.value)
@@ -104,7 +104,7 @@ def test_noise_mask_is_refused(tiny_models):
 def test_sampler_node_equals_cli_generate(tiny_models, tmp_path):
     import ray
 
-    from xdit_core import pool
+    from xdit_core.runtime import pool
 
     model = load(tiny_models["flux"])
     mesh = XDiTParallelMesh().build("manual", 2, 1, 1, False, 0, 1, 0)[0]
@@ -145,9 +145,9 @@ def test_host_callback_exception_stops_every_rank_before_it_propagates(tiny_mode
     """If the host's progress callback raises, the pool stops all ranks first, then re-raises."""
     import ray
 
-    from xdit_core import pool
-    from xdit_core.mesh import ParallelConfig
-    from xdit_core.pool import PoolKey, get_pool
+    from xdit_core.runtime import pool
+    from xdit_core.parallel.mesh import ParallelConfig
+    from xdit_core.runtime.pool import PoolKey, get_pool
 
     class HostInterrupt(Exception):
         pass
@@ -159,9 +159,9 @@ def test_host_callback_exception_stops_every_rank_before_it_propagates(tiny_mode
     try:
         p = get_pool(PoolKey(model.path, "fp32", None, None, ParallelConfig(ulysses_degree=2), "auto", 1))
         args = sampler_args(model, XDiTMesh("manual", ulysses_degree=2), steps=200)
-        from xdit_core.families import resolve_model_spec
-        from xdit_core.loading import read_model_config
-        from xdit_core.request import build_request
+        from xdit_core.models.families import resolve_model_spec
+        from xdit_core.loading.load import read_model_config
+        from xdit_core.sampling.request import build_request
         from nodes.sampler import branch_from_conditioning
 
         spec = resolve_model_spec(read_model_config(model.path))

@@ -8,16 +8,16 @@ from dataclasses import replace
 import pytest
 import torch
 
-from xdit_core.comm import COMM_KINDS
-from xdit_core.conditioning import random_cond
-from xdit_core.engine import run_request
-from xdit_core.launch import spawn_world
-from xdit_core.loading import load_model
-from xdit_core.mesh import ParallelConfig
-from xdit_core.stages import balance_stages, module_bytes
+from xdit_core.parallel.comm import COMM_KINDS
+from xdit_core.models.conditioning import random_cond
+from xdit_core.runtime.job import run_request
+from xdit_core.runtime.launch import spawn_world
+from xdit_core.loading.load import load_model
+from xdit_core.parallel.mesh import ParallelConfig
+from xdit_core.parallel.stages import balance_stages, module_bytes
 from xdit_core.models import make_adapter
-from xdit_core.request import build_request, empty_latent
-from xdit_core.tiny import write_tiny
+from xdit_core.sampling.request import build_request, empty_latent
+from xdit_core.cli.tiny import write_tiny
 
 import parallel_world
 
@@ -201,7 +201,7 @@ def test_counters_grow_linearly_with_depth(world, config, kind):
 def test_cli_local_backend_equals_serial_cli(tiny_models, tmp_path, flags):
     from safetensors.torch import load_file
 
-    from xdit_core.cli import main
+    from xdit_core.cli.main import main
 
     base = ["generate", "--model", str(tiny_models["flux"]), "--height", "64", "--width", "48", "--steps", "2",
             "--seed", "3", "--cfg", "2.5", "--threads", "1", "--backend", "local"]
@@ -315,7 +315,7 @@ def test_env_backend_under_torchrun_equals_local(tiny_models, tmp_path):
 
     from safetensors.torch import load_file
 
-    from xdit_core.cli import main
+    from xdit_core.cli.main import main
 
     base = ["generate", "--model", str(tiny_models["sd3"]), "--height", "48", "--width", "64", "--steps", "2",
             "--seed", "4", "--threads", "1", "--ulysses_degree", "2"]

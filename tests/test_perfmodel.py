@@ -28,7 +28,7 @@ from bench.perfmodel import (
     predict,
     uniform_link,
 )
-from xdit_core.mesh import ParallelConfig
+from xdit_core.parallel.mesh import ParallelConfig
 
 FIXTURE = Path(__file__).parent / "fixtures" / "perf_cpu.json"
 pc = ParallelConfig

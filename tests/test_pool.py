@@ -13,14 +13,14 @@ import torch
 
 ray = pytest.importorskip("ray")
 
-from xdit_core import pool as pool_mod  # noqa: E402
-from xdit_core.cli import main  # noqa: E402
-from xdit_core.conditioning import random_cond  # noqa: E402
+from xdit_core.runtime import pool as pool_mod  # noqa: E402
+from xdit_core.cli.main import main  # noqa: E402
+from xdit_core.models.conditioning import random_cond  # noqa: E402
 from xdit_core.errors import XDiTCancelled, XDiTConfigError, XDiTWorkerError  # noqa: E402
-from xdit_core.loading import load_model  # noqa: E402
-from xdit_core.mesh import ParallelConfig  # noqa: E402
-from xdit_core.pool import PoolKey, WorkerPool, get_pool  # noqa: E402
-from xdit_core.request import build_request, empty_latent  # noqa: E402
+from xdit_core.loading.load import load_model  # noqa: E402
+from xdit_core.parallel.mesh import ParallelConfig  # noqa: E402
+from xdit_core.runtime.pool import PoolKey, WorkerPool, get_pool  # noqa: E402
+from xdit_core.sampling.request import build_request, empty_latent  # noqa: E402
 
 MESH = ParallelConfig(ulysses_degree=2, use_cfg_parallel=True)
 MESH_FLAGS = ["--ulysses_degree", "2", "--use_cfg_parallel"]

@@ -6,9 +6,9 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from xdit_core import sampling
+from xdit_core.sampling import samplers as sampling
 from xdit_core.errors import XDiTConfigError
-from xdit_core.families import resolve_model_spec
+from xdit_core.models.families import resolve_model_spec
 
 FIXTURES = Path(__file__).parent / "fixtures"
 REF = json.loads((FIXTURES / "comfyui_reference.json").read_text())

@@ -6,12 +6,12 @@ import pytest
 import torch
 
 from xdit_core.errors import XDiTConfigError
-from xdit_core.families import resolve_model_spec
+from xdit_core.models.families import resolve_model_spec
 from xdit_core.models import make_adapter
-from xdit_core.stages import balance_stages, module_bytes, patch_rows
-from xdit_core.tiny import model_class
+from xdit_core.parallel.stages import balance_stages, module_bytes, patch_rows
+from xdit_core.models.families import model_class
 
-CONFIGS = Path(__file__).resolve().parent.parent / "xdit_core" / "configs"
+CONFIGS = Path(__file__).resolve().parent.parent / "xdit_core" / "loading" / "configs"
 
 
 def test_balance_is_optimal_and_contiguous():

@@ -1,12 +1,13 @@
-"""Model adapters: one small file per family that drives the unchanged diffusers modules."""
+"""Model families: specs and detection, latent formats, model sampling, conditioning, and one adapter per family
+that drives the unchanged diffusers modules."""
 from __future__ import annotations
 
 import torch
 
-from ..families import ModelSpec
-from .base import BranchCond, ModelAdapter
-from .flux import FluxAdapter
-from .pixart import PixArtAdapter
+from xdit_core.models.families import ModelSpec
+from xdit_core.models.base import BranchCond, ModelAdapter
+from xdit_core.models.flux import FluxAdapter
+from xdit_core.models.pixart import PixArtAdapter
 from .sd3 import SD3Adapter
 
 ADAPTERS = {"flux": FluxAdapter, "sd3": SD3Adapter, "pixart": PixArtAdapter}

@@ -6,7 +6,7 @@ from typing import Any, Callable, Optional
 
 import torch
 
-from ..families import ModelSpec
+from xdit_core.models.families import ModelSpec
 
 
 @dataclass

@@ -5,8 +5,8 @@ from typing import Optional
 
 import torch
 
-from ..latent_formats import flux_image_ids, pack_flux, unpack_flux
-from .base import BranchCond, ModelAdapter, Tokens
+from xdit_core.models.latent_formats import flux_image_ids, pack_flux, unpack_flux
+from xdit_core.models.base import BranchCond, ModelAdapter, Tokens
 
 
 def _run_block(block: torch.nn.Module, t: Tokens) -> Tokens:
@@ -14,6 +14,13 @@ def _run_block(block: torch.nn.Module, t: Tokens) -> Tokens:
     txt, img = block(hidden_states=t.img, encoder_hidden_states=t.txt, temb=t.extras["temb"],
                      image_rotary_emb=t.extras["rotary"])
     return t.with_(img=img, txt=txt)
+
+
+def flux_rope_axes(head_dim: int) -> tuple[int, int, int]:
+    """Rotary axes (time, row, column) summing to the head size, each even (FLUX.1-dev: 128 -> 16, 56, 56)."""
+    a = (head_dim // 4) // 2 * 2
+    b = (head_dim - a) // 2 // 2 * 2
+    return a, b, head_dim - a - b
 
 
 class FluxAdapter(ModelAdapter):

@@ -5,7 +5,7 @@ from typing import Optional
 
 import torch
 
-from .base import BranchCond, ModelAdapter, Tokens
+from xdit_core.models.base import BranchCond, ModelAdapter, Tokens
 from .sd3 import unpatchify
 
 

@@ -5,9 +5,9 @@ from dataclasses import dataclass, field
 
 import torch
 
-from .attention import SPGroups, select_lse_kernel
-from .comm import Comm, CommCounter
-from .mesh import Mesh
+from xdit_core.parallel.attention import SPGroups, select_lse_kernel
+from xdit_core.parallel.comm import Comm, CommCounter
+from xdit_core.parallel.mesh import Mesh
 
 
 @dataclass

@@ -12,8 +12,13 @@ import time
 from typing import Any, Optional
 
 import torch
+import torch.distributed as dist
 
-from .errors import XDiTCancelled
+from xdit_core.errors import XDiTCancelled
+from xdit_core.parallel.mesh import ParallelConfig
+from xdit_core.runtime.job import ModelRef, RankJob
+from xdit_core.runtime.launch import free_port, init_process_group
+from xdit_core.sampling.request import SampleRequest
 
 
 class RankWorker:
@@ -25,8 +30,7 @@ class RankWorker:
         self.world_size = world_size
         self.threads = threads
         self.device = torch.device("cpu")
-        self.adapter = None
-        self.ctx = None
+        self.job: Optional[RankJob] = None
         self.load_count = 0  # how many times weights were read: warm requests must not add to it
         self.load_s = 0.0
         self._lock = threading.Lock()
@@ -41,49 +45,28 @@ class RankWorker:
         from diffusers import FluxTransformer2DModel, PixArtTransformer2DModel, SD3Transformer2DModel  # noqa: F401
         import ray
 
-        from .launch import free_port
-
         return {"ip": ray.util.get_node_ip_address(), "node_id": ray.get_runtime_context().get_node_id(),
                 "pid": os.getpid(), "port": free_port(), "rank": self.rank}
 
-    def setup(self, master_addr: str, port: int, model: dict[str, Any], parallel, attention_backend: str) -> dict:
+    def setup(self, master_addr: str, port: int, model: ModelRef, parallel: ParallelConfig,
+              attention_backend: str) -> dict:
         """Join the process group, build the mesh and load the weights; returns timings in seconds."""
-        from .launch import init_process_group
-        from .loading import load_model
-        from .mesh import Mesh
-        from .models import make_adapter
-        from .rank_context import RankContext
-        from .stages import pipefusion_parts
-
         t0 = time.perf_counter()
         self.device = init_process_group(self.rank, self.world_size, port, host=master_addr)
-        mesh = Mesh(parallel)
         t1 = time.perf_counter()
-        parts = pipefusion_parts(model["path"], model.get("family"), model.get("variant"), parallel, self.rank)
-        net, spec = load_model(model["path"], model["dtype"], model.get("family"), model.get("variant"),
-                               parts=parts, device=self.device)
-        self.adapter = make_adapter(net, spec)
-        self.ctx = RankContext(mesh, self.device, attention_backend)
+        self.job = RankJob(self.rank, self.device, model, parallel, attention_backend)
         self.load_count += 1
-        self.load_s = time.perf_counter() - t1
+        self.load_s = self.job.load_s
         return {"rendezvous_s": t1 - t0, "load_s": self.load_s}
 
     def stats(self) -> dict[str, Any]:
         return {"rank": self.rank, "load_count": self.load_count, "load_s": self.load_s}
 
-    def sample(self, request, job: str) -> dict[str, Any]:
+    def sample(self, request: SampleRequest, job: str) -> dict[str, Any]:
         """Run one request; every rank returns its report, rank 0 also the latent (model space, CPU)."""
-        import torch.distributed as dist
-
-        from .comm import CommCounter
-        from .engine import run_request
-        from .generate import rank_report
-
         with self._lock:
             self._job, self._progress, self._running = job, [], True
             self._stop.clear()
-        self.ctx.counter = CommCounter()
-        step_s: list[float] = []
 
         def at_step_boundary(i: int, n: int) -> None:
             with self._lock:
@@ -96,16 +79,12 @@ class RankWorker:
                 raise XDiTCancelled(f"cancelled after step {i} of {n}")
 
         try:
-            out = run_request(self.adapter, request, on_step=at_step_boundary, step_seconds=step_s, ctx=self.ctx)
+            result = self.job.run(request, on_step=at_step_boundary)
         except XDiTCancelled as e:
             return {"cancelled": str(e), "rank": self.rank}
         finally:
             self._running = False
-        param_bytes = sum(p.numel() * p.element_size() for p in self.adapter.model.parameters()
-                          if not p.is_meta)
-        report = rank_report(self.rank, self.ctx.mesh.config, param_bytes, step_s, self.ctx.counter,
-                             self.ctx.effective_patches)
-        return {"samples": out.cpu() if self.rank == 0 else None, "report": report, "rank": self.rank}
+        return {"samples": result["samples"], "report": result["report"], "rank": self.rank}
 
     def progress(self, job: str) -> list[tuple[int, int]]:
         """Steps finished so far in `job` (empty for another job)."""
@@ -124,7 +103,5 @@ class RankWorker:
 
     def shutdown(self) -> None:
         """Leave the process group so the actor can exit cleanly."""
-        import torch.distributed as dist
-
         if dist.is_initialized():
             dist.destroy_process_group()

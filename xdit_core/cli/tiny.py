@@ -6,7 +6,9 @@ from typing import Any, Optional
 
 import torch
 
-from .errors import XDiTConfigError
+from xdit_core.errors import XDiTConfigError
+from xdit_core.models.families import model_class
+from xdit_core.models.flux import flux_rope_axes
 
 PRESETS = ("tiny", "medium")
 
@@ -48,10 +50,7 @@ def tiny_config(family: str, preset: str = "tiny", layers: Optional[int] = None,
     if family == "flux":
         if head_dim % 4:
             raise XDiTConfigError(f"Flux head size {head_dim} must be a multiple of 4 (rotary axes)")
-        # Rotary axes (time, row, column) must sum to the head size; each axis even.
-        a = (head_dim // 4) // 2 * 2
-        b = (head_dim - a) // 2 // 2 * 2
-        axes = (a, b, head_dim - a - b)
+        axes = flux_rope_axes(head_dim)
         return dict(patch_size=1, in_channels=64, out_channels=None, num_layers=p["layers"],
                     num_single_layers=p["single_layers"], attention_head_dim=head_dim,
                     num_attention_heads=heads, joint_attention_dim=p["text_dim"],
@@ -70,14 +69,6 @@ def tiny_config(family: str, preset: str = "tiny", layers: Optional[int] = None,
                 sample_size=32, patch_size=2, norm_type="ada_norm_single", num_embeds_ada_norm=1000,
                 use_additional_conditions=(variant or "alpha") == "alpha", attention_bias=True,
                 norm_elementwise_affine=False, norm_eps=1e-6, activation_fn="gelu-approximate")
-
-
-def model_class(family: str):
-    """The diffusers class of a family (imported lazily: diffusers is slow to import)."""
-    import diffusers
-
-    return {"flux": diffusers.FluxTransformer2DModel, "sd3": diffusers.SD3Transformer2DModel,
-            "pixart": diffusers.PixArtTransformer2DModel}[family]
 
 
 def build_tiny(family: str, seed: int = 0, weight_std: float = 0.02, **kwargs: Any) -> torch.nn.Module:

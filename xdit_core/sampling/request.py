@@ -12,10 +12,10 @@ from typing import Optional, Sequence
 
 import torch
 
-from .errors import XDiTConfigError
-from .families import PIXEL_MULTIPLE, ModelSpec
-from .models.base import BranchCond
-from .sampling import calculate_sigmas, fix_empty_latent_channels, prepare_noise, validate_sampler_settings
+from xdit_core.errors import XDiTConfigError
+from xdit_core.models.families import PIXEL_MULTIPLE, ModelSpec
+from xdit_core.models.base import BranchCond
+from xdit_core.sampling.samplers import calculate_sigmas, fix_empty_latent_channels, prepare_noise, validate_sampler_settings
 
 
 @dataclass

@@ -7,8 +7,8 @@ from typing import Optional, Sequence
 
 import torch
 
-from .errors import XDiTConfigError
-from .mesh import ParallelConfig
+from xdit_core.errors import XDiTConfigError
+from xdit_core.parallel.mesh import ParallelConfig
 
 
 def module_bytes(module: torch.nn.Module) -> int:
@@ -47,9 +47,9 @@ def stage_parts(config: dict, spec, stages: int, stage: int):
     (for the per-token tables and the conditioning), and the output head on the last stage only.
 
     The split is computed on a meta-device copy of the model, so nothing is read to decide it."""
-    from .loading import ModelParts
-    from .models import make_adapter
-    from .tiny import model_class
+    from xdit_core.loading.load import ModelParts
+    from xdit_core.models import make_adapter
+    from xdit_core.models.families import model_class
 
     with torch.device("meta"):
         model = model_class(spec.family).from_config(config)
@@ -64,8 +64,8 @@ def pipefusion_parts(model: str, family: Optional[str], variant: Optional[str], 
     share, or None (everything) without PipeFusion."""
     if parallel.pipefusion_parallel_degree == 1:
         return None
-    from .families import resolve_model_spec
-    from .loading import read_model_config
+    from xdit_core.models.families import resolve_model_spec
+    from xdit_core.loading.load import read_model_config
 
     config = read_model_config(model)
     return stage_parts(config, resolve_model_spec(config, family, variant), parallel.pipefusion_parallel_degree,

@@ -15,7 +15,7 @@ from typing import Any, Callable, Optional
 
 import torch
 
-from .errors import XDiTWorkerError
+from xdit_core.errors import XDiTWorkerError
 
 COLLECTIVE_TIMEOUT = timedelta(minutes=10)
 

@@ -9,7 +9,7 @@ from typing import Any
 import torch
 from safetensors import safe_open
 
-from .errors import XDiTModelError
+from xdit_core.errors import XDiTModelError
 
 PICKLE_SUFFIXES = (".bin", ".ckpt", ".pt", ".pth", ".pkl")
 SAFETENSORS_SUFFIXES = (".safetensors", ".sft")

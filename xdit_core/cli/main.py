@@ -11,7 +11,7 @@ import sys
 from pathlib import Path
 from typing import Optional, Sequence
 
-from .errors import XDiTError
+from xdit_core.errors import XDiTError
 
 log = logging.getLogger("xdit")
 
@@ -94,7 +94,7 @@ def build_parser() -> argparse.ArgumentParser:
 def cmd_generate(args: argparse.Namespace) -> None:
     from safetensors.torch import save_file
 
-    from .generate import GenerateOptions, generate
+    from xdit_core.cli.generate import GenerateOptions, generate
 
     opts = GenerateOptions(**{k: v for k, v in vars(args).items() if k != "command"})
     samples, report = generate(opts)
@@ -110,7 +110,7 @@ def cmd_generate(args: argparse.Namespace) -> None:
 
 
 def cmd_tiny(args: argparse.Namespace) -> None:
-    from .tiny import write_tiny
+    from xdit_core.cli.tiny import write_tiny
 
     out = write_tiny(args.family, args.out, seed=args.seed, preset=args.preset, layers=args.layers,
                      heads=args.heads, hidden_size=args.hidden_size, variant=args.variant)
@@ -130,7 +130,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         elif args.command == "tiny":
             cmd_tiny(args)
         else:
-            from .demo import run_demo
+            from xdit_core.cli.demo import run_demo
 
             run_demo(args.family, Path(args.out_dir), args.steps, args.size, args.seed)
     except XDiTError as e:

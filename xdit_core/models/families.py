@@ -4,10 +4,10 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any, Mapping, Optional
 
-from . import latent_formats
-from .errors import XDiTConfigError, XDiTModelError
-from .latent_formats import LatentFormat
-from .sampling import DiscreteEpsSampling, DiscreteFlowSampling, FluxSampling, ModelSampling, flux_auto_shift
+from xdit_core.models import latent_formats
+from xdit_core.errors import XDiTConfigError, XDiTModelError
+from xdit_core.models.latent_formats import LatentFormat
+from xdit_core.models.model_sampling import DiscreteEpsSampling, DiscreteFlowSampling, FluxSampling, ModelSampling, flux_auto_shift
 
 FAMILIES = ("flux", "sd3", "pixart")
 CLASS_NAMES = {
@@ -95,3 +95,11 @@ def resolve_model_spec(config: Mapping[str, Any], family: Optional[str] = None,
                          int(config["pooled_projection_dim"]), heads, blocks)
     fmt = latent_formats.SDXL if variant == "sigma" else latent_formats.SD15
     return ModelSpec("pixart", variant, fmt, 4.5, None, 1.0, int(config["caption_channels"]), None, heads, blocks)
+
+
+def model_class(family: str):
+    """The diffusers class of a family (imported lazily: diffusers is slow to import)."""
+    import diffusers
+
+    return {"flux": diffusers.FluxTransformer2DModel, "sd3": diffusers.SD3Transformer2DModel,
+            "pixart": diffusers.PixArtTransformer2DModel}[family]

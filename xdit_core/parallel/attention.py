@@ -16,8 +16,8 @@ from typing import Callable, Optional, Sequence
 import torch
 import torch.nn.functional as F
 
-from .comm import Comm
-from .errors import XDiTConfigError
+from xdit_core.parallel.comm import Comm
+from xdit_core.errors import XDiTConfigError
 
 ATTENTION_BACKENDS = ("auto", "flash", "sdpa")
 

@@ -22,15 +22,15 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
-from .attention import Segment, SPGroups, sdpa_params, select_lse_kernel, usp_attention
-from .comm import Comm
-from .errors import XDiTCancelled, XDiTWorkerError
-from .models.base import ModelAdapter, Tokens
-from .rank_context import RankContext
-from .request import SampleRequest
-from .sampling import AncestralNoise, ModelSampling, Sampler
-from .sequence_parallel import shard_padded
-from .stages import balance_stages, module_bytes, patch_rows
+from xdit_core.parallel.attention import Segment, SPGroups, sdpa_params, select_lse_kernel, usp_attention
+from xdit_core.parallel.comm import Comm
+from xdit_core.errors import XDiTCancelled, XDiTWorkerError
+from xdit_core.models.base import ModelAdapter, Tokens
+from xdit_core.parallel.context import RankContext
+from xdit_core.sampling.request import SampleRequest
+from xdit_core.sampling.samplers import AncestralNoise, ModelSampling, Sampler
+from xdit_core.parallel.sequence_parallel import shard_padded
+from xdit_core.parallel.stages import balance_stages, module_bytes, patch_rows
 
 log = logging.getLogger("xdit")
 

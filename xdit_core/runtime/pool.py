@@ -14,17 +14,17 @@ import os
 import time
 import uuid
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any, Callable, Optional
 
 import torch
 
-from .errors import XDiTCancelled, XDiTConfigError, XDiTWorkerError
-from .mesh import ParallelConfig, validate_parallel_config
-from .request import SampleRequest
+from xdit_core.import_root import engine_import_root
+from xdit_core.errors import XDiTCancelled, XDiTConfigError, XDiTWorkerError
+from xdit_core.parallel.mesh import ParallelConfig, validate_parallel_config
+from xdit_core.runtime.job import ModelRef
+from xdit_core.sampling.request import SampleRequest
 
 log = logging.getLogger("xdit")
-PLUGIN_ROOT = Path(__file__).resolve().parent.parent
 POLL_S = 0.05
 FAILURE_SETTLE_S = 3.0  # after a first failure, time for Ray to report a dead actor as the cause
 
@@ -59,6 +59,11 @@ def ray_address_from_env(address: Optional[str]) -> Optional[str]:
     return address or os.environ.get("XDIT_RAY_ADDRESS") or None
 
 
+def worker_pythonpath() -> str:
+    """The workers' PYTHONPATH: the directory that holds only the engine package, then the inherited path."""
+    return os.pathsep.join(p for p in (str(engine_import_root()), os.environ.get("PYTHONPATH", "")) if p)
+
+
 def ensure_ray(address: Optional[str], num_cpus: Optional[int] = None) -> float:
     """Connect to Ray (or start a local one bound to loopback, dashboard off); returns the seconds it took."""
     import ray
@@ -66,7 +71,7 @@ def ensure_ray(address: Optional[str], num_cpus: Optional[int] = None) -> float:
     t0 = time.perf_counter()
     if ray.is_initialized():
         return 0.0
-    env = {"env_vars": {"PYTHONPATH": os.pathsep.join([str(PLUGIN_ROOT), os.environ.get("PYTHONPATH", "")])}}
+    env = {"env_vars": {"PYTHONPATH": worker_pythonpath()}}
     if address:
         ray.init(address=address, runtime_env=env, logging_level=logging.WARNING, log_to_driver=False)
     else:
@@ -115,7 +120,7 @@ class WorkerPool:
         from ray.util.placement_group import placement_group
         from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
-        from .worker import RankWorker
+        from xdit_core.runtime.worker import RankWorker
 
         self.stats.ray_start_s = ensure_ray(self.address)
         use_gpu = torch.cuda.is_available()
@@ -138,8 +143,7 @@ class WorkerPool:
         self.infos = ray.get([w.info.remote() for w in self.workers])
         self.stats.actor_start_s = time.perf_counter() - t0
         master = self.infos[0]
-        model = {"path": self.key.model_path, "dtype": self.key.dtype, "family": self.key.family,
-                 "variant": self.key.variant}
+        model = ModelRef(self.key.model_path, self.key.dtype, self.key.family, self.key.variant)
         timings = self._collect([w.setup.remote(master["ip"], master["port"], model, parallel,
                                              self.key.attention_backend) for w in self.workers])
         self.stats.rendezvous_s = max(t["rendezvous_s"] for t in timings)

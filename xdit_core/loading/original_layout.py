@@ -1,6 +1,6 @@
 """Single files in the original layouts: which family a file holds, and its diffusers config.
 
-The config is matched by shape to the configs of the real models shipped in `xdit_core/configs/`;
+The config is matched by shape to the configs of the real models shipped in `xdit_core/loading/configs/`;
 a file that matches none (a test model, a pruned variant) gets a config derived from its shapes.
 """
 from __future__ import annotations
@@ -13,9 +13,9 @@ import re
 from pathlib import Path
 from typing import Any, Mapping, Optional, Sequence
 
-from .errors import XDiTModelError
-from .families import CLASS_NAMES
-from .tiny import tiny_config
+from xdit_core.errors import XDiTModelError
+from xdit_core.models.families import CLASS_NAMES
+from xdit_core.models.flux import flux_rope_axes
 
 CONFIG_DIR = Path(__file__).parent / "configs"
 # Checkpoint prefixes of the diffusion model: ComfyUI's all-in-one checkpoints, then a bare file.
@@ -59,8 +59,8 @@ def _count(shapes: Mapping[str, Any], block_list: str) -> int:
 def _flux_rope_axes(head_dim: int) -> list[int]:
     if head_dim == 128:
         return list(FLUX_ROPE_AXES)
-    # Other head sizes: the split xdit_core.tiny gives its small models.
-    return list(tiny_config("flux", heads=1, hidden_size=head_dim)["axes_dims_rope"])
+    # Other head sizes: the split xdit_core.cli.tiny gives its small models.
+    return list(flux_rope_axes(head_dim))
 
 
 def _heads(hidden: int, head_dim: int, what: str) -> int:

@@ -11,7 +11,7 @@ from dataclasses import dataclass
 from datetime import timedelta
 from typing import Optional, Sequence
 
-from .errors import XDiTConfigError
+from xdit_core.errors import XDiTConfigError
 
 DIMS = ("ulysses", "ring", "pipefusion", "cfg")
 DEFAULT_TIMEOUT = timedelta(minutes=10)

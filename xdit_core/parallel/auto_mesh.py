@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import math
 
-from .mesh import ParallelConfig
+from xdit_core.parallel.mesh import ParallelConfig
 
 
 def _split_sp(ranks: int, heads: int) -> tuple[int, int]:

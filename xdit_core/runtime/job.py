@@ -1,15 +1,26 @@
-"""The denoising loop a rank runs for one SampleRequest (serial path)."""
+"""One rank's job: load its share of a model once, then run the denoising loop of each request on it
+(serially, sequence/CFG parallel, or as one PipeFusion stage)."""
 from __future__ import annotations
 
 import time
-from typing import Callable, Optional
+from dataclasses import dataclass
+from typing import Any, Callable, Optional
 
 import torch
 
-from .models.base import ModelAdapter
-from .rank_context import RankContext
-from .request import SampleRequest
-from .sampling import ModelSampling, is_max_denoise, run_sampler
+from xdit_core.loading.load import load_model
+from xdit_core.models import make_adapter
+from xdit_core.models.base import ModelAdapter
+from xdit_core.models.model_sampling import ModelSampling
+from xdit_core.parallel.comm import CommCounter
+from xdit_core.parallel.context import RankContext
+from xdit_core.parallel.mesh import Mesh, ParallelConfig
+from xdit_core.parallel.pipefusion import PipeFusionRunner
+from xdit_core.parallel.sequence_parallel import SequenceParallelRunner
+from xdit_core.parallel.stages import pipefusion_parts
+from xdit_core.runtime.report import rank_report
+from xdit_core.sampling.request import SampleRequest
+from xdit_core.sampling.samplers import is_max_denoise, run_sampler
 
 StepHook = Callable[[int, int], None]
 
@@ -26,8 +37,6 @@ def make_denoiser(adapter: ModelAdapter, ms: ModelSampling, request: SampleReque
     cfg_comm = None
     if ctx is not None:
         if ctx.sp_degree > 1:
-            from .sequence_parallel import SequenceParallelRunner
-
             predict = SequenceParallelRunner(adapter, ctx.sp_groups(), ctx.comm("sp")).predict
         if ctx.cfg_degree > 1:
             cfg_comm = ctx.comm("cfg")
@@ -77,8 +86,6 @@ def run_request(adapter: ModelAdapter, request: SampleRequest, on_step: Optional
             on_step(i, n)
 
     if ctx is not None and ctx.mesh.config.pipefusion_parallel_degree > 1:
-        from .pipefusion import PipeFusionRunner
-
         runner = PipeFusionRunner(adapter, ctx)
         x = runner.run(request, ms, x, step_done)
         ctx.effective_patches = runner.effective_patches
@@ -86,3 +93,44 @@ def run_request(adapter: ModelAdapter, request: SampleRequest, on_step: Optional
         x = run_sampler(request.sampler, ms, x, sigmas, make_denoiser(adapter, ms, request, ctx),
                         request.seed, step_done)
     return ms.inverse_noise_scaling(sigmas[-1], x).float()
+
+
+@dataclass(frozen=True)
+class ModelRef:
+    """Which weights a rank loads: a model file or folder and how to read it (None: detected)."""
+
+    path: str
+    dtype: str = "fp32"
+    family: Optional[str] = None
+    variant: Optional[str] = None
+
+
+class RankJob:
+    """One rank's share of one model on one mesh: loads its weights once, then runs requests.
+
+    The same code runs every rank whatever launched it: the local backend's spawned processes,
+    torchrun (`--backend env`) and the pool's Ray actors. A mesh of one rank runs serially, without
+    a process group.
+    """
+
+    def __init__(self, rank: int, device: torch.device, model: ModelRef, parallel: ParallelConfig,
+                 attention_backend: str = "auto"):
+        t0 = time.perf_counter()
+        parts = pipefusion_parts(model.path, model.family, model.variant, parallel, rank)
+        net, self.spec = load_model(model.path, model.dtype, model.family, model.variant, device=device, parts=parts)
+        self.load_s = time.perf_counter() - t0
+        self.rank, self.parallel = rank, parallel
+        self.adapter = make_adapter(net, self.spec)
+        self.ctx = RankContext(Mesh(parallel), device, attention_backend) if parallel.world_size > 1 else None
+
+    def run(self, request: SampleRequest, on_step: Optional[StepHook] = None) -> dict[str, Any]:
+        """Sample `request`; returns rank 0's latent (model space, float32, CPU; None elsewhere) and the report."""
+        if self.ctx is not None:
+            self.ctx.counter = CommCounter()
+        step_s: list[float] = []
+        out = run_request(self.adapter, request, on_step=on_step, step_seconds=step_s, ctx=self.ctx)
+        params = sum(p.numel() * p.element_size() for p in self.adapter.model.parameters() if not p.is_meta)
+        counter = self.ctx.counter if self.ctx is not None else None
+        patches = self.ctx.effective_patches if self.ctx is not None else 0
+        return {"samples": out.cpu() if self.rank == 0 else None, "load_s": self.load_s,
+                "report": rank_report(self.rank, self.parallel, params, step_s, counter, patches)}

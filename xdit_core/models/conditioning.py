@@ -6,9 +6,9 @@ from typing import Optional
 
 import torch
 
-from .errors import XDiTConditioningError
-from .families import ModelSpec
-from .models.base import BranchCond
+from xdit_core.errors import XDiTConditioningError
+from xdit_core.models.families import ModelSpec
+from xdit_core.models.base import BranchCond
 
 RANDOM_TEXT_LENGTH = 32
 

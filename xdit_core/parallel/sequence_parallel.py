@@ -7,9 +7,9 @@ from typing import Optional
 
 import torch
 
-from .attention import Segment, SequenceParallelAttention, SPGroups
-from .comm import Comm
-from .models.base import BranchCond, ModelAdapter
+from xdit_core.parallel.attention import Segment, SequenceParallelAttention, SPGroups
+from xdit_core.parallel.comm import Comm
+from xdit_core.models.base import BranchCond, ModelAdapter
 
 
 def shard_padded(x: torch.Tensor, dim: int, index: int, parts: int) -> torch.Tensor:

@@ -14,7 +14,7 @@ from typing import Mapping, Optional, Sequence
 
 import torch
 
-from .errors import XDiTModelError
+from xdit_core.errors import XDiTModelError
 
 # Per family: diffusers block list -> (original block list, table of the block's tensors).
 # Table entries map a diffusers module path (its .weight/.bias follow) or a full tensor name to the

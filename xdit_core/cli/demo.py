@@ -14,11 +14,11 @@ from pathlib import Path
 
 from safetensors.torch import save_file
 
-from .families import resolve_model_spec
-from .generate import GenerateOptions, generate
-from .loading import read_model_config
-from .preview import latent_to_rgb, write_png
-from .tiny import write_tiny
+from xdit_core.models.families import resolve_model_spec
+from xdit_core.cli.generate import GenerateOptions, generate
+from xdit_core.loading.load import read_model_config
+from xdit_core.cli.preview import latent_to_rgb, write_png
+from xdit_core.cli.tiny import write_tiny
 
 
 def demo_mesh(cfg: float) -> dict[str, int | bool]:
@@ -32,7 +32,7 @@ def run_demo(family: str, out_dir: Path, steps: int, size: int, seed: int) -> No
     """Serial vs pool on a tiny model; writes latent, REPORT.json and a PNG preview into out_dir."""
     import ray
 
-    from . import pool
+    from xdit_core.runtime import pool
 
     out_dir.mkdir(parents=True, exist_ok=True)
     model_dir = out_dir / f"tiny-{family}"

@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import math
 import os
-import resource
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -11,17 +10,15 @@ from typing import Any, Optional
 
 import torch
 
-from .attention import ATTENTION_BACKENDS
-from .comm import COMM_KINDS, CommCounter
-from .conditioning import load_cond_file, random_cond
-from .engine import run_request
-from .errors import XDiTConfigError
-from .families import resolve_model_spec
-from .loading import DTYPES, load_model, read_model_config
-from .mesh import ParallelConfig, validate_parallel_config
-from .models import make_adapter
-from .request import SampleRequest, build_request, empty_latent, validate_size
-from .sampling import validate_sampler_settings
+from xdit_core.parallel.attention import ATTENTION_BACKENDS
+from xdit_core.models.conditioning import load_cond_file, random_cond
+from xdit_core.runtime.job import ModelRef, RankJob
+from xdit_core.errors import XDiTConfigError
+from xdit_core.models.families import resolve_model_spec
+from xdit_core.loading.load import DTYPES, read_model_config
+from xdit_core.parallel.mesh import ParallelConfig, validate_parallel_config
+from xdit_core.sampling.request import SampleRequest, build_request, empty_latent, validate_size
+from xdit_core.sampling.samplers import validate_sampler_settings
 
 BACKENDS = ("local", "ray", "env")
 
@@ -61,6 +58,10 @@ class GenerateOptions:
     attention_backend: str = "auto"
 
     @property
+    def model_ref(self) -> ModelRef:
+        return ModelRef(str(self.model), self.dtype, self.family, self.variant)
+
+    @property
     def parallel(self) -> ParallelConfig:
         return ParallelConfig(self.ulysses_degree, self.ring_degree, self.pipefusion_parallel_degree,
                               self.use_cfg_parallel, self.num_pipeline_patch, self.warmup_steps)
@@ -98,45 +99,11 @@ def read_latent_file(path: str) -> tuple[torch.Tensor, Optional[list[int]]]:
     return tensors[key].float(), batch_index
 
 
-def peak_rss_bytes() -> int:
-    """This process's peak resident set size (Linux reports kilobytes)."""
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-
-
-def rank_report(rank: int, config: ParallelConfig, param_bytes: int, step_s: list[float],
-                counter: Optional[CommCounter], effective_patches: int = 0) -> dict[str, Any]:
-    """One rank's entry of REPORT.json's `per_rank` (param_bytes: the parameters this rank holds)."""
-    zero = {k: 0 for k in COMM_KINDS}
-    return {
-        "rank": rank,
-        "coords": {d: config.coords(rank)[d] for d in ("cfg", "pipefusion", "ring", "ulysses")},
-        "effective_num_pipeline_patch": effective_patches,
-        "param_bytes": param_bytes,
-        "peak_rss_bytes": peak_rss_bytes(),
-        "step_s": step_s,
-        "comm_bytes": dict(counter.total) if counter else zero,
-        "comm_bytes_per_step": list(counter.per_step) if counter else [dict(zero) for _ in step_s],
-    }
-
-
 def _parallel_rank(rank: int, device: torch.device, payload: tuple) -> dict[str, Any]:
     """One rank of a `generate` run on the local backend (runs in a spawned process)."""
-    from .mesh import Mesh
-    from .rank_context import RankContext
-    from .stages import pipefusion_parts
-
     opts, request = payload
-    t0 = time.perf_counter()
-    model, spec = load_model(opts.model, opts.dtype, opts.family, opts.variant, device=device,
-                             parts=pipefusion_parts(opts.model, opts.family, opts.variant, opts.parallel, rank))
-    load_s = time.perf_counter() - t0
-    mesh = Mesh(opts.parallel)
-    ctx = RankContext(mesh, device, opts.attention_backend)
-    step_s: list[float] = []
-    out = run_request(make_adapter(model, spec), request, step_seconds=step_s, ctx=ctx)
-    param_bytes = sum(p.numel() * p.element_size() for p in model.parameters() if not p.is_meta)
-    return {"samples": spec.latent_format.process_out(out).cpu() if rank == 0 else None, "load_s": load_s,
-            "report": rank_report(rank, opts.parallel, param_bytes, step_s, ctx.counter, ctx.effective_patches)}
+    job = RankJob(rank, device, opts.model_ref, opts.parallel, opts.attention_backend)
+    return job.run(request)
 
 
 def _run_from_env(opts: GenerateOptions, request: SampleRequest, spec, threads: int):
@@ -157,14 +124,15 @@ def _run_from_env(opts: GenerateOptions, request: SampleRequest, spec, threads: 
         device = torch.device("cpu")
     dist.init_process_group("nccl" if device.type == "cuda" else "gloo", init_method="env://")
     try:
-        result = _parallel_rank(rank, device, (opts, request))
+        result = RankJob(rank, device, opts.model_ref, opts.parallel, opts.attention_backend).run(request)
         reports = [None] * world
         dist.all_gather_object(reports, result["report"])
         loads = [None] * world
         dist.all_gather_object(loads, result["load_s"])
     finally:
         dist.destroy_process_group()
-    return result["samples"], max(loads), reports  # samples: None except on rank 0, which writes the outputs
+    samples = spec.latent_format.process_out(result["samples"]) if rank == 0 else None
+    return samples, max(loads), reports  # samples: None except on rank 0, which writes the outputs
 
 
 def generate(opts: GenerateOptions) -> tuple[Optional[torch.Tensor], dict[str, Any]]:
@@ -184,7 +152,7 @@ def generate(opts: GenerateOptions) -> tuple[Optional[torch.Tensor], dict[str, A
                   threads=threads, height=request.height, width=request.width, batch=request.noise.shape[0])
 
     if opts.backend == "ray":
-        from .pool import PoolKey, get_pool
+        from xdit_core.runtime.pool import PoolKey, get_pool
 
         key = PoolKey(str(opts.model), opts.dtype, opts.family, opts.variant, opts.parallel,
                       opts.attention_backend, threads)
@@ -196,19 +164,14 @@ def generate(opts: GenerateOptions) -> tuple[Optional[torch.Tensor], dict[str, A
         samples, load_s, per_rank = _run_from_env(opts, request, spec, threads)
     elif world_size == 1:
         torch.set_num_threads(threads)
-        t_load = time.perf_counter()
-        model, spec = load_model(opts.model, opts.dtype, opts.family, opts.variant)
-        load_s = time.perf_counter() - t_load
-        step_s: list[float] = []
-        out = run_request(make_adapter(model, spec), request, step_seconds=step_s)
-        samples = spec.latent_format.process_out(out)
-        param_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
-        per_rank = [rank_report(0, opts.parallel, param_bytes, step_s, None)]
+        result = RankJob(0, torch.device("cpu"), opts.model_ref, opts.parallel, opts.attention_backend).run(request)
+        samples = spec.latent_format.process_out(result["samples"])
+        load_s, per_rank = result["load_s"], [result["report"]]
     else:
-        from .launch import spawn_world
+        from xdit_core.runtime.launch import spawn_world
 
         results = spawn_world(_parallel_rank, world_size, (opts, request), threads)
-        samples = results[0]["samples"]
+        samples = spec.latent_format.process_out(results[0]["samples"])
         load_s = max(r["load_s"] for r in results)
         per_rank = [r["report"] for r in results]
     report = {"config": config, "world_size": world_size, "wall_s": time.perf_counter() - t_start,

@@ -14,13 +14,13 @@ from typing import Any, Callable, Optional
 
 import torch
 
-from .errors import XDiTConfigError, XDiTModelError
-from .families import ModelSpec, resolve_model_spec
-from .key_mapping import IGNORED_ORIGINAL, Rule, identity_rules, layout_rules, original_shape, split
-from .model_files import (PICKLE_SUFFIXES, SAFETENSORS_SUFFIXES, LoadStats, WeightFiles, folder_weight_files,
+from xdit_core.errors import XDiTConfigError, XDiTModelError
+from xdit_core.models.families import ModelSpec, resolve_model_spec
+from xdit_core.loading.key_mapping import IGNORED_ORIGINAL, Rule, identity_rules, layout_rules, original_shape, split
+from xdit_core.loading.model_files import (PICKLE_SUFFIXES, SAFETENSORS_SUFFIXES, LoadStats, WeightFiles, folder_weight_files,
                           open_safetensors, refuse_pickle)
-from .original_layout import config_from_shapes, detect_layout, unknown_layout_message
-from .tiny import model_class
+from xdit_core.loading.original_layout import config_from_shapes, detect_layout, unknown_layout_message
+from xdit_core.models.families import model_class
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 # The diffusers modules of each family by role. Block lists are in the adapters' flat order; whatever

@@ -1,0 +1,45 @@
+"""The engine's façade: what the ComfyUI nodes and the CLI ask of the engine, in one place.
+
+Nothing outside `xdit_core` needs to know the engine's folders: describe a model, plan and validate
+a mesh, build a request as KSampler would, sample it on the warm worker pool, unload.
+"""
+from __future__ import annotations
+
+from typing import Callable, Optional
+
+import torch
+
+from xdit_core.errors import (XDiTCancelled, XDiTConditioningError, XDiTConfigError, XDiTError,
+                              XDiTWorkerError)
+from xdit_core.loading.load import read_model_config
+from xdit_core.models.base import BranchCond
+from xdit_core.models.conditioning import check_shape as check_conditioning_shape
+from xdit_core.models.families import ModelSpec, resolve_model_spec
+from xdit_core.parallel.auto_mesh import choose_mesh
+from xdit_core.parallel.mesh import ParallelConfig, validate_parallel_config
+from xdit_core.runtime.job import ModelRef
+from xdit_core.runtime import pool
+from xdit_core.runtime.pool import PoolKey
+from xdit_core.sampling.request import SampleRequest, build_request
+
+__all__ = ["BranchCond", "ModelRef", "ModelSpec", "ParallelConfig", "PoolKey", "SampleRequest", "XDiTCancelled",
+           "XDiTConditioningError", "XDiTConfigError", "XDiTError", "XDiTWorkerError", "build_request",
+           "check_conditioning_shape", "choose_mesh", "describe_model", "sample", "unload",
+           "validate_parallel_config"]
+
+
+def describe_model(path: str, family: Optional[str] = None, variant: Optional[str] = None) -> ModelSpec:
+    """The family, variant and ComfyUI settings of a model file or folder (reads its header only)."""
+    return resolve_model_spec(read_model_config(path), family, variant)
+
+
+def sample(key: PoolKey, request: SampleRequest, ray_address: Optional[str] = None,
+           on_progress: Optional[Callable[[int, int], None]] = None,
+           cancel: Optional[Callable[[], bool]] = None) -> torch.Tensor:
+    """Sample `request` on the warm pool of `key`; returns rank 0's latent in the model's space (CPU)."""
+    return pool.get_pool(key, ray_address).sample(request, on_progress=on_progress, cancel=cancel)
+
+
+def unload() -> None:
+    """Stop the worker pool and free every weight it holds."""
+    pool.unload()

@@ -1,0 +1,1 @@
+"""`python -m xdit_core`: generate, tiny (random-weight test models), demo."""

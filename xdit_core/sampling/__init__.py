@@ -1,0 +1,1 @@
+"""ComfyUI-exact schedulers, samplers and noise, and the SampleRequest they run on."""
