@@ -112,7 +112,7 @@ def _contention(rank: int, evaluate: Callable[[], Any]) -> float:
 def _sp_evaluation(adapter: ModelAdapter, request: SampleRequest) -> Callable[[], Any]:
     """`_evaluation` through a degree-1 SequenceParallelRunner: all of its work but no communication."""
     lone = Comm(None, [0], None)
-    kernel = select_lse_kernel(next(adapter.model.parameters()).device)
+    kernel = select_lse_kernel(next(adapter.model.parameters()).device, dtype=adapter.dtype)
     runner = SequenceParallelRunner(adapter, SPGroups(lone, lone, kernel), lone)
     return _evaluation(adapter, request, runner.predict)
 

@@ -122,10 +122,10 @@ def attention_kernels(device: torch.device, shape: tuple[int, ...], repeats: int
     q, k, v = (torch.randn(shape, device=device, dtype=torch.bfloat16) for _ in range(3))
     kernels = {
         "torch SDPA (no LSE)": lambda: F.scaled_dot_product_attention(q, k, v),
-        "ours: sdpa (+ LSE)": lambda: select_lse_kernel(device, "sdpa")(q, k, v, None),
+        "ours: sdpa (+ LSE)": lambda: select_lse_kernel(device, "sdpa", q.dtype)(q, k, v, None),
     }
     if device.type == "cuda" and _flash_attn_available():
-        kernels["ours: flash-attn (+ LSE)"] = lambda: select_lse_kernel(device, "flash")(q, k, v, None)
+        kernels["ours: flash-attn (+ LSE)"] = lambda: select_lse_kernel(device, "flash", q.dtype)(q, k, v, None)
     out: dict[str, Optional[float]] = {}
     for name, fn in kernels.items():
         fn()

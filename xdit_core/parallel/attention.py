@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 
 from xdit_core.parallel.comm import Comm
-from xdit_core.errors import XDiTConfigError
+from xdit_core.errors import XDiTConfigError, XDiTWorkerError
 
 ATTENTION_BACKENDS = ("auto", "flash", "sdpa")
 
@@ -26,7 +26,7 @@ ATTENTION_BACKENDS = ("auto", "flash", "sdpa")
 # Kernels returning (out, lse): the backend table.
 # ---------------------------------------------------------------------------------------------
 def _lse_cpu(q, k, v, scale):
-    return torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(q, k, v, scale=scale)
+    return torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(q, k, v, scale=scale)[:2]
 
 
 def _lse_cuda_sdpa(q, k, v, scale):
@@ -50,19 +50,39 @@ def _flash_attn_available() -> bool:
     return True
 
 
-def select_lse_kernel(device: torch.device, backend: str = "auto") -> Callable:
-    """The attention kernel that also returns the LSE Ring needs, for `device` and the requested backend."""
+FLASH_DTYPES = (torch.float16, torch.bfloat16)  # what flash-attn computes in
+
+
+def select_lse_kernel(device: torch.device, backend: str = "auto", dtype: torch.dtype = torch.float32) -> Callable:
+    """The attention kernel that also returns the LSE Ring needs, for `device`, `dtype` and the requested backend.
+
+    flash-attn only on CUDA in fp16/bf16 (it has no fp32 kernel); otherwise PyTorch's SDPA kernels.
+    """
     if backend not in ATTENTION_BACKENDS:
         raise XDiTConfigError(f"unknown attention backend {backend!r}; valid: {', '.join(ATTENTION_BACKENDS)}")
-    if device.type == "cuda":
-        if backend == "flash" and not _flash_attn_available():
-            raise XDiTConfigError("attention backend 'flash' needs flash-attn: pip install flash-attn, or use auto")
-        if backend in ("auto", "flash") and _flash_attn_available():
-            return _lse_flash_attn
-        return _lse_cuda_sdpa
     if backend == "flash":
-        raise XDiTConfigError("attention backend 'flash' needs a CUDA GPU; on CPU use auto or sdpa")
+        if device.type != "cuda":
+            raise XDiTConfigError("attention backend 'flash' needs a CUDA GPU; on CPU use auto or sdpa")
+        if not _flash_attn_available():
+            raise XDiTConfigError("attention backend 'flash' needs flash-attn: pip install flash-attn, or use auto")
+        if dtype not in FLASH_DTYPES:
+            raise XDiTConfigError(f"attention backend 'flash' computes in fp16/bf16, this model runs in {dtype}; "
+                                  "use auto or sdpa, or load the model in bf16")
+        return _lse_flash_attn
+    if device.type == "cuda":
+        return _lse_flash_attn if backend == "auto" and dtype in FLASH_DTYPES and _flash_attn_available() \
+            else _lse_cuda_sdpa
     return _lse_cpu
+
+
+def attention_with_lse(kernel: Callable, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                       scale: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """`kernel`'s (out [B, H, S, D], lse [B, H, S]); a kernel whose LSE has another shape is an error, not a merge."""
+    out, lse = kernel(q, k, v, scale)
+    if out.shape != q.shape[:3] + v.shape[3:] or lse.shape != q.shape[:3]:
+        raise XDiTWorkerError(f"attention kernel {kernel.__name__} returned out {tuple(out.shape)} and LSE "
+                              f"{tuple(lse.shape)} for queries {tuple(q.shape)}; expected LSE {tuple(q.shape[:3])}")
+    return out, lse
 
 
 # ---------------------------------------------------------------------------------------------
@@ -167,7 +187,7 @@ def usp_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, segments: S
     def attend(kb: torch.Tensor, vb: torch.Tensor, acc):
         if blocks_total == 1:  # one block: no LSE needed
             return F.scaled_dot_product_attention(query, kb, vb, scale=scale), None
-        out, lse = groups.lse_kernel(query, kb, vb, scale)
+        out, lse = attention_with_lse(groups.lse_kernel, query, kb, vb, scale)
         return _merge(acc, out, lse)
 
     acc = None
@@ -215,56 +235,3 @@ def usp_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, segments: S
         result.append(pieces[seg.split].narrow(2, offsets[seg.split], seg.length))
         offsets[seg.split] += seg.length
     return torch.cat(result, dim=2)
-
-
-# ---------------------------------------------------------------------------------------------
-# Interception below the processors.
-# ---------------------------------------------------------------------------------------------
-_SDPA_ARGS = ("query", "key", "value", "attn_mask", "dropout_p", "is_causal", "scale", "enable_gqa")
-
-
-def sdpa_params(args: tuple, kwargs: dict) -> dict:
-    """The arguments of an F.scaled_dot_product_attention call by name (diffusers passes keywords)."""
-    params = dict(zip(_SDPA_ARGS, args))
-    params.update(kwargs)
-    if params.get("attn_mask") is not None or params.get("is_causal") or params.get("dropout_p", 0.0):
-        raise NotImplementedError("parallel attention supports unmasked, non-causal, dropout-free attention "
-                                  "(what these DiTs use)")
-    return params
-
-
-class SequenceParallelAttention(torch.overrides.TorchFunctionMode):
-    """Routes `F.scaled_dot_product_attention` of the model's attention modules to `usp_attention`.
-
-    Forward pre-hooks on the attention modules say which kind of sequence the next call sees; the
-    caller sets `segments[kind]` for the current forward. Cross-attention (replicated text keys)
-    needs no communication and runs unchanged.
-    """
-
-    def __init__(self, kinds: dict[torch.nn.Module, str], groups: SPGroups):
-        super().__init__()
-        self.groups = groups
-        self.segments: dict[str, list[Segment]] = {}
-        self.current: Optional[str] = None
-        self._hooks = [m.register_forward_pre_hook(self._make_hook(kind)) for m, kind in kinds.items()]
-        self._hooks += [m.register_forward_hook(self._clear) for m in kinds]
-
-    def _make_hook(self, kind: str):
-        def hook(module, args):
-            self.current = kind
-        return hook
-
-    def _clear(self, module, args, output):
-        self.current = None
-
-    def remove(self) -> None:
-        for h in self._hooks:
-            h.remove()
-
-    def __torch_function__(self, func, types, args=(), kwargs=None):
-        kwargs = kwargs or {}
-        if func is not F.scaled_dot_product_attention or self.current in (None, "cross"):
-            return func(*args, **kwargs)
-        params = sdpa_params(args, kwargs)
-        return usp_attention(params["query"], params["key"], params["value"], self.segments[self.current],
-                             self.groups, params.get("scale"))

@@ -1,5 +1,5 @@
-"""Sequence parallelism around a model adapter: shard the tokens after embedding, run the blocks under
-the USP attention interceptor, gather the image tokens before the head."""
+"""Sequence parallelism around a model adapter: shard the tokens after embedding, run the blocks with every
+attention layer routed to USP attention, gather the image tokens before the head."""
 from __future__ import annotations
 
 import math
@@ -7,8 +7,11 @@ from typing import Optional
 
 import torch
 
-from xdit_core.parallel.attention import Segment, SequenceParallelAttention, SPGroups
+import torch.nn.functional as F
+
+from xdit_core.parallel.attention import Segment, SPGroups, usp_attention
 from xdit_core.parallel.comm import Comm
+from xdit_core.parallel.routing import AttentionRouter
 from xdit_core.models.base import BranchCond, ModelAdapter
 
 
@@ -35,7 +38,14 @@ class SequenceParallelRunner:
         self.sp_comm = sp_comm  # the whole SP group, in shard order, for the final gather
         self.degree = groups.ulysses.size * groups.ring.size
         self.index = groups.shard_index
-        self.attention = SequenceParallelAttention(adapter.attention_kinds(), groups)
+        self.segments: dict[str, list[Segment]] = {}
+        self.router = AttentionRouter(adapter.model, adapter.attention_kinds(), self._attend)
+
+    def _attend(self, module: torch.nn.Module, kind: str, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                scale: Optional[float]) -> torch.Tensor:
+        if kind == "cross":  # image queries against replicated text: nothing to exchange
+            return F.scaled_dot_product_attention(q, k, v, scale=scale)
+        return usp_attention(q, k, v, self.segments[kind], self.groups, scale)
 
     def predict(self, x: torch.Tensor, timestep: torch.Tensor, cond: BranchCond,
                 guidance: Optional[float]) -> torch.Tensor:
@@ -60,8 +70,8 @@ class SequenceParallelRunner:
         if a.TEXT_IS_JOINT:
             txt_seg = Segment(n_txt // S if txt_split else n_txt, txt_split, n_txt)
             segments["joint"] = [img_seg if part == "img" else txt_seg for part in a.JOINT_ORDER]
-        self.attention.segments = segments
-        with self.attention:
+        self.segments = segments
+        with self.router:
             local = a.run_blocks(local)
         gathered = self.sp_comm.all_gather(local.img, "sp_gather")  # [S, B, N/S, D] in shard order
         full = gathered.permute(1, 0, 2, 3).reshape(x.shape[0], -1, gathered.shape[-1])[:, :n_img]

@@ -37,7 +37,7 @@ def make_denoiser(adapter: ModelAdapter, ms: ModelSampling, request: SampleReque
     cfg_comm = None
     if ctx is not None:
         if ctx.sp_degree > 1:
-            predict = SequenceParallelRunner(adapter, ctx.sp_groups(), ctx.comm("sp")).predict
+            predict = SequenceParallelRunner(adapter, ctx.sp_groups(dtype), ctx.comm("sp")).predict
         if ctx.cfg_degree > 1:
             cfg_comm = ctx.comm("cfg")
 
@@ -85,13 +85,19 @@ def run_request(adapter: ModelAdapter, request: SampleRequest, on_step: Optional
         if on_step is not None:
             on_step(i, n)
 
-    if ctx is not None and ctx.mesh.config.pipefusion_parallel_degree > 1:
-        runner = PipeFusionRunner(adapter, ctx)
-        x = runner.run(request, ms, x, step_done)
-        ctx.effective_patches = runner.effective_patches
-    else:
-        x = run_sampler(request.sampler, ms, x, sigmas, make_denoiser(adapter, ms, request, ctx),
-                        request.seed, step_done)
+    if ctx is not None:
+        ctx.begin_run()  # fresh point-to-point channels per run (emulated NCCL mode)
+    try:
+        if ctx is not None and ctx.mesh.config.pipefusion_parallel_degree > 1:
+            runner = PipeFusionRunner(adapter, ctx)
+            x = runner.run(request, ms, x, step_done)
+            ctx.effective_patches = runner.effective_patches
+        else:
+            x = run_sampler(request.sampler, ms, x, sigmas, make_denoiser(adapter, ms, request, ctx),
+                            request.seed, step_done)
+    finally:
+        if ctx is not None:
+            ctx.end_run()
     return ms.inverse_noise_scaling(sigmas[-1], x).float()
 
 

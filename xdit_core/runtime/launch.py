@@ -5,6 +5,7 @@ XDiTWorkerError; a rank that hangs is stopped after `timeout_s`.
 """
 from __future__ import annotations
 
+import io
 import os
 import queue
 import socket
@@ -49,7 +50,11 @@ def _rank_main(rank: int, world_size: int, port: int, threads: int, fn: Callable
     try:
         torch.set_num_threads(threads)
         device = init_process_group(rank, world_size, port)
-        results.put((rank, "ok", fn(rank, device, payload)))
+        # As bytes: a tensor sent as such is shared through a file descriptor that dies with this process,
+        # which may exit before the launcher reads it.
+        buffer = io.BytesIO()
+        torch.save(fn(rank, device, payload), buffer)
+        results.put((rank, "ok", buffer.getvalue()))
     except BaseException:  # noqa: BLE001 - every failure must reach the launcher, not a dead console
         results.put((rank, "error", traceback.format_exc()))
     finally:
@@ -96,7 +101,7 @@ def spawn_world(fn: Callable[[int, torch.device, Any], Any], world_size: int, pa
             if status == "error":
                 error = f"rank {rank} failed:\n{value}"
             else:
-                out[rank] = value
+                out[rank] = torch.load(io.BytesIO(value), weights_only=False)
     finally:
         for p in procs:
             if error is not None and p.is_alive():

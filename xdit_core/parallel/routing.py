@@ -1,0 +1,165 @@
+"""Explicit attention routing: each attention module of the model sends its attention call to the parallel
+attention chosen for it, or the forward fails naming the layer.
+
+diffusers' processors reach the attention kernel in one of two ways: by calling
+`F.scaled_dot_product_attention` directly (SD3, PixArt, HunyuanDiT), or through diffusers'
+`dispatch_attention_fn`, which picks a backend (native, flex, flash, sage, ...) from
+`DIFFUSERS_ATTN_BACKEND` or the processor (Flux and the newer families). The router catches the call
+at that point, per module, and only while a routed module runs (a forward pre-hook marks it current):
+- dispatcher processors: the processor module's `dispatch_attention_fn` is replaced, once per process,
+  by a pass-through that hands the call to the current route; no diffusers backend runs, whatever the
+  setting, and outside a routed module the original runs unchanged;
+- SDPA processors: a TorchFunctionMode is on during that module's forward only (not the whole block).
+Every routed module must make exactly one attention call, and every module of the blocks that ran must
+have been called, or XDiTWorkerError says which layer escaped and why. Hooks exist only inside `with`.
+"""
+from __future__ import annotations
+
+import sys
+from typing import Callable, Iterable, Optional
+
+import torch
+import torch.nn.functional as F
+
+from xdit_core.errors import XDiTWorkerError
+
+# attend(module, kind, q, k, v, scale) -> out; q, k, v and out: [B, H, S, D].
+Attend = Callable[[torch.nn.Module, str, torch.Tensor, torch.Tensor, torch.Tensor, Optional[float]], torch.Tensor]
+
+_SDPA_ARGS = ("query", "key", "value", "attn_mask", "dropout_p", "is_causal", "scale", "enable_gqa")
+_ACTIVE: list["AttentionRouter"] = []  # innermost last
+
+
+def is_attention_module(module: torch.nn.Module) -> bool:
+    """A diffusers attention module (`Attention` or an `AttentionModuleMixin` class): it runs a processor."""
+    return callable(getattr(module, "processor", None)) and hasattr(module, "set_processor")
+
+
+def _check_plain(layer: str, attn_mask, dropout_p, is_causal, enable_gqa) -> None:
+    if attn_mask is not None or is_causal or dropout_p or enable_gqa:
+        raise XDiTWorkerError(f"attention layer {layer} asks for a mask, causal attention, dropout or GQA; the "
+                              "parallel attention supports unmasked, non-causal, dropout-free attention")
+
+
+def _routed_dispatch(original: Callable) -> Callable:
+    def dispatch_attention_fn(query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None,
+                              enable_gqa=False, attention_kwargs=None, *, backend=None, parallel_config=None):
+        router = _ACTIVE[-1] if _ACTIVE else None
+        if router is None or router.current is None:
+            return original(query, key, value, attn_mask=attn_mask, dropout_p=dropout_p, is_causal=is_causal,
+                            scale=scale, enable_gqa=enable_gqa, attention_kwargs=attention_kwargs, backend=backend,
+                            parallel_config=parallel_config)
+        _check_plain(router.layer_name(), attn_mask, dropout_p, is_causal, enable_gqa)
+        # The dispatcher's layout is [B, S, H, D]; the parallel attention's is SDPA's [B, H, S, D].
+        out = router.route(query.transpose(1, 2), key.transpose(1, 2), value.transpose(1, 2), scale)
+        return out.transpose(1, 2)
+
+    dispatch_attention_fn.xdit_original = original
+    return dispatch_attention_fn
+
+
+def _kernel_entry(processor) -> str:
+    """How `processor` reaches the kernel: "dispatch" (its module's dispatcher, now routed) or "sdpa"."""
+    module = sys.modules.get(type(processor).__module__)
+    fn = getattr(module, "dispatch_attention_fn", None)
+    if fn is None:
+        return "sdpa"
+    if not hasattr(fn, "xdit_original"):
+        setattr(module, "dispatch_attention_fn", _routed_dispatch(fn))
+    return "dispatch"
+
+
+class _SDPACatcher(torch.overrides.TorchFunctionMode):
+    """On only while an SDPA processor runs: its F.scaled_dot_product_attention call goes to the route."""
+
+    def __init__(self, router: "AttentionRouter"):
+        super().__init__()
+        self.router = router
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if func is not F.scaled_dot_product_attention:
+            return func(*args, **kwargs)
+        p = dict(zip(_SDPA_ARGS, args), **kwargs)
+        _check_plain(self.router.layer_name(), p.get("attn_mask"), p.get("dropout_p", 0.0), p.get("is_causal"),
+                     p.get("enable_gqa"))
+        # The mode is off inside its own handler, so the parallel attention's kernels run unintercepted.
+        return self.router.route(p["query"], p["key"], p["value"], p.get("scale"))
+
+
+class AttentionRouter:
+    """Routes the attention of `kinds`' modules (module -> "joint" | "image" | "cross") to `attend`.
+
+    `model`'s every attention module must have a kind (else the family's adapter is incomplete); `run`
+    lists the modules the forward runs (a PipeFusion stage runs only its own blocks; default: all).
+    Use one `with router:` per forward: it counts the calls and checks them when the forward ends.
+    """
+
+    def __init__(self, model: torch.nn.Module, kinds: dict[torch.nn.Module, str], attend: Attend,
+                 run: Optional[Iterable[torch.nn.Module]] = None):
+        self.names = {m: name for name, m in model.named_modules()}
+        missing = [name for name, m in model.named_modules() if is_attention_module(m) and m not in kinds]
+        if missing:
+            raise XDiTWorkerError(f"attention layers {missing[:4]} ({len(missing)} in all) have no route: the "
+                                  "family's adapter must declare every attention module in attention_kinds()")
+        self.kinds, self.attend = kinds, attend
+        self.run = list(kinds) if run is None else list(run)
+        self.entry = {m: _kernel_entry(m.processor) for m in self.run}
+        self.current: Optional[torch.nn.Module] = None
+        self._catcher = _SDPACatcher(self)
+        self._catching = False
+        self._calls = 0
+        self._called: list[torch.nn.Module] = []
+        self._handles: list = []
+
+    def layer_name(self) -> str:
+        return self.names.get(self.current, "?")
+
+    def route(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: Optional[float]) -> torch.Tensor:
+        """The current module's attention call: one per module forward."""
+        self._calls += 1
+        if self._calls > 1:
+            raise XDiTWorkerError(f"attention layer {self.layer_name()} made a second attention call in one "
+                                  "forward; the router supports one per module")
+        return self.attend(self.current, self.kinds[self.current], q, k, v, scale)
+
+    def _pre(self, module: torch.nn.Module, args) -> None:
+        self.current, self._calls = module, 0
+        if self.entry[module] == "sdpa":
+            self._catcher.__enter__()
+            self._catching = True
+
+    def _post(self, module: torch.nn.Module, args, output) -> None:
+        # always_call: runs when the forward raised too (torch then only warns about our exception).
+        if self._catching:
+            self._catcher.__exit__(None, None, None)
+            self._catching = False
+        self.current = None
+        if self._calls != 1:
+            via = ("diffusers' dispatch_attention_fn" if self.entry[module] == "dispatch"
+                   else "F.scaled_dot_product_attention")
+            raise XDiTWorkerError(
+                f"attention layer {self.names.get(module, '?')} ({type(module.processor).__name__}) ran without "
+                f"the parallel attention: its processor made no call to {via}, where this family's processors "
+                "attend; it must not be swapped for another processor or kernel")
+        self._called.append(module)
+
+    def __enter__(self) -> "AttentionRouter":
+        self._called = []
+        for m in self.run:
+            self._handles.append(m.register_forward_pre_hook(self._pre))
+            self._handles.append(m.register_forward_hook(self._post, always_call=True))
+        _ACTIVE.append(self)
+        return self
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        for h in self._handles:
+            h.remove()
+        self._handles = []
+        _ACTIVE.remove(self)
+        if exc_type is None and (len(self._called) != len(self.run) or set(self._called) != set(self.run)):
+            ran = set(self._called)
+            skipped = [self.names.get(m, "?") for m in self.run if m not in ran]
+            raise XDiTWorkerError(
+                f"{len(self._called)} attention calls routed in this forward, expected {len(self.run)} (one per "
+                f"attention layer); not run through their module: {skipped[:4] or 'none (some ran twice)'}")
