@@ -1,6 +1,6 @@
 """Every benchmark in one go: `python -m bench [NAME ...] [--quick] [--publish]`.
 
-NAMEs (default: all, in this order): fidelity, communication, memory, cpu_scaling, overheads, model.
+NAMEs (default: all, in this order): fidelity, communication, memory, cpu_scaling, degree1, overheads, model.
 Prints one table (or a few) per benchmark, writes bench/results/<name>.json, bench/results/tables.md and
 PNG plots into bench/results/. `--publish` also copies the plots into docs/ and writes the model's test
 fixture (tests/fixtures/perf_cpu.json) from the cpu_scaling run. `--quick` shrinks every size for a
@@ -19,7 +19,7 @@ from typing import Any, Callable
 
 from bench import common, plots
 
-NAMES = ("fidelity", "communication", "memory", "cpu_scaling", "overheads", "model")
+NAMES = ("fidelity", "communication", "memory", "cpu_scaling", "degree1", "overheads", "model")
 FIXTURE = common.ROOT / "tests" / "fixtures" / "perf_cpu.json"
 
 SIZES = {  # option: (default, --quick)
@@ -33,6 +33,8 @@ SIZES = {  # option: (default, --quick)
     "mem_size": (256, 128),
     "ovh_size": (256, 128),
     "ovh_steps": (4, 2),
+    "route_size": (512, 256),
+    "degree1_repeats": (11, 3),
     "pool_size": (256, 128),
 }
 
@@ -107,6 +109,11 @@ def main(argv: list[str]) -> None:
             emit(cpu_scaling.report(results["cpu_scaling"]))
             made.append(plots.cpu_scaling(results["cpu_scaling"], common.RESULTS))
 
+        def do_degree1() -> None:
+            results["degree1"] = overheads.run_degree1(opts, tmp)
+            common.write_json("degree1", results["degree1"] | {"command": command})
+            emit(overheads.report_degree1(results["degree1"]))
+
         def do_overheads() -> None:
             results["overheads"] = overheads.run(opts, tmp)
             common.write_json("overheads", results["overheads"] | {"command": command})
@@ -124,6 +131,7 @@ def main(argv: list[str]) -> None:
             communication=do_communication,
             memory=do_memory,
             cpu_scaling=do_scaling,
+            degree1=do_degree1,
             overheads=do_overheads,
             model=do_model,
         )

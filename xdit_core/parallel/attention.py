@@ -112,6 +112,8 @@ class SPGroups:
 
 
 def _select(x: torch.Tensor, segments: Sequence[Segment], split: bool) -> torch.Tensor:
+    if all(seg.split == split for seg in segments):
+        return x  # the whole sequence, already in order: no copy
     parts, start = [], 0
     for seg in segments:
         if seg.split == split:
@@ -230,6 +232,8 @@ def usp_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, segments: S
     if has_rep:
         r = uly.all_gather(out[:, :, split_len:], "ulysses_all_gather")  # [U, B, H/U, Lr, D]
         pieces[False] = r.permute(1, 0, 2, 3, 4).reshape(b, heads, -1, d)
+    if len(pieces) == 1:  # one kind of segment: already in the local order
+        return next(iter(pieces.values()))
     result, offsets = [], {True: 0, False: 0}
     for seg in segments:
         result.append(pieces[seg.split].narrow(2, offsets[seg.split], seg.length))
