@@ -1,8 +1,14 @@
 """Runs inside every rank of the one spawned world the parallel tests share (see test_parallel.py)."""
+import contextlib
+from unittest import mock
+
 import torch
 
+from xdit_core.parallel import attention as attention_module
+from xdit_core.parallel.comm import Comm
+from xdit_core.parallel.pipefusion import PipeFusionKV
 from xdit_core.runtime.job import run_request
-from xdit_core.loading.load import load_model
+from xdit_core.loading.load import DTYPES, load_model
 from xdit_core.parallel.mesh import Mesh
 from xdit_core.models import make_adapter
 from xdit_core.parallel.context import RankContext
@@ -10,6 +16,7 @@ from xdit_core.parallel.context import RankContext
 
 def run_cases(rank: int, device: torch.device, cases: list) -> dict:
     """Each case: (name, model path, ParallelConfig, ring_impl, SampleRequest). Ranks outside a case's mesh wait.
+    A name ending in "@<options>" runs the case with a mutation of MUTATIONS and/or in a dtype ("@bf16").
 
     Returns this rank's results by case; the latent only from rank 0.
     """
@@ -18,20 +25,93 @@ def run_cases(rank: int, device: torch.device, cases: list) -> dict:
         mesh = Mesh(config, list(range(config.world_size)))  # collective: every rank builds every mesh
         if not mesh.is_member:
             continue
+        mutation, dtype = case_options(name)
         if config.pipefusion_parallel_degree > 1:  # PipeFusion frees the other stages' blocks: fresh model
-            adapter = make_adapter(*load_model(path))
+            adapter = make_adapter(*load_model(path, dtype))
         else:
-            if path not in adapters:
-                adapters[path] = make_adapter(*load_model(path))
-            adapter = adapters[path]
+            if (path, dtype) not in adapters:
+                adapters[(path, dtype)] = make_adapter(*load_model(path, dtype))
+            adapter = adapters[(path, dtype)]
         ctx = RankContext(mesh, device, ring_impl=ring_impl)
-        out = run_request(adapter, request, ctx=ctx)
+        with MUTATIONS[mutation]() if mutation else contextlib.nullcontext():
+            out = run_request(adapter, request, ctx=ctx)
         results[name] = {
             "out": out if rank == 0 else None, "total": dict(ctx.counter.total), "per_step": ctx.counter.per_step,
             "param_bytes": sum(p.numel() * p.element_size() for p in adapter.model.parameters() if not p.is_meta),
             "effective_patches": ctx.effective_patches, "coords": mesh.coords,
         }
     return results
+
+
+def case_options(name: str) -> tuple:
+    """(mutation or None, dtype) of a case named "family/size/config[@option[+option]]" (e.g. "@bf16+ring_skip")."""
+    options = [o for o in name.partition("@")[2].split("+") if o]
+    unknown = [o for o in options if o not in MUTATIONS and o not in DTYPES]
+    if unknown:
+        raise ValueError(f"case {name}: unknown options {unknown}; valid: {sorted(MUTATIONS) + sorted(DTYPES)}")
+    mutations, dtypes = [o for o in options if o in MUTATIONS], [o for o in options if o in DTYPES]
+    if len(mutations) > 1 or len(dtypes) > 1:
+        raise ValueError(f"case {name}: at most one mutation and one dtype")
+    return (mutations[0] if mutations else None), (dtypes[0] if dtypes else "fp32")
+
+
+# Negative controls: deliberate bugs injected into the engine inside the rank processes, for one case only
+# (each is a context manager that patches one engine function and restores it). The parity comparison must
+# catch every one of them.
+def _ring_skip():
+    """Ring: the K/V block received in a ring step is replaced by the rank's own (the hand-off still runs).
+    With ring degree 2 that is the one step of every attention call."""
+    original = Comm.ring_exchange
+
+    def ring_exchange(self, x, kind):
+        buf, works = original(self, x, kind)
+        for w in works:
+            w.wait()
+        return x.clone(), []
+
+    return mock.patch.object(Comm, "ring_exchange", ring_exchange)
+
+
+def _a2a_roll():
+    """Ulysses: every all-to-all sends chunk j to rank j + 1 instead of rank j (chunks rolled by one)."""
+    original = Comm.all_to_all
+
+    def all_to_all(self, x, kind):
+        return original(self, x.roll(1, 0) if kind == "ulysses_all_to_all" else x, kind)
+
+    return mock.patch.object(Comm, "all_to_all", all_to_all)
+
+
+def _unmasked_padding():
+    """Uneven sizes: the padded keys are not dropped, so every query also attends the padding."""
+    return mock.patch.object(attention_module, "_valid_key_index", lambda *args, **kwargs: None)
+
+
+def _stale_kv():
+    """PipeFusion: after a layer's first evaluation, the fresh K/V of the first half of the image tokens (the
+    first of 2 patches) is never written again: those keys stay stale, even in an exact (all-warmup) run."""
+    original = PipeFusionKV._cache
+    first = {}  # (layer, branch) -> the stale half's K/V from the first evaluation
+
+    def _cache(self, module):
+        update = original(self, module)
+
+        def stale(ks, vs):
+            kb, vb = update(ks, vs)
+            n, key = self.n_img // 2, (id(module), self.unit.branch)
+            if key not in first:
+                first[key] = kb[:, :, :n].clone(), vb[:, :, :n].clone()
+            else:
+                kb[:, :, :n], vb[:, :, :n] = first[key]
+            return kb, vb
+
+        return stale
+
+    return mock.patch.object(PipeFusionKV, "_cache", _cache)
+
+
+MUTATIONS = {"ring_skip": _ring_skip, "a2a_roll": _a2a_roll, "unmasked_padding": _unmasked_padding,
+             "stale_kv": _stale_kv}
 
 
 def run_mismatched(rank: int, device: torch.device, payload) -> None:

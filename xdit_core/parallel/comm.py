@@ -13,6 +13,8 @@ from typing import Optional, Sequence
 import torch
 import torch.distributed as dist
 
+from xdit_core.parallel.p2p import P2PChannel, P2POp
+
 COMM_KINDS = ("ulysses_all_to_all", "ulysses_all_gather", "ring_p2p", "ring_all_gather", "sp_gather",
               "cfg_gather", "pipefusion_p2p", "control")  # control: tiny consistency checks
 
@@ -40,14 +42,17 @@ def _nbytes(t: torch.Tensor) -> int:
 
 
 class Comm:
-    """Collectives on one group, counted under `kind` into `counter`."""
+    """Collectives on one group, counted under `kind` into `counter`; point to point through `p2p` (a channel
+    over the same group: native torch.distributed unless given one with the emulated NCCL semantics)."""
 
-    def __init__(self, group, members: Sequence[int], counter: Optional[CommCounter]):
+    def __init__(self, group, members: Sequence[int], counter: Optional[CommCounter],
+                 p2p: Optional[P2PChannel] = None):
         self.group = group
         self.members = list(members)
         self.size = len(self.members)
         self.index = self.members.index(dist.get_rank()) if dist.is_initialized() and self.size > 1 else 0
         self.counter = counter
+        self.p2p = p2p if p2p is not None else P2PChannel("group", group, self.members)
 
     def _count(self, kind: str, nbytes: int) -> None:
         if self.counter is not None:
@@ -82,7 +87,7 @@ class Comm:
         buf = torch.empty_like(x)
         nxt = self.members[(self.index + 1) % self.size]
         prv = self.members[(self.index - 1) % self.size]
-        ops = [dist.P2POp(dist.isend, x, nxt, group=self.group), dist.P2POp(dist.irecv, buf, prv, group=self.group)]
-        works = dist.batch_isend_irecv(ops)
+        # One batch: on NCCL a group, so the send and the receive progress together (no ordering deadlock).
+        works = self.p2p.batch_isend_irecv([P2POp("send", x, nxt), P2POp("recv", buf, prv)])
         self._count(kind, _nbytes(x))
         return buf, works

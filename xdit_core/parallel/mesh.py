@@ -149,6 +149,17 @@ class Mesh:
                 if me in global_members:
                     self._groups[name] = group
                     self._group_members[name] = global_members
+        # PipeFusion's hand-offs: one group per direction of every edge (stage i -> i + 1, and last -> first),
+        # so that at 2 stages the two directions are separate NCCL communicators (as xDiT does).
+        self._edges: dict[tuple[int, int], object] = {}
+        P = config.pipefusion_parallel_degree
+        if P > 1:
+            for members in config.group_ranks("pipefusion"):
+                stages = [self.ranks[r] for r in members]
+                for src, dst in [(stages[i], stages[i + 1]) for i in range(P - 1)] + [(stages[-1], stages[0])]:
+                    group = dist.new_group([src, dst], timeout=timeout)
+                    if me in (src, dst):
+                        self._edges[(src, dst)] = group
 
     def group(self, name: str):
         """The process group of this rank along `name` (ulysses, ring, sp, pipefusion, cfg); None if size 1."""
@@ -157,6 +168,11 @@ class Mesh:
     def members(self, name: str) -> list[int]:
         """Global ranks of this rank's group along `name`, in group-rank order."""
         return self._group_members[name]
+
+    def edge_group(self, src: int, dst: int):
+        """The process group of PipeFusion's hand-offs from global rank `src` to `dst` (adjacent stages, or the
+        last stage to the first): a group of its own per direction."""
+        return self._edges[(src, dst)]
 
     def size(self, name: str) -> int:
         return len(self._group_members[name])

@@ -22,11 +22,13 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
-from xdit_core.parallel.attention import Segment, SPGroups, sdpa_params, select_lse_kernel, usp_attention
+from xdit_core.parallel.attention import Segment, SPGroups, select_lse_kernel, usp_attention
 from xdit_core.parallel.comm import Comm
 from xdit_core.errors import XDiTCancelled, XDiTWorkerError
 from xdit_core.models.base import ModelAdapter, Tokens
 from xdit_core.parallel.context import RankContext
+from xdit_core.parallel.p2p import P2PChannel
+from xdit_core.parallel.routing import AttentionRouter
 from xdit_core.sampling.request import SampleRequest
 from xdit_core.sampling.samplers import AncestralNoise, ModelSampling, Sampler
 from xdit_core.parallel.sequence_parallel import shard_padded
@@ -44,32 +46,17 @@ class Unit:
     branch: int
 
 
-class PipeFusionAttention(torch.overrides.TorchFunctionMode):
-    """Routes the stage's attention through the per-layer K/V buffers (see the module docstring)."""
+class PipeFusionKV:
+    """The stage's attention: per-layer K/V buffers that patches refresh and attend over (module docstring)."""
 
-    def __init__(self, kinds: dict[torch.nn.Module, str], joint_order: tuple[str, str], groups: SPGroups,
-                 n_img: int):
-        super().__init__()
+    def __init__(self, joint_order: tuple[str, str], groups: SPGroups, n_img: int):
         self.groups, self.joint_order, self.n_img = groups, joint_order, n_img
-        self.current: Optional[tuple[int, str]] = None
         self.unit: Optional[Unit] = None
         self.segments: dict[str, list[Segment]] = {}
         # Per ring rank: the gathered positions that are real tokens, and their global token ids.
         self.keep: list[torch.Tensor] = []
         self.gathered_index: list[torch.Tensor] = []
-        self.buffers: dict[tuple[int, int], tuple[torch.Tensor, torch.Tensor]] = {}
-        self._hooks = []
-        for m, kind in kinds.items():
-            self._hooks.append(m.register_forward_pre_hook(self._make_hook(id(m), kind)))
-            self._hooks.append(m.register_forward_hook(self._clear))
-
-    def _make_hook(self, key: int, kind: str):
-        def hook(module, args):
-            self.current = (key, kind)
-        return hook
-
-    def _clear(self, module, args, output):
-        self.current = None
+        self.buffers: dict[tuple[torch.nn.Module, int], tuple[torch.Tensor, torch.Tensor]] = {}
 
     def set_unit(self, unit: Unit, txt_len: int, has_text: bool) -> None:
         """Describe the local sequence of the unit about to run: its image shard and replicated text."""
@@ -92,9 +79,9 @@ class PipeFusionAttention(torch.overrides.TorchFunctionMode):
             self.gathered_index.append(unit.tokens[in_unit[keep]])
         self.unit = unit
 
-    def _cache(self, key: int):
+    def _cache(self, module: torch.nn.Module):
         def update(ks: torch.Tensor, vs: torch.Tensor):
-            slot = (key, self.unit.branch)
+            slot = (module, self.unit.branch)
             if slot not in self.buffers:
                 shape = (ks.shape[0], ks.shape[1], self.n_img, ks.shape[3])
                 self.buffers[slot] = (ks.new_zeros(shape), vs.new_zeros(shape))
@@ -109,18 +96,12 @@ class PipeFusionAttention(torch.overrides.TorchFunctionMode):
             return kb, vb
         return update
 
-    def remove(self) -> None:
-        for h in self._hooks:
-            h.remove()
-
-    def __torch_function__(self, func, types, args=(), kwargs=None):
-        kwargs = kwargs or {}
-        if func is not F.scaled_dot_product_attention or self.current is None or self.current[1] == "cross":
-            return func(*args, **kwargs)
-        params = sdpa_params(args, kwargs)
-        key, kind = self.current
-        return usp_attention(params["query"], params["key"], params["value"], self.segments[kind], self.groups,
-                             params.get("scale"), kv_cache=self._cache(key))
+    def attend(self, module: torch.nn.Module, kind: str, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+               scale: Optional[float]) -> torch.Tensor:
+        """The route of every attention layer of the stage (see AttentionRouter)."""
+        if kind == "cross":  # image queries against replicated text: nothing to exchange or buffer
+            return F.scaled_dot_product_attention(q, k, v, scale=scale)
+        return usp_attention(q, k, v, self.segments[kind], self.groups, scale, kv_cache=self._cache(module))
 
 
 @dataclass
@@ -180,9 +161,10 @@ class PipeFusionRunner:
         self.pp: Comm = ctx.comm("pipefusion")
         self.sp_comm: Comm = ctx.comm("sp")
         self.groups = SPGroups(ctx.comm("ulysses"), ctx.comm("ring"),
-                               select_lse_kernel(ctx.device, ctx.attention_backend))
+                               select_lse_kernel(ctx.device, ctx.attention_backend, adapter.dtype))
         self.cfg_comm: Optional[Comm] = ctx.comm("cfg") if config.cfg_degree > 1 else None
         self.effective_patches = 0
+        self._channels: dict[tuple[int, int], P2PChannel] = {}
 
     @property
     def first(self) -> bool:
@@ -193,11 +175,24 @@ class PipeFusionRunner:
         return self.stage == self.P - 1
 
     # -- point to point between stages -------------------------------------------------------
+    def _channel(self, src: int, dst: int) -> P2PChannel:
+        """The hand-offs from stage `src` to stage `dst`: a communicator per direction (Mesh.edge_group).
+
+        NCCL pairs a communicator's messages between two ranks in issue order, both directions together, and
+        a send waits for its receive: on one communicator, at 2 stages, stage 0's forward sends and the last
+        stage's next-input sends would wait on each other. Per direction, each channel carries one stream
+        of messages that both sides issue in the same order (rounds, then units or patches).
+        """
+        if (src, dst) not in self._channels:
+            a, b = self.pp.members[src], self.pp.members[dst]
+            self._channels[(src, dst)] = self.ctx.p2p(f"pipefusion {a}->{b}", self.ctx.mesh.edge_group(a, b), [a, b])
+        return self._channels[(src, dst)]
+
     def _send(self, x: torch.Tensor, to_stage: int, rnd: int, tag: int) -> tuple:
         """Start a send; returns (round, work, tensor): the tensor must live until the work completes."""
         x = x.contiguous()
         self.ctx.counter.add("pipefusion_p2p", x.numel() * x.element_size())
-        return rnd, dist.isend(x, self.pp.members[to_stage], tag=tag), x
+        return rnd, self._channel(self.stage, to_stage).isend(x, self.pp.members[to_stage], tag), x
 
     @staticmethod
     def _wait_sends(sends: list, before_round: Optional[int] = None) -> list:
@@ -213,7 +208,7 @@ class PipeFusionRunner:
 
     def _recv(self, shape, dtype, from_stage: int, tag: int) -> torch.Tensor:
         buf = torch.empty(shape, dtype=dtype, device=self.ctx.device)
-        dist.recv(buf, self.pp.members[from_stage], tag=tag)
+        self._channel(from_stage, self.stage).irecv(buf, self.pp.members[from_stage], tag).wait()
         return buf
 
     # -- the run -----------------------------------------------------------------------------
@@ -245,7 +240,10 @@ class PipeFusionRunner:
             d.start()
         self._check_schedule(rounds, rows, x, request)
         x_eval = x.clone()  # stage 0's latest input for every patch
-        attention = PipeFusionAttention(a.attention_kinds(), a.JOINT_ORDER, self.groups, n_img)
+        attention = PipeFusionKV(a.JOINT_ORDER, self.groups, n_img)
+        kinds = a.attention_kinds()
+        mine = {id(m) for block, _ in self.blocks for m in block.modules()}
+        self.router = AttentionRouter(a.model, kinds, attention.attend, run=[m for m in kinds if id(m) in mine])
         # Sends in flight, as (round, work, tensor). Forward hand-offs are received within their round;
         # the last stage's "next input" sends are received by stage 0 at the start of the next round, so
         # a step boundary waits only for sends of earlier rounds (waiting for the current ones could
@@ -281,7 +279,6 @@ class PipeFusionRunner:
                         raise
         finally:
             self._wait_sends(sends)
-            attention.remove()
         return self._final(drivers, x)
 
     def _check_schedule(self, rounds, rows, x, request: SampleRequest) -> None:
@@ -334,7 +331,7 @@ class PipeFusionRunner:
                               tag=self._tag(rnd, u, k))
             local = full.with_(img=recv[:, :loc], txt=recv[:, loc:] if joint else full.txt, extras=extras)
         attention.set_unit(unit, n_txt, joint)
-        with attention:
+        with self.router:
             for block, run in self.blocks:
                 local = run(block, local)
         if not self.last:

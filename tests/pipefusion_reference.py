@@ -1,0 +1,123 @@
+"""An exact single-process reference of PipeFusion's stale-K/V schedule, written without the PipeFusion runner.
+
+One process, the whole model, no stages and no communication. The latent is cut into M horizontal patches
+(whole rows of 2x2 tokens), each with its own sampler. Every attention layer keeps, per CFG branch, full-length
+image K/V buffers. Model evaluations happen in rounds (one per sampler evaluation: euler 1 per step, heun 2):
+- a warmup round (step < warmup_steps) evaluates the whole image at once: every buffer gets the whole fresh
+  K/V, which is plain attention, as serial;
+- a later round evaluates the patches one after the other, m = 0..M-1: embed, run every block on patch m's
+  image tokens (and the whole text), where each attention layer writes patch m's fresh K/V into its slice of
+  the buffer and attends over the whole buffer (fresh for patches < m of this round, the previous round's
+  for patches > m), then the head on patch m's tokens.
+After each round every patch's sampler takes the CFG-combined prediction of its own rows.
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+
+from xdit_core.models.base import ModelAdapter, Tokens
+from xdit_core.parallel.routing import AttentionRouter
+from xdit_core.parallel.stages import patch_rows
+from xdit_core.sampling.request import SampleRequest
+from xdit_core.sampling.samplers import AncestralNoise, Sampler, is_max_denoise
+
+
+class _StaleKV:
+    """The `attend` of an AttentionRouter: per-(layer, branch) full-length image K/V buffers."""
+
+    def __init__(self, adapter: ModelAdapter, n_img: int):
+        self.adapter, self.n_img = adapter, n_img
+        self.buffers: dict[tuple[int, int], tuple[torch.Tensor, torch.Tensor]] = {}
+        self.tokens: Optional[torch.Tensor] = None  # image tokens of the current evaluation
+        self.branch = 0
+
+    def __call__(self, module, kind, q, k, v, scale):
+        if kind == "cross":
+            return F.scaled_dot_product_attention(q, k, v, scale=scale)
+        n = len(self.tokens)
+        n_txt = q.shape[2] - n  # "image": 0; "joint": the text tokens
+        img_first = kind == "image" or self.adapter.JOINT_ORDER[0] == "img"
+        img = slice(0, n) if img_first else slice(n_txt, n_txt + n)
+        txt = slice(n, n + n_txt) if img_first else slice(0, n_txt)
+        key = (id(module), self.branch)
+        if key not in self.buffers:
+            shape = (k.shape[0], k.shape[1], self.n_img, k.shape[3])
+            self.buffers[key] = (k.new_zeros(shape), v.new_zeros(shape))
+        kb, vb = self.buffers[key]
+        kb[:, :, self.tokens] = k[:, :, img]
+        vb[:, :, self.tokens] = v[:, :, img]
+        keys = [kb, k[:, :, txt]] if img_first else [k[:, :, txt], kb]
+        values = [vb, v[:, :, txt]] if img_first else [v[:, :, txt], vb]
+        return F.scaled_dot_product_attention(q, torch.cat(keys, 2), torch.cat(values, 2), scale=scale)
+
+
+@torch.no_grad()
+def pipefusion_reference(adapter: ModelAdapter, request: SampleRequest, patches: int,
+                         warmup_steps: int) -> torch.Tensor:
+    """The final latent (model space, float32) of PipeFusion's schedule with M = `patches`."""
+    ms = adapter.spec.model_sampling(request.shift, width=request.width, height=request.height)
+    sigmas = request.sigmas
+    x = ms.noise_scaling(sigmas[0], request.noise, request.latent_image, is_max_denoise(ms, sigmas))
+    b, _, h, w = x.shape
+    per_row = w // 2  # tokens per row of 2x2 patches
+    n_img = (h // 2) * per_row
+    rows = patch_rows(h, patches, 2)
+    noise = AncestralNoise(request.seed, x.shape, x.dtype, x.device)  # one draw per step, sliced per patch
+    samplers = [Sampler(request.sampler, ms, request.seed, noise=lambda i, r0=r0, r1=r1: noise(i)[:, :, r0:r1])
+                for r0, r1 in rows]
+    xs = [x[:, :, r0:r1] for r0, r1 in rows]
+    branches = [(1, request.positive)] if request.negative is None else [(0, request.negative),
+                                                                           (1, request.positive)]
+    attend = _StaleKV(adapter, n_img)
+    router = AttentionRouter(adapter.model, adapter.attention_kinds(), attend)
+
+    def evaluate(latent: torch.Tensor, sigma: torch.Tensor, r0: int, r1: int) -> torch.Tensor:
+        """CFG-combined x0 prediction of latent rows r0:r1 (the only rows whose tokens run the blocks)."""
+        tokens = torch.arange(r0 // 2 * per_row, r1 // 2 * per_row, device=latent.device)
+        timestep = ms.timestep(sigma.reshape(1).cpu()).float().to(latent.device).expand(b)
+        preds = []
+        for branch, cond in branches:
+            full = adapter.embed(ms.calculate_input(sigma, latent).to(adapter.dtype), timestep, cond,
+                                 request.guidance)
+
+            def pick(t: torch.Tensor, dim: int = 1) -> torch.Tensor:
+                return t.index_select(dim, tokens)
+
+            local = full.with_(img=pick(full.img), extras=adapter.shard_extras(full, lambda t, dim=1: t, pick))
+            attend.tokens, attend.branch = tokens, branch
+            with router:
+                for block, run in adapter.blocks():
+                    local = run(block, local)
+            out = adapter.head(Tokens(local.img, None, r1 - r0, w, full.extras)).float()
+            preds.append(ms.calculate_denoised(sigma, out, latent[:, :, r0:r1]))
+        if len(preds) == 1:
+            return preds[0]
+        uncond, cond = preds
+        return uncond + (cond - uncond) * request.cfg
+
+    for i in range(len(sigmas) - 1):
+        gens = [s.step_gen(i, xm, sigmas) for s, xm in zip(samplers, xs)]
+        asks = [next(g) for g in gens]  # (x, sigma) each patch's sampler asks the model for
+        while asks:
+            sigma = asks[0][1]
+            assert all(torch.equal(s, sigma) for _, s in asks)
+            if i < warmup_steps:  # synchronous: the whole image in one evaluation
+                denoised = evaluate(torch.cat([a for a, _ in asks], dim=2), sigma, 0, h)
+                preds = [denoised[:, :, r0:r1] for r0, r1 in rows]
+            else:
+                preds = []
+                for m, (r0, r1) in enumerate(rows):
+                    latent = torch.cat([a for a, _ in asks], dim=2)  # other rows do not reach the blocks
+                    preds.append(evaluate(latent, sigma, r0, r1))
+            nxt = []
+            for m, (g, pred) in enumerate(zip(gens, preds)):
+                try:
+                    nxt.append(g.send(pred))
+                except StopIteration as done:
+                    xs[m] = done.value
+            assert len(nxt) in (0, len(gens)), "every patch's sampler needs the same evaluations"
+            asks = nxt
+    return ms.inverse_noise_scaling(sigmas[-1], torch.cat(xs, dim=2)).float()
