@@ -14,3 +14,29 @@ def tiny_models(tmp_path_factory):
     specs = {"flux": ("flux", "dev"), "flux_schnell": ("flux", "schnell"), "sd3": ("sd3", None),
              "pixart": ("pixart", "alpha"), "pixart_sigma": ("pixart", "sigma")}
     return {name: write_tiny(fam, root / name, seed=1, variant=var) for name, (fam, var) in specs.items()}
+
+
+@pytest.fixture(scope="session")
+def spawned_world(tmp_path_factory):
+    """The suite's one spawned world of 8 gloo ranks (spawning costs seconds per process here). The parity
+    cases of test_parallel.py, then the point-to-point cases of test_nccl_semantics.py, run in it in turn;
+    smaller meshes use the first ranks."""
+    import parallel_world
+    from test_nccl_semantics import world_payload as nccl_payload
+    from test_parallel import world_payload as parallel_payload
+    from xdit_core.runtime.launch import spawn_world
+
+    cases, refs, shapes = parallel_payload(tmp_path_factory.mktemp("par"))
+    payload = {"parallel": cases, "nccl": nccl_payload(tmp_path_factory.mktemp("nccl"))}
+    # The ranks start with diffusers' attention backend set to flex (the serial references used native SDPA):
+    # parity then holds only if every attention call of every family is routed, none left to the backend.
+    previous = os.environ.get("DIFFUSERS_ATTN_BACKEND")
+    os.environ["DIFFUSERS_ATTN_BACKEND"] = "flex"
+    try:
+        per_rank = spawn_world(parallel_world.run_all, 8, payload, threads=1, timeout_s=900)
+    finally:
+        if previous is None:
+            os.environ.pop("DIFFUSERS_ATTN_BACKEND")
+        else:
+            os.environ["DIFFUSERS_ATTN_BACKEND"] = previous
+    return {"per_rank": per_rank, "refs": refs, "shapes": shapes}

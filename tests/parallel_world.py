@@ -39,6 +39,8 @@ def run_cases(rank: int, device: torch.device, cases: list) -> dict:
             "out": out if rank == 0 else None, "total": dict(ctx.counter.total), "per_step": ctx.counter.per_step,
             "param_bytes": sum(p.numel() * p.element_size() for p in adapter.model.parameters() if not p.is_meta),
             "effective_patches": ctx.effective_patches, "coords": mesh.coords,
+            # What the routing left on the model (reused across cases: warm requests must leave nothing).
+            "hooks": sum(len(m._forward_pre_hooks) + len(m._forward_hooks) for m in adapter.model.modules()),
         }
     return results
 
@@ -121,3 +123,11 @@ def run_mismatched(rank: int, device: torch.device, payload) -> None:
     path, requests = payload
     mesh = Mesh(ParallelConfig(pipefusion_parallel_degree=2))
     run_request(make_adapter(*load_model(path)), requests[rank], ctx=RankContext(mesh, device))
+
+
+def run_all(rank: int, device: torch.device, payload: dict) -> dict:
+    """The suite's shared world (tests/conftest.py): the parity cases, then the point-to-point cases."""
+    import nccl_world
+
+    return {"parallel": run_cases(rank, device, payload["parallel"]),
+            "nccl": nccl_world.run_world(rank, device, payload["nccl"])}

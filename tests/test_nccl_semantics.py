@@ -4,11 +4,9 @@ Every multi-rank path that sends point to point (PipeFusion 2 and 4 stages, Pipe
 CFG x PipeFusion, pipelined with warmup 1 of 3 steps; Ulysses; Ring) runs in the emulated mode without
 hanging and gives exactly the native latent and byte counts. Negative controls: both ranks sending first
 on one channel, PipeFusion's former single-group schedule, and crossed tags pass on native gloo and fail
-quickly in the emulated mode. One spawned world of 4 ranks holds every case (spawning costs seconds per
-process here): smaller meshes use the first ranks.
+quickly in the emulated mode. The cases run in the suite's one spawned world (tests/conftest.py); meshes
+use the first ranks.
 """
-import time
-
 import pytest
 import torch
 
@@ -16,12 +14,9 @@ from xdit_core.cli.tiny import write_tiny
 from xdit_core.loading.load import load_model
 from xdit_core.models.conditioning import random_cond
 from xdit_core.parallel.mesh import ParallelConfig
-from xdit_core.runtime.launch import spawn_world
 from xdit_core.sampling.request import build_request, empty_latent
 
-import nccl_world
 
-WORLD = 4
 TIMEOUT_S = 60.0  # emulated waits of the cases that must pass
 CONTROL_TIMEOUT_S = 1.5  # emulated waits of the negative controls: they must fail, quickly
 STEPS = 3
@@ -44,9 +39,9 @@ def make_request(spec, steps=STEPS):
                          scheduler="simple", denoise=1.0, positive=pos, negative=neg)
 
 
-@pytest.fixture(scope="module")
-def world(tmp_path_factory):
-    path = str(write_tiny("flux", tmp_path_factory.mktemp("nccl") / "flux", seed=2))
+def world_payload(root):
+    """What this module adds to the shared spawned world (tests/conftest.py)."""
+    path = str(write_tiny("flux", root / "flux", seed=2))
     request = make_request(load_model(path)[1])
     pf2 = CONFIGS["pf2"]
     cases = [(f"{name}/{sem}", path, config, "p2p", request, sem, TIMEOUT_S)
@@ -60,11 +55,14 @@ def world(tmp_path_factory):
                                for sem in SEMANTICS],
         "after_cases": [("pf2_after/nccl", path, pf2, "p2p", request, "nccl", TIMEOUT_S)],
     }
-    t0 = time.perf_counter()
-    per_rank = spawn_world(nccl_world.run_world, WORLD, payload, threads=1, timeout_s=300)
+    return payload
+
+
+@pytest.fixture(scope="module")
+def world(spawned_world):
+    per_rank = [r["nccl"] for r in spawned_world["per_rank"]]
     timings = per_rank[0]["timings"]
-    print(f"\nnccl-semantics world of {WORLD} ranks: {time.perf_counter() - t0:.1f}s "
-          f"({', '.join(f'{k} {v:.1f}s' for k, v in timings.items())})")
+    print(f"\nnccl-semantics part of the shared world: {', '.join(f'{k} {v:.1f}s' for k, v in timings.items())}")
     for name, res in sorted(per_rank[0].items()):
         if isinstance(res, dict) and "seconds" in res:
             print(f"  rank 0 {name:28s} {res['seconds']:6.2f}s" + ("  error" if "error" in res else ""))

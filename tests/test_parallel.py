@@ -107,9 +107,8 @@ def rel_err(out, ref):
     return float((out.float() - ref.float()).abs().max() / ref.float().abs().max())
 
 
-@pytest.fixture(scope="module")
-def world(tmp_path_factory):
-    root = tmp_path_factory.mktemp("par")
+def world_payload(root):
+    """The cases this module adds to the shared spawned world (tests/conftest.py), and their serial references."""
     paths = {f: write_model(f, root / f) for f in FAMILIES}
     paths["sd3_deep"] = write_model("sd3", root / "sd3_deep", layers=8)
     PATHS.update(paths)
@@ -158,8 +157,13 @@ def world(tmp_path_factory):
             cases.append((f"{key}/bf16/{BF16_CONFIG}@{option}", str(paths[key]), CONFIGS[BF16_CONFIG], "p2p",
                           request))
     CASES[:] = cases
-    per_rank = spawn_world(parallel_world.run_cases, 8, cases, threads=1, timeout_s=600)
-    return per_rank[0], refs, shapes, per_rank
+    return cases, refs, shapes
+
+
+@pytest.fixture(scope="module")
+def world(spawned_world):
+    per_rank = [r["parallel"] for r in spawned_world["per_rank"]]
+    return per_rank[0], spawned_world["refs"], spawned_world["shapes"], per_rank
 
 
 PARITY = [(f, s, c) for f in FAMILIES for s in SIZES for c in (CONFIGS if s == "even" else UNEVEN_CONFIGS)]
@@ -172,6 +176,13 @@ def test_parallel_equals_serial(world, family, size, config):
     err = float((out - ref).abs().max() / ref.abs().max())
     print(f"parity {family:6s} {size:6s} {config:8s} max|d|/max|ref| = {err:.2e}")
     assert err <= TOL
+
+
+def test_warm_requests_leave_no_hooks_on_the_model(world):
+    """Every rank reuses its models across the cases (warm requests): the routing's hooks never accumulate."""
+    _, _, _, per_rank = world
+    assert all(res["hooks"] == 0 for rank in per_rank for res in rank.values())
+    assert sum(len(rank) for rank in per_rank) > 200
 
 
 def _attention_layers(family, config):
