@@ -169,6 +169,8 @@ def usp_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, segments: S
 
     def to_heads(x: torch.Tensor) -> torch.Tensor:
         # [B, H, Ls, D] -> [B, H/U, U*Ls, D]: send head group j to Ulysses rank j, receive its sequence shard.
+        if U == 1:
+            return x  # no head groups to exchange: no copy either
         ls = x.shape[2]
         x = x.reshape(b, U, hu, ls, d).permute(1, 0, 2, 3, 4)
         x = uly.all_to_all(x, "ulysses_all_to_all")
@@ -224,12 +226,16 @@ def usp_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, segments: S
     # Back to this rank's local layout: [B, H, S_local, D].
     split_len = qs.shape[2] if has_split else 0
     pieces = {}
-    if has_split:
+    if has_split and U == 1:
+        pieces[True] = out[:, :, :split_len]
+    elif has_split:
         ls = split_len // U
         o = out[:, :, :split_len].reshape(b, hu, U, ls, d).permute(2, 0, 1, 3, 4)
         o = uly.all_to_all(o, "ulysses_all_to_all")  # chunk j: my sequence shard, head group j
         pieces[True] = o.permute(1, 0, 2, 3, 4).reshape(b, heads, ls, d)
-    if has_rep:
+    if has_rep and U == 1:
+        pieces[False] = out[:, :, split_len:]
+    elif has_rep:
         r = uly.all_gather(out[:, :, split_len:], "ulysses_all_gather")  # [U, B, H/U, Lr, D]
         pieces[False] = r.permute(1, 0, 2, 3, 4).reshape(b, heads, -1, d)
     if len(pieces) == 1:  # one kind of segment: already in the local order
