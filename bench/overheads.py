@@ -110,34 +110,48 @@ def interleaved(ours: Callable[[], Any], ref: Callable[[], Any], repeats: int) -
 
 
 @torch.no_grad()
+def _diffusers_forward(adapter: ModelAdapter, x: torch.Tensor, t: torch.Tensor, cond) -> Callable[[], torch.Tensor]:
+    """diffusers' own forward of the adapter's model on the inputs the adapter gets, as a latent [B, C, h, w]."""
+    model, dtype = adapter.model, x.dtype
+    h, w = x.shape[-2:]
+    text, pooled = cond.text.to(dtype), cond.pooled.to(dtype)
+    if adapter.spec.family == "sd3":  # the timestep goes in as the adapter gets it (ComfyUI's scale)
+        return lambda: model(hidden_states=x, encoder_hidden_states=text, pooled_projections=pooled, timestep=t,
+                             return_dict=False)[0]
+    inputs = dict(
+        hidden_states=pack_flux(x),
+        encoder_hidden_states=text,
+        pooled_projections=pooled,
+        timestep=t,
+        img_ids=flux_image_ids(h, w),
+        txt_ids=torch.zeros(text.shape[1], 3),
+        guidance=torch.full((1,), 3.5) if model.config.guidance_embeds else None,  # the adapter's default
+        return_dict=False,
+    )
+    return lambda: unpack_flux(model(**inputs)[0], h, w)
+
+
 def routing_vs_forward(adapter: ModelAdapter, opts: argparse.Namespace) -> dict[str, Any]:
     """One forward at the request's first sigma, 1 thread: the degree-1 SequenceParallelRunner's `predict`
-    vs diffusers' forward on the same inputs, checked equal to fp32 rounding before timing."""
+    vs diffusers' forward on the same inputs, checked equal to fp32 rounding before timing. Flux attends
+    through diffusers' dispatcher, SD3 through F.scaled_dot_product_attention: one row each routing path."""
     model = adapter.model
     with _one_thread():
         request = make_request(adapter.spec, opts.route_size, 1)
         dtype = next(model.parameters()).dtype
-        x, cond, t = request.noise.to(dtype), request.positive, request.sigmas[:1].to(dtype)
+        x, cond = request.noise.to(dtype), request.positive
+        ms = adapter.spec.model_sampling(request.shift, width=request.width, height=request.height)
+        t = ms.timestep(request.sigmas[:1]).to(dtype)
         h, w = x.shape[-2:]
-        text = cond.text.to(dtype)
-        inputs = dict(
-            hidden_states=pack_flux(x),
-            encoder_hidden_states=text,
-            pooled_projections=cond.pooled.to(dtype),
-            timestep=t,
-            img_ids=flux_image_ids(h, w),
-            txt_ids=torch.zeros(text.shape[1], 3),
-            guidance=torch.full((1,), 3.5) if model.config.guidance_embeds else None,  # the adapter's default
-            return_dict=False,
-        )
         lone = Comm(None, [0], None)
         runner = SequenceParallelRunner(adapter, SPGroups(lone, lone, select_lse_kernel(x.device, dtype=dtype)), lone)
-        plain, routed = lambda: model(**inputs)[0], lambda: runner.predict(x, t, cond, None)
-        diff = _rel_diff(routed(), unpack_flux(plain(), h, w))  # also the warm-up
+        plain, routed = _diffusers_forward(adapter, x, t, cond), lambda: runner.predict(x, t, cond, None)
+        diff = _rel_diff(routed(), plain())  # also the warm-up
         if diff > 1e-5:
             raise AssertionError(f"the routed forward differs from diffusers' by {diff:.1e}: not the same work")
         timing = interleaved(routed, plain, opts.degree1_repeats)
-    return {"size": opts.route_size, "tokens": [h * w // 4, text.shape[1]], "max_rel_diff": diff, **timing}
+    return {"family": adapter.spec.family, "size": opts.route_size, "tokens": [h * w // 4, cond.text.shape[1]],
+            "max_rel_diff": diff, **timing}
 
 
 def engine_vs_diffusers(adapter: ModelAdapter, opts: argparse.Namespace) -> dict[str, Any]:
@@ -194,8 +208,10 @@ def pool(opts: argparse.Namespace, tmp: Path) -> dict[str, Any]:
 
 
 def run_degree1(opts: argparse.Namespace, tmp: Path) -> dict[str, Any]:
-    adapter = make_adapter(*load_model(model_path(tmp, "flux")))
-    return {"routing": routing_vs_forward(adapter, opts), "engine": engine_vs_diffusers(adapter, opts)}
+    flux = make_adapter(*load_model(model_path(tmp, "flux")))
+    sd3 = make_adapter(*load_model(model_path(tmp, "sd3")))
+    return {"routing": [routing_vs_forward(flux, opts), routing_vs_forward(sd3, opts)],
+            "engine": engine_vs_diffusers(flux, opts)}
 
 
 def run(opts: argparse.Namespace, tmp: Path) -> dict[str, Any]:
@@ -203,7 +219,7 @@ def run(opts: argparse.Namespace, tmp: Path) -> dict[str, Any]:
 
 
 def report_degree1(result: dict[str, Any]) -> str:
-    r, e = result["routing"], result["engine"]
+    routing, e = result["routing"], result["engine"]
 
     def row(name: str, c: dict[str, Any]) -> list[Any]:
         o, f, q = c["ours"], c["ref"], c["pair_ratio"]
@@ -218,18 +234,15 @@ def report_degree1(result: dict[str, Any]) -> str:
         ]
 
     return format_table(
-        f"Degree 1 vs diffusers: Flux medium, 1 thread, {r['ours']['n']} interleaved pairs each; "
+        f"Degree 1 vs diffusers: medium models, 1 thread, {e['ours']['n']} interleaved pairs each; "
         f"target ours / diffusers <= {TARGET} (ratio of the medians)",
         ["comparison", "ours: median s (min-max)", "diffusers: median s (min-max)", "ratio",
          "per-pair ratio: median (min-max)", "target met", "max abs diff / max abs ref"],
         [
-            row(
-                f"routing: SP runner (size-1 groups) vs model forward; {r['size']}x{r['size']}, "
-                f"{r['tokens'][0]} image + {r['tokens'][1]} text tokens",
-                r,
-            ),
-            row(f"end to end: run_request vs diffusers forward + euler; {e['size']}x{e['size']}, {e['steps']} steps",
-                e),
+            *(row(f"routing, {r['family']}: SP runner (size-1 groups) vs model forward; {r['size']}x{r['size']}, "
+                  f"{r['tokens'][0]} image + {r['tokens'][1]} text tokens", r) for r in routing),
+            row(f"end to end, flux: run_request vs diffusers forward + euler; {e['size']}x{e['size']}, "
+                f"{e['steps']} steps", e),
         ],
     )
 

@@ -29,7 +29,8 @@ def spawned_world(tmp_path_factory):
     cases, refs, shapes = parallel_payload(tmp_path_factory.mktemp("par"))
     payload = {"parallel": cases, "nccl": nccl_payload(tmp_path_factory.mktemp("nccl"))}
     # The ranks start with diffusers' attention backend set to flex (the serial references used native SDPA):
-    # parity then holds only if every attention call of every family is routed, none left to the backend.
+    # the dispatcher families (Flux) must then be routed at the dispatcher, not at the SDPA call that the
+    # native backend would have made.
     previous = os.environ.get("DIFFUSERS_ATTN_BACKEND")
     os.environ["DIFFUSERS_ATTN_BACKEND"] = "flex"
     try:

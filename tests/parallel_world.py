@@ -5,6 +5,7 @@ from unittest import mock
 import torch
 
 from xdit_core.parallel import attention as attention_module
+from xdit_core.parallel import routing
 from xdit_core.parallel.comm import Comm
 from xdit_core.parallel.pipefusion import PipeFusionKV
 from xdit_core.runtime.job import run_request
@@ -39,8 +40,10 @@ def run_cases(rank: int, device: torch.device, cases: list) -> dict:
             "out": out if rank == 0 else None, "total": dict(ctx.counter.total), "per_step": ctx.counter.per_step,
             "param_bytes": sum(p.numel() * p.element_size() for p in adapter.model.parameters() if not p.is_meta),
             "effective_patches": ctx.effective_patches, "coords": mesh.coords,
-            # What the routing left on the model (reused across cases: warm requests must leave nothing).
-            "hooks": sum(len(m._forward_pre_hooks) + len(m._forward_hooks) for m in adapter.model.modules()),
+            # What the routing left behind (models are reused across cases: warm requests must leave nothing):
+            # hooks on the model, active routers, torch function modes.
+            "hooks": sum(len(m._forward_pre_hooks) + len(m._forward_hooks) for m in adapter.model.modules())
+            + len(routing.active_routers()) + torch._C._len_torch_function_stack(),
         }
     return results
 

@@ -73,11 +73,11 @@ def test_an_escaped_attention_fails_naming_its_layer():
     adapter.model.transformer_blocks[1].attn1.processor = AttnProcessor()
     with pytest.raises(XDiTWorkerError, match=r"transformer_blocks\.1\.attn1 \(AttnProcessor\) ran without"):
         _degree_one_runner(adapter).predict(*inputs)
-    assert _hooks(adapter.model) == 0 and routing._ACTIVE == []
+    assert _hooks(adapter.model) == 0 and routing.active_routers() == []
 
 
 @torch.no_grad()
-def test_a_swapped_kernel_fails_naming_its_layer(monkeypatch):
+def test_a_swapped_kernel_fails_naming_its_layer():
     """Flux attends through diffusers' dispatcher: a processor whose call does not arrive there (here: one that
     calls the original dispatcher, with the flex backend on, so no F.scaled_dot_product_attention either) escapes."""
     adapter, inputs = _setup("flux")
@@ -124,6 +124,37 @@ def test_a_layer_that_never_ran_fails_the_forward():
 
 
 @torch.no_grad()
+def test_a_stage_routes_only_its_blocks_and_catches_an_escape_among_them():
+    """A PipeFusion stage routes the attention of its own blocks (`run`); an escape there fails by name."""
+    adapter, inputs = _setup("pixart")
+    blocks = adapter.blocks()
+    stage = [m for m in adapter.attention_kinds() if any(m is b.attn1 or m is b.attn2 for b, _ in blocks[2:])]
+    sdpa = lambda m, kind, q, k, v, scale: F.scaled_dot_product_attention(q, k, v, scale=scale)  # noqa: E731
+    tokens = adapter.embed(*inputs)
+    with AttentionRouter(adapter.model, adapter.attention_kinds(), sdpa, run=stage):
+        for block, run in blocks[2:]:
+            tokens = run(block, tokens)
+    blocks[3][0].attn1.processor = AttnProcessor()
+    with pytest.raises(XDiTWorkerError, match=r"transformer_blocks\.3\.attn1 \(AttnProcessor\) ran without"):
+        with AttentionRouter(adapter.model, adapter.attention_kinds(), sdpa, run=stage):
+            for block, run in blocks[2:]:
+                tokens = run(block, tokens)
+
+
+@torch.no_grad()
+def test_a_dispatcher_call_outside_the_declared_modules_fails():
+    import diffusers.models.transformers.transformer_flux as flux
+
+    adapter, _ = _setup("flux")
+    AttentionRouter(adapter.model, adapter.attention_kinds(), lambda *a: None)  # routes flux's dispatcher
+    q = torch.randn(1, 6, 2, 8)
+    assert flux.dispatch_attention_fn(q, q, q).shape == q.shape  # no router active: the original
+    with pytest.raises(XDiTWorkerError, match="outside every attention module"):
+        with AttentionRouter(adapter.model, adapter.attention_kinds(), lambda *a: None):
+            flux.dispatch_attention_fn(q, q, q)
+
+
+@torch.no_grad()
 def test_warm_requests_leave_no_hooks_modes_or_buffers():
     adapter, inputs = _setup("sd3")
     model = adapter.model
@@ -137,8 +168,15 @@ def test_warm_requests_leave_no_hooks_modes_or_buffers():
     with pytest.raises(RuntimeError, match="rank failed"):
         with AttentionRouter(model, adapter.attention_kinds(), broken):
             adapter.run_blocks(adapter.embed(*inputs))
+
+    def interrupted(m, kind, q, k, v, scale):  # a BaseException skips torch's always_call hooks
+        raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        with AttentionRouter(model, adapter.attention_kinds(), interrupted):
+            adapter.run_blocks(adapter.embed(*inputs))
     assert _hooks(model) == 0
-    assert routing._ACTIVE == []
+    assert routing.active_routers() == []
     assert torch._C._len_torch_function_stack() == 0
     assert sorted(name for name, _ in model.named_buffers()) == buffers
 

@@ -6,6 +6,7 @@ from typing import Optional
 
 import torch
 
+from xdit_core.errors import XDiTWorkerError
 from xdit_core.parallel.attention import SPGroups, select_lse_kernel
 from xdit_core.parallel.comm import Comm, CommCounter
 from xdit_core.parallel.mesh import Mesh
@@ -43,7 +44,8 @@ class RankContext:
     def p2p(self, name: str, group, members) -> P2PChannel:
         """A point-to-point channel over `group` (global `members`) with this context's semantics."""
         if self.p2p_semantics == "nccl" and self._p2p_session is None:
-            self.begin_run()
+            # Sessions are numbered per mesh in start order: one started here, on one rank, would shift them.
+            raise XDiTWorkerError("emulated NCCL point to point needs begin_run() on every rank of the mesh first")
         return P2PChannel(name, group, members, self._p2p_session)
 
     def comm(self, name: str) -> Comm:

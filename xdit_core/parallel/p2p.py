@@ -5,7 +5,8 @@ and its members): `isend`, `irecv` and `batch_isend_irecv`. Two semantics, chose
 
 - "native": torch.distributed on the channel's group; tags are passed where the backend matches by them
   (gloo), and NCCL ignores them.
-- "nccl": NCCL's point-to-point semantics emulated on gloo, so CPU tests fail where GPUs would hang.
+- "nccl": NCCL's point-to-point semantics emulated on gloo, a test mode: CPU runs fail (by timeout) where
+  one communicator's ordering would hang GPUs.
   Tags do not match messages: order does (the intended tag travels in a header and a mismatch is an
   error). A send completes only once its receive is posted (the receiver first sends "ready"). The
   operations of one channel between two ranks run strictly in each rank's issue order, both directions
@@ -13,6 +14,9 @@ and its members): `isend`, `irecv` and `batch_isend_irecv`. Two semantics, chose
   together (an NCCL group). A wait that cannot complete within the timeout raises XDiTWorkerError.
   Each run gets a fresh `P2PSession` whose workers talk over new 2-rank gloo groups, so a thread stuck
   in an earlier (failed) run can never take a later run's message.
+  Not modelled: separate communicators progress independently here, as they do on GPUs where each has
+  its own stream and the kernels of two of them run concurrently; ordering across communicators is not
+  checked (PipeFusion's two directions rely on it, as xDiT's do).
 """
 from __future__ import annotations
 
@@ -31,7 +35,7 @@ from xdit_core.errors import XDiTConfigError, XDiTWorkerError
 
 SEMANTICS = ("native", "nccl")
 SEMANTICS_ENV = "XDIT_P2P_SEMANTICS"  # the CLI's switch: XDIT_P2P_SEMANTICS=nccl
-DEFAULT_TIMEOUT_S = 120.0
+DEFAULT_TIMEOUT_S = 120.0  # test mode: a wait longer than this is taken for a hang (raise it for big CPU runs)
 _READY, _HEADER, _DATA = 1, 2, 3  # gloo tags of the emulation's own messages
 _NCCL_NOTE = ("NCCL matches point-to-point messages between two ranks of a communicator in issue order, in both "
               "directions, ignores tags, and completes a send only when its receive is posted")

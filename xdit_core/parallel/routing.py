@@ -5,17 +5,24 @@ diffusers' processors reach the attention kernel in one of two ways: by calling
 `F.scaled_dot_product_attention` directly (SD3, PixArt, HunyuanDiT), or through diffusers'
 `dispatch_attention_fn`, which picks a backend (native, flex, flash, sage, ...) from
 `DIFFUSERS_ATTN_BACKEND` or the processor (Flux and the newer families). The router catches the call
-at that point, per module, and only while a routed module runs (a forward pre-hook marks it current):
-- dispatcher processors: the processor module's `dispatch_attention_fn` is replaced, once per process,
-  by a pass-through that hands the call to the current route; no diffusers backend runs, whatever the
-  setting, and outside a routed module the original runs unchanged;
-- SDPA processors: a TorchFunctionMode is on during that module's forward only (not the whole block).
+at that point, per module, and only while a routed module runs (a forward pre-hook marks it current). The
+names a processor's `__call__` uses say where it attends, and the name it calls is replaced, once per
+process, in the globals it looks it up in, by a pass-through that hands the call to the current route:
+- `dispatch_attention_fn`: no diffusers backend runs, whatever the setting;
+- `F.scaled_dot_product_attention`: `F` becomes a copy of torch.nn.functional whose SDPA is routed (every
+  other function the processor's module calls through `F` is the same object, at the same cost);
+- anything else (a wrapper, another spelling): a TorchFunctionMode is on during that module's forward
+  only (not the whole block), catching F.scaled_dot_product_attention however it is called.
+With no router active the originals run unchanged; a call through a replaced name while a router is
+active but outside every routed module is an error.
 Every routed module must make exactly one attention call, and every module of the blocks that ran must
-have been called, or XDiTWorkerError says which layer escaped and why. Hooks exist only inside `with`.
+have been called, or XDiTWorkerError says which layer escaped and why. Hooks exist only inside `with`, and
+the routing state is per thread (the pool's actors are threaded).
 """
 from __future__ import annotations
 
-import sys
+import threading
+import types
 from typing import Callable, Iterable, Optional
 
 import torch
@@ -27,7 +34,15 @@ from xdit_core.errors import XDiTWorkerError
 Attend = Callable[[torch.nn.Module, str, torch.Tensor, torch.Tensor, torch.Tensor, Optional[float]], torch.Tensor]
 
 _SDPA_ARGS = ("query", "key", "value", "attn_mask", "dropout_p", "is_causal", "scale", "enable_gqa")
-_ACTIVE: list["AttentionRouter"] = []  # innermost last
+_ROUTED_F: Optional[types.ModuleType] = None  # torch.nn.functional with a routed SDPA, made once
+_LOCAL = threading.local()  # .routers: this thread's active routers, innermost last
+
+
+def active_routers() -> list["AttentionRouter"]:
+    """This thread's active routers (empty outside any `with router:`)."""
+    if not hasattr(_LOCAL, "routers"):
+        _LOCAL.routers = []
+    return _LOCAL.routers
 
 
 def is_attention_module(module: torch.nn.Module) -> bool:
@@ -41,14 +56,44 @@ def _check_plain(layer: str, attn_mask, dropout_p, is_causal, enable_gqa) -> Non
                               "parallel attention supports unmasked, non-causal, dropout-free attention")
 
 
+def _current(kernel: str) -> "AttentionRouter":
+    router = active_routers()[-1]
+    if router.current is None:
+        raise XDiTWorkerError(f"an attention call through {kernel} outside every attention module the adapter "
+                              "declared: it would escape the parallel attention")
+    return router
+
+
+def _routed_sdpa(query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None, enable_gqa=False):
+    """F.scaled_dot_product_attention as the processors whose `F` is routed see it."""
+    if not active_routers():
+        return F.scaled_dot_product_attention(query, key, value, attn_mask=attn_mask, dropout_p=dropout_p,
+                                              is_causal=is_causal, scale=scale, enable_gqa=enable_gqa)
+    router = _current("F.scaled_dot_product_attention")
+    _check_plain(router.layer_name(), attn_mask, dropout_p, is_causal, enable_gqa)
+    return router.route(query, key, value, scale)
+
+
+def _routed_functional() -> types.ModuleType:
+    """torch.nn.functional with a routed SDPA: one per process, whatever names it is bound to."""
+    global _ROUTED_F
+    if _ROUTED_F is None:
+        routed = types.ModuleType("torch.nn.functional (xdit: routed attention)", F.__doc__)
+        routed.__dict__.update({k: v for k, v in vars(F).items() if not k.startswith("__")})
+        routed.__getattr__ = lambda name: getattr(F, name)  # anything torch adds later
+        routed.scaled_dot_product_attention = _routed_sdpa
+        _ROUTED_F = routed
+    return _ROUTED_F
+
+
 def _routed_dispatch(original: Callable) -> Callable:
     def dispatch_attention_fn(query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None,
                               enable_gqa=False, attention_kwargs=None, *, backend=None, parallel_config=None):
-        router = _ACTIVE[-1] if _ACTIVE else None
-        if router is None or router.current is None:
+        if not active_routers():
             return original(query, key, value, attn_mask=attn_mask, dropout_p=dropout_p, is_causal=is_causal,
                             scale=scale, enable_gqa=enable_gqa, attention_kwargs=attention_kwargs, backend=backend,
                             parallel_config=parallel_config)
+        router = _current("diffusers' dispatch_attention_fn")
         _check_plain(router.layer_name(), attn_mask, dropout_p, is_causal, enable_gqa)
         # The dispatcher's layout is [B, S, H, D]; the parallel attention's is SDPA's [B, H, S, D].
         out = router.route(query.transpose(1, 2), key.transpose(1, 2), value.transpose(1, 2), scale)
@@ -58,15 +103,24 @@ def _routed_dispatch(original: Callable) -> Callable:
     return dispatch_attention_fn
 
 
-def _kernel_entry(processor) -> str:
-    """How `processor` reaches the kernel: "dispatch" (its module's dispatcher, now routed) or "sdpa"."""
-    module = sys.modules.get(type(processor).__module__)
-    fn = getattr(module, "dispatch_attention_fn", None)
-    if fn is None:
-        return "sdpa"
-    if not hasattr(fn, "xdit_original"):
-        setattr(module, "dispatch_attention_fn", _routed_dispatch(fn))
-    return "dispatch"
+def _kernel_entries(processor) -> tuple[str, ...]:
+    """Where `processor` attends ("dispatch", "sdpa": routed by name; "mode": caught by the TorchFunctionMode),
+    from the names its `__call__` uses; the names it calls are routed in its globals, once per process."""
+    call = type(processor).__call__
+    code = getattr(call, "__code__", None)
+    names = set(code.co_names) if code is not None else set()
+    scope = getattr(call, "__globals__", {})
+    entries = []
+    if "dispatch_attention_fn" in names and scope.get("dispatch_attention_fn") is not None:
+        if not hasattr(scope["dispatch_attention_fn"], "xdit_original"):
+            scope["dispatch_attention_fn"] = _routed_dispatch(scope["dispatch_attention_fn"])
+        entries.append("dispatch")
+    if {"F", "scaled_dot_product_attention"} <= names and scope.get("F") in (F, _ROUTED_F):
+        scope["F"] = _routed_functional()
+        entries.append("sdpa")
+    elif "scaled_dot_product_attention" in names or not entries:
+        entries.append("mode")
+    return tuple(entries)
 
 
 class _SDPACatcher(torch.overrides.TorchFunctionMode):
@@ -104,7 +158,7 @@ class AttentionRouter:
                                   "family's adapter must declare every attention module in attention_kinds()")
         self.kinds, self.attend = kinds, attend
         self.run = list(kinds) if run is None else list(run)
-        self.entry = {m: _kernel_entry(m.processor) for m in self.run}
+        self.entries = {m: _kernel_entries(m.processor) for m in self.run}
         self.current: Optional[torch.nn.Module] = None
         self._catcher = _SDPACatcher(self)
         self._catching = False
@@ -125,38 +179,44 @@ class AttentionRouter:
 
     def _pre(self, module: torch.nn.Module, args) -> None:
         self.current, self._calls = module, 0
-        if self.entry[module] == "sdpa":
+        if "mode" in self.entries[module]:
             self._catcher.__enter__()
             self._catching = True
 
     def _post(self, module: torch.nn.Module, args, output) -> None:
-        # always_call: runs when the forward raised too (torch then only warns about our exception).
-        if self._catching:
-            self._catcher.__exit__(None, None, None)
-            self._catching = False
-        self.current = None
+        # always_call: runs when the forward raised an Exception too (torch then only warns about ours).
+        self._stop_catching()
         if self._calls != 1:
-            via = ("diffusers' dispatch_attention_fn" if self.entry[module] == "dispatch"
-                   else "F.scaled_dot_product_attention")
+            via = " or ".join(sorted({"dispatch": "diffusers' dispatch_attention_fn",
+                                      "sdpa": "F.scaled_dot_product_attention",
+                                      "mode": "F.scaled_dot_product_attention"}[e] for e in self.entries[module]))
             raise XDiTWorkerError(
                 f"attention layer {self.names.get(module, '?')} ({type(module.processor).__name__}) ran without "
                 f"the parallel attention: its processor made no call to {via}, where this family's processors "
                 "attend; it must not be swapped for another processor or kernel")
         self._called.append(module)
 
+    def _stop_catching(self) -> None:
+        if self._catching:
+            self._catcher.__exit__(None, None, None)
+            self._catching = False
+        self.current = None
+
     def __enter__(self) -> "AttentionRouter":
         self._called = []
         for m in self.run:
             self._handles.append(m.register_forward_pre_hook(self._pre))
             self._handles.append(m.register_forward_hook(self._post, always_call=True))
-        _ACTIVE.append(self)
+        active_routers().append(self)
         return self
 
     def __exit__(self, exc_type, exc, tb) -> None:
+        # A BaseException (KeyboardInterrupt, ...) skips even always_call hooks: undo what `_pre` did here.
+        self._stop_catching()
         for h in self._handles:
             h.remove()
         self._handles = []
-        _ACTIVE.remove(self)
+        active_routers().remove(self)
         if exc_type is None and (len(self._called) != len(self.run) or set(self._called) != set(self.run)):
             ran = set(self._called)
             skipped = [self.names.get(m, "?") for m in self.run if m not in ran]
