@@ -74,6 +74,15 @@ def test_engine_imports_go_down_the_layers():
     assert not [m for m, targets in graph.items() if "xdit_core.cli.tiny" in targets and not m.startswith("xdit_core.cli")]
 
 
+def test_the_cli_uses_the_facade():
+    """The CLI reaches the engine through xdit_core.api too (tiny builds diffusers models: it needs models/)."""
+    graph = _engine_imports()
+    for module, targets in graph.items():
+        if module.startswith("xdit_core.cli") and module != "xdit_core.cli.tiny":
+            beside = {t for t in targets if not t.startswith("xdit_core.cli")}
+            assert beside <= {"xdit_core.api", "xdit_core.errors"}, (module, beside)
+
+
 def test_nodes_use_only_the_facade():
     for path in (ROOT / "nodes").rglob("*.py"):
         for node in ast.walk(ast.parse(path.read_text())):

@@ -1,7 +1,8 @@
 """The engine's façade: what the ComfyUI nodes and the CLI ask of the engine, in one place.
 
-Nothing outside `xdit_core` needs to know the engine's folders: describe a model, plan and validate
-a mesh, build a request as KSampler would, sample it on the warm worker pool, unload.
+Nothing outside `xdit_core` (and nothing in `cli/`) needs to know the engine's folders: describe a model,
+plan and validate a mesh, build a request as KSampler would, run it on a backend (the nodes: always the
+warm worker pool), unload.
 """
 from __future__ import annotations
 
@@ -11,21 +12,26 @@ import torch
 
 from xdit_core.errors import (XDiTCancelled, XDiTConditioningError, XDiTConfigError, XDiTError,
                               XDiTWorkerError)
-from xdit_core.loading.load import read_model_config
+from xdit_core.loading.load import DTYPES, read_model_config
 from xdit_core.models.base import BranchCond
 from xdit_core.models.conditioning import check_shape as check_conditioning_shape
+from xdit_core.models.conditioning import load_cond_file, random_cond
 from xdit_core.models.families import ModelSpec, resolve_model_spec
+from xdit_core.parallel.attention import ATTENTION_BACKENDS
 from xdit_core.parallel.auto_mesh import choose_mesh
 from xdit_core.parallel.mesh import ParallelConfig, validate_parallel_config
-from xdit_core.runtime.job import ModelRef
 from xdit_core.runtime import pool
+from xdit_core.runtime.backends import BACKENDS, RunResult, run
+from xdit_core.runtime.job import ModelRef
 from xdit_core.runtime.pool import PoolKey
-from xdit_core.sampling.request import SampleRequest, build_request
+from xdit_core.sampling.request import SampleRequest, build_request, empty_latent, validate_size
+from xdit_core.sampling.samplers import validate_sampler_settings
 
-__all__ = ["BranchCond", "ModelRef", "ModelSpec", "ParallelConfig", "PoolKey", "SampleRequest", "XDiTCancelled",
-           "XDiTConditioningError", "XDiTConfigError", "XDiTError", "XDiTWorkerError", "build_request",
-           "check_conditioning_shape", "choose_mesh", "describe_model", "sample", "unload",
-           "validate_parallel_config"]
+__all__ = ["ATTENTION_BACKENDS", "BACKENDS", "BranchCond", "DTYPES", "ModelRef", "ModelSpec", "ParallelConfig",
+           "PoolKey", "RunResult", "SampleRequest", "XDiTCancelled", "XDiTConditioningError", "XDiTConfigError",
+           "XDiTError", "XDiTWorkerError", "build_request", "check_conditioning_shape", "choose_mesh",
+           "describe_model", "empty_latent", "load_cond_file", "pool_stats", "random_cond", "run", "sample",
+           "unload", "validate_parallel_config", "validate_sampler_settings", "validate_size"]
 
 
 def describe_model(path: str, family: Optional[str] = None, variant: Optional[str] = None) -> ModelSpec:
@@ -38,6 +44,11 @@ def sample(key: PoolKey, request: SampleRequest, ray_address: Optional[str] = No
            cancel: Optional[Callable[[], bool]] = None) -> torch.Tensor:
     """Sample `request` on the warm pool of `key`; returns rank 0's latent in the model's space (CPU)."""
     return pool.get_pool(key, ray_address).sample(request, on_progress=on_progress, cancel=cancel)
+
+
+def pool_stats(key: PoolKey, ray_address: Optional[str] = None) -> pool.PoolStats:
+    """The warm pool's cold-start breakdown and counters (starts the pool if it is not up)."""
+    return pool.get_pool(key, ray_address).stats
 
 
 def unload() -> None:

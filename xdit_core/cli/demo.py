@@ -14,9 +14,8 @@ from pathlib import Path
 
 from safetensors.torch import save_file
 
-from xdit_core.models.families import resolve_model_spec
+from xdit_core import api
 from xdit_core.cli.generate import GenerateOptions, generate
-from xdit_core.loading.load import read_model_config
 from xdit_core.cli.preview import latent_to_rgb, write_png
 from xdit_core.cli.tiny import write_tiny
 
@@ -32,12 +31,10 @@ def run_demo(family: str, out_dir: Path, steps: int, size: int, seed: int) -> No
     """Serial vs pool on a tiny model; writes latent, REPORT.json and a PNG preview into out_dir."""
     import ray
 
-    from xdit_core.runtime import pool
-
     out_dir.mkdir(parents=True, exist_ok=True)
     model_dir = out_dir / f"tiny-{family}"
     write_tiny(family, model_dir, seed=0)
-    spec = resolve_model_spec(read_model_config(model_dir))
+    spec = api.describe_model(str(model_dir))
     print(f"made a random-weight tiny {family} model in {model_dir}")
     serial_opts = GenerateOptions(model=str(model_dir), height=size, width=size, steps=steps, seed=seed, threads=1)
     serial, serial_report = generate(serial_opts)
@@ -50,9 +47,9 @@ def run_demo(family: str, out_dir: Path, steps: int, size: int, seed: int) -> No
         t0 = time.perf_counter()
         warm, _ = generate(pool_opts)
         warm_s = time.perf_counter() - t0
-        stats = pool.get_pool(pool.PoolKey(str(model_dir), "fp32", None, None, pool_opts.parallel, "auto", 1)).stats
+        stats = api.pool_stats(api.PoolKey(str(model_dir), "fp32", None, None, pool_opts.parallel, "auto", 1))
     finally:
-        pool.unload()
+        api.unload()
         ray.shutdown()
 
     cfg = serial_report["config"]

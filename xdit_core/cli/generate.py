@@ -10,17 +10,10 @@ from typing import Any, Optional
 
 import torch
 
-from xdit_core.parallel.attention import ATTENTION_BACKENDS
-from xdit_core.models.conditioning import load_cond_file, random_cond
-from xdit_core.runtime.job import ModelRef, RankJob
-from xdit_core.errors import XDiTConfigError
-from xdit_core.models.families import resolve_model_spec
-from xdit_core.loading.load import DTYPES, read_model_config
-from xdit_core.parallel.mesh import ParallelConfig, validate_parallel_config
-from xdit_core.sampling.request import SampleRequest, build_request, empty_latent, validate_size
-from xdit_core.sampling.samplers import validate_sampler_settings
-
-BACKENDS = ("local", "ray", "env")
+from xdit_core import api
+from xdit_core.api import (ATTENTION_BACKENDS, BACKENDS, DTYPES, ModelRef, ParallelConfig, SampleRequest,
+                           XDiTConfigError, build_request, empty_latent, load_cond_file, random_cond,
+                           validate_parallel_config, validate_sampler_settings, validate_size)
 
 
 @dataclass
@@ -99,42 +92,6 @@ def read_latent_file(path: str) -> tuple[torch.Tensor, Optional[list[int]]]:
     return tensors[key].float(), batch_index
 
 
-def _parallel_rank(rank: int, device: torch.device, payload: tuple) -> dict[str, Any]:
-    """One rank of a `generate` run on the local backend (runs in a spawned process)."""
-    opts, request = payload
-    job = RankJob(rank, device, opts.model_ref, opts.parallel, opts.attention_backend)
-    return job.run(request)
-
-
-def _run_from_env(opts: GenerateOptions, request: SampleRequest, spec, threads: int):
-    """`--backend env`: this process is one rank of a world launched by torchrun (RANK, WORLD_SIZE, ...)."""
-    import torch.distributed as dist
-
-    world = int(os.environ.get("WORLD_SIZE", "0"))
-    if world != opts.parallel.world_size:
-        raise XDiTConfigError(f"--backend env: WORLD_SIZE is {world or 'unset'} but the mesh "
-                              f"({opts.parallel.describe()}) needs {opts.parallel.world_size}; launch with "
-                              f"torchrun --nproc_per_node {opts.parallel.world_size}")
-    torch.set_num_threads(threads)
-    rank = int(os.environ["RANK"])
-    if torch.cuda.is_available():
-        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", rank)) % torch.cuda.device_count())
-        torch.cuda.set_device(device)
-    else:
-        device = torch.device("cpu")
-    dist.init_process_group("nccl" if device.type == "cuda" else "gloo", init_method="env://")
-    try:
-        result = RankJob(rank, device, opts.model_ref, opts.parallel, opts.attention_backend).run(request)
-        reports = [None] * world
-        dist.all_gather_object(reports, result["report"])
-        loads = [None] * world
-        dist.all_gather_object(loads, result["load_s"])
-    finally:
-        dist.destroy_process_group()
-    samples = spec.latent_format.process_out(result["samples"]) if rank == 0 else None
-    return samples, max(loads), reports  # samples: None except on rank 0, which writes the outputs
-
-
 def generate(opts: GenerateOptions) -> tuple[Optional[torch.Tensor], dict[str, Any]]:
     """Run one generation; returns (ComfyUI LATENT samples [B, C, H/8, W/8], REPORT dict).
 
@@ -151,29 +108,10 @@ def generate(opts: GenerateOptions) -> tuple[Optional[torch.Tensor], dict[str, A
     config.update(family=spec.family, variant=spec.variant, cfg=cfg, guidance=request.guidance,
                   threads=threads, height=request.height, width=request.width, batch=request.noise.shape[0])
 
-    if opts.backend == "ray":
-        from xdit_core.runtime.pool import PoolKey, get_pool
-
-        key = PoolKey(str(opts.model), opts.dtype, opts.family, opts.variant, opts.parallel,
-                      opts.attention_backend, threads)
-        pool = get_pool(key, opts.ray_address)
-        samples = spec.latent_format.process_out(pool.sample(request))
-        load_s = pool.stats.load_s
-        per_rank = pool.stats.last_reports
-    elif opts.backend == "env":
-        samples, load_s, per_rank = _run_from_env(opts, request, spec, threads)
-    elif world_size == 1:
-        torch.set_num_threads(threads)
-        result = RankJob(0, torch.device("cpu"), opts.model_ref, opts.parallel, opts.attention_backend).run(request)
-        samples = spec.latent_format.process_out(result["samples"])
-        load_s, per_rank = result["load_s"], [result["report"]]
-    else:
-        from xdit_core.runtime.launch import spawn_world
-
-        results = spawn_world(_parallel_rank, world_size, (opts, request), threads)
-        samples = spec.latent_format.process_out(results[0]["samples"])
-        load_s = max(r["load_s"] for r in results)
-        per_rank = [r["report"] for r in results]
+    result = api.run(opts.backend, opts.model_ref, opts.parallel, request, threads, opts.attention_backend,
+                     opts.ray_address)
+    samples = None if result.samples is None else spec.latent_format.process_out(result.samples)
+    load_s, per_rank = result.load_s, result.reports
     report = {"config": config, "world_size": world_size, "wall_s": time.perf_counter() - t_start,
               "load_s": load_s, "effective_num_pipeline_patch": per_rank[0].get("effective_num_pipeline_patch", 0),
               "per_rank": per_rank}
@@ -196,7 +134,7 @@ def prepare(opts: GenerateOptions) -> tuple[SampleRequest, Any, float]:
         raise XDiTConfigError(f"threads must be at least 1, got {opts.threads}")
     shift = _parse_shift(opts.shift)
     validate_parallel_config(opts.parallel)
-    spec = resolve_model_spec(read_model_config(opts.model), opts.family, opts.variant)
+    spec = api.describe_model(opts.model, opts.family, opts.variant)
 
     batch_index = None
     if opts.latent is not None:
