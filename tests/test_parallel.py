@@ -441,6 +441,6 @@ def test_env_backend_under_torchrun_equals_local(tiny_models, tmp_path):
     proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "-m", "xdit_core",
                            *base, "--backend", "env", "--out", str(tmp_path / "env.safetensors")],
                           capture_output=True, text=True, timeout=180)
-    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert proc.returncode == 0, proc.stderr[:4000]  # the ranks' own output comes before torchrun's summary
     local = load_file(str(tmp_path / "local.safetensors"))["samples"]
     assert torch.equal(load_file(str(tmp_path / "env.safetensors"))["samples"], local)

@@ -57,6 +57,7 @@ def _torchrun_rank(model: ModelRef, parallel: ParallelConfig, attention_backend:
         dist.all_gather_object(reports, result["report"])
         loads: list = [None] * world
         dist.all_gather_object(loads, result["load_s"])
+        dist.barrier()  # every rank has its data before any closes its connections
     finally:
         dist.destroy_process_group()
     return RunResult(result["samples"], max(loads), reports)
