@@ -76,6 +76,7 @@ def test_an_escaped_attention_fails_naming_its_layer():
     assert _hooks(adapter.model) == 0 and routing.active_routers() == []
 
 
+@pytest.mark.filterwarnings("ignore:flex_attention called without torch.compile")
 @torch.no_grad()
 def test_a_swapped_kernel_fails_naming_its_layer():
     """Flux attends through diffusers' dispatcher: a processor whose call does not arrive there (here: one that
