@@ -16,14 +16,27 @@ from pathlib import Path
 PACKAGE = Path(__file__).resolve().parent
 
 
+def _make_link(target: Path, link: Path) -> None:
+    try:
+        os.symlink(target, link, target_is_directory=True)
+    except OSError:
+        if os.name != "nt":
+            raise
+        import _winapi  # Windows without the symlink privilege: a directory junction needs none
+
+        _winapi.CreateJunction(str(target), str(link))
+
+
 def _link_into(root: Path) -> Path:
     link = root / "xdit_core"
-    if not (link.is_symlink() and link.resolve() == PACKAGE):
+    if not (link.exists() and link.resolve() == PACKAGE):
         root.mkdir(parents=True, exist_ok=True)
         tmp = root / f".xdit_core.{os.getpid()}"
         if tmp.is_symlink():
             tmp.unlink()
-        os.symlink(PACKAGE, tmp, target_is_directory=True)
+        elif tmp.exists():
+            tmp.rmdir()  # a junction a crashed import left behind
+        _make_link(PACKAGE, tmp)
         os.replace(tmp, link)  # atomic: concurrent imports never see a half-made link
     return root
 
