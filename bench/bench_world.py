@@ -12,8 +12,6 @@ import torch.distributed as dist
 import torch.nn.functional as F
 
 from bench.common import proc_status_kb
-from xdit_core.parallel.attention import SPGroups, select_lse_kernel
-from xdit_core.parallel.comm import Comm
 from xdit_core.runtime.job import run_request
 from xdit_core.loading.load import load_model
 from xdit_core.parallel.mesh import Mesh, ParallelConfig
@@ -111,10 +109,7 @@ def _contention(rank: int, evaluate: Callable[[], Any]) -> float:
 
 def _sp_evaluation(adapter: ModelAdapter, request: SampleRequest) -> Callable[[], Any]:
     """`_evaluation` through a degree-1 SequenceParallelRunner: all of its work but no communication."""
-    lone = Comm(None, [0], None)
-    kernel = select_lse_kernel(next(adapter.model.parameters()).device, dtype=adapter.dtype)
-    runner = SequenceParallelRunner(adapter, SPGroups(lone, lone, kernel), lone)
-    return _evaluation(adapter, request, runner.predict)
+    return _evaluation(adapter, request, SequenceParallelRunner.single_rank(adapter).predict)
 
 
 def _evaluation(

@@ -1,10 +1,10 @@
 """Overheads, each measured side by side in one run.
 
-`degree1` (target: ours / diffusers <= TARGET), both on Flux medium, one thread, interleaved repeats:
-- routing: one forward through a degree-1 SequenceParallelRunner (attention routed per module to
-  `usp_attention` over size-1 groups: all of the parallel path but communication) vs the model's own
-  diffusers forward on the same inputs;
-- end to end: our engine at degree 1 (`run_request`, no mesh) vs a plain diffusers loop (the
+`degree1` (target: ours / diffusers <= TARGET), medium models, one thread, interleaved repeats:
+- routing, Flux (dispatcher) and SD3 (SDPA): one forward through a degree-1 SequenceParallelRunner
+  (attention routed per module to `usp_attention` over size-1 groups: all of the parallel path but
+  communication) vs the model's own diffusers forward on the same inputs;
+- end to end, Flux: our engine at degree 1 (`run_request`, no mesh) vs a plain diffusers loop (the
   transformer's own forward and an euler update) on the same request.
 `overheads`: the worker pool: its cold start broken down (Ray start, actor start, rendezvous, weight
 load, first request) and the warm-request overhead (pool round trip minus the same computation in-process).
@@ -22,8 +22,6 @@ from typing import Any, Callable, Iterator
 import torch
 
 from bench.common import format_table, make_request, median_spread, model_path
-from xdit_core.parallel.attention import SPGroups, select_lse_kernel
-from xdit_core.parallel.comm import Comm
 from xdit_core.parallel.sequence_parallel import SequenceParallelRunner
 from xdit_core.runtime.job import run_request
 from xdit_core.models.latent_formats import flux_image_ids, pack_flux, unpack_flux
@@ -143,8 +141,7 @@ def routing_vs_forward(adapter: ModelAdapter, opts: argparse.Namespace) -> dict[
         ms = adapter.spec.model_sampling(request.shift, width=request.width, height=request.height)
         t = ms.timestep(request.sigmas[:1]).to(dtype)
         h, w = x.shape[-2:]
-        lone = Comm(None, [0], None)
-        runner = SequenceParallelRunner(adapter, SPGroups(lone, lone, select_lse_kernel(x.device, dtype=dtype)), lone)
+        runner = SequenceParallelRunner.single_rank(adapter)
         plain, routed = _diffusers_forward(adapter, x, t, cond), lambda: runner.predict(x, t, cond, None)
         diff = _rel_diff(routed(), plain())  # also the warm-up
         if diff > 1e-5:

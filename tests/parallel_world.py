@@ -42,7 +42,7 @@ def run_cases(rank: int, device: torch.device, cases: list) -> dict:
             "effective_patches": ctx.effective_patches, "coords": mesh.coords,
             # What the routing left behind (models are reused across cases: warm requests must leave nothing):
             # hooks on the model, active routers, torch function modes.
-            "hooks": sum(len(m._forward_pre_hooks) + len(m._forward_hooks) for m in adapter.model.modules())
+            "left_behind": sum(len(m._forward_pre_hooks) + len(m._forward_hooks) for m in adapter.model.modules())
             + len(routing.active_routers()) + torch._C._len_torch_function_stack(),
         }
     return results

@@ -16,8 +16,7 @@ from xdit_core.models import make_adapter
 from xdit_core.models.conditioning import random_cond
 from xdit_core.models.families import resolve_model_spec
 from xdit_core.parallel import attention, routing
-from xdit_core.parallel.attention import SPGroups, attention_with_lse, select_lse_kernel
-from xdit_core.parallel.comm import Comm
+from xdit_core.parallel.attention import attention_with_lse, select_lse_kernel
 from xdit_core.parallel.routing import AttentionRouter
 from xdit_core.parallel.sequence_parallel import SequenceParallelRunner
 
@@ -35,8 +34,7 @@ def _setup(family):
 
 
 def _degree_one_runner(adapter):
-    lone = Comm(None, [0], None)
-    return SequenceParallelRunner(adapter, SPGroups(lone, lone, select_lse_kernel(torch.device("cpu"))), lone)
+    return SequenceParallelRunner.single_rank(adapter)
 
 
 def _hooks(model):

@@ -59,7 +59,7 @@ def _count(shapes: Mapping[str, Any], block_list: str) -> int:
 def _flux_rope_axes(head_dim: int) -> list[int]:
     if head_dim == 128:
         return list(FLUX_ROPE_AXES)
-    # Other head sizes: the split xdit_core.cli.tiny gives its small models.
+    # Other head sizes: the split the small test models use (models/flux.py).
     return list(flux_rope_axes(head_dim))
 
 

@@ -1,1 +1,2 @@
-"""The parallel methods inside a rank: mesh and groups, counted communication, attention routing, Ulysses/Ring (USP), PipeFusion, CFG parallel."""
+"""The parallel methods inside a rank: mesh and groups, counted communication, point to point, attention
+routing, Ulysses/Ring (USP), PipeFusion, CFG parallel."""

@@ -243,7 +243,7 @@ class PipeFusionRunner:
         attention = PipeFusionKV(a.JOINT_ORDER, self.groups, n_img)
         kinds = a.attention_kinds()
         mine = {id(m) for block, _ in self.blocks for m in block.modules()}
-        self.router = AttentionRouter(a.model, kinds, attention.attend, run=[m for m in kinds if id(m) in mine])
+        router = AttentionRouter(a.model, kinds, attention.attend, run=[m for m in kinds if id(m) in mine])
         # Sends in flight, as (round, work, tensor). Forward hand-offs are received within their round;
         # the last stage's "next input" sends are received by stage 0 at the start of the next round, so
         # a step boundary waits only for sends of earlier rounds (waiting for the current ones could
@@ -262,7 +262,7 @@ class PipeFusionRunner:
                     outs = []
                     for k, (branch_id, cond) in enumerate(branches):
                         unit = Unit(unit_rows, tokens, branch_id)
-                        outs.append(self._forward_unit(unit, x_eval, ms, sigma, cond, request, attention,
+                        outs.append(self._forward_unit(unit, x_eval, ms, sigma, cond, request, attention, router,
                                                        rnd, u, k, sends))
                     if self.last:
                         self._finish_unit(unit_rows, outs, drivers, rows, x_eval, ms, sigma, request, rnd,
@@ -304,7 +304,7 @@ class PipeFusionRunner:
     def _tag(rnd: int, unit: int, branch: int) -> int:
         return (rnd * 1000 + unit) * 100 + branch
 
-    def _forward_unit(self, unit: Unit, x_eval, ms, sigma, cond, request, attention, rnd, u, k, sends):
+    def _forward_unit(self, unit: Unit, x_eval, ms, sigma, cond, request, attention, router, rnd, u, k, sends):
         """This stage's blocks on one unit; returns the model output of the unit on the last stage."""
         a = self.adapter
         S, idx = self.sp_comm.size, self.sp_comm.index
@@ -331,7 +331,7 @@ class PipeFusionRunner:
                               tag=self._tag(rnd, u, k))
             local = full.with_(img=recv[:, :loc], txt=recv[:, loc:] if joint else full.txt, extras=extras)
         attention.set_unit(unit, n_txt, joint)
-        with self.router:
+        with router:
             for block, run in self.blocks:
                 local = run(block, local)
         if not self.last:

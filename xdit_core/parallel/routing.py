@@ -35,6 +35,8 @@ Attend = Callable[[torch.nn.Module, str, torch.Tensor, torch.Tensor, torch.Tenso
 
 _SDPA_ARGS = ("query", "key", "value", "attn_mask", "dropout_p", "is_causal", "scale", "enable_gqa")
 _ROUTED_F: Optional[types.ModuleType] = None  # torch.nn.functional with a routed SDPA, made once
+_KERNEL_NAMES = {"dispatch": "diffusers' dispatch_attention_fn", "sdpa": "F.scaled_dot_product_attention",
+                 "mode": "F.scaled_dot_product_attention"}
 _LOCAL = threading.local()  # .routers: this thread's active routers, innermost last
 
 
@@ -187,9 +189,7 @@ class AttentionRouter:
         # always_call: runs when the forward raised an Exception too (torch then only warns about ours).
         self._stop_catching()
         if self._calls != 1:
-            via = " or ".join(sorted({"dispatch": "diffusers' dispatch_attention_fn",
-                                      "sdpa": "F.scaled_dot_product_attention",
-                                      "mode": "F.scaled_dot_product_attention"}[e] for e in self.entries[module]))
+            via = " or ".join(_KERNEL_NAMES[e] for e in self.entries[module])
             raise XDiTWorkerError(
                 f"attention layer {self.names.get(module, '?')} ({type(module.processor).__name__}) ran without "
                 f"the parallel attention: its processor made no call to {via}, where this family's processors "

@@ -9,7 +9,7 @@ import torch
 
 import torch.nn.functional as F
 
-from xdit_core.parallel.attention import Segment, SPGroups, usp_attention
+from xdit_core.parallel.attention import Segment, SPGroups, select_lse_kernel, usp_attention
 from xdit_core.parallel.comm import Comm
 from xdit_core.parallel.routing import AttentionRouter
 from xdit_core.models.base import BranchCond, ModelAdapter
@@ -40,6 +40,14 @@ class SequenceParallelRunner:
         self.index = groups.shard_index
         self.segments: dict[str, list[Segment]] = {}
         self.router = AttentionRouter(adapter.model, adapter.attention_kinds(), self._attend)
+
+    @classmethod
+    def single_rank(cls, adapter: ModelAdapter) -> "SequenceParallelRunner":
+        """The whole parallel path over groups of size 1, without a process group: what it costs beyond the
+        model (benchmarks) and what reaches its attention (tests)."""
+        lone = Comm(None, [0], None)
+        device = next(adapter.model.parameters()).device
+        return cls(adapter, SPGroups(lone, lone, select_lse_kernel(device, dtype=adapter.dtype)), lone)
 
     def _attend(self, module: torch.nn.Module, kind: str, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                 scale: Optional[float]) -> torch.Tensor:

@@ -80,5 +80,6 @@ def run(backend: str, model: ModelRef, parallel: ParallelConfig, request: Sample
         torch.set_num_threads(threads)
         result = RankJob(0, torch.device("cpu"), model, parallel, attention_backend).run(request)
         return RunResult(result["samples"], result["load_s"], [result["report"]])
-    results = launch.spawn_world(_spawned_rank, parallel.world_size, (model, parallel, attention_backend, request), threads)
+    payload = (model, parallel, attention_backend, request)
+    results = launch.spawn_world(_spawned_rank, parallel.world_size, payload, threads)
     return RunResult(results[0]["samples"], max(r["load_s"] for r in results), [r["report"] for r in results])

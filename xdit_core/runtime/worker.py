@@ -32,7 +32,6 @@ class RankWorker:
         self.device = torch.device("cpu")
         self.job: Optional[RankJob] = None
         self.load_count = 0  # how many times weights were read: warm requests must not add to it
-        self.load_s = 0.0
         self._lock = threading.Lock()
         self._progress: list[tuple[int, int]] = []
         self._stop = threading.Event()
@@ -56,11 +55,10 @@ class RankWorker:
         t1 = time.perf_counter()
         self.job = RankJob(self.rank, self.device, model, parallel, attention_backend)
         self.load_count += 1
-        self.load_s = self.job.load_s
-        return {"rendezvous_s": t1 - t0, "load_s": self.load_s}
+        return {"rendezvous_s": t1 - t0, "load_s": self.job.load_s}
 
     def stats(self) -> dict[str, Any]:
-        return {"rank": self.rank, "load_count": self.load_count, "load_s": self.load_s}
+        return {"rank": self.rank, "load_count": self.load_count, "load_s": self.job.load_s if self.job else 0.0}
 
     def sample(self, request: SampleRequest, job: str) -> dict[str, Any]:
         """Run one request; every rank returns its report, rank 0 also the latent (model space, CPU)."""
