@@ -1,6 +1,7 @@
 """Every benchmark in one go: `python -m bench [NAME ...] [--quick] [--publish]`.
 
-NAMEs (default: all, in this order): fidelity, communication, memory, cpu_scaling, degree1, overheads, model.
+NAMEs (default: all, in this order): fidelity, communication, memory, cpu_scaling, degree1, overheads, soak,
+model.
 Prints one table (or a few) per benchmark, writes bench/results/<name>.json, bench/results/tables.md and
 PNG plots into bench/results/. `--publish` also copies the plots into docs/ and writes the model's test
 fixture (tests/fixtures/perf_cpu.json) from the cpu_scaling run. `--quick` shrinks every size for a
@@ -19,7 +20,7 @@ from typing import Any, Callable
 
 from bench import common, plots
 
-NAMES = ("fidelity", "communication", "memory", "cpu_scaling", "degree1", "overheads", "model")
+NAMES = ("fidelity", "communication", "memory", "cpu_scaling", "degree1", "overheads", "soak", "model")
 FIXTURE = common.ROOT / "tests" / "fixtures" / "perf_cpu.json"
 
 SIZES = {  # option: (default, --quick)
@@ -36,6 +37,8 @@ SIZES = {  # option: (default, --quick)
     "route_size": (512, 256),
     "degree1_repeats": (11, 3),
     "pool_size": (256, 128),
+    "soak_requests": (100, 20),
+    "soak_size": (128, 64),
 }
 
 
@@ -68,7 +71,7 @@ def parse(argv: list[str]) -> argparse.Namespace:
 def main(argv: list[str]) -> None:
     opts = parse(argv)
     command = "python -m bench " + " ".join(argv)
-    from bench import cpu_scaling, fidelity, memory, overheads, published
+    from bench import cpu_scaling, fidelity, memory, overheads, published, soak
 
     results: dict[str, Any] = {}
     reports: list[str] = []
@@ -119,6 +122,11 @@ def main(argv: list[str]) -> None:
             common.write_json("overheads", results["overheads"] | {"command": command})
             emit(overheads.report(results["overheads"]))
 
+        def do_soak() -> None:
+            results["soak"] = soak.run(opts, tmp)
+            common.write_json("soak", results["soak"] | {"command": command})
+            emit(soak.report(results["soak"]))
+
         def do_model() -> None:
             results["model"] = published.run()
             common.write_json("model", results["model"] | {"command": command})
@@ -133,6 +141,7 @@ def main(argv: list[str]) -> None:
             cpu_scaling=do_scaling,
             degree1=do_degree1,
             overheads=do_overheads,
+            soak=do_soak,
             model=do_model,
         )
         info = common.machine()

@@ -1,8 +1,16 @@
 """The few ComfyUI services the nodes use, imported lazily so the nodes import and test without ComfyUI."""
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from typing import Callable
+
+MODEL_FOLDERS = ("diffusion_models", "checkpoints", "diffusers")
+ALLOW_ABSOLUTE_ENV = "XDIT_ALLOW_ABSOLUTE_MODEL_PATHS"
+
+
+class ModelChoiceError(ValueError):
+    """A model_name the Load node refuses (not a model folder entry, or one that leads out of them)."""
 
 
 def comfy_available() -> bool:
@@ -29,22 +37,38 @@ def model_files() -> list[str]:
     return names
 
 
+def absolute_paths_allowed() -> bool:
+    """Read at every call: absolute paths are for scripts; only a server started with the variable takes them."""
+    return os.environ.get(ALLOW_ABSOLUTE_ENV) == "1"
+
+
 def resolve_model_file(choice: str) -> str:
-    """The full path of a `model_files()` entry (or of an absolute path, for scripting)."""
-    if Path(choice).is_absolute():
-        return choice
+    """The real path of a `model_files()` entry, or of an absolute path when `absolute_paths_allowed()`.
+
+    Anything else raises ModelChoiceError with one message whether or not such a path exists, so a prompt
+    cannot probe the server's files; and the entry's resolved path must lie inside a model folder."""
+    if "\0" in choice:
+        raise ModelChoiceError(f"model name {choice!r} contains a NUL byte; pick an entry of the model_name list")
+    if os.path.isabs(choice) and absolute_paths_allowed():
+        return choice  # the operator opted in; the engine reports a missing path
+    if choice not in model_files():
+        raise ModelChoiceError(
+            f"model {choice!r} is not in ComfyUI's diffusion_models, checkpoints or diffusers folders (refresh "
+            f"the node after adding files; absolute paths need {ALLOW_ABSOLUTE_ENV}=1 in the server's environment)")
     import folder_paths
 
     folder, _, name = choice.partition("/")
-    if folder == "diffusers":
-        for root in folder_paths.get_folder_paths("diffusers"):
-            if (Path(root) / name).is_dir():
-                return str(Path(root) / name)
-        raise FileNotFoundError(f"diffusers folder {name!r} not found in {folder_paths.get_folder_paths('diffusers')}")
-    path = folder_paths.get_full_path(folder, name)
-    if path is None:
-        raise FileNotFoundError(f"{choice!r} not found in ComfyUI's {folder} folders")
-    return path
+    # Both sides resolved: a model folder that is itself a link to another disk counts; a link inside it to
+    # elsewhere does not. Containment is checked before existence, so a link's target is never probed.
+    roots = [Path(root).resolve() for kind in MODEL_FOLDERS for root in folder_paths.get_folder_paths(kind)]
+    for root in folder_paths.get_folder_paths(folder):
+        path = (Path(root) / name).resolve()
+        if not any(path.is_relative_to(r) for r in roots):
+            raise ModelChoiceError(f"model {choice!r} is a link that leads out of ComfyUI's model folders; add the "
+                                   "folder it points to in extra_model_paths.yaml instead")
+        if path.is_dir() if folder == "diffusers" else path.is_file():
+            return str(path)
+    raise ModelChoiceError(f"model {choice!r} is no longer in ComfyUI's {folder} folders (refresh the node)")
 
 
 def progress_callback(total: int) -> Callable[[int, int], None]:

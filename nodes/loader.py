@@ -19,13 +19,16 @@ class XDiTLoadModel:
     RETURN_TYPES = ("XDIT_MODEL",)
     RETURN_NAMES = ("model",)
     FUNCTION = "load"
-    DESCRIPTION = "Pick a diffusion transformer for the xDiT workers (nothing is loaded into ComfyUI)."
+    DESCRIPTION = ("Pick a diffusion transformer for the xDiT workers (nothing is loaded into ComfyUI). Only entries "
+                   f"of ComfyUI's model folders; an absolute path (scripts) only if {host.ALLOW_ABSOLUTE_ENV}=1 is "
+                   "set where ComfyUI runs.")
 
     @classmethod
     def INPUT_TYPES(cls):
         return {"required": {
             "model_name": (host.model_files() or ["(no model files found)"],
-                           {"tooltip": "from ComfyUI's diffusion_models, checkpoints or diffusers folders"}),
+                           {"tooltip": "from ComfyUI's diffusion_models, checkpoints or diffusers folders; an "
+                                       f"absolute path only with {host.ALLOW_ABSOLUTE_ENV}=1 on the server"}),
             "weight_dtype": (DTYPES, {"default": "default"}),
             "family": (FAMILIES, {"default": "auto"}),
             "variant": (VARIANTS, {"default": "auto"}),
@@ -33,13 +36,12 @@ class XDiTLoadModel:
 
     @classmethod
     def VALIDATE_INPUTS(cls, model_name):
-        """A listed model, or (for scripts posting API prompts) an absolute path that exists."""
-        from pathlib import Path
-
-        if model_name in host.model_files() or (Path(model_name).is_absolute() and Path(model_name).exists()):
-            return True
-        return (f"model {model_name!r} is not in ComfyUI's diffusion_models, checkpoints or diffusers folders "
-                "(refresh the node after adding files), nor an existing absolute path")
+        """A listed model, or an absolute path where the server allows them (host.resolve_model_file)."""
+        try:
+            host.resolve_model_file(model_name)
+        except host.ModelChoiceError as e:
+            return str(e)
+        return True
 
     def load(self, model_name: str, weight_dtype: str, family: str, variant: str):
         from xdit_core import api
@@ -48,7 +50,7 @@ class XDiTLoadModel:
             path = host.resolve_model_file(model_name)
             spec = api.describe_model(path, None if family == "auto" else family,
                                       None if variant == "auto" else variant)
-        except (api.XDiTError, FileNotFoundError) as e:
+        except (api.XDiTError, host.ModelChoiceError) as e:
             raise ValueError(f"xDiT Load Diffusion Model: {e}") from None
         dtype = default_dtype() if weight_dtype == "default" else weight_dtype
         return (XDiTModel(path, dtype, spec.family, spec.variant, spec.num_heads, spec.num_blocks),)

@@ -68,12 +68,18 @@ class XDiTParallelMesh:
     @classmethod
     def VALIDATE_INPUTS(cls, layout="manual", ulysses_degree=1, ring_degree=1, pipefusion_parallel_degree=1,
                         use_cfg_parallel=False, num_pipeline_patch=0, warmup_steps=1, gpu_count=0,
-                        reserve_gpus=0):
+                        reserve_gpus=0, ray_address=""):
         """What the widgets alone decide; model-dependent checks run when sampling starts.
 
         No **kwargs: ComfyUI keeps its own checks for every input not named here (e.g. attention_backend)."""
+        from xdit_core.api import XDiTConfigError, validate_ray_address
+
         if layout not in ("manual", "auto"):
             return f"layout must be manual or auto, got {layout!r}"
+        try:
+            validate_ray_address(ray_address.strip() or None)
+        except XDiTConfigError as e:
+            return str(e)
         for name, v in (("ulysses_degree", ulysses_degree), ("ring_degree", ring_degree),
                         ("pipefusion_parallel_degree", pipefusion_parallel_degree)):
             if v < 1:

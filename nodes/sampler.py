@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import math
+import os
 
 from . import host
 from .mesh import check_against_model
@@ -69,15 +70,21 @@ class XDiTSampler:
                                  "masks yet: use KSampler for inpainting")
             spec = api.describe_model(model.path, model.family, model.variant)
             samples = latent_image["samples"]
+            api.validate_latent_shape(spec, samples.shape)
             batch = samples.shape[0]
             pos, guidance = branch_from_conditioning(spec, positive, batch, "positive")
             neg = None
             if not math.isclose(cfg, 1.0):  # at cfg 1 ComfyUI evaluates no negative branch
                 neg, _ = branch_from_conditioning(spec, negative, batch, "negative")
             parallel = check_against_model(mesh, model, cfg, steps, samples.shape[2])
+            api.check_request_fits(
+                model.path, list(samples.shape), parallel, backend="ray",
+                remote=bool(mesh.ray_address or os.environ.get("XDIT_RAY_ADDRESS")), dtype=api.DTYPES[model.dtype],
+                attention_backend=mesh.attention_backend, num_blocks=model.num_blocks, with_negative=neg is not None,
+                text_tokens=max(c.text.shape[1] for c in (pos, neg) if c is not None), threads=1)
             request = api.build_request(spec, samples, seed=seed, steps=steps, cfg=cfg, sampler=sampler_name,
                                     scheduler=scheduler, denoise=denoise, positive=pos, negative=neg,
-                                    guidance=guidance, shift=shift if shift > 0 else None,
+                                    guidance=guidance, shift=None if shift == 0 else shift,
                                     batch_index=latent_image.get("batch_index"))
             if host.visible_gpus():
                 host.free_comfy_gpu_memory()

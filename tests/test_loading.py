@@ -7,6 +7,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
+from xdit_core.api import describe_model
 from xdit_core.cli.main import main
 from xdit_core.errors import XDiTConfigError, XDiTModelError
 from xdit_core.models.families import CLASS_NAMES, resolve_model_spec
@@ -14,7 +15,7 @@ from xdit_core.cli.generate import GenerateOptions, generate
 from xdit_core.loading.key_mapping import layout_rules, model_tensors, split, to_original
 from xdit_core.loading.load import LoadStats, ModelParts, load_model, read_model_config
 from xdit_core.models import BranchCond, make_adapter
-from xdit_core.loading.original_layout import config_from_shapes, detect_layout, shipped_configs
+from xdit_core.loading.original_layout import config_from_shapes, detect_layout, diffusers_file_config, shipped_configs
 from xdit_core.models.families import model_class
 
 AIO = "model.diffusion_model."
@@ -274,6 +275,105 @@ def test_flux_flat_block_indices_span_double_then_single_blocks(tiny_models):
         load_model(tiny_models["flux"], parts=ModelParts([5, 6]))
 
 
+# --- diffusers-layout single files: a transformer's weight file alone, as ComfyUI's UNETLoader takes them ----
+
+def lone_weight_file(folder, tmp_path, name, beside=None):
+    """The folder's weight file alone under another name; its config.json copied as `beside` (a name,
+    `{stem}` for the file's stem) or not at all."""
+    path = tmp_path / f"{name}-transformer.safetensors"
+    shutil.copy(folder / "diffusion_pytorch_model.safetensors", path)
+    if beside is not None:
+        shutil.copy(folder / "config.json", tmp_path / beside.format(stem=path.stem))
+    return path
+
+
+def assert_same_live_tensors(model, reference, buffers=True):
+    """The same tensors by name, the same ones left on meta, equal values and dtypes where loaded."""
+    ours = model_tensors(model) if buffers else dict(model.named_parameters())
+    theirs = model_tensors(reference) if buffers else dict(reference.named_parameters())
+    assert ours.keys() == theirs.keys()
+    for name, t in theirs.items():
+        assert ours[name].is_meta == t.is_meta, name
+        assert t.is_meta or (ours[name].dtype == t.dtype and torch.equal(ours[name], t)), name
+
+
+@pytest.mark.parametrize("beside", [None, "config.json"])
+@pytest.mark.parametrize("name", MODELS)
+def test_diffusers_weight_file_loads_like_its_folder(name, beside, tiny_models, tmp_path):
+    folder = tiny_models[name]
+    path = lone_weight_file(folder, tmp_path, name, beside)
+    spec = describe_model(str(path))
+    assert spec == describe_model(str(folder))  # family, variant, heads, blocks, text widths
+    # PixArt's sample size is only in its sin-cos table, which diffusers does not save: without a config the
+    # 1024 models' 128 is assumed (the tiny model has 32), so that non-persistent table differs; no weight does.
+    assumed = beside is None and name.startswith("pixart")
+    if assumed:
+        assert read_model_config(path)["sample_size"] == 128
+    half = ModelParts(range(spec.num_blocks // 2), embed=True, head=False)  # PipeFusion's first stage
+    for dtype, parts in (("fp32", None), ("bf16", None), ("fp32", half)):
+        model, model_spec = load_model(path, dtype, parts=parts)
+        reference, _ = load_model(folder, dtype, parts=parts)
+        assert model_spec == spec
+        assert_same_live_tensors(model, reference, buffers=not assumed)
+    assert_same_live_tensors(load_model(path)[0], diffusers_reference(folder), buffers=not assumed)
+
+
+def test_a_weight_files_own_json_comes_before_config_json(tiny_models, tmp_path):
+    path = lone_weight_file(tiny_models["flux"], tmp_path, "flux", beside="{stem}.json")
+    shutil.copy(tiny_models["sd3"] / "config.json", tmp_path / "config.json")  # another model's, in the same folder
+    assert describe_model(str(path)) == describe_model(str(tiny_models["flux"]))
+    (tmp_path / f"{path.stem}.json").unlink()
+    for call in (read_model_config, load_model):
+        with pytest.raises(XDiTModelError, match=r"config.json names SD3Transformer2DModel but .*flux-transformer"
+                                                 r".safetensors holds a FluxTransformer2DModel \(diffusers layout\)"):
+            call(path)
+
+
+@pytest.mark.parametrize("name,change,needle", [
+    ("sd3", {"num_layers": 3}, "num_layers is 3 in the config, 4 in the weights"),
+    ("flux", {"guidance_embeds": False}, "guidance_embeds is false in the config, true in the weights"),
+    ("flux", {"num_attention_heads": 8, "attention_head_dim": 8, "axes_dims_rope": [2, 2, 4]},
+     "attention_head_dim is 8 in the config, 16 in the weights; num_attention_heads is 8 in the config, 4 in"),
+    ("pixart", {"use_additional_conditions": False}, "use_additional_conditions is false in the config, true in"),
+    ("sd3", {"num_attention_heads": 2, "caption_projection_dim": 32},
+     r"caption_projection_dim is 32 in the config, 64 in the weights; the width \(num_attention_heads × "
+     r"attention_head_dim\) is 32 in the config, 64 in the weights"),
+])
+def test_config_beside_a_diffusers_weight_file_must_fit_its_shapes(name, change, needle, tiny_models, tmp_path):
+    path = lone_weight_file(tiny_models[name], tmp_path, name, beside="config.json")
+    config = json.loads((tmp_path / "config.json").read_text())
+    (tmp_path / "config.json").write_text(json.dumps({**config, **change}))
+    for call in (read_model_config, load_model):
+        with pytest.raises(XDiTModelError, match=r"config.json does not fit the weights of .*: " + needle) as e:
+            call(path)
+        assert "\n" not in str(e.value)
+
+
+@pytest.mark.parametrize("dropped,needle", [
+    ("proj_out.weight", "lacks 'proj_out.weight', which every flux model has"),  # a size the config comes from
+    ("transformer_blocks.0.attn.norm_q.weight", "lacks 'transformer_blocks.0.attn.norm_q.weight', which every"),
+    ("transformer_blocks.1.ff.net.2.bias", r"1 missing \(e.g. transformer_blocks.1.ff.net.2.bias\)"),  # at load
+])
+def test_diffusers_weight_file_missing_a_tensor_names_it(dropped, needle, tiny_models, tmp_path):
+    path = tmp_path / "cut.safetensors"
+    with safe_open(str(tiny_models["flux"] / "diffusion_pytorch_model.safetensors"), "pt") as f:
+        save_file({k: f.get_tensor(k) for k in f.keys() if k != dropped}, str(path))
+    with pytest.raises(XDiTModelError, match=needle):
+        load_model(path)
+
+
+@pytest.mark.parametrize("stem", sorted(REAL_FACTS))
+def test_shipped_configs_are_inferred_from_diffusers_weight_shapes(stem, tmp_path):
+    """A real model's diffusers weight file alone (its saved tensors' shapes, on the meta device) gets its real
+    config back: heads from the q/k norms or the family's head rule, Flux dev/schnell, PixArt alpha/Sigma."""
+    config = shipped_configs()[stem]
+    family = CLASS_NAMES[config["_class_name"]]
+    with torch.device("meta"):
+        saved = model_class(family).from_config(config).state_dict()  # PixArt's sin-cos table is not saved
+    assert diffusers_file_config(tmp_path / "x.safetensors", family, {k: tuple(t.shape) for k, t in saved.items()}) \
+        == config
+
+
 # --- bad input: one clear error each ---------------------------------------------------------------------
 
 def test_truncated_file_is_refused(single_files, tmp_path):
@@ -324,5 +424,81 @@ def test_single_file_missing_a_tensor_or_forced_to_another_family(single_files, 
         save_file({k: f.get_tensor(k) for k in f.keys() if k != "final_layer.linear.bias"}, str(path))
     with pytest.raises(XDiTModelError, match=r"1 missing \(e.g. final_layer.linear.bias\)"):
         load_model(path)
-    with pytest.raises(XDiTModelError, match="holds an original-layout sd3 model; family 'flux' does not fit"):
-        load_model(single_files["sd3"]["bare"], family="flux")
+    for call in (describe_model, load_model):
+        with pytest.raises(XDiTConfigError, match="family 'flux' contradicts the model: its config names "
+                                                  "SD3Transformer2DModel, a sd3 model; pass 'sd3'"):
+            call(str(single_files["sd3"]["bare"]), family="flux")
+
+
+DROP = object()  # a key to take out of the config
+# (model, its config: replaced by this text or updated with these keys, family, variant, error, message).
+# Every case fails before anything is built or read beyond the file headers.
+BAD_MODELS = {
+    "list": ("flux", "[1, 2]", None, None, XDiTModelError, "config.json is a JSON list, not an object"),
+    "number": ("flux", "3", None, None, XDiTModelError, "config.json is a JSON number, not an object"),
+    "invalid json": ("flux", "{nope", None, None, XDiTModelError, "config.json is not valid JSON: Expecting property"),
+    "no class": ("flux", {"_class_name": DROP}, None, None, XDiTModelError,
+                 "config.json: the model config names no _class_name; supported: FluxTransformer2DModel"),
+    "foreign class": ("flux", {"_class_name": "UNet2DConditionModel"}, "flux", None, XDiTModelError,
+                      "config.json: unknown model class 'UNet2DConditionModel'; supported: FluxTransformer2DModel"),
+    "no text width": ("flux", {"joint_attention_dim": DROP}, None, None, XDiTModelError,
+                      "config.json lacks joint_attention_dim, which a FluxTransformer2DModel config must state"),
+    "no depth": ("pixart", {"num_layers": DROP, "caption_channels": None}, None, None, XDiTModelError,
+                 "config.json lacks num_layers, caption_channels, which a PixArtTransformer2DModel config must"),
+    "zero layers": ("sd3", {"num_layers": 0}, None, None, XDiTModelError,
+                    "config.json: num_layers is 0; it must be a positive integer"),
+    "negative layers": ("flux", {"num_single_layers": -2}, None, None, XDiTModelError,
+                        "config.json: num_single_layers is -2; it must be a positive integer"),
+    "fractional layers": ("sd3", {"num_layers": 2.5}, None, None, XDiTModelError, "num_layers is 2.5; it must be"),
+    "layers as text": ("sd3", {"num_layers": "4"}, None, None, XDiTModelError, 'num_layers is "4"; it must be'),
+    "heads as boolean": ("flux", {"num_attention_heads": True}, None, None, XDiTModelError,
+                         "num_attention_heads is true; it must be a positive integer"),
+    "zero head dim": ("pixart", {"attention_head_dim": 0}, None, None, XDiTModelError,
+                      "attention_head_dim is 0; it must be a positive integer"),
+    "projection not the width": ("sd3", {"caption_projection_dim": 60}, None, None, XDiTModelError,
+                                 "caption_projection_dim is 60 but the transformer is num_attention_heads × "
+                                 "attention_head_dim = 4 × 16 = 64 wide; they must be equal"),
+    "width not in thirds": ("pixart", {"attention_head_dim": 16, "cross_attention_dim": 64}, None, None,
+                            XDiTModelError, "the width 64 (num_attention_heads × attention_head_dim) is not a "
+                                            "multiple of 3, which PixArt's size conditioning"),
+    "rotary axes": ("flux", {"axes_dims_rope": [4, 4, 4]}, None, None, XDiTModelError,
+                    "axes_dims_rope [4, 4, 4] must be three positive even sizes summing to attention_head_dim 16"),
+    "absurd depth": ("flux", {"num_layers": 10**9}, None, None, XDiTModelError,
+                     "1000000004 blocks 64 wide make a model of at least 4.9e+13 parameters, over the 1e+12"),
+    "absurd heads": ("sd3", {"num_attention_heads": 10**7, "caption_projection_dim": 16 * 10**7}, None, None,
+                     XDiTModelError, "4 blocks 160000000 wide make a model of at least 1.2e+18 parameters"),
+    "family of another class": ("flux", None, "sd3", None, XDiTConfigError,
+                                "family 'sd3' contradicts the model: its config names FluxTransformer2DModel, a "
+                                "flux model; pass 'flux' or leave the family to detection"),
+    "family of a weight file": ("pixart", "file", "flux", None, XDiTConfigError,
+                                "family 'flux' contradicts the model: its config names PixArtTransformer2DModel"),
+    "unknown family": ("sd3", None, "sdxl", None, XDiTConfigError, "unknown family 'sdxl'; valid families: flux, sd3"),
+    "variant of another family": ("sd3", None, None, "dev", XDiTConfigError,
+                                  "unknown variant 'dev' for sd3; valid variants: sd3"),
+    "schnell for dev": ("flux", "file", None, "schnell", XDiTConfigError,
+                        "variant 'schnell' contradicts the model: it has a guidance embedder (guidance_embeds), so it "
+                        "is Flux dev; pass 'dev'"),
+    "dev for schnell": ("flux_schnell", None, "flux", "dev", XDiTConfigError,
+                        "variant 'dev' contradicts the model: it has no guidance embedder"),
+    "sigma with size conditioning": ("pixart", None, None, "sigma", XDiTConfigError,
+                                     "variant 'sigma' contradicts the model: it takes size conditioning"),
+}
+
+
+@pytest.mark.parametrize("case", list(BAD_MODELS))
+def test_models_that_cannot_be_described_get_one_line(case, tiny_models, tmp_path):
+    name, config, family, variant, error, needle = BAD_MODELS[case]
+    path = tiny_models[name]
+    if config == "file":
+        path = lone_weight_file(path, tmp_path, name)
+    elif config is not None:
+        path = tmp_path / name
+        shutil.copytree(tiny_models[name], path)
+        if isinstance(config, dict):
+            stated = json.loads((path / "config.json").read_text())
+            config = json.dumps({k: v for k, v in {**stated, **config}.items() if v is not DROP})
+        (path / "config.json").write_text(config)
+    for call in (describe_model, load_model):
+        with pytest.raises(error) as e:
+            call(str(path), family=family, variant=variant)
+        assert needle in str(e.value) and "\n" not in str(e.value)

@@ -11,6 +11,12 @@ from nodes.types import XDiTMesh
 from xdit_core.cli.main import main
 
 
+@pytest.fixture(autouse=True)
+def absolute_model_paths(monkeypatch):
+    """These tests name the tiny models by absolute path, as a script would (opted in explicitly)."""
+    monkeypatch.setenv("XDIT_ALLOW_ABSOLUTE_MODEL_PATHS", "1")
+
+
 def test_mappings_and_input_types_are_well_formed():
     assert set(NODE_CLASS_MAPPINGS) == set(NODE_DISPLAY_NAME_MAPPINGS)
     for name, cls in NODE_CLASS_MAPPINGS.items():

@@ -15,7 +15,7 @@ from xdit_core.errors import (XDiTCancelled, XDiTConditioningError, XDiTConfigEr
 from xdit_core.loading.load import DTYPES, read_model_config
 from xdit_core.models.base import BranchCond
 from xdit_core.models.conditioning import check_shape as check_conditioning_shape
-from xdit_core.models.conditioning import load_cond_file, random_cond
+from xdit_core.models.conditioning import RANDOM_TEXT_LENGTH, load_cond_file, random_cond
 from xdit_core.models.families import ModelSpec, resolve_model_spec
 from xdit_core.parallel.attention import ATTENTION_BACKENDS
 from xdit_core.parallel.auto_mesh import choose_mesh
@@ -23,20 +23,28 @@ from xdit_core.parallel.mesh import ParallelConfig, validate_parallel_config
 from xdit_core.runtime import pool
 from xdit_core.runtime.backends import BACKENDS, RunResult, run
 from xdit_core.runtime.job import ModelRef
-from xdit_core.runtime.pool import PoolKey
-from xdit_core.sampling.request import SampleRequest, build_request, empty_latent, validate_size
+from xdit_core.runtime.limits import check_request_fits
+from xdit_core.runtime.pool import PoolKey, parse_ray_address
+from xdit_core.sampling.request import SampleRequest, build_request, empty_latent, validate_latent_shape, validate_size
 from xdit_core.sampling.samplers import validate_sampler_settings
 
 __all__ = ["ATTENTION_BACKENDS", "BACKENDS", "BranchCond", "DTYPES", "ModelRef", "ModelSpec", "ParallelConfig",
-           "PoolKey", "RunResult", "SampleRequest", "XDiTCancelled", "XDiTConditioningError", "XDiTConfigError",
-           "XDiTError", "XDiTWorkerError", "build_request", "check_conditioning_shape", "choose_mesh",
-           "describe_model", "empty_latent", "load_cond_file", "pool_stats", "random_cond", "run", "sample",
-           "unload", "validate_parallel_config", "validate_sampler_settings", "validate_size"]
+           "PoolKey", "RANDOM_TEXT_LENGTH", "RunResult", "SampleRequest", "XDiTCancelled", "XDiTConditioningError",
+           "XDiTConfigError", "XDiTError", "XDiTWorkerError", "build_request", "check_conditioning_shape",
+           "check_request_fits", "choose_mesh", "describe_model", "empty_latent", "load_cond_file", "pool_stats",
+           "random_cond", "run", "sample", "unload", "validate_latent_shape", "validate_parallel_config",
+           "validate_ray_address", "validate_sampler_settings", "validate_size"]
 
 
 def describe_model(path: str, family: Optional[str] = None, variant: Optional[str] = None) -> ModelSpec:
     """The family, variant and ComfyUI settings of a model file or folder (reads its header only)."""
     return resolve_model_spec(read_model_config(path), family, variant)
+
+
+def validate_ray_address(address: Optional[str]) -> None:
+    """Raise XDiTConfigError unless `address` is empty, "auto", host:port or ray://host:port (no connection
+    is made: reachability is checked, with a timeout, when the pool starts)."""
+    parse_ray_address(address)
 
 
 def sample(key: PoolKey, request: SampleRequest, ray_address: Optional[str] = None,

@@ -18,7 +18,15 @@ class XDiTConditioningError(XDiTError):
 
 
 class XDiTWorkerError(XDiTError):
-    """A failure inside a worker rank, carried to the host with its traceback."""
+    """A rank that failed, died or stopped answering; `details` keeps its traceback when it had one."""
+
+    def __init__(self, message: str, details: str = ""):
+        super().__init__(message)
+        self.details = details
+
+
+class XDiTNumericError(XDiTError):
+    """NaN or inf where finite numbers are needed: inputs before work, the model's output at its first step."""
 
 
 class XDiTCancelled(XDiTError):

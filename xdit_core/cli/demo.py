@@ -33,7 +33,7 @@ def run_demo(family: str, out_dir: Path, steps: int, size: int, seed: int) -> No
 
     out_dir.mkdir(parents=True, exist_ok=True)
     model_dir = out_dir / f"tiny-{family}"
-    write_tiny(family, model_dir, seed=0)
+    write_tiny(family, model_dir, seed=0, force=True)  # the demo's own folder
     spec = api.describe_model(str(model_dir))
     print(f"made a random-weight tiny {family} model in {model_dir}")
     serial_opts = GenerateOptions(model=str(model_dir), height=size, width=size, steps=steps, seed=seed, threads=1)

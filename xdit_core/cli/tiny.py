@@ -1,16 +1,22 @@
 """Random-weight diffusers transformers built locally from small configs (tests, demo, benchmarks)."""
 from __future__ import annotations
 
+import os
+import shutil
+import uuid
 from pathlib import Path
 from typing import Any, Optional
 
 import torch
 
 from xdit_core.errors import XDiTConfigError
-from xdit_core.models.families import model_class
+from xdit_core.models.families import VARIANTS, model_class
 from xdit_core.models.flux import flux_rope_axes
 
 PRESETS = ("tiny", "medium")
+# The largest model built: its fp32 weights are held about twice while written (the model and safetensors'
+# buffer), so they may take a third of this machine's memory, and never more than this.
+MAX_WEIGHT_BYTES = 16 * 2**30
 
 # Defaults per (family, preset). Sizes keep heads and token counts divisible by 2 and 4.
 _BASE: dict[str, dict[str, dict[str, Any]]] = {
@@ -32,11 +38,17 @@ _BASE: dict[str, dict[str, dict[str, Any]]] = {
 
 def tiny_config(family: str, preset: str = "tiny", layers: Optional[int] = None, heads: Optional[int] = None,
                 hidden_size: Optional[int] = None, variant: Optional[str] = None) -> dict[str, Any]:
-    """The diffusers config (init kwargs) of a small model of `family`."""
+    """The diffusers config (init kwargs) of a small model of `family`; XDiTConfigError for a variant or size
+    that would make a model the engine cannot run."""
     if family not in _BASE:
         raise XDiTConfigError(f"unknown family {family!r}; valid families: {', '.join(_BASE)}")
     if preset not in PRESETS:
         raise XDiTConfigError(f"unknown preset {preset!r}; valid presets: {', '.join(PRESETS)}")
+    if variant is not None and variant not in VARIANTS[family]:
+        raise XDiTConfigError(f"--variant {variant!r} is not a {family} variant; valid: {', '.join(VARIANTS[family])}")
+    for flag, value in (("--layers", layers), ("--heads", heads), ("--hidden-size", hidden_size)):
+        if value is not None and value < 1:
+            raise XDiTConfigError(f"{flag} must be at least 1, got {value}")
     p = dict(_BASE[family][preset])
     if layers is not None:
         p["layers"] = layers
@@ -48,14 +60,19 @@ def tiny_config(family: str, preset: str = "tiny", layers: Optional[int] = None,
         p["head_dim"] = hidden_size // p["heads"]
     heads, head_dim = p["heads"], p["head_dim"]
     if family == "flux":
-        if head_dim % 4:
-            raise XDiTConfigError(f"Flux head size {head_dim} must be a multiple of 4 (rotary axes)")
+        # flux_rope_axes gives the time axis head_dim // 4 rounded down to even: below 8 it would be empty.
+        if head_dim % 4 or head_dim < 8:
+            raise XDiTConfigError(f"Flux head size {head_dim} (hidden size / heads) must be a multiple of 4 and at "
+                                  "least 8, for its three rotary axes (time, row, column)")
         axes = flux_rope_axes(head_dim)
         return dict(patch_size=1, in_channels=64, out_channels=None, num_layers=p["layers"],
                     num_single_layers=p["single_layers"], attention_head_dim=head_dim,
                     num_attention_heads=heads, joint_attention_dim=p["text_dim"],
                     pooled_projection_dim=p["pooled_dim"], guidance_embeds=(variant or "dev") == "dev",
                     axes_dims_rope=axes)
+    if (heads * head_dim) % 4:
+        raise XDiTConfigError(f"{family} hidden size {heads * head_dim} must be a multiple of 4 (its 2-D sin-cos "
+                              "position embedding gives each axis half, as sin and cos)")
     if family == "sd3":
         return dict(sample_size=64, patch_size=2, in_channels=16, num_layers=p["layers"],
                     attention_head_dim=head_dim, num_attention_heads=heads, joint_attention_dim=p["text_dim"],
@@ -71,12 +88,52 @@ def tiny_config(family: str, preset: str = "tiny", layers: Optional[int] = None,
                 norm_elementwise_affine=False, norm_eps=1e-6, activation_fn="gelu-approximate")
 
 
+def param_count(family: str, config: dict[str, Any]) -> int:
+    """The parameters of the model `config` describes, counted on the meta device (nothing allocated). The
+    count is linear in each block count, so models of one and two blocks give it without building many."""
+    blocks = [k for k in ("num_layers", "num_single_layers") if k in config]
+
+    def count(**sizes: int) -> int:
+        with torch.device("meta"):
+            return sum(p.numel() for p in model_class(family)(**{**config, **sizes}).parameters())
+
+    ones = {k: 1 for k in blocks}
+    base = count(**ones)
+    return base + sum((config[k] - 1) * (count(**{**ones, k: 2}) - base) for k in blocks)
+
+
+def physical_memory() -> Optional[int]:
+    """This machine's RAM in bytes, or None where the OS does not say (Windows)."""
+    try:
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (AttributeError, ValueError, OSError):
+        return None
+
+
+def check_fits(family: str, config: dict[str, Any]) -> None:
+    """Raise XDiTConfigError if the model's fp32 weights exceed what `tiny` builds (see MAX_WEIGHT_BYTES)."""
+    ram = physical_memory()
+    limit = MAX_WEIGHT_BYTES if ram is None else min(MAX_WEIGHT_BYTES, ram // 3)
+    n = param_count(family, config)
+    if 4 * n > limit:
+        raise XDiTConfigError(
+            f"these sizes make a {family} model of {n:,} parameters, {_size(4 * n)} in fp32; tiny builds at most "
+            f"{_size(limit)} here (a third of the RAM, at most {_size(MAX_WEIGHT_BYTES)}): lower --layers, --heads "
+            "or --hidden-size")
+
+
+def _size(n_bytes: int) -> str:
+    return f"{n_bytes / 2**30:.1f} GiB" if n_bytes >= 2**30 else f"{n_bytes / 2**20:.1f} MiB"
+
+
 def build_tiny(family: str, seed: int = 0, weight_std: float = 0.02, **kwargs: Any) -> torch.nn.Module:
     """A random-weight model, deterministic for `seed` (weights ~ N(0, weight_std), biases small).
 
     A larger `weight_std` makes tokens interact more strongly through attention (tests of PipeFusion's
-    staleness use it); 0.02 is the usual transformer initialisation."""
-    model = model_class(family)(**tiny_config(family, **kwargs))
+    staleness use it); 0.02 is the usual transformer initialisation. Sizes are checked before building."""
+    config = tiny_config(family, **kwargs)
+    check_fits(family, config)
+    model = model_class(family)(**config)
     gen = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for name, param in model.named_parameters():
@@ -90,8 +147,52 @@ def build_tiny(family: str, seed: int = 0, weight_std: float = 0.02, **kwargs: A
     return model.eval()
 
 
-def write_tiny(family: str, out: str | Path, seed: int = 0, weight_std: float = 0.02, **kwargs: Any) -> Path:
-    """Build and `save_pretrained` a random-weight model into `out`; returns the folder."""
+def check_out(out: Path, force: bool) -> None:
+    """`out` must be new or an empty folder; a non-empty folder only with `force`; a file never (tiny writes a
+    folder, and a file there is someone's data, not a model folder to refresh)."""
+    if os.path.lexists(out) and not out.is_dir():
+        raise XDiTConfigError(f"--out {out} is a file, not a folder; tiny writes a model folder and never replaces a "
+                              "file, even with --force: pick another path")
+    if out.is_dir() and not force and any(out.iterdir()):
+        raise XDiTConfigError(f"--out {out} is a folder that is not empty; tiny would replace all of it: pass --force "
+                              "to do so, or pick a new or empty folder")
+
+
+def write_tiny(family: str, out: str | Path, seed: int = 0, weight_std: float = 0.02, force: bool = False,
+               **kwargs: Any) -> Path:
+    """Build a random-weight model and `save_pretrained` it as the folder `out` (see check_out); returns it.
+
+    It is written into a hidden sibling folder first and renamed into place, so a failure leaves `out` as it
+    was; an existing `out` is set aside until the new one is in place."""
     out = Path(out)
-    build_tiny(family, seed=seed, weight_std=weight_std, **kwargs).save_pretrained(out, safe_serialization=True)
+    check_out(out, force)
+    model = build_tiny(family, seed=seed, weight_std=weight_std, **kwargs)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.parent / f".{out.name}.{uuid.uuid4().hex[:8]}.partial"
+    tmp.mkdir()  # not mkdtemp: the model folder keeps the umask's permissions, mkdtemp's are owner-only
+    try:
+        model.save_pretrained(tmp, safe_serialization=True)
+        _move_into_place(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
     return out
+
+
+def _move_into_place(tmp: Path, out: Path) -> None:
+    """Rename `tmp` to `out`. An existing `out` (an empty folder, or any with --force) is renamed aside first,
+    since a folder cannot be renamed onto a non-empty one (nor onto any on Windows), and put back on failure."""
+    if not os.path.lexists(out):
+        os.rename(tmp, out)
+        return
+    old = tmp.with_suffix(".old")
+    os.rename(out, old)
+    try:
+        os.rename(tmp, out)
+    except BaseException:
+        os.rename(old, out)
+        raise
+    if old.is_symlink():  # --out was a link to a folder: drop the link, not what it points to
+        old.unlink()
+    else:
+        shutil.rmtree(old)

@@ -124,8 +124,8 @@ def _lookup(table: Mapping[str, tuple[str, int]], local: str) -> Optional[tuple[
     return None
 
 
-def _translate(family: str, name: str, last_block: dict[str, int]) -> tuple[str, int, bool]:
-    """A diffusers tensor name -> (original name, part index, swap halves)."""
+def _translate(family: str, name: str, last_block: dict[str, int]) -> Optional[tuple[str, int, bool]]:
+    """A diffusers tensor name -> (original name, part index, swap halves); None for a name the mapping lacks."""
     blocks, global_table = _LAYOUTS[family]
     m = _BLOCK_NAME.match(name)
     if m and m.group(1) in blocks:
@@ -141,12 +141,12 @@ def _translate(family: str, name: str, last_block: dict[str, int]) -> tuple[str,
         found = _lookup(global_table, name)
         if found:
             return found[0], found[1], name.startswith("norm_out.linear.")
-    raise XDiTModelError(f"no original-layout name for the {family} tensor {name!r} "
-                         "(a diffusers version this mapping does not know?)")
+    return None
 
 
-def layout_rules(family: str, names: Sequence[str]) -> list[Rule]:
-    """The rules covering the diffusers tensors `names` of a `family` model, in the order of `names`."""
+def layout_rules(family: str, names: Sequence[str], skip_unknown: bool = False) -> list[Rule]:
+    """The rules covering the diffusers tensors `names` of a `family` model, in the order of `names`; a name
+    the mapping lacks is an error, or left out with `skip_unknown`."""
     last_block: dict[str, int] = {}
     for name in names:
         m = _BLOCK_NAME.match(name)
@@ -155,11 +155,37 @@ def layout_rules(family: str, names: Sequence[str]) -> list[Rule]:
     grouped: dict[str, dict[int, str]] = {}
     swaps: dict[str, bool] = {}
     for name in names:
-        original, part, swap = _translate(family, name, last_block)
+        found = _translate(family, name, last_block)
+        if found is None:
+            if skip_unknown:
+                continue
+            raise XDiTModelError(f"no original-layout name for the {family} tensor {name!r} "
+                                 "(a diffusers version this mapping does not know?)")
+        original, part, swap = found
         grouped.setdefault(original, {})[part] = name
         swaps[original] = swap
     return [Rule(original, tuple(parts[i] for i in sorted(parts)), swaps[original])
             for original, parts in grouped.items()]
+
+
+def original_shapes(family: str, shapes: Mapping[str, Sequence[int]]) -> dict[str, tuple[int, ...]]:
+    """The original-layout shapes of diffusers tensors; names the mapping lacks are left out (a diffusers file's
+    extra tensors are reported by the weight check at load, not here)."""
+    return {r.original: original_shape(r, shapes) for r in layout_rules(family, list(shapes), skip_unknown=True)}
+
+
+def diffusers_name(family: str, original: str) -> str:
+    """The diffusers name of an original-layout tensor (its first part if fused), for messages about
+    diffusers files; the name itself where the mapping has none."""
+    blocks, global_table = _LAYOUTS[family]
+    m = _BLOCK_NAME.match(original)
+    tables = [(f"{ours}.{m.group(2)}.", m.group(3), table)
+              for ours, (theirs, table) in blocks.items() if m and theirs == m.group(1)]
+    for prefix, local, table in tables + [("", original, global_table)]:
+        for ours, (theirs, part) in table.items():
+            if part == 0 and (local == theirs or local.startswith(theirs + ".")):
+                return prefix + ours + local[len(theirs):]
+    return original
 
 
 def identity_rules(names: Sequence[str]) -> list[Rule]:

@@ -1,12 +1,12 @@
-"""Load a diffusion transformer offline: a diffusers folder or a single original-layout safetensors file
-(bare or inside an all-in-one checkpoint), whole or only the parts one rank needs.
+"""Load a diffusion transformer offline: a diffusers folder, a single original-layout safetensors file (bare
+or inside an all-in-one checkpoint) or a diffusers transformer's weight file alone (its config beside it or
+inferred), whole or only the parts one rank needs.
 
 The model is built on the meta device and only the selected modules are materialised, tensor by tensor
 from the file; the rest stay on meta. Nothing is ever fetched from a hub.
 """
 from __future__ import annotations
 
-import json
 import math
 from dataclasses import dataclass
 from pathlib import Path
@@ -19,7 +19,9 @@ from xdit_core.models.families import ModelSpec, resolve_model_spec
 from xdit_core.loading.key_mapping import IGNORED_ORIGINAL, Rule, identity_rules, layout_rules, original_shape, split
 from xdit_core.loading.model_files import (PICKLE_SUFFIXES, SAFETENSORS_SUFFIXES, LoadStats, WeightFiles, folder_weight_files,
                           open_safetensors, refuse_pickle)
-from xdit_core.loading.original_layout import config_from_shapes, detect_layout, unknown_layout_message
+from xdit_core.loading.model_config import check_config, read_config_file
+from xdit_core.loading.original_layout import (config_from_shapes, detect_diffusers_family, detect_layout,
+                                               diffusers_file_config, unknown_layout_message)
 from xdit_core.models.families import model_class
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -75,13 +77,8 @@ def _read_folder_config(folder: Path) -> dict[str, Any]:
     if not config_file.is_file():
         raise XDiTModelError(f"{folder} has no config.json; expected a diffusers model folder (config.json + "
                              "safetensors) or a single .safetensors file")
-    try:
-        config = json.loads(config_file.read_text())
-    except json.JSONDecodeError as e:
-        raise XDiTModelError(f"{config_file} is not valid JSON: {e}") from None
-    # PixArt-alpha's diffusers folders predate the PixArt class and name the generic one.
-    if config.get("_class_name") == "Transformer2DModel" and config.get("norm_type") == "ada_norm_single":
-        config = {**config, "_class_name": "PixArtTransformer2DModel"}
+    config = read_config_file(config_file)
+    check_config(config, str(config_file))
     return config
 
 
@@ -94,11 +91,17 @@ def _open_single_file(path: Path, stats: LoadStats) -> _Source:
     with open_safetensors(path) as f:
         keys = list(f.keys())
     layout = detect_layout(keys)
-    if layout is None:
+    if layout is not None:
+        family, prefix = layout
+        files = WeightFiles({k[len(prefix):]: (path, k) for k in keys if k.startswith(prefix)}, stats)
+        config = config_from_shapes(family, files.shapes)
+        check_config(config, f"{path} (config inferred from its tensor shapes)")
+        return _Source(config, files, family)
+    family = detect_diffusers_family(keys)
+    if family is None:
         raise XDiTModelError(unknown_layout_message(path))
-    family, prefix = layout
-    files = WeightFiles({k[len(prefix):]: (path, k) for k in keys if k.startswith(prefix)}, stats)
-    return _Source(config_from_shapes(family, files.shapes), files, family)
+    files = WeightFiles({k: (path, k) for k in keys}, stats)
+    return _Source(diffusers_file_config(path, family, files.shapes), files, None)
 
 
 def _open(path: str | Path, stats: LoadStats) -> _Source:
@@ -112,7 +115,8 @@ def _open(path: str | Path, stats: LoadStats) -> _Source:
 
 
 def read_model_config(path: str | Path) -> dict[str, Any]:
-    """The diffusers config of a model path: a folder's config.json, or a single file's matched config."""
+    """The checked diffusers config of a model path: a folder's config.json; a single file's config beside it
+    (diffusers layout) or matched/inferred from its tensor shapes. Reads no tensor data."""
     return _open(path, LoadStats()).config
 
 
@@ -221,9 +225,6 @@ def load_model(path: str | Path, dtype: str = "fp32", family: Optional[str] = No
         raise XDiTModelError(f"unknown dtype {dtype!r}; valid: {', '.join(DTYPES)}")
     stats = LoadStats() if stats is None else stats
     source = _open(path, stats)
-    if source.layout is not None and family is not None and family != source.layout:
-        raise XDiTModelError(f"{path} holds an original-layout {source.layout} model; family {family!r} does "
-                             "not fit it (leave the family to detection)")
     spec = resolve_model_spec(source.config, family, variant)
     model = _build_on_meta(spec.family, source.config, DTYPES[dtype])
     meta = model.state_dict()

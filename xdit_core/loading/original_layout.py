@@ -1,21 +1,30 @@
-"""Single files in the original layouts: which family a file holds, and its diffusers config.
+"""Single files: which family a file holds, in which layout (original, or a diffusers transformer's weight
+file), and its diffusers config.
 
 The config is matched by shape to the configs of the real models shipped in `xdit_core/loading/configs/`;
-a file that matches none (a test model, a pruned variant) gets a config derived from its shapes.
+a file that matches none (a test model, a pruned variant) gets a config derived from its shapes. A
+diffusers-layout file takes the config beside it where there is one (`<file stem>.json`, else
+`config.json`), checked against its shapes; without one it is inferred as for the same model in the
+original layout.
 """
 from __future__ import annotations
 
 import copy
 import functools
 import json
+import logging
 import math
 import re
 from pathlib import Path
-from typing import Any, Mapping, Optional, Sequence
+from typing import Any, Callable, Mapping, Optional, Sequence
 
 from xdit_core.errors import XDiTModelError
-from xdit_core.models.families import CLASS_NAMES
+from xdit_core.loading.key_mapping import diffusers_name, original_shapes
+from xdit_core.loading.model_config import check_config, read_config_file
+from xdit_core.models.families import CLASS_NAMES, size_conditioned
 from xdit_core.models.flux import flux_rope_axes
+
+log = logging.getLogger("xdit")
 
 CONFIG_DIR = Path(__file__).parent / "configs"
 # Checkpoint prefixes of the diffusion model: ComfyUI's all-in-one checkpoints, then a bare file.
@@ -25,6 +34,12 @@ MARKERS = {
     "flux": ("double_blocks.0.img_attn.qkv.weight", "vector_in.in_layer.weight"),
     "sd3": ("joint_blocks.0.x_block.attn.qkv.weight", "y_embedder.mlp.0.weight"),
     "pixart": ("blocks.0.attn.qkv.weight", "t_block.1.weight"),
+}
+# Keys (all present) that identify a diffusers transformer's weight file (bare): its embedders.
+DIFFUSERS_MARKERS = {
+    "flux": ("x_embedder.weight", "time_text_embed.text_embedder.linear_1.weight"),
+    "sd3": ("pos_embed.proj.weight", "time_text_embed.text_embedder.linear_1.weight"),
+    "pixart": ("pos_embed.proj.weight", "adaln_single.linear.weight"),
 }
 LAYOUT_NAMES = ("Flux.1 dev/schnell (BFL: double_blocks, single_blocks)",
                 "SD3/SD3.5 medium/large (Stability MMDiT: joint_blocks)",
@@ -44,10 +59,18 @@ def detect_layout(names: Sequence[str]) -> Optional[tuple[str, str]]:
     return None
 
 
+def detect_diffusers_family(names: Sequence[str]) -> Optional[str]:
+    """The family of a diffusers transformer's weight file (diffusers tensor names), or None."""
+    present = set(names)
+    return next((family for family, markers in DIFFUSERS_MARKERS.items() if all(m in present for m in markers)),
+                None)
+
+
 def unknown_layout_message(path: Path) -> str:
     """The error for a file in no known layout, listing the supported ones."""
     return (f"{path} holds no diffusion transformer in a known layout; supported single files: "
             f"{'; '.join(LAYOUT_NAMES)}, bare or under 'model.diffusion_model.' (all-in-one checkpoints); "
+            "a diffusers transformer's weight file (Flux, SD3, PixArt), its config.json beside it or not; "
             "or a diffusers model folder (config.json + safetensors)")
 
 
@@ -145,10 +168,73 @@ def match_config(family: str, derived: dict[str, Any], visible: set[str]) -> dic
     return {"_class_name": CLASS_OF[family], **derived}
 
 
+def _derive(family: str, shapes: Mapping[str, Sequence[int]], file: str,
+            name_in_file: Callable[[str], str] = str) -> tuple[dict[str, Any], set[str]]:
+    try:
+        return derive_config(family, shapes)
+    except KeyError as e:
+        raise XDiTModelError(f"{file} lacks {name_in_file(e.args[0])!r}, which every {family} model has") from None
+
+
 def config_from_shapes(family: str, shapes: Mapping[str, Sequence[int]]) -> dict[str, Any]:
     """The diffusers config (with `_class_name`) of an original-layout file of `family`."""
-    try:
-        derived, visible = derive_config(family, shapes)
-    except KeyError as e:
-        raise XDiTModelError(f"the {family} file lacks {e.args[0]!r}, which every {family} model has") from None
-    return match_config(family, derived, visible)
+    return match_config(family, *_derive(family, shapes, f"the {family} file"))
+
+
+def config_beside(path: Path) -> Optional[Path]:
+    """The config of a diffusers-layout file: `<stem>.json` beside it (one model among others in a folder),
+    else the folder's `config.json`; None without either."""
+    return next((p for p in (path.with_suffix(".json"), path.parent / "config.json") if p.is_file()), None)
+
+
+def _as_built(config: Mapping[str, Any], key: str) -> Any:
+    """A config value as diffusers builds the model (out_channels null is in_channels, and so on)."""
+    value = config.get(key)
+    if key == "out_channels" and value is None:
+        return config.get("in_channels")
+    if key == "pos_embed_max_size" and value is None:  # SD3 without it: a table of the sample size
+        return config.get("sample_size", 128) // config.get("patch_size", 2)
+    if key == "use_additional_conditions":
+        return size_conditioned(config)
+    if key == "qk_norm":  # rms or layer norm: the weights show only that there is one
+        return value is not None
+    return value
+
+
+def diffusers_file_config(path: Path, family: str, shapes: Mapping[str, Sequence[int]]) -> dict[str, Any]:
+    """The checked diffusers config of a diffusers-layout single file of `family` (tensor shapes by name).
+
+    With a config beside it (`config_beside`), that config, which must fit the shapes. Without one, inferred
+    as for the same model in the original layout (our mapping gives its shapes), so both layouts infer alike:
+    depth, widths, Flux dev/schnell (guidance embedder), PixArt's size conditioning (alpha-1024 vs Sigma),
+    SD3.5's q/k norm and dual attention show in the shapes, and so do the heads where a q/k norm has the
+    head size (Flux, SD3.5). Otherwise heads are assumed by the family's rule (SD3: one per block, 64 wide
+    in every real model as MMDiT makes them; PixArt: 72 wide as PixArt-XL, else one per block). PixArt's
+    sample size shows only in its sin-cos table, which diffusers does not save: 128 (the 1024 models) is
+    assumed, and other sizes (512, 2K) need their config beside the file."""
+    derived, visible = _derive(family, original_shapes(family, shapes), str(path), lambda k: diffusers_name(family, k))
+    beside = config_beside(path)
+    if beside is None:
+        config = match_config(family, derived, visible)
+        check_config(config, f"{path} (config inferred from its tensor shapes)")
+        if family == "pixart":  # the one guess that changes results: say it, with the fix
+            log.warning("xDiT: %s has no config beside it; PixArt's resolution does not show in its weights, "
+                        "so the 1024 models' sample size is assumed: for a 512 or 2K model put its config.json "
+                        "beside it (or name it %s.json)", path, path.stem)
+        return config
+    config = read_config_file(beside)
+    check_config(config, str(beside))
+    if config["_class_name"] != CLASS_OF[family]:
+        raise XDiTModelError(f"{beside} names {config['_class_name']} but {path} holds a {CLASS_OF[family]} "
+                             f"(diffusers layout); a weight file's config is read from {path.stem}.json beside it, "
+                             "else from config.json")
+    wrong = [f"{k} is {json.dumps(_as_built(config, k))} in the config, {json.dumps(_as_built(derived, k))} in "
+             "the weights" for k in sorted(visible) if k in config and _as_built(config, k) != _as_built(derived, k)]
+    width = config["num_attention_heads"] * config["attention_head_dim"]
+    shown = derived["num_attention_heads"] * derived["attention_head_dim"]
+    if width != shown:
+        wrong.append(f"the width (num_attention_heads × attention_head_dim) is {width} in the config, {shown} in "
+                     "the weights")
+    if wrong:
+        raise XDiTModelError(f"{beside} does not fit the weights of {path}: {'; '.join(wrong)}")
+    return config

@@ -56,10 +56,18 @@ class ModelSpec:
 
 def family_of_class(class_name: Optional[str]) -> str:
     """Family from a diffusers config's `_class_name`."""
+    if class_name is None:
+        raise XDiTModelError(f"the model config names no _class_name; supported: {', '.join(CLASS_NAMES)}")
     if class_name not in CLASS_NAMES:
         raise XDiTModelError(
-            f"unknown model class {class_name!r} in config.json; supported: {', '.join(CLASS_NAMES)}")
+            f"unknown model class {class_name!r}; supported: {', '.join(CLASS_NAMES)}")
     return CLASS_NAMES[class_name]
+
+
+def size_conditioned(config: Mapping[str, Any]) -> bool:
+    """Whether a PixArt model takes size conditioning: diffusers turns it on for sample_size 128 when unset."""
+    stated = config.get("use_additional_conditions")
+    return config.get("sample_size", 128) == 128 if stated is None else bool(stated)
 
 
 def detect_variant(family: str, config: Mapping[str, Any]) -> str:
@@ -76,14 +84,31 @@ def detect_variant(family: str, config: Mapping[str, Any]) -> str:
 def resolve_model_spec(config: Mapping[str, Any], family: Optional[str] = None,
                        variant: Optional[str] = None) -> ModelSpec:
     """Build the ModelSpec of a diffusers transformer config, with optional overrides."""
-    detected = family_of_class(config.get("_class_name")) if family is None else family
-    if detected not in FAMILIES:
-        raise XDiTConfigError(f"unknown family {detected!r}; valid families: {', '.join(FAMILIES)}")
-    family = detected
-    variant = variant or detect_variant(family, config)
+    if family is not None and family not in FAMILIES:
+        raise XDiTConfigError(f"unknown family {family!r}; valid families: {', '.join(FAMILIES)}")
+    class_name = config.get("_class_name")
+    # A given family confirms the config's class; it names the class only where the config has none.
+    if class_name is not None or family is None:
+        detected = family_of_class(class_name)
+        if family not in (None, detected):
+            raise XDiTConfigError(f"family {family!r} contradicts the model: its config names {class_name}, a "
+                                  f"{detected} model; pass {detected!r} or leave the family to detection")
+        family = detected
+    detected_variant = detect_variant(family, config)
+    variant = variant or detected_variant
     if variant not in VARIANTS[family]:
         raise XDiTConfigError(
             f"unknown variant {variant!r} for {family}; valid variants: {', '.join(VARIANTS[family])}")
+    # As ComfyUI's detection: the guidance embedder makes Flux dev; size conditioning exists in PixArt-alpha
+    # only (its 512 model lacks it too, so "alpha" without it is a valid choice).
+    if family == "flux" and variant != detected_variant:
+        has = "has a guidance embedder" if detected_variant == "dev" else "has no guidance embedder"
+        raise XDiTConfigError(f"variant {variant!r} contradicts the model: it {has} (guidance_embeds), so it is "
+                              f"Flux {detected_variant}; pass {detected_variant!r} or leave the variant to detection")
+    if family == "pixart" and variant == "sigma" and size_conditioned(config):
+        raise XDiTConfigError("variant 'sigma' contradicts the model: it takes size conditioning "
+                              "(use_additional_conditions), which only PixArt-alpha has; pass 'alpha' or leave the "
+                              "variant to detection")
     heads = int(config.get("num_attention_heads", 1))
     blocks = int(config.get("num_layers", 0)) + int(config.get("num_single_layers", 0))
     if family == "flux":

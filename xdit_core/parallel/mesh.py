@@ -12,8 +12,12 @@ from datetime import timedelta
 from typing import Optional, Sequence
 
 from xdit_core.errors import XDiTConfigError
+from xdit_core.models.families import PIXEL_MULTIPLE
+from xdit_core.sampling.request import MAX_RESOLUTION
+from xdit_core.sampling.samplers import MAX_STEPS
 
 DIMS = ("ulysses", "ring", "pipefusion", "cfg")
+MAX_PATCH_ROWS = MAX_RESOLUTION // PIXEL_MULTIPLE
 DEFAULT_TIMEOUT = timedelta(minutes=10)
 
 
@@ -92,8 +96,14 @@ def validate_parallel_config(config: ParallelConfig, *, world_size: Optional[int
             raise XDiTConfigError(f"{name} must be an integer >= 1, got {value!r}")
     if config.warmup_steps < 0:
         raise XDiTConfigError(f"warmup_steps must be >= 0, got {config.warmup_steps}")
+    # Upper bounds that hold for every request, PipeFusion or not: no run has more steps, no latent more rows.
+    if config.warmup_steps > MAX_STEPS:
+        raise XDiTConfigError(f"warmup_steps must be at most {MAX_STEPS} (the most steps), got {config.warmup_steps}")
     if config.num_pipeline_patch is not None and config.num_pipeline_patch < 1:
         raise XDiTConfigError(f"num_pipeline_patch must be >= 1, got {config.num_pipeline_patch}")
+    if config.num_pipeline_patch is not None and config.num_pipeline_patch > MAX_PATCH_ROWS:
+        raise XDiTConfigError(f"num_pipeline_patch must be at most {MAX_PATCH_ROWS} (the patch rows of the "
+                              f"tallest latent, {MAX_RESOLUTION} px), got {config.num_pipeline_patch}")
     if world_size is not None and config.world_size != world_size:
         raise XDiTConfigError(
             f"the mesh needs {config.world_size} ranks ({config.describe()}) but the world has {world_size}; "

@@ -29,6 +29,7 @@ from xdit_core.models.base import ModelAdapter, Tokens
 from xdit_core.parallel.context import RankContext
 from xdit_core.parallel.p2p import P2PChannel
 from xdit_core.parallel.routing import AttentionRouter
+from xdit_core.sampling.finite import check_first_prediction
 from xdit_core.sampling.request import SampleRequest
 from xdit_core.sampling.samplers import AncestralNoise, ModelSampling, Sampler
 from xdit_core.parallel.sequence_parallel import shard_padded
@@ -353,6 +354,8 @@ class PipeFusionRunner:
         else:
             uncond, cond = None, outs[0]
         denoised = cond if uncond is None else uncond + (cond - uncond) * request.cfg
+        if rnd == 0:
+            check_first_prediction(denoised, 1, request.steps, dist.get_rank())
         for m, (r0, r1) in enumerate(rows):
             if r0 < unit_rows[0] or r1 > unit_rows[1]:
                 continue

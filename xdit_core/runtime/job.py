@@ -7,6 +7,7 @@ from dataclasses import dataclass
 from typing import Any, Callable, Optional
 
 import torch
+import torch.distributed as dist
 
 from xdit_core.loading.load import load_model
 from xdit_core.models import make_adapter
@@ -19,6 +20,7 @@ from xdit_core.parallel.pipefusion import PipeFusionRunner
 from xdit_core.parallel.sequence_parallel import SequenceParallelRunner
 from xdit_core.parallel.stages import pipefusion_parts
 from xdit_core.runtime.report import rank_report
+from xdit_core.sampling.finite import check_first_prediction
 from xdit_core.sampling.request import SampleRequest
 from xdit_core.sampling.samplers import is_max_denoise, run_sampler
 
@@ -47,7 +49,7 @@ def make_denoiser(adapter: ModelAdapter, ms: ModelSampling, request: SampleReque
         out = predict(xc, timestep, cond, request.guidance).float()
         return ms.calculate_denoised(sigma, out, x)
 
-    def denoise(x: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
+    def combined(x: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
         if request.negative is None:  # cfg == 1: the negative branch is not evaluated at all
             return predict_denoised(x, sigma, request.positive)
         if cfg_comm is not None:
@@ -57,6 +59,16 @@ def make_denoiser(adapter: ModelAdapter, ms: ModelSampling, request: SampleReque
             cond = predict_denoised(x, sigma, request.positive)
             uncond = predict_denoised(x, sigma, request.negative)
         return uncond + (cond - uncond) * request.cfg
+
+    checked = False
+
+    def denoise(x: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
+        nonlocal checked
+        out = combined(x, sigma)
+        if not checked:
+            checked = True
+            check_first_prediction(out, 1, request.steps, dist.get_rank() if ctx is not None else 0)
+        return out
 
     return denoise
 

@@ -11,6 +11,10 @@ from __future__ import annotations
 
 import logging
 import os
+import re
+import shutil
+import socket
+import tempfile
 import time
 import uuid
 from dataclasses import dataclass, field
@@ -21,11 +25,14 @@ import torch
 from xdit_core.import_root import engine_import_root
 from xdit_core.errors import XDiTCancelled, XDiTConfigError, XDiTWorkerError
 from xdit_core.parallel.mesh import ParallelConfig, validate_parallel_config
+from xdit_core.runtime import timeouts
 from xdit_core.runtime.job import ModelRef
+from xdit_core.runtime.launch import Rendezvous
 from xdit_core.sampling.request import SampleRequest
 
 log = logging.getLogger("xdit")
 POLL_S = 0.05
+PING_EVERY_S = 0.5
 FAILURE_SETTLE_S = 3.0  # after a first failure, time for Ray to report a dead actor as the cause
 
 
@@ -59,13 +66,63 @@ def ray_address_from_env(address: Optional[str]) -> Optional[str]:
     return address or os.environ.get("XDIT_RAY_ADDRESS") or None
 
 
+_ADDRESS = re.compile(r"^(?:ray://)?(\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9][A-Za-z0-9.-]*):(\d{1,5})$")
+
+
+def parse_ray_address(address: Optional[str]) -> Optional[tuple[str, int]]:
+    """(host, port) of a cluster address; None for no address or "auto" (a cluster already running on
+    this machine, which Ray finds itself). A malformed address fails here, before anything starts."""
+    if address is None or address == "auto":
+        return None
+    match = _ADDRESS.match(address)
+    if match is None or not 0 < int(match.group(2)) < 65536:
+        raise XDiTConfigError(f"Ray address {address!r} is not host:port (or ray://host:port, or auto), "
+                              "e.g. 192.168.1.10:6379")
+    return match.group(1).strip("[]"), int(match.group(2))
+
+
+def check_ray_address(address: Optional[str]) -> None:
+    """Fail at once, with the reason, on a cluster address that is malformed or does not accept a TCP
+    connection within the connect timeout (Ray itself would retry for minutes)."""
+    target = parse_ray_address(address)
+    if target is None:
+        return
+    limit = timeouts.connect_timeout_s()
+    try:
+        with socket.create_connection(target, timeout=limit):
+            pass
+    except OSError as e:
+        raise XDiTConfigError(f"Ray address {address!r} does not answer within {limit:g}s "
+                              f"(XDIT_CONNECT_TIMEOUT_S): {e.strerror or e}; is the cluster up "
+                              "(`ray start --head`) and the port open?") from None
+
+
 def worker_pythonpath() -> str:
     """The workers' PYTHONPATH: the directory that holds only the engine package, then the inherited path."""
     return os.pathsep.join(p for p in (str(engine_import_root()), os.environ.get("PYTHONPATH", "")) if p)
 
 
+def _require_token_auth() -> None:
+    """A local Ray serves on every network interface (it replaces a loopback node address with the
+    machine's), so its ports must refuse anyone without the token (Ray keeps it in ~/.ray/auth_token)."""
+    import ray
+
+    version = tuple(int(p) for p in re.findall(r"\d+", ray.__version__)[:2])
+    if version < (2, 52):
+        raise XDiTConfigError(f"Ray {ray.__version__} has no token authentication, so a local worker pool "
+                              "would accept work from the network; install ray>=2.52")
+    if os.environ.get("RAY_AUTH_MODE", "token").lower() != "token":
+        log.warning("xDiT: RAY_AUTH_MODE=%s ignored: the local worker pool always uses Ray's token "
+                    "authentication", os.environ["RAY_AUTH_MODE"])
+    os.environ["RAY_AUTH_MODE"] = "token"
+    from ray._raylet import Config
+
+    Config.initialize("")  # Ray read its settings when imported: make this process use the token too
+
+
 def ensure_ray(address: Optional[str], num_cpus: Optional[int] = None) -> float:
-    """Connect to Ray (or start a local one bound to loopback, dashboard off); returns the seconds it took."""
+    """Connect to the Ray cluster at `address`, or start a private local Ray (token authentication on,
+    dashboard off); returns the seconds it took."""
     import ray
 
     t0 = time.perf_counter()
@@ -73,12 +130,16 @@ def ensure_ray(address: Optional[str], num_cpus: Optional[int] = None) -> float:
         return 0.0
     env = {"env_vars": {"PYTHONPATH": worker_pythonpath()}}
     if address:
+        check_ray_address(address)
         ray.init(address=address, runtime_env=env, logging_level=logging.WARNING, log_to_driver=False)
     else:
+        _require_token_auth()
         # address="local": always a fresh, private instance, never some other cluster found on the machine.
         ray.init(address="local", num_cpus=num_cpus or max(os.cpu_count() or 1, 8), include_dashboard=False,
-                 _node_ip_address="127.0.0.1", runtime_env=env, logging_level=logging.WARNING,
-                 log_to_driver=False)
+                 runtime_env=env, logging_level=logging.WARNING, log_to_driver=False)
+        token = os.path.join(os.path.expanduser("~"), ".ray", "auth_token")
+        if os.path.isfile(token):
+            os.chmod(token, 0o600)  # Ray writes it world-readable; other users of the machine must not join
     return time.perf_counter() - t0
 
 
@@ -112,6 +173,7 @@ class WorkerPool:
         self.infos: list[dict[str, Any]] = []
         self.broken = False
         self.last_job: Optional[str] = None
+        self._rendezvous_dir: Optional[str] = None
 
     # -- lifecycle ---------------------------------------------------------------------------
     def start(self) -> None:
@@ -142,13 +204,22 @@ class WorkerPool:
                 name=None).remote(rank, parallel.world_size, self.key.threads))
         self.infos = ray.get([w.info.remote() for w in self.workers])
         self.stats.actor_start_s = time.perf_counter() - t0
-        master = self.infos[0]
         model = ModelRef(self.key.model_path, self.key.dtype, self.key.family, self.key.variant)
-        timings = self._collect([w.setup.remote(master["ip"], master["port"], model, parallel,
-                                             self.key.attention_backend) for w in self.workers])
+        rendezvous = self._rendezvous()
+        timings = self._collect([w.setup.remote(rendezvous, model, parallel, self.key.attention_backend)
+                                 for w in self.workers])
         self.stats.rendezvous_s = max(t["rendezvous_s"] for t in timings)
         self.stats.load_s = max(t["load_s"] for t in timings)
         self.broken = False
+
+    def _rendezvous(self) -> Rendezvous:
+        """Without a cluster address every rank is on this machine: a FileStore in a private folder (kept
+        while the pool lives: NCCL reads it again when it builds a communicator). With one, a TCP store
+        on rank 0's node, reachable from the cluster's network as the user chose."""
+        if self.address is None:
+            self._rendezvous_dir = tempfile.mkdtemp(prefix="xdit-rendezvous-")
+            return Rendezvous(store_file=os.path.join(self._rendezvous_dir, "store"))
+        return Rendezvous(host=self.infos[0]["ip"], port=self.infos[0]["port"])
 
     def shutdown(self) -> None:
         """Stop every actor and free its memory (and the placement groups)."""
@@ -160,6 +231,9 @@ class WorkerPool:
         for pg in self.placement_groups:
             remove_placement_group(pg)
         self.workers, self.placement_groups, self.infos = [], [], []
+        if self._rendezvous_dir is not None:
+            shutil.rmtree(self._rendezvous_dir, ignore_errors=True)
+            self._rendezvous_dir = None
 
     def worker_stats(self) -> list[dict[str, Any]]:
         """Each rank's load counter and load time."""
@@ -172,34 +246,33 @@ class WorkerPool:
                cancel: Optional[Callable[[], bool]] = None) -> torch.Tensor:
         """Run `request` on every rank; returns rank 0's latent (model space, float32, CPU).
 
-        Raises XDiTCancelled when `cancel()` turned true (all ranks stop at the same step) and
-        XDiTWorkerError when a rank failed or died (the pool then rebuilds on the next request).
+        Raises XDiTCancelled when `cancel()` turned true: all ranks stop at the same step, or, when they
+        do not within the cancel grace period, are killed (the pool rebuilds on the next request).
+        Raises XDiTWorkerError when a rank failed, died or stopped answering (the pool rebuilds too).
         """
         import ray
 
+        timeouts.liveness_timeout_s(), timeouts.cancel_grace_s()  # malformed settings fail before work
         if self.broken or not self.workers:
             if self.workers:
                 self.shutdown()
             self.start()
         job = self.last_job = uuid.uuid4().hex
         req_ref = ray.put(request)
-        seen, stop_sent = 0, False
-
-        def stop() -> None:
-            self.workers[0].request_stop.remote(job)
+        seen = 0
 
         def poll() -> None:
-            nonlocal seen, stop_sent
+            nonlocal seen
             if on_progress is not None:
                 steps = ray.get(self.workers[0].progress.remote(job))
                 for step, total in steps[seen:]:
                     on_progress(step, total)
                 seen = len(steps)
-            if cancel is not None and not stop_sent and cancel():
-                stop()
-                stop_sent = True
 
-        results = self._collect([w.sample.remote(req_ref, job) for w in self.workers], poll, stop)
+        def stop() -> None:
+            self.workers[0].request_stop.remote(job)
+
+        results = self._collect([w.sample.remote(req_ref, job) for w in self.workers], poll, stop, cancel)
         self.stats.requests += 1
         cancelled = [r for r in results if "cancelled" in r]
         if cancelled:
@@ -208,13 +281,16 @@ class WorkerPool:
         return results[0]["samples"]
 
     def _collect(self, refs: list, poll: Optional[Callable[[], None]] = None,
-                 stop: Optional[Callable[[], None]] = None) -> list:
+                 stop: Optional[Callable[[], None]] = None, cancel: Optional[Callable[[], bool]] = None) -> list:
         """Wait for one call per rank, polling between waits; on failure end the request on every rank.
 
-        After the first failure the others get FAILURE_SETTLE_S to report, so that a dead rank is
-        blamed rather than the peers whose collectives broke because of it. If `poll` raises (a host
-        callback), the ranks are stopped with `stop` and awaited before the exception goes on, so no
-        request is ever left running on the actors.
+        - After the first failure the others get FAILURE_SETTLE_S to report, so that a dead rank is
+          blamed rather than the peers whose collectives broke because of it.
+        - Every rank is pinged; one that leaves a ping unanswered for the liveness timeout is frozen:
+          all ranks are killed and the request fails naming it.
+        - When `cancel()` turns true (or `poll`, a host callback, raises) the ranks are asked to stop
+          with `stop`; those that have not within the cancel grace period are killed. So no request
+          is ever left running on the actors, and ComfyUI's queue moves on.
         """
         import ray
 
@@ -223,6 +299,8 @@ class WorkerPool:
         errors: dict[int, Exception] = {}
         first_error = None
         aborted: Optional[BaseException] = None
+        stop_at: Optional[float] = None
+        pings = _Pings(self.workers)
         pending = list(refs)
         while pending:
             done, pending = ray.wait(pending, num_returns=len(pending), timeout=POLL_S)
@@ -232,20 +310,47 @@ class WorkerPool:
                 except Exception as e:  # noqa: BLE001 - a rank raised or its process died
                     errors[rank_of[ref]] = e
                     first_error = first_error or time.monotonic()
-            if errors and time.monotonic() - first_error > FAILURE_SETTLE_S:
+            if not pending:
                 break
-            if poll is not None and not errors:
+            if errors:
+                if time.monotonic() - first_error > FAILURE_SETTLE_S:
+                    break
+                continue
+            frozen = pings.frozen(set(results))
+            if frozen is not None:
+                self._kill(frozen)
+            if stop_at is None:
                 try:
-                    poll()
+                    if poll is not None:
+                        poll()
+                    wants_stop = cancel is not None and cancel()
                 except BaseException as e:  # noqa: BLE001 - re-raised once every rank has stopped
-                    aborted, poll = e, None
-                    if stop is not None:
-                        stop()
+                    aborted, wants_stop = e, True
+                if wants_stop and stop is not None:
+                    stop()
+                    stop_at = time.monotonic()
+            elif time.monotonic() - stop_at > timeouts.cancel_grace_s():
+                self.broken = True
+                self.shutdown()
+                if aborted is not None:
+                    raise aborted
+                raise XDiTCancelled(f"cancelled; the ranks did not stop within {timeouts.cancel_grace_s():g}s "
+                                    "(XDIT_CANCEL_GRACE_S) and were killed, the pool restarts on the next request")
         if errors:
             self._fail(errors)
         if aborted is not None:
             raise aborted
         return [results[r] for r in range(len(refs))]
+
+    def _kill(self, frozen: tuple[int, float]) -> None:
+        rank, silent_s = frozen
+        info = self.infos[rank] if rank < len(self.infos) else {}
+        self.broken = True
+        self.shutdown()
+        raise XDiTWorkerError(f"rank {rank} (pid {info.get('pid', '?')}) stopped responding: no answer for "
+                              f"{silent_s:.1f}s (limit {timeouts.liveness_timeout_s():g}s, "
+                              "XDIT_LIVENESS_TIMEOUT_S); all ranks were stopped, the pool restarts on the next "
+                              "request")
 
     def _fail(self, errors: dict[int, Exception]) -> None:
         """Blame a dead rank first, else the lowest failing rank; kill all ranks; raise XDiTWorkerError."""
@@ -257,7 +362,37 @@ class WorkerPool:
         self.broken = True
         self.shutdown()
         what = "died" if dead else "failed"
-        raise XDiTWorkerError(f"rank {rank} (pid {info.get('pid', '?')}) {what}: {_short(errors[rank])}") from None
+        raise XDiTWorkerError(f"rank {rank} (pid {info.get('pid', '?')}) {what}: {_short(errors[rank])}",
+                              details=str(errors[rank])) from None
+
+
+class _Pings:
+    """Keeps one ping in flight per rank (every PING_EVERY_S) and says which rank left one unanswered
+    for longer than the liveness timeout."""
+
+    def __init__(self, workers: list):
+        self.workers = workers
+        self.in_flight: dict[int, tuple[Any, float]] = {}
+        self.last_answer = {r: time.monotonic() for r in range(len(workers))}
+
+    def frozen(self, finished: set[int]) -> Optional[tuple[int, float]]:
+        import ray
+
+        now = time.monotonic()
+        for rank, worker in enumerate(self.workers):
+            if rank in finished:
+                continue
+            sent = self.in_flight.get(rank)
+            if sent is not None:
+                ready, _ = ray.wait([sent[0]], timeout=0)
+                if ready:
+                    self.last_answer[rank] = now
+                    del self.in_flight[rank]
+                elif now - sent[1] > timeouts.liveness_timeout_s():
+                    return rank, now - sent[1]
+            if rank not in self.in_flight and now - self.last_answer[rank] >= PING_EVERY_S:
+                self.in_flight[rank] = (worker.ping.remote(), now)
+        return None
 
 
 def _short(error: Exception) -> str:

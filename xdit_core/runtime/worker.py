@@ -17,7 +17,7 @@ import torch.distributed as dist
 from xdit_core.errors import XDiTCancelled
 from xdit_core.parallel.mesh import ParallelConfig
 from xdit_core.runtime.job import ModelRef, RankJob
-from xdit_core.runtime.launch import free_port, init_process_group
+from xdit_core.runtime.launch import Rendezvous, free_port, init_process_group
 from xdit_core.sampling.request import SampleRequest
 
 
@@ -47,11 +47,11 @@ class RankWorker:
         return {"ip": ray.util.get_node_ip_address(), "node_id": ray.get_runtime_context().get_node_id(),
                 "pid": os.getpid(), "port": free_port(), "rank": self.rank}
 
-    def setup(self, master_addr: str, port: int, model: ModelRef, parallel: ParallelConfig,
+    def setup(self, rendezvous: Rendezvous, model: ModelRef, parallel: ParallelConfig,
               attention_backend: str) -> dict:
         """Join the process group, build the mesh and load the weights; returns timings in seconds."""
         t0 = time.perf_counter()
-        self.device = init_process_group(self.rank, self.world_size, port, host=master_addr)
+        self.device = init_process_group(self.rank, self.world_size, rendezvous)
         t1 = time.perf_counter()
         self.job = RankJob(self.rank, self.device, model, parallel, attention_backend)
         self.load_count += 1
@@ -88,6 +88,10 @@ class RankWorker:
         """Steps finished so far in `job` (empty for another job)."""
         with self._lock:
             return list(self._progress) if job == self._job else []
+
+    def ping(self) -> int:
+        """Answers while a request runs (a threaded actor): a rank that stops answering is frozen."""
+        return self.rank
 
     def busy(self) -> bool:
         """Whether a request is running on this rank."""

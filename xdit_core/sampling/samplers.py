@@ -18,6 +18,9 @@ from xdit_core.models.model_sampling import ModelSampling
 
 SCHEDULERS = ("simple", "normal", "karras", "exponential", "sgm_uniform", "beta")
 SAMPLERS = ("euler", "euler_ancestral", "heun", "dpmpp_2m")
+MAX_STEPS = 10000  # KSampler's steps widget
+# The longest schedule a partial denoise computes: KSampler's most steps at its smallest denoise step (0.01).
+MAX_SCHEDULE = 100 * MAX_STEPS
 
 
 # ---------------------------------------------------------------------------------------------
@@ -93,8 +96,14 @@ def validate_sampler_settings(sampler: str, scheduler: str, steps: int, denoise:
         raise XDiTConfigError(f"unknown scheduler {scheduler!r}; valid schedulers: {', '.join(SCHEDULERS)}")
     if steps < 1:
         raise XDiTConfigError(f"steps must be at least 1, got {steps}")
+    if steps > MAX_STEPS:
+        raise XDiTConfigError(f"steps must be at most {MAX_STEPS} (KSampler's range), got {steps}")
     if not (0.0 < denoise <= 1.0):
         raise XDiTConfigError(f"denoise must be in (0, 1], got {denoise}")
+    # A partial denoise computes the schedule at steps / denoise and keeps its tail.
+    if denoise <= 0.9999 and steps / denoise > MAX_SCHEDULE:
+        raise XDiTConfigError(f"denoise {denoise} with {steps} steps needs a {int(steps / denoise)}-step schedule; "
+                              f"the most is {MAX_SCHEDULE}, so use denoise >= {steps / MAX_SCHEDULE:g}")
 
 
 def calculate_sigmas(ms: ModelSampling, scheduler: str, steps: int, denoise: float = 1.0) -> torch.Tensor:

@@ -1,0 +1,305 @@
+"""Bad node inputs fail with one clear line and start no process; the Load node takes only entries of ComfyUI's
+model folders (absolute paths only when the server opts in) and never leaves them through `..` or a link.
+
+ComfyUI is faked: a `folder_paths` module whose roots are temporary folders, listed as ComfyUI lists them."""
+import json
+import math
+import multiprocessing
+import os
+import shutil
+import sys
+import types
+from pathlib import Path
+
+import pytest
+import torch
+
+from nodes import host
+from nodes.loader import XDiTLoadModel
+from nodes.mesh import XDiTParallelMesh
+from nodes.sampler import XDiTSampler
+from nodes.types import XDiTMesh
+
+ENV = "XDIT_ALLOW_ABSOLUTE_MODEL_PATHS"
+PREFIX = "xDiT Load Diffusion Model: "
+
+
+def child_pids() -> set[int]:
+    """This process's live children: multiprocessing's, and every process whose parent is us in /proc."""
+    pids = {p.pid for p in multiprocessing.active_children()}
+    me = str(os.getpid())
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()  # after "pid (comm)": state, ppid, ...
+        except OSError:  # the process ended while we looked
+            continue
+        if fields[1] == me:
+            pids.add(int(stat.parent.name))
+    return pids
+
+
+@pytest.fixture(autouse=True)
+def no_child_process(monkeypatch):
+    """Every case here must fail (or succeed) before any worker exists: no pool, no new child process."""
+    import xdit_core.runtime.pool
+
+    monkeypatch.setattr(xdit_core.runtime.pool, "get_pool", lambda *a, **k: pytest.fail("a worker pool was started"))
+    before = child_pids()
+    yield
+    assert child_pids() <= before, "the node started a child process"
+
+
+def fake_folder_paths(roots: dict[str, list[Path]]) -> types.ModuleType:
+    """ComfyUI's folder_paths over `roots`: files listed relative to their root, links followed (os.walk's
+    followlinks, as ComfyUI does), '/'-separated."""
+    module = types.ModuleType("folder_paths")
+
+    def get_folder_paths(kind):
+        return [str(r) for r in roots.get(kind, [])]
+
+    def get_filename_list(kind):
+        names = set()
+        for root in roots.get(kind, []):
+            for dirpath, _, files in os.walk(root, followlinks=True):
+                names.update(Path(dirpath, f).relative_to(root).as_posix() for f in files)
+        return sorted(names)
+
+    module.get_folder_paths, module.get_filename_list = get_folder_paths, get_filename_list
+    return module
+
+
+@pytest.fixture()
+def comfy(tmp_path, monkeypatch, tiny_models):
+    """models/{diffusion_models,diffusers} here, checkpoints through a root that is itself a link (another disk),
+    and files outside every root that links inside point to."""
+    models, outside, disk = tmp_path / "comfy" / "models", tmp_path / "outside", tmp_path / "disk"
+    dm, df, ck = models / "diffusion_models", models / "diffusers", disk / "checkpoints"
+    for d in (dm, df, ck, outside):
+        d.mkdir(parents=True)
+    weights = tiny_models["flux"] / "diffusion_pytorch_model.safetensors"
+    shutil.copy(weights, dm / "tiny.safetensors")
+    shutil.copy(weights, ck / "ckpt.safetensors")
+    (models / "checkpoints").symlink_to(ck, target_is_directory=True)
+    shutil.copytree(tiny_models["flux"], df / "flux")
+    shutil.copytree(tiny_models["sd3"], df / "pipe" / "transformer")
+    (df / "pipe" / "model_index.json").write_text("{}")
+    shutil.copytree(tiny_models["flux"], outside / "flux")
+    shutil.copy(weights, outside / "secret.safetensors")
+    (df / "broken").mkdir()
+    (df / "broken" / "config.json").write_text("{not json")
+    (df / "unet").mkdir()
+    (df / "unet" / "config.json").write_text(json.dumps({"_class_name": "UNet2DConditionModel"}))
+    shutil.copy(weights, df / "unet" / "diffusion_pytorch_model.safetensors")
+    (df / "no_weights").mkdir()
+    shutil.copy(tiny_models["sd3"] / "config.json", df / "no_weights" / "config.json")
+    # Links: files that leave the model folders (one to an existing file, one dangling), folders that do, and
+    # one from a model folder to another model folder (allowed).
+    (dm / "escape.safetensors").symlink_to(outside / "secret.safetensors")
+    (dm / "dangling.safetensors").symlink_to(outside / "missing.safetensors")
+    (df / "escaped").symlink_to(outside / "flux", target_is_directory=True)
+    (dm / "sub").symlink_to(outside, target_is_directory=True)  # a linked folder in the middle of the path
+    (dm / "from_ckpt.safetensors").symlink_to(ck / "ckpt.safetensors")
+    roots = {"diffusion_models": [dm], "checkpoints": [models / "checkpoints"], "diffusers": [df]}
+    monkeypatch.setitem(sys.modules, "folder_paths", fake_folder_paths(roots))
+    monkeypatch.delenv(ENV, raising=False)
+    return types.SimpleNamespace(models=models, dm=dm, df=df, ck=ck, outside=outside, tiny=tiny_models)
+
+
+def refusal(name: str) -> str:
+    """The Load node's answer to `name`: VALIDATE_INPUTS' message, checked equal to load()'s error."""
+    message = XDiTLoadModel.VALIDATE_INPUTS(name)
+    assert isinstance(message, str), f"{name!r} was accepted"
+    with pytest.raises(ValueError) as e:
+        XDiTLoadModel().load(name, "fp32", "auto", "auto")
+    assert str(e.value) == PREFIX + message
+    assert "\n" not in message
+    return message
+
+
+def load_error(name: str, family: str = "auto", variant: str = "auto") -> str:
+    with pytest.raises(ValueError) as e:
+        XDiTLoadModel().load(name, "fp32", family, variant)
+    message = str(e.value)
+    assert message.startswith(PREFIX) and "\n" not in message, message
+    return message
+
+
+def test_listed_entries_resolve_inside_their_roots(comfy):
+    listed = host.model_files()
+    assert {"diffusion_models/tiny.safetensors", "checkpoints/ckpt.safetensors", "diffusers/flux",
+            "diffusers/pipe/transformer", "diffusion_models/escape.safetensors", "diffusers/escaped"} <= set(listed)
+    # A checkpoints root that is a link to another disk is a model folder: its entries resolve to the disk.
+    expect = {"diffusion_models/tiny.safetensors": comfy.dm.resolve() / "tiny.safetensors",
+              "checkpoints/ckpt.safetensors": comfy.ck.resolve() / "ckpt.safetensors",
+              "diffusion_models/from_ckpt.safetensors": comfy.ck.resolve() / "ckpt.safetensors",
+              "diffusers/flux": comfy.df.resolve() / "flux",
+              "diffusers/pipe/transformer": comfy.df.resolve() / "pipe" / "transformer"}
+    for name, path in expect.items():
+        assert XDiTLoadModel.VALIDATE_INPUTS(name) is True, name
+        assert host.resolve_model_file(name) == str(path)
+
+
+def test_listed_diffusers_entries_load(comfy):
+    flux = XDiTLoadModel().load("diffusers/flux", "fp32", "auto", "auto")[0]
+    assert (flux.family, flux.variant, flux.num_heads) == ("flux", "dev", 4)
+    assert flux.path == str(comfy.df.resolve() / "flux")
+    sd3 = XDiTLoadModel().load("diffusers/pipe/transformer", "fp32", "auto", "auto")[0]
+    assert sd3.family == "sd3"
+
+
+def test_absolute_paths_are_refused_alike_whether_they_exist_or_not(comfy):
+    existing = [str(comfy.outside / "secret.safetensors"), str(comfy.outside / "flux"), str(comfy.tiny["flux"]),
+                str(comfy.dm / "tiny.safetensors"), "/etc/passwd"]
+    missing = [str(comfy.outside / "missing.safetensors"), "/nonexistent/xdit/model", str(comfy.dm / "nope")]
+    template = refusal("/x")
+    for name in existing + missing:
+        assert refusal(name) == template.replace(repr("/x"), repr(name)), name
+    assert ENV in template and "exist" not in template and "not found" not in template
+
+
+def test_absolute_paths_with_the_servers_opt_in_read_at_call_time(comfy, monkeypatch):
+    path = str(comfy.tiny["flux"])
+    for value in ("0", "true", ""):  # only "1" opts in
+        monkeypatch.setenv(ENV, value)
+        refusal(path)
+    monkeypatch.setenv(ENV, "1")
+    assert XDiTLoadModel.VALIDATE_INPUTS(path) is True
+    assert XDiTLoadModel().load(path, "fp32", "auto", "auto")[0].family == "flux"
+    # With the opt-in the engine may say that a path is missing: the operator asked for paths.
+    assert "model path not found" in load_error(str(comfy.outside / "missing"))
+    assert "has no config.json" in load_error(str(comfy.outside))
+    monkeypatch.delenv(ENV)
+    refusal(path)
+
+
+@pytest.mark.parametrize("name", [
+    "diffusers/../x",
+    "diffusers/../../../outside/flux",  # exists
+    "diffusers/flux/../../../../outside/flux",
+    "diffusion_models/../../etc/passwd",
+    "diffusion_models/../../../../../../../../../etc/passwd",
+    "diffusion_models/..\\..\\..\\outside\\secret.safetensors",
+    "checkpoints/../diffusion_models/tiny.safetensors",  # inside the models, but not how the list names it
+    "diffusion_models//tiny.safetensors",
+    "diffusion_models/./tiny.safetensors",
+    "../outside/secret.safetensors",
+    "diffusers",
+    "diffusers/",
+    "",
+    "unet/tiny.safetensors",
+    "diffusers/flux\nerror: forged second line",
+])
+def test_names_outside_the_list_are_refused_without_probing(comfy, name):
+    message = refusal(name)
+    assert message == refusal("diffusers/x").replace(repr("diffusers/x"), repr(name))
+
+
+@pytest.mark.parametrize("name", ["diffusers/flux\0", "diffusion_models/tiny.safetensors\0.txt", "\0", "/etc/passwd\0"])
+def test_nul_bytes_are_refused(comfy, monkeypatch, name):
+    assert "NUL byte" in refusal(name)
+    monkeypatch.setenv(ENV, "1")  # an allowed absolute path with a NUL still gets the one line, not a crash
+    assert "NUL byte" in refusal(name)
+
+
+def test_links_out_of_the_model_folders_are_refused_alike(comfy):
+    existing = refusal("diffusion_models/escape.safetensors")
+    dangling = refusal("diffusion_models/dangling.safetensors")
+    assert dangling == existing.replace("escape", "dangling")
+    assert "leads out of ComfyUI's model folders" in existing and "extra_model_paths.yaml" in existing
+    assert "leads out of ComfyUI's model folders" in refusal("diffusers/escaped")
+    assert "leads out of ComfyUI's model folders" in refusal("diffusion_models/sub/secret.safetensors")
+
+
+def test_unknown_family_or_variant_is_one_line(comfy):
+    assert "unknown family 'bogus'; valid families: flux, sd3, pixart" in load_error("diffusers/flux", family="bogus")
+    assert "unknown variant 'sigma' for flux" in load_error("diffusers/flux", variant="sigma")
+
+
+def test_broken_or_foreign_config_is_one_line(comfy):
+    assert "config.json is not valid JSON" in load_error("diffusers/broken")
+    assert "unknown model class 'UNet2DConditionModel'" in load_error("diffusers/unet")
+    assert "holds no .safetensors weight file" in load_error("diffusers/no_weights")
+
+
+@pytest.mark.parametrize("family,variant,words", [
+    ("sd3", "auto", ("sd3", "flux")),  # a Flux file described as SD3
+    ("pixart", "auto", ("pixart", "flux")),
+    ("auto", "schnell", ("schnell", "dev")),  # Flux dev (guidance embedding) named schnell
+])
+def test_family_or_variant_contradicting_the_file_is_one_line(comfy, family, variant, words):
+    message = load_error("diffusers/flux", family, variant)
+    assert all(w in message for w in words), message
+
+
+@pytest.mark.parametrize("kwargs,needle", [
+    (dict(ulysses_degree=-2), "ulysses_degree must be >= 1, got -2"),
+    (dict(pipefusion_parallel_degree=0), "pipefusion_parallel_degree must be >= 1, got 0"),
+    (dict(num_pipeline_patch=-1), "num_pipeline_patch (-1) and warmup_steps (1) must be >= 0"),
+    (dict(warmup_steps=-3), "num_pipeline_patch (0) and warmup_steps (-3) must be >= 0"),
+    (dict(ulysses_degree=3, ring_degree=2, gpu_count=4), "the degrees make 6 ranks"),
+    (dict(ulysses_degree=2, gpu_count=4, reserve_gpus=5), "reserve_gpus 5 leaves none of the 4 GPUs"),
+    (dict(ray_address="http://head:6379"), "is not host:port"),
+    (dict(ray_address="head:99999"), "is not host:port"),
+])
+def test_mesh_widgets_that_do_not_fit(kwargs, needle):
+    message = XDiTParallelMesh.VALIDATE_INPUTS(**kwargs)
+    assert isinstance(message, str) and needle in message and "\n" not in message, message
+
+
+# ---------------------------------------------------------------------------------------------
+# The Sampler: every case fails before a pool is asked for (no_child_process).
+# ---------------------------------------------------------------------------------------------
+
+def conditioning(gen, text=None, pooled=None, guidance=None):
+    extra = {"pooled_output": torch.randn(1, 32, generator=gen) if pooled is None else pooled}
+    if guidance is not None:
+        extra["guidance"] = guidance
+    return [[torch.randn(1, 9, 32, generator=gen) if text is None else text, extra]]
+
+
+def sample_error(comfy, **over) -> str:
+    gen = torch.Generator().manual_seed(0)
+    model = XDiTLoadModel().load("diffusers/flux", "fp32", "auto", "auto")[0]
+    args = dict(model=model, mesh=XDiTMesh("manual"), positive=conditioning(gen, guidance=3.5),
+                negative=conditioning(gen), latent_image={"samples": torch.zeros(1, 16, 8, 6)}, seed=7, steps=3,
+                cfg=2.0, sampler_name="euler", scheduler="simple", denoise=1.0, shift=0.0)
+    args.update(over)
+    with pytest.raises((RuntimeError, ValueError)) as e:
+        XDiTSampler().sample(**args)
+    message = str(e.value)
+    assert "\n" not in message, message
+    return message
+
+
+NAN, INF = math.nan, math.inf
+
+
+@pytest.mark.parametrize("over,needle", [
+    (dict(mesh=XDiTMesh("manual", ulysses_degree=8)), "ulysses_degree 8 does not divide the model's 4 attention heads"),
+    (dict(steps=0), "steps must be at least 1, got 0"),
+    (dict(denoise=NAN), "denoise"),
+    (dict(sampler_name="ddim"), "unknown sampler 'ddim'"),
+    (dict(cfg=NAN), "cfg"),
+    (dict(cfg=INF), "cfg"),
+    (dict(shift=NAN), "shift"),
+    (dict(shift=INF), "shift"),
+    (dict(latent_image={"samples": torch.zeros(16, 8)}), "latent has shape [16, 8]"),  # the shape given
+    (dict(latent_image={"samples": torch.zeros(16, 8, 6)}), "latent has shape [16, 8, 6]"),
+    (dict(latent_image={"samples": torch.zeros(1, 16, 8, 6), "batch_index": [-1]}), "batch_index"),
+    (dict(positive=conditioning(torch.Generator(), text=torch.full((1, 9, 32), NAN))), "positive"),
+    (dict(positive=conditioning(torch.Generator(), pooled=torch.full((1, 32), INF))), "positive"),
+    (dict(positive=conditioning(torch.Generator(), guidance=NAN)), "guidance"),
+    (dict(mesh=XDiTMesh("manual", ring_degree=64)), "the mesh needs 64 ranks but this machine runs at most"),
+    (dict(mesh=XDiTMesh("manual", attention_backend="flash")), "attention backend 'flash' needs"),
+], ids=["ulysses-heads", "steps-0", "denoise-nan", "sampler", "cfg-nan", "cfg-inf", "shift-nan", "shift-inf",
+        "latent-2d", "latent-3d", "batch-index-negative", "cond-nan", "pooled-inf", "guidance-nan",
+        "rank-cap", "flash-on-cpu"])
+def test_sampler_inputs_fail_before_any_worker(comfy, over, needle):
+    message = sample_error(comfy, **over)
+    assert needle.lower() in message.lower(), message
+
+
+def test_sampler_refuses_a_latent_beyond_the_memory_budget(comfy, monkeypatch):
+    monkeypatch.setenv("XDIT_MEMORY_BUDGET_GB", "1")
+    message = sample_error(comfy, latent_image={"samples": torch.zeros(1, 16, 512, 512)})
+    assert "but the memory budget is 1.0 GiB ($XDIT_MEMORY_BUDGET_GB)" in message, message

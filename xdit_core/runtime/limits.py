@@ -1,0 +1,190 @@
+"""What one machine can be asked to run: a cap on ranks and threads, and a memory budget for a request.
+
+Every check here runs on the host before any rank starts or any weight is read, so that an absurd request
+fails in a second with the numbers instead of swapping, hanging or being killed. The estimate counts what
+grows with the request (latents, activations, PipeFusion's K/V buffers, each rank's process), not the
+weights: their share per rank is the loader's to report.
+"""
+from __future__ import annotations
+
+import math
+import os
+from typing import Optional, Sequence
+
+import torch
+
+from xdit_core.errors import XDiTConfigError, XDiTModelError
+from xdit_core.loading.load import read_model_config
+from xdit_core.parallel.attention import FLASH_DTYPES, _flash_attn_available
+from xdit_core.parallel.mesh import ParallelConfig
+
+# Without --oversubscribe: on CPU at most max(MIN_CPU_RANKS, CPU_RANKS_PER_CORE x cores) ranks (the demo's
+# 4-rank and the tests' 8-rank worlds fit a 2-core machine); on GPUs one rank per visible GPU.
+MIN_CPU_RANKS = 8
+CPU_RANKS_PER_CORE = 4
+MAX_THREADS = 1024  # torch threads per rank, even with --oversubscribe: no machine has more cores than this
+
+MEMORY_BUDGET_ENV = "XDIT_MEMORY_BUDGET_GB"  # GiB; overrides the physical (CPU) or GPU memory
+GIB = 2 ** 30
+FLOAT32_BYTES = 4  # latents, noise and the sampler's state are float32 whatever the model's dtype
+# Latent-sized float32 tensors one rank holds at once: the request's latent_image and noise, the sampler's
+# x, denoised, derivative, previous denoised (dpmpp_2m) and ancestral draw, and the output.
+LATENT_COPIES = 8
+# Peak live activations of one transformer block, in units of tokens x hidden size (Flux's single block:
+# input, norm, q/k/v, their rotary copies, attention output, 4x MLP projection and its GELU, the 5x concat).
+# Every attention kernel the engine selects (PyTorch's flash kernel on CPU, memory-efficient SDPA or
+# flash-attn on CUDA) is fused, so no [tokens x tokens] score matrix is materialised and none is counted.
+ACTIVATION_FACTOR = 20
+# A rank's fixed cost: the interpreter with torch and diffusers imported (about 314 MiB RSS measured on CPU),
+# or a CUDA context on a GPU.
+RANK_OVERHEAD_BYTES = 512 * 2 ** 20
+
+
+def max_ranks(cpu_count: int, gpu_count: int) -> int:
+    """The most ranks this machine runs without --oversubscribe: one per GPU, else max(8, 4 x cores)."""
+    if gpu_count > 0:
+        return gpu_count
+    return max(MIN_CPU_RANKS, CPU_RANKS_PER_CORE * cpu_count)
+
+
+def check_rank_count(world_size: int, *, cpu_count: int, gpu_count: int, oversubscribe: bool = False) -> None:
+    """Raise XDiTConfigError if `world_size` ranks exceed `max_ranks` (unless `oversubscribe`)."""
+    cap = max_ranks(cpu_count, gpu_count)
+    if world_size > cap and not oversubscribe:
+        basis = (f"one rank per visible GPU ({gpu_count})" if gpu_count > 0 else
+                 f"max({MIN_CPU_RANKS}, {CPU_RANKS_PER_CORE} x {cpu_count} CPU cores)")
+        raise XDiTConfigError(f"the mesh needs {world_size} ranks but this machine runs at most {cap}: {basis}; "
+                              f"lower the degrees, or pass --oversubscribe to run them anyway")
+
+
+def check_threads(threads: int, *, cpu_count: int, oversubscribe: bool = False) -> None:
+    """Torch threads per rank: at least 1, at most the cores (unless `oversubscribe`), never above MAX_THREADS."""
+    cap = MAX_THREADS if oversubscribe else min(cpu_count, MAX_THREADS)
+    if not 1 <= threads <= cap:
+        hint = "" if threads < 1 or cap == MAX_THREADS else \
+            f" (more threads than cores only slows the ranks down; --oversubscribe allows up to {MAX_THREADS})"
+        raise XDiTConfigError(f"threads must be in 1..{cap}, got {threads}{hint}")
+
+
+def visible_gpu_count() -> int:
+    """CUDA devices this process sees (0 without CUDA)."""
+    return torch.cuda.device_count() if torch.cuda.is_available() else 0
+
+
+def check_attention_backend(backend: str, dtype: torch.dtype, on_gpu: bool) -> None:
+    """The host-side half of `select_lse_kernel`'s rules: 'flash' needs CUDA ranks, flash-attn and fp16/bf16."""
+    if backend != "flash":
+        return
+    if not on_gpu:
+        raise XDiTConfigError("attention backend 'flash' needs the ranks on CUDA GPUs, and these run on CPU "
+                              "(no CUDA, or one local rank); use auto or sdpa")
+    if not _flash_attn_available():
+        raise XDiTConfigError("attention backend 'flash' needs flash-attn: pip install flash-attn, or use auto")
+    if dtype not in FLASH_DTYPES:
+        raise XDiTConfigError(f"attention backend 'flash' computes in fp16/bf16, not {dtype}; "
+                              "use auto or sdpa, or --dtype bf16")
+
+
+def transformer_width(model_path: str) -> int:
+    """The hidden size of a model's transformer, heads x head dim, from its config (a file's header only)."""
+    config = read_model_config(model_path)
+    heads, head_dim = config.get("num_attention_heads", 1), config.get("attention_head_dim", 1)
+    try:
+        width = int(heads) * int(head_dim)
+    except (TypeError, ValueError):
+        width = 0
+    if width < 1:
+        raise XDiTModelError(f"the model config's num_attention_heads x attention_head_dim must be a positive "
+                             f"integer, got {heads!r} x {head_dim!r}")
+    return width
+
+
+def memory_budget(on_gpu: bool, remote: bool = False) -> Optional[tuple[int, str]]:
+    """(bytes a request may use, where that figure comes from): $XDIT_MEMORY_BUDGET_GB (GiB) if set, else the
+    smallest visible GPU's memory for GPU ranks, else physical memory (os.sysconf). None where nothing is known:
+    `remote` ranks (a Ray cluster's machines) without the variable, or a platform without sysconf (Windows)."""
+    raw = os.environ.get(MEMORY_BUDGET_ENV)
+    if raw is not None:
+        try:
+            gib = float(raw)
+        except ValueError:
+            gib = math.nan
+        if not (math.isfinite(gib) and gib > 0):
+            raise XDiTConfigError(f"${MEMORY_BUDGET_ENV} must be a positive number of GiB, got {raw!r}")
+        return int(gib * GIB), f"${MEMORY_BUDGET_ENV}"
+    if remote:
+        return None
+    if on_gpu:
+        total = min(torch.cuda.get_device_properties(i).total_memory for i in range(torch.cuda.device_count()))
+        return total, "the smallest GPU's memory"
+    try:
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES"), "physical memory"
+    except (AttributeError, ValueError, OSError):
+        return None
+
+
+def estimate_rank_bytes(latent_shape: Sequence[int], *, hidden_size: int, dtype_bytes: int, sp_degree: int = 1,
+                        branches: int = 1, text_tokens: int = 0, kv_layers: int = 0) -> int:
+    """Peak bytes one rank needs for a request besides its weights.
+
+    latent_shape: [B, C, h, w]; branches: conditionings one rank evaluates per step (2 with CFG unless
+    cfg-parallel); text_tokens: joint text length (counted whole on every rank); kv_layers: attention layers
+    whose full-sequence K/V a PipeFusion stage keeps (0 without PipeFusion).
+    """
+    batch, channels, height, width = (int(n) for n in latent_shape)
+    latent_bytes = batch * channels * height * width * FLOAT32_BYTES
+    image_tokens = math.ceil((height // 2) * (width // 2) / sp_degree)  # 2x2 patches, split over SP ranks
+    rows = batch * branches
+    activations = rows * (image_tokens + text_tokens) * hidden_size * dtype_bytes * ACTIVATION_FACTOR
+    kv_buffers = 2 * rows * image_tokens * hidden_size * dtype_bytes * kv_layers
+    return RANK_OVERHEAD_BYTES + LATENT_COPIES * latent_bytes + activations + kv_buffers
+
+
+def check_memory(latent_shape: Sequence[int], per_rank: int, ranks_sharing: int,
+                 budget: Optional[tuple[int, str]]) -> None:
+    """Raise XDiTConfigError if `ranks_sharing` ranks of `per_rank` bytes each exceed `budget` (None: no check).
+
+    ranks_sharing: the processes on one budget (on CPU every local rank, and the host beside a spawned world;
+    on GPUs the ranks of one GPU).
+    """
+    if budget is None:
+        return
+    limit, source = budget
+    need = per_rank * ranks_sharing
+    if need > limit:
+        raise XDiTConfigError(
+            f"a latent of {list(latent_shape)} needs about {need / GIB:.1f} GiB ({ranks_sharing} process(es) x "
+            f"{per_rank / GIB:.2f} GiB for latents, activations and the process) but the memory budget is "
+            f"{limit / GIB:.1f} GiB ({source}); use a smaller size or batch, more sequence-parallel ranks or bf16, "
+            f"or set ${MEMORY_BUDGET_ENV}")
+
+
+def check_request_fits(model_path: str, latent_shape: Sequence[int], parallel: ParallelConfig, *, backend: str,
+                       remote: bool, dtype: torch.dtype, attention_backend: str, num_blocks: int,
+                       with_negative: bool, text_tokens: int, threads: Optional[int] = None,
+                       oversubscribe: bool = False) -> None:
+    """Every machine limit for one request, as runtime/backends.py will place its ranks (the CLI and the
+    nodes call this before any rank starts): the rank cap, threads, the attention backend, the memory budget.
+
+    remote: the ranks run on a Ray cluster's machines, about which this one's cores, GPUs and memory say
+    nothing; backend "env": torchrun has started the ranks already.
+    """
+    world = parallel.world_size
+    cores = os.cpu_count() or 1
+    gpus = visible_gpu_count()
+    # A local mesh of one runs in this process on CPU; spawned, torchrun and pool ranks take a GPU each.
+    on_gpu = gpus > 0 and not (backend == "local" and world == 1)
+    if not remote and backend != "env":
+        check_rank_count(world, cpu_count=cores, gpu_count=gpus, oversubscribe=oversubscribe)
+    if threads is not None:
+        check_threads(threads, cpu_count=cores, oversubscribe=oversubscribe or remote)
+    if not remote:
+        check_attention_backend(attention_backend, dtype, on_gpu)
+    stages = parallel.pipefusion_parallel_degree
+    per_rank = estimate_rank_bytes(
+        latent_shape, hidden_size=transformer_width(model_path), dtype_bytes=dtype.itemsize,
+        sp_degree=parallel.sp_degree, branches=2 if with_negative and not parallel.use_cfg_parallel else 1,
+        text_tokens=text_tokens, kv_layers=math.ceil(num_blocks / stages) if stages > 1 else 0)
+    # Processes on one budget: the ranks of a GPU, or every local rank plus the host beside a spawned world.
+    sharing = 1 if remote else math.ceil(world / gpus) if on_gpu else world + (world > 1)
+    check_memory(latent_shape, per_rank, sharing, memory_budget(on_gpu, remote))
