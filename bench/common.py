@@ -157,5 +157,5 @@ def model_path(tmp: Path, family: str, preset: str = "medium", weight_std: float
 
     path = tmp / f"{family}_{preset}_{weight_std:g}"
     if not (path / "config.json").exists():
-        write_tiny(family, path, seed=0, preset=preset, weight_std=weight_std, force=True)  # a half-written folder of an old run
+        write_tiny(family, path, seed=0, preset=preset, weight_std=weight_std, force=True)  # a folder an older bench left without config.json
     return path

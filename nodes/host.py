@@ -46,7 +46,7 @@ def resolve_model_file(choice: str) -> str:
     """The real path of a `model_files()` entry, or of an absolute path when `absolute_paths_allowed()`.
 
     Anything else raises ModelChoiceError with one message whether or not such a path exists, so a prompt
-    cannot probe the server's files; and the entry's resolved path must lie inside a model folder."""
+    cannot probe the server's files."""
     if "\0" in choice:
         raise ModelChoiceError(f"model name {choice!r} contains a NUL byte; pick an entry of the model_name list")
     if os.path.isabs(choice) and absolute_paths_allowed():
@@ -58,16 +58,15 @@ def resolve_model_file(choice: str) -> str:
     import folder_paths
 
     folder, _, name = choice.partition("/")
-    # Both sides resolved: a model folder that is itself a link to another disk counts; a link inside it to
-    # elsewhere does not. Containment is checked before existence, so a link's target is never probed.
-    roots = [Path(root).resolve() for kind in MODEL_FOLDERS for root in folder_paths.get_folder_paths(kind)]
+    # The name is ComfyUI's own listing, so it cannot climb out of its root (checked anyway, lexically). Links
+    # inside a model folder are followed, as ComfyUI's loaders do: artists link big files from other disks,
+    # and only the machine's owner can make them.
     for root in folder_paths.get_folder_paths(folder):
-        path = (Path(root) / name).resolve()
-        if not any(path.is_relative_to(r) for r in roots):
-            raise ModelChoiceError(f"model {choice!r} is a link that leads out of ComfyUI's model folders; add the "
-                                   "folder it points to in extra_model_paths.yaml instead")
+        path = Path(os.path.normpath(Path(root) / name))
+        if not path.is_relative_to(os.path.normpath(root)):
+            raise ModelChoiceError(f"model {choice!r} leaves ComfyUI's {folder} folders; pick an entry of the list")
         if path.is_dir() if folder == "diffusers" else path.is_file():
-            return str(path)
+            return str(path.resolve())
     raise ModelChoiceError(f"model {choice!r} is no longer in ComfyUI's {folder} folders (refresh the node)")
 
 

@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import math
-import os
 
 from . import host
 from .mesh import check_against_model
@@ -78,8 +77,8 @@ class XDiTSampler:
                 neg, _ = branch_from_conditioning(spec, negative, batch, "negative")
             parallel = check_against_model(mesh, model, cfg, steps, samples.shape[2])
             api.check_request_fits(
-                model.path, list(samples.shape), parallel, backend="ray",
-                remote=bool(mesh.ray_address or os.environ.get("XDIT_RAY_ADDRESS")), dtype=api.DTYPES[model.dtype],
+                model.path, [batch, spec.latent_channels, *samples.shape[2:]], parallel, backend="ray",
+                remote=api.uses_cluster(mesh.ray_address), dtype=api.DTYPES[model.dtype],
                 attention_backend=mesh.attention_backend, num_blocks=model.num_blocks, with_negative=neg is not None,
                 text_tokens=max(c.text.shape[1] for c in (pos, neg) if c is not None), threads=1)
             request = api.build_request(spec, samples, seed=seed, steps=steps, cfg=cfg, sampler=sampler_name,

@@ -1,5 +1,5 @@
 """Bad node inputs fail with one clear line and start no process; the Load node takes only entries of ComfyUI's
-model folders (absolute paths only when the server opts in) and never leaves them through `..` or a link.
+model folders (absolute paths only when the server opts in) and never leaves them through `..`.
 
 ComfyUI is faked: a `folder_paths` module whose roots are temporary folders, listed as ComfyUI lists them."""
 import json
@@ -201,13 +201,13 @@ def test_nul_bytes_are_refused(comfy, monkeypatch, name):
     assert "NUL byte" in refusal(name)
 
 
-def test_links_out_of_the_model_folders_are_refused_alike(comfy):
-    existing = refusal("diffusion_models/escape.safetensors")
-    dangling = refusal("diffusion_models/dangling.safetensors")
-    assert dangling == existing.replace("escape", "dangling")
-    assert "leads out of ComfyUI's model folders" in existing and "extra_model_paths.yaml" in existing
-    assert "leads out of ComfyUI's model folders" in refusal("diffusers/escaped")
-    assert "leads out of ComfyUI's model folders" in refusal("diffusion_models/sub/secret.safetensors")
+def test_links_inside_the_model_folders_are_followed_as_comfyui_does(comfy):
+    """Links are the owner's (a big file on another disk): followed like ComfyUI's own loaders follow them."""
+    outside = comfy.dm.resolve().parents[2] / "outside"
+    assert host.resolve_model_file("diffusion_models/escape.safetensors") == str(outside / "secret.safetensors")
+    assert host.resolve_model_file("diffusion_models/sub/secret.safetensors") == str(outside / "secret.safetensors")
+    assert host.resolve_model_file("diffusers/escaped") == str(outside / "flux")
+    assert "is no longer in ComfyUI's diffusion_models folders" in refusal("diffusion_models/dangling.safetensors")
 
 
 def test_unknown_family_or_variant_is_one_line(comfy):
@@ -277,18 +277,18 @@ NAN, INF = math.nan, math.inf
 @pytest.mark.parametrize("over,needle", [
     (dict(mesh=XDiTMesh("manual", ulysses_degree=8)), "ulysses_degree 8 does not divide the model's 4 attention heads"),
     (dict(steps=0), "steps must be at least 1, got 0"),
-    (dict(denoise=NAN), "denoise"),
+    (dict(denoise=NAN), "denoise must be in (0, 1], got nan"),
     (dict(sampler_name="ddim"), "unknown sampler 'ddim'"),
-    (dict(cfg=NAN), "cfg"),
-    (dict(cfg=INF), "cfg"),
-    (dict(shift=NAN), "shift"),
-    (dict(shift=INF), "shift"),
+    (dict(cfg=NAN), "cfg must be a finite number, got nan"),
+    (dict(cfg=INF), "cfg must be a finite number, got inf"),
+    (dict(shift=NAN), "shift must be a finite number, got nan"),
+    (dict(shift=INF), "shift must be a finite number, got inf"),
     (dict(latent_image={"samples": torch.zeros(16, 8)}), "latent has shape [16, 8]"),  # the shape given
     (dict(latent_image={"samples": torch.zeros(16, 8, 6)}), "latent has shape [16, 8, 6]"),
     (dict(latent_image={"samples": torch.zeros(1, 16, 8, 6), "batch_index": [-1]}), "batch_index"),
-    (dict(positive=conditioning(torch.Generator(), text=torch.full((1, 9, 32), NAN))), "positive"),
-    (dict(positive=conditioning(torch.Generator(), pooled=torch.full((1, 32), INF))), "positive"),
-    (dict(positive=conditioning(torch.Generator(), guidance=NAN)), "guidance"),
+    (dict(positive=conditioning(torch.Generator(), text=torch.full((1, 9, 32), NAN))), "tensor 'positive' holds 288 NaN or inf values"),
+    (dict(positive=conditioning(torch.Generator(), pooled=torch.full((1, 32), INF))), "tensor 'positive pooled_output' holds 32 NaN or inf values"),
+    (dict(positive=conditioning(torch.Generator(), guidance=NAN)), "guidance must be a finite number, got nan"),
     (dict(mesh=XDiTMesh("manual", ring_degree=64)), "the mesh needs 64 ranks but this machine runs at most"),
     (dict(mesh=XDiTMesh("manual", attention_backend="flash")), "attention backend 'flash' needs"),
 ], ids=["ulysses-heads", "steps-0", "denoise-nan", "sampler", "cfg-nan", "cfg-inf", "shift-nan", "shift-inf",

@@ -71,20 +71,21 @@ def test_every_port_beyond_loopback_refuses_a_client_without_the_token(local_poo
         assert os.stat(os.path.expanduser("~/.ray/auth_token")).st_mode & 0o077 == 0
 
 
-def _freeze_rank_1(pool, frozen):
+def _freeze(pool, rank, frozen):
     def on_progress(i, n):
         if not frozen:
-            os.kill(pool.infos[1]["pid"], signal.SIGSTOP)
+            os.kill(pool.infos[rank]["pid"], signal.SIGSTOP)
             frozen.append(time.monotonic())
     return on_progress
 
 
 def test_frozen_rank_fails_the_request_naming_it_and_the_pool_recovers(local_pool, tiny_models, monkeypatch):
+    """Rank 0 frozen: also the rank the host asks for progress, which must not block the wait."""
     monkeypatch.setenv("XDIT_LIVENESS_TIMEOUT_S", "3")
     pool = local_pool
-    victim, frozen = pool.infos[1]["pid"], []
-    with pytest.raises(XDiTWorkerError, match=r"rank 1 \(pid \d+\) stopped responding: no answer for 3\.\d+s"):
-        pool.sample(make_request(tiny_models, 500), on_progress=_freeze_rank_1(pool, frozen))
+    victim, frozen = pool.infos[0]["pid"], []
+    with pytest.raises(XDiTWorkerError, match=r"rank 0 \(pid \d+\) stopped responding: no answer for 3\.\d+s"):
+        pool.sample(make_request(tiny_models, 500), on_progress=_freeze(pool, 0, frozen))
     assert time.monotonic() - frozen[0] < 10
     deadline = time.monotonic() + 10
     while netprobe.alive(victim) and time.monotonic() < deadline:
@@ -102,7 +103,7 @@ def test_cancel_reaches_a_request_stuck_in_a_collective(local_pool, tiny_models,
     pool = local_pool
     victim, frozen = pool.infos[1]["pid"], []
     with pytest.raises(XDiTCancelled, match="did not stop within 2s"):
-        pool.sample(make_request(tiny_models, 500), on_progress=_freeze_rank_1(pool, frozen),
+        pool.sample(make_request(tiny_models, 500), on_progress=_freeze(pool, 1, frozen),
                     cancel=lambda: bool(frozen))
     assert time.monotonic() - frozen[0] < 10
     assert torch.isfinite(pool.sample(make_request(tiny_models, 2))).all()

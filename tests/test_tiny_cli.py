@@ -64,7 +64,15 @@ def test_empty_existing_folder_is_filled(tmp_path, capsys):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["empty"]
 
 
+def test_force_refuses_a_folder_that_holds_more_than_a_model(model, capsys):
+    before = snapshot(model.parent)
+    rc, err = run(capsys, "--family", "flux", "--out", str(model), "--force")
+    assert_one_error(rc, err, str(model), "holds more than a model")
+    assert snapshot(model.parent) == before
+
+
 def test_force_replaces_the_whole_folder(model, capsys):
+    (model / "notes.txt").unlink()  # now only what tiny wrote: a model folder to refresh
     old_weights = (model / "diffusion_pytorch_model.safetensors").read_bytes()
     rc, err = run(capsys, "--family", "flux", "--out", str(model), "--force", "--seed", "2")
     assert (rc, err) == (0, [])
@@ -85,6 +93,7 @@ class FailingModel:
 @pytest.mark.parametrize("existing", [False, True], ids=["new", "forced-over-existing"])
 def test_a_failed_write_leaves_nothing_half_written(model, capsys, monkeypatch, existing):
     monkeypatch.setattr(tiny, "build_tiny", lambda *a, **k: FailingModel())
+    (model / "notes.txt").unlink()  # --force replaces only a model folder
     out = model if existing else model.parent / "new"
     before = snapshot(model.parent)
     rc, err = run(capsys, "--family", "sd3", "--out", str(out), "--force")

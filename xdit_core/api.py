@@ -11,7 +11,7 @@ from typing import Callable, Optional
 import torch
 
 from xdit_core.errors import (XDiTCancelled, XDiTConditioningError, XDiTConfigError, XDiTError,
-                              XDiTWorkerError)
+                              XDiTNumericError, XDiTWorkerError)
 from xdit_core.loading.load import DTYPES, read_model_config
 from xdit_core.models.base import BranchCond
 from xdit_core.models.conditioning import check_shape as check_conditioning_shape
@@ -24,16 +24,17 @@ from xdit_core.runtime import pool
 from xdit_core.runtime.backends import BACKENDS, RunResult, run
 from xdit_core.runtime.job import ModelRef
 from xdit_core.runtime.limits import check_request_fits
-from xdit_core.runtime.pool import PoolKey, parse_ray_address
+from xdit_core.runtime.pool import PoolKey, parse_ray_address, ray_address_from_env
 from xdit_core.sampling.request import SampleRequest, build_request, empty_latent, validate_latent_shape, validate_size
 from xdit_core.sampling.samplers import validate_sampler_settings
 
 __all__ = ["ATTENTION_BACKENDS", "BACKENDS", "BranchCond", "DTYPES", "ModelRef", "ModelSpec", "ParallelConfig",
            "PoolKey", "RANDOM_TEXT_LENGTH", "RunResult", "SampleRequest", "XDiTCancelled", "XDiTConditioningError",
-           "XDiTConfigError", "XDiTError", "XDiTWorkerError", "build_request", "check_conditioning_shape",
-           "check_request_fits", "choose_mesh", "describe_model", "empty_latent", "load_cond_file", "pool_stats",
-           "random_cond", "run", "sample", "unload", "validate_latent_shape", "validate_parallel_config",
-           "validate_ray_address", "validate_sampler_settings", "validate_size"]
+           "XDiTConfigError", "XDiTError", "XDiTNumericError", "XDiTWorkerError", "build_request",
+           "check_conditioning_shape", "check_request_fits", "choose_mesh", "describe_model", "empty_latent",
+           "load_cond_file", "pool_stats", "random_cond", "run", "sample", "unload", "uses_cluster",
+           "validate_latent_shape", "validate_parallel_config", "validate_ray_address", "validate_sampler_settings",
+           "validate_size"]
 
 
 def describe_model(path: str, family: Optional[str] = None, variant: Optional[str] = None) -> ModelSpec:
@@ -45,6 +46,11 @@ def validate_ray_address(address: Optional[str]) -> None:
     """Raise XDiTConfigError unless `address` is empty, "auto", host:port or ray://host:port (no connection
     is made: reachability is checked, with a timeout, when the pool starts)."""
     parse_ray_address(address)
+
+
+def uses_cluster(ray_address: Optional[str]) -> bool:
+    """Whether the pool's ranks run on a Ray cluster (an address given, or $XDIT_RAY_ADDRESS) rather than here."""
+    return ray_address_from_env(ray_address) is not None
 
 
 def sample(key: PoolKey, request: SampleRequest, ray_address: Optional[str] = None,

@@ -271,7 +271,7 @@ def prepare(opts: GenerateOptions) -> tuple[SampleRequest, Any, float]:
 
     api.check_request_fits(
         opts.model, [batch, spec.latent_channels, shape[2], shape[3]], opts.parallel, backend=opts.backend,
-        remote=opts.backend == "ray" and bool(opts.ray_address or os.environ.get("XDIT_RAY_ADDRESS")),
+        remote=opts.backend == "ray" and api.uses_cluster(opts.ray_address),
         dtype=DTYPES[opts.dtype], attention_backend=opts.attention_backend, num_blocks=spec.num_blocks,
         with_negative=with_negative, text_tokens=_cond_text_tokens(opts.cond), threads=opts.threads,
         oversubscribe=opts.oversubscribe)

@@ -147,15 +147,25 @@ def build_tiny(family: str, seed: int = 0, weight_std: float = 0.02, **kwargs: A
     return model.eval()
 
 
+def _is_model_folder(folder: Path) -> bool:
+    """Holds only what save_pretrained writes (config.json, safetensors weights and their index)."""
+    return all(p.is_file() and (p.name == "config.json" or p.name.endswith((".safetensors", ".safetensors.index.json")))
+               for p in folder.iterdir())
+
+
 def check_out(out: Path, force: bool) -> None:
-    """`out` must be new or an empty folder; a non-empty folder only with `force`; a file never (tiny writes a
-    folder, and a file there is someone's data, not a model folder to refresh)."""
+    """`out` must be new or an empty folder; with `force`, a model folder to refresh (nothing else in it); a
+    file never (tiny writes a folder, and a file there is someone's data)."""
     if os.path.lexists(out) and not out.is_dir():
         raise XDiTConfigError(f"--out {out} is a file, not a folder; tiny writes a model folder and never replaces a "
                               "file, even with --force: pick another path")
-    if out.is_dir() and not force and any(out.iterdir()):
-        raise XDiTConfigError(f"--out {out} is a folder that is not empty; tiny would replace all of it: pass --force "
-                              "to do so, or pick a new or empty folder")
+    if out.is_dir() and any(out.iterdir()):
+        if not force:
+            raise XDiTConfigError(f"--out {out} is a folder that is not empty; tiny would replace all of it: pass "
+                                  "--force to do so, or pick a new or empty folder")
+        if not _is_model_folder(out):
+            raise XDiTConfigError(f"--out {out} holds more than a model (config.json and .safetensors files); "
+                                  "--force replaces only a model folder: pick a new or empty folder")
 
 
 def write_tiny(family: str, out: str | Path, seed: int = 0, weight_std: float = 0.02, force: bool = False,

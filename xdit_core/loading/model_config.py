@@ -88,7 +88,7 @@ def check_config(config: dict[str, Any], where: str) -> None:
         raise XDiTModelError(f"{where}: the width {width} (num_attention_heads × attention_head_dim) is not a "
                              "multiple of 3, which PixArt's size conditioning (use_additional_conditions) needs: "
                              "it gives height, width and aspect ratio a third each")
-    blocks = config["num_layers"] + config.get("num_single_layers", 0)
+    blocks = config["num_layers"] + (config.get("num_single_layers") or 0)
     inputs = sum(config.get(k) or 0 for k in ("in_channels", "joint_attention_dim", "pooled_projection_dim",
                                                "caption_channels"))
     side = config.get("pos_embed_max_size") or (config.get("sample_size") or 0) // (config.get("patch_size") or 2)

@@ -25,6 +25,7 @@ from xdit_core.models.families import CLASS_NAMES, size_conditioned
 from xdit_core.models.flux import flux_rope_axes
 
 log = logging.getLogger("xdit")
+_WARNED: set[str] = set()  # files whose assumed PixArt resolution was reported
 
 CONFIG_DIR = Path(__file__).parent / "configs"
 # Checkpoint prefixes of the diffusion model: ComfyUI's all-in-one checkpoints, then a bare file.
@@ -217,7 +218,8 @@ def diffusers_file_config(path: Path, family: str, shapes: Mapping[str, Sequence
     if beside is None:
         config = match_config(family, derived, visible)
         check_config(config, f"{path} (config inferred from its tensor shapes)")
-        if family == "pixart":  # the one guess that changes results: say it, with the fix
+        if family == "pixart" and str(path) not in _WARNED:  # the one guess that changes results: say it, once
+            _WARNED.add(str(path))
             log.warning("xDiT: %s has no config beside it; PixArt's resolution does not show in its weights, "
                         "so the 1024 models' sample size is assumed: for a 512 or 2K model put its config.json "
                         "beside it (or name it %s.json)", path, path.stem)

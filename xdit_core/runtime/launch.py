@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import io
+import multiprocessing
 import os
 import queue
 import shutil
@@ -107,23 +108,22 @@ def init_process_group(rank: int, world_size: int, rendezvous: Rendezvous,
 def _die_with_parent(beats, rank: int) -> None:
     """Beat every HEARTBEAT_S and end this process when its launcher is gone.
 
-    Linux's parent-death signal kills it at once; the watchdog's parent check covers the other
-    systems. A frozen process (SIGSTOP, a stuck driver) stops beating, which is how the launcher
-    tells it from a slow one.
+    Linux's parent-death signal kills it at once; elsewhere the watchdog sees the launcher's sentinel
+    close (multiprocessing's handle on the parent, race-free: a launcher that died before this ran is
+    already seen as dead). A frozen process (SIGSTOP, a stuck driver) stops beating, which is how the
+    launcher tells it from a slow one.
     """
-    parent = os.getppid()
     if sys.platform.startswith("linux"):
         ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL)  # 1 = PR_SET_PDEATHSIG
+    parent = multiprocessing.parent_process()
 
     def watch() -> None:
         while True:
-            if os.getppid() != parent:
+            if parent is None or not parent.is_alive():
                 os._exit(1)
-            beats[rank] = time.time()
+            beats[rank] = time.monotonic()
             time.sleep(HEARTBEAT_S)
 
-    if os.getppid() != parent:  # the launcher died before the signal was armed
-        os._exit(1)
     threading.Thread(target=watch, name="xdit-heartbeat", daemon=True).start()
 
 
@@ -159,7 +159,7 @@ def _stalled(procs, beats, started: float, done: dict) -> Optional[str]:
     dead = [r for r, p in enumerate(procs) if r not in done and p.exitcode not in (None, 0)]
     if dead:
         return f"ranks {dead} exited with codes {[procs[r].exitcode for r in dead]} and no result"
-    now = time.time()
+    now = time.monotonic()  # one system-wide clock for every process (a wall-clock step must not kill ranks)
     for r, p in enumerate(procs):
         if r in done:
             continue
@@ -183,26 +183,25 @@ def spawn_world(fn: Callable[[int, torch.device, Any], Any], world_size: int, pa
     timeouts.liveness_timeout_s(), timeouts.startup_timeout_s()  # a malformed setting fails before any spawn
     ctx = torch.multiprocessing.get_context("spawn")
     results = ctx.Queue()
-    beats = ctx.Array("d", world_size, lock=False)  # each rank's last heartbeat (time.time()), 0 before it starts
+    beats = ctx.Array("d", world_size, lock=False)  # each rank's last heartbeat (time.monotonic()), 0 before it starts
     with private_rendezvous() as rendezvous:
         env_threads = os.environ.get("OMP_NUM_THREADS")
         os.environ["OMP_NUM_THREADS"] = str(threads)  # children read it at start
         procs: list = []
-        try:
-            for r in range(world_size):
-                procs.append(ctx.Process(target=_rank_main, daemon=True,
-                                         args=(r, world_size, rendezvous, threads, fn, payload, results, beats)))
-                procs[-1].start()
-        finally:
-            if env_threads is None:
-                os.environ.pop("OMP_NUM_THREADS", None)
-            else:
-                os.environ["OMP_NUM_THREADS"] = env_threads
         out: dict[int, Any] = {}
         error: Optional[tuple[str, str]] = None
-        started = time.monotonic()
-        finished = False
         try:
+            try:
+                for r in range(world_size):
+                    procs.append(ctx.Process(target=_rank_main, daemon=True,
+                                             args=(r, world_size, rendezvous, threads, fn, payload, results, beats)))
+                    procs[-1].start()
+            finally:
+                if env_threads is None:
+                    os.environ.pop("OMP_NUM_THREADS", None)
+                else:
+                    os.environ["OMP_NUM_THREADS"] = env_threads
+            started = time.monotonic()
             while len(out) < world_size and error is None:
                 try:
                     rank, status, value = results.get(timeout=HEARTBEAT_S)
@@ -220,13 +219,14 @@ def spawn_world(fn: Callable[[int, torch.device, Any], Any], world_size: int, pa
                     error = (f"rank {rank} failed: {line}{hint}", details)
                 else:
                     out[rank] = torch.load(io.BytesIO(value), weights_only=False)
-            finished = error is None
         finally:
-            for p in procs:
-                if not finished and p.is_alive():
-                    p.kill()  # SIGKILL: reaches a frozen (SIGSTOPped) rank too
-            for p in procs:
-                p.join(timeout=30)
+            if error is None and len(out) == world_size:  # every rank answered: give them time to leave cleanly
+                for p in procs:
+                    p.join(timeout=30)
+            for p in procs:  # SIGKILL: reaches a frozen (SIGSTOPped) rank too
+                if p.is_alive():
+                    p.kill()
+                p.join()
             results.close()
     if error is not None:
         raise XDiTWorkerError(*error)

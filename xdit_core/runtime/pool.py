@@ -12,6 +12,7 @@ from __future__ import annotations
 import logging
 import os
 import re
+import secrets
 import shutil
 import socket
 import tempfile
@@ -66,7 +67,7 @@ def ray_address_from_env(address: Optional[str]) -> Optional[str]:
     return address or os.environ.get("XDIT_RAY_ADDRESS") or None
 
 
-_ADDRESS = re.compile(r"^(?:ray://)?(\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9][A-Za-z0-9.-]*):(\d{1,5})$")
+_ADDRESS = re.compile(r"^(?:ray://)?(\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9][A-Za-z0-9._-]*):(\d{1,5})$")
 
 
 def parse_ray_address(address: Optional[str]) -> Optional[tuple[str, int]]:
@@ -102,9 +103,18 @@ def worker_pythonpath() -> str:
     return os.pathsep.join(p for p in (str(engine_import_root()), os.environ.get("PYTHONPATH", "")) if p)
 
 
+def _token_auth_mode() -> bool:
+    """Whether this process's Ray uses token authentication (Ray >= 2.52; its settings are read at import)."""
+    try:
+        from ray._raylet import AuthenticationMode, get_authentication_mode
+    except ImportError:
+        return False
+    return get_authentication_mode() == AuthenticationMode.TOKEN
+
+
 def _require_token_auth() -> None:
     """A local Ray serves on every network interface (it replaces a loopback node address with the
-    machine's), so its ports must refuse anyone without the token (Ray keeps it in ~/.ray/auth_token)."""
+    machine's), so its ports must refuse anyone without the token."""
     import ray
 
     version = tuple(int(p) for p in re.findall(r"\d+", ray.__version__)[:2])
@@ -115,19 +125,56 @@ def _require_token_auth() -> None:
         log.warning("xDiT: RAY_AUTH_MODE=%s ignored: the local worker pool always uses Ray's token "
                     "authentication", os.environ["RAY_AUTH_MODE"])
     os.environ["RAY_AUTH_MODE"] = "token"
-    from ray._raylet import Config
+    try:  # Ray read its settings when imported: make this process use the token too (what Ray itself does)
+        from ray._raylet import Config
 
-    Config.initialize("")  # Ray read its settings when imported: make this process use the token too
+        Config.initialize("")
+    except (ImportError, AttributeError) as e:
+        raise XDiTConfigError(f"cannot turn on Ray {ray.__version__}'s token authentication ({e}); "
+                              "start ComfyUI with RAY_AUTH_MODE=token") from None
+    if not _token_auth_mode():
+        raise XDiTConfigError(f"Ray {ray.__version__} did not turn on token authentication; start ComfyUI with "
+                              "RAY_AUTH_MODE=token")
+    _write_private_token()
+
+
+def _write_private_token() -> None:
+    """Ray writes the token it generates readable by everyone: write one first, readable by this user only."""
+    if os.environ.get("RAY_AUTH_TOKEN") or os.environ.get("RAY_AUTH_TOKEN_PATH"):
+        return
+    path = os.path.join(os.path.expanduser("~"), ".ray", "auth_token")
+    if os.path.exists(path):
+        os.chmod(path, 0o600)
+        return
+    os.makedirs(os.path.dirname(path), mode=0o700, exist_ok=True)
+    with os.fdopen(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600), "w") as f:
+        f.write(secrets.token_hex(32))  # 256 bits, as Ray's own generator
+
+
+_RAY_FOR: Optional[str] = None  # the address this process's Ray was started for ("" : the private local one)
 
 
 def ensure_ray(address: Optional[str], num_cpus: Optional[int] = None) -> float:
     """Connect to the Ray cluster at `address`, or start a private local Ray (token authentication on,
-    dashboard off); returns the seconds it took."""
+    dashboard off); returns the seconds it took.
+
+    A Ray already running in this process is reused only if it was started here for the same address; one
+    started by someone else (another plugin) is reused for a local pool only with token authentication on."""
+    global _RAY_FOR
     import ray
 
     t0 = time.perf_counter()
+    wanted = address or ""
     if ray.is_initialized():
-        return 0.0
+        if _RAY_FOR == wanted:
+            return 0.0
+        if _RAY_FOR is None and not address and not _token_auth_mode():
+            raise XDiTConfigError("Ray is already running in this process without token authentication "
+                                  "(started by another plugin?), so a local worker pool would accept work from the "
+                                  "network; start ComfyUI with RAY_AUTH_MODE=token, or give a cluster address")
+        if _RAY_FOR is None:
+            return 0.0
+        ray.shutdown()  # ours, for another address: its ranks would run in the wrong place
     env = {"env_vars": {"PYTHONPATH": worker_pythonpath()}}
     if address:
         check_ray_address(address)
@@ -137,9 +184,7 @@ def ensure_ray(address: Optional[str], num_cpus: Optional[int] = None) -> float:
         # address="local": always a fresh, private instance, never some other cluster found on the machine.
         ray.init(address="local", num_cpus=num_cpus or max(os.cpu_count() or 1, 8), include_dashboard=False,
                  runtime_env=env, logging_level=logging.WARNING, log_to_driver=False)
-        token = os.path.join(os.path.expanduser("~"), ".ray", "auth_token")
-        if os.path.isfile(token):
-            os.chmod(token, 0o600)  # Ray writes it world-readable; other users of the machine must not join
+    _RAY_FOR = wanted
     return time.perf_counter() - t0
 
 
@@ -213,10 +258,13 @@ class WorkerPool:
         self.broken = False
 
     def _rendezvous(self) -> Rendezvous:
-        """Without a cluster address every rank is on this machine: a FileStore in a private folder (kept
-        while the pool lives: NCCL reads it again when it builds a communicator). With one, a TCP store
-        on rank 0's node, reachable from the cluster's network as the user chose."""
-        if self.address is None:
+        """Ranks all on this machine (no cluster address): a FileStore in a private folder (kept while the
+        pool lives: NCCL reads it again when it builds a communicator). Otherwise a TCP store on rank 0's
+        node, reachable from the cluster's network as the user chose."""
+        import ray
+
+        here = ray.get_runtime_context().get_node_id()
+        if self.address is None and all(info["node_id"] == here for info in self.infos):
             self._rendezvous_dir = tempfile.mkdtemp(prefix="xdit-rendezvous-")
             return Rendezvous(store_file=os.path.join(self._rendezvous_dir, "store"))
         return Rendezvous(host=self.infos[0]["ip"], port=self.infos[0]["port"])
@@ -260,14 +308,26 @@ class WorkerPool:
         job = self.last_job = uuid.uuid4().hex
         req_ref = ray.put(request)
         seen = 0
+        in_flight: list = []  # at most one progress call: a frozen rank 0 must not block the wait loop
 
-        def poll() -> None:
+        def poll(final: bool) -> None:
             nonlocal seen
-            if on_progress is not None:
-                steps = ray.get(self.workers[0].progress.remote(job))
-                for step, total in steps[seen:]:
-                    on_progress(step, total)
-                seen = len(steps)
+            if on_progress is None:
+                return
+            if final:  # every rank has returned: rank 0 answers at once
+                try:
+                    steps = ray.get(self.workers[0].progress.remote(job), timeout=timeouts.liveness_timeout_s())
+                except ray.exceptions.GetTimeoutError:
+                    return
+            else:
+                if not in_flight:
+                    in_flight.append(self.workers[0].progress.remote(job))
+                if not ray.wait(in_flight, timeout=0)[0]:
+                    return
+                steps = ray.get(in_flight.pop())
+            for step, total in steps[seen:]:
+                on_progress(step, total)
+            seen = max(seen, len(steps))
 
         def stop() -> None:
             self.workers[0].request_stop.remote(job)
@@ -280,7 +340,7 @@ class WorkerPool:
         self.stats.last_reports = [r["report"] for r in results]
         return results[0]["samples"]
 
-    def _collect(self, refs: list, poll: Optional[Callable[[], None]] = None,
+    def _collect(self, refs: list, poll: Optional[Callable[[bool], None]] = None,
                  stop: Optional[Callable[[], None]] = None, cancel: Optional[Callable[[], bool]] = None) -> list:
         """Wait for one call per rank, polling between waits; on failure end the request on every rank.
 
@@ -322,7 +382,7 @@ class WorkerPool:
             if stop_at is None:
                 try:
                     if poll is not None:
-                        poll()
+                        poll(False)
                     wants_stop = cancel is not None and cancel()
                 except BaseException as e:  # noqa: BLE001 - re-raised once every rank has stopped
                     aborted, wants_stop = e, True
@@ -340,6 +400,8 @@ class WorkerPool:
             self._fail(errors)
         if aborted is not None:
             raise aborted
+        if poll is not None and stop_at is None:
+            poll(True)  # the steps reported since the last poll
         return [results[r] for r in range(len(refs))]
 
     def _kill(self, frozen: tuple[int, float]) -> None:
