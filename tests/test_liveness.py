@@ -92,3 +92,26 @@ def test_nan_in_the_weights_fails_at_step_1_naming_the_rank(nan_model, tmp_path,
     assert rc == 2 and len(err.splitlines()) == 1, err
     assert re.search(rf"prediction at step 1 of 2 on rank {rank} contains NaN or inf", err), err
     assert "Traceback" not in err and not out.exists()
+
+
+@pytest.mark.parametrize("address, needle", [
+    ("127.0.0.1:{free}", "does not answer within 1s (XDIT_CONNECT_TIMEOUT_S)"),  # nothing listens there
+    ("192.0.2.1:6379", "does not answer within 1s (XDIT_CONNECT_TIMEOUT_S)"),  # TEST-NET-1: never answers
+    ("http://head:6379", "is not host:port"),
+    ("head:99999", "is not host:port"),
+], ids=["refused", "unreachable", "scheme", "port"])
+def test_cluster_address_fails_in_time_before_ray_starts(tiny_models, tmp_path, capsys, monkeypatch, address, needle):
+    import ray
+
+    from xdit_core.runtime.launch import free_port
+
+    monkeypatch.setenv("XDIT_CONNECT_TIMEOUT_S", "1")
+    was_up = ray.is_initialized()
+    t0 = time.monotonic()
+    rc = main(["generate", "--model", str(tiny_models["sd3"]), "--height", "64", "--width", "64", "--steps", "2",
+               "--seed", "0", "--backend", "ray", "--ray_address", address.format(free=free_port()),
+               "--out", str(tmp_path / "out.safetensors")])
+    err = capsys.readouterr().err.strip()
+    assert rc == 2 and len(err.splitlines()) == 1 and needle in err, err
+    assert time.monotonic() - t0 < 5
+    assert ray.is_initialized() == was_up and not list(tmp_path.iterdir())

@@ -244,6 +244,7 @@ def prepare(opts: GenerateOptions) -> tuple[SampleRequest, Any, float]:
     if opts.batch < 1:
         raise XDiTConfigError(f"batch must be at least 1, got {opts.batch}")
     shift = _parse_shift(opts.shift)
+    api.validate_ray_address(opts.ray_address)
     validate_parallel_config(opts.parallel)
     spec = api.describe_model(opts.model, opts.family, opts.variant)
     _check_outputs(opts)  # after the model path is known good: an output may not land on it
