@@ -32,6 +32,11 @@ def descendants(root: int) -> set:
     return found
 
 
+def live_descendants() -> set:
+    """The processes below this one that are still running (a zombie counts as gone)."""
+    return {p for p in descendants(os.getpid()) if p != os.getpid() and alive(p)}
+
+
 def alive(pid: int) -> bool:
     """Running or stopped; a zombie (exited, not yet reaped by its new parent) counts as dead."""
     try:

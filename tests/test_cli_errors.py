@@ -5,7 +5,6 @@ The cases come from trying the CLI as an attacker would: NaN and inf, out-of-ran
 meshes and sizes too big for the machine, outputs that cannot be written."""
 import json
 import math
-import multiprocessing
 import os
 import subprocess
 import sys
@@ -15,6 +14,7 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
+import netprobe
 import xdit_core.api
 from xdit_core.cli.generate import write_outputs
 from xdit_core.cli.main import main
@@ -44,17 +44,8 @@ def latent_args(model, tmp_path, samples, *extra, **tensors):
 
 
 def child_pids() -> set[int]:
-    """This process's live children: multiprocessing's, and every process whose parent is us in /proc."""
-    pids = {p.pid for p in multiprocessing.active_children()}
-    me = str(os.getpid())
-    for stat in Path("/proc").glob("[0-9]*/stat"):
-        try:
-            fields = stat.read_text().rsplit(")", 1)[1].split()  # after "pid (comm)": state, ppid, ...
-        except OSError:  # the process ended while we looked
-            continue
-        if fields[1] == me:
-            pids.add(int(stat.parent.name))
-    return pids
+    """The processes below this one that are still running."""
+    return netprobe.live_descendants()
 
 
 def files_under(root: Path) -> set[Path]:

@@ -2,14 +2,12 @@
 killed launcher, a rank that raises, a model that computes NaN; and what its ranks listen on."""
 import os
 import re
-import signal
 import subprocess
 import sys
 import time
 from pathlib import Path
 
 import pytest
-import torch
 from safetensors.torch import load_file, save_file
 
 import liveness_world

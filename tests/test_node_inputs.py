@@ -4,7 +4,6 @@ model folders (absolute paths only when the server opts in) and never leaves the
 ComfyUI is faked: a `folder_paths` module whose roots are temporary folders, listed as ComfyUI lists them."""
 import json
 import math
-import multiprocessing
 import os
 import shutil
 import sys
@@ -14,6 +13,7 @@ from pathlib import Path
 import pytest
 import torch
 
+import netprobe
 from nodes import host
 from nodes.loader import XDiTLoadModel
 from nodes.mesh import XDiTParallelMesh
@@ -25,17 +25,8 @@ PREFIX = "xDiT Load Diffusion Model: "
 
 
 def child_pids() -> set[int]:
-    """This process's live children: multiprocessing's, and every process whose parent is us in /proc."""
-    pids = {p.pid for p in multiprocessing.active_children()}
-    me = str(os.getpid())
-    for stat in Path("/proc").glob("[0-9]*/stat"):
-        try:
-            fields = stat.read_text().rsplit(")", 1)[1].split()  # after "pid (comm)": state, ppid, ...
-        except OSError:  # the process ended while we looked
-            continue
-        if fields[1] == me:
-            pids.add(int(stat.parent.name))
-    return pids
+    """The processes below this one that are still running."""
+    return netprobe.live_descendants()
 
 
 @pytest.fixture(autouse=True)
