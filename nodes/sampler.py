@@ -8,7 +8,8 @@ from .mesh import check_against_model
 from .types import XDiTMesh, XDiTModel
 
 SAMPLERS = ["euler", "euler_ancestral", "heun", "dpmpp_2m"]
-SCHEDULERS = ["simple", "normal", "karras", "exponential", "sgm_uniform", "beta"]
+SCHEDULERS = ["simple", "normal", "karras", "exponential", "sgm_uniform", "beta", "ddim_uniform", "linear_quadratic",
+              "kl_optimal"]
 
 
 def branch_from_conditioning(spec, conditioning, batch: int, name: str):

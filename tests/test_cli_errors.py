@@ -109,8 +109,8 @@ CASES = {
     "denoise big": (lambda m, b, t: gen_args(m["sd3"], "--denoise", "1.5"), "denoise must be in (0, 1], got 1.5"),
     "sampler": (lambda m, b, t: gen_args(m["sd3"], "--sampler", "ddim"),
                 "unknown sampler 'ddim'; valid samplers: euler, euler_ancestral, heun, dpmpp_2m"),
-    "scheduler": (lambda m, b, t: gen_args(m["sd3"], "--scheduler", "ddim_uniform"),
-                  "unknown scheduler 'ddim_uniform'; valid schedulers: simple, normal, karras, exponential"),
+    "scheduler": (lambda m, b, t: gen_args(m["sd3"], "--scheduler", "ddim"),
+                  "unknown scheduler 'ddim'; valid schedulers: simple, normal, karras, exponential"),
     "cond missing keys": (lambda m, b, t: gen_args(m["sd3"], "--cond", cond_file(t, positive=torch.zeros(1, 4, 32))),
                           "lacks keys ['positive_pooled', 'negative', 'negative_pooled']"),
     "cond wrong dims": (lambda m, b, t: gen_args(m["flux"], "--cond", cond_file(

@@ -183,3 +183,10 @@ def test_host_callback_exception_stops_every_rank_before_it_propagates(tiny_mode
     finally:
         pool.unload()
         ray.shutdown()
+
+
+def test_sampler_node_offers_exactly_the_engines_samplers_and_schedulers():
+    from nodes.sampler import SAMPLERS, SCHEDULERS
+    from xdit_core.sampling import samplers as engine
+
+    assert (tuple(SAMPLERS), tuple(SCHEDULERS)) == (engine.SAMPLERS, engine.SCHEDULERS)

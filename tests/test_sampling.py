@@ -124,3 +124,16 @@ def test_bad_sampler_settings(kwargs, needle):
     with pytest.raises(XDiTConfigError, match=None) as e:
         sampling.validate_sampler_settings(**kwargs)
     assert needle in str(e.value)
+
+
+def test_kl_optimal_at_one_step_is_refused_where_comfyui_returns_nan():
+    with pytest.raises(XDiTConfigError, match="kl_optimal scheduler needs at least 2 steps"):
+        sampling.calculate_sigmas(ms_of("flux_dev"), "kl_optimal", 1)
+    assert torch.isfinite(sampling.calculate_sigmas(ms_of("flux_dev"), "kl_optimal", 2, 0.5)).all()  # 4 internally
+
+
+def test_every_comfyui_scheduler_is_offered_and_checked_against_a_fixture():
+    offered = set(sampling.SCHEDULERS)
+    fixed = {key.split("/")[1] for key in REF["sigmas"]}
+    assert offered == fixed == {"simple", "normal", "karras", "exponential", "sgm_uniform", "beta", "ddim_uniform",
+                                "linear_quadratic", "kl_optimal"}

@@ -39,8 +39,8 @@ def _add_generate(sub) -> None:
     p.add_argument("--shift", help="model-sampling shift in (0, 100] (default: the family's), or 'auto' for Flux; "
                                    "not for PixArt")
     p.add_argument("--sampler", default="euler", help="euler | euler_ancestral | heun | dpmpp_2m")
-    p.add_argument("--scheduler", default="simple", help="simple | normal | karras | exponential | "
-                                                          "sgm_uniform | beta")
+    p.add_argument("--scheduler", default="simple", help="simple | normal | karras | exponential | sgm_uniform | "
+                                                          "beta | ddim_uniform | linear_quadratic | kl_optimal")
     p.add_argument("--denoise", type=float, default=1.0)
     p.add_argument("--latent", help="ComfyUI LATENT safetensors (`samples`) to start from")
     p.add_argument("--cond", help="conditioning safetensors: positive[_pooled], negative[_pooled]")

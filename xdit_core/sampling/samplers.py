@@ -16,7 +16,8 @@ import torch
 from xdit_core.errors import XDiTConfigError
 from xdit_core.models.model_sampling import ModelSampling
 
-SCHEDULERS = ("simple", "normal", "karras", "exponential", "sgm_uniform", "beta")
+SCHEDULERS = ("simple", "normal", "karras", "exponential", "sgm_uniform", "beta", "ddim_uniform",
+              "linear_quadratic", "kl_optimal")
 SAMPLERS = ("euler", "euler_ancestral", "heun", "dpmpp_2m")
 MAX_STEPS = 10000  # KSampler's steps widget
 # The longest schedule a partial denoise computes: KSampler's most steps at its smallest denoise step (0.01).
@@ -78,6 +79,43 @@ def _beta(ms: ModelSampling, steps: int, alpha: float = 0.6, beta: float = 0.6) 
     return torch.FloatTensor(sigs + [0.0])
 
 
+def _ddim_uniform(ms: ModelSampling, steps: int) -> torch.Tensor:
+    """Every stride-th sigma of the model's table from its second entry, descending, then zero (unless the
+    table's second sigma already is zero: then one step more and no appended zero)."""
+    ends_at_zero = math.isclose(float(ms.sigmas[1]), 0, abs_tol=0.00001)
+    stride = max(len(ms.sigmas) // (steps + 1 if ends_at_zero else steps), 1)
+    sigs = [float(ms.sigmas[i]) for i in range(1, len(ms.sigmas), stride)]
+    return torch.FloatTensor(sigs[::-1] + ([] if ends_at_zero else [0.0]))
+
+
+def _linear_quadratic(ms: ModelSampling, steps: int, threshold_noise: float = 0.025) -> torch.Tensor:
+    """Noise levels rising linearly to `threshold_noise` over the first half of the steps, then along the
+    quadratic that meets it with the same slope and ends at 1; as sigmas, 1 - level times sigma_max."""
+    if steps == 1:
+        levels = [1.0, 0.0]
+    else:
+        linear = steps // 2
+        quadratic = steps - linear
+        gap = linear - threshold_noise * steps
+        a = gap / (linear * quadratic ** 2)
+        b = threshold_noise / linear - 2 * gap / (quadratic ** 2)
+        c = a * (linear ** 2)
+        rising = [i * threshold_noise / linear for i in range(linear)]
+        rising += [a * (i ** 2) + b * i + c for i in range(linear, steps)] + [1.0]
+        levels = [1.0 - x for x in rising]
+    return torch.FloatTensor(levels) * ms.sigma_max.cpu()
+
+
+def _kl_optimal(ms: ModelSampling, steps: int) -> torch.Tensor:
+    """Sigmas evenly spaced in arctan(sigma) from sigma_max down to sigma_min, then zero."""
+    if steps < 2:  # its spacing divides by steps - 1: ComfyUI's own returns NaN at one step
+        raise XDiTConfigError("the kl_optimal scheduler needs at least 2 steps (it spaces sigma_max to sigma_min "
+                              "over steps - 1 intervals); use 2 or more, or another scheduler")
+    t = torch.arange(steps, dtype=torch.float).div_(steps - 1)
+    arctan_max, arctan_min = math.atan(float(ms.sigma_max)), math.atan(float(ms.sigma_min))
+    return _append_zero((t * arctan_min + (1 - t) * arctan_max).tan_())
+
+
 _SCHEDULER_FNS: dict[str, Callable[[ModelSampling, int], torch.Tensor]] = {
     "simple": _simple,
     "normal": _normal,
@@ -85,6 +123,9 @@ _SCHEDULER_FNS: dict[str, Callable[[ModelSampling, int], torch.Tensor]] = {
     "exponential": _exponential,
     "sgm_uniform": lambda ms, steps: _normal(ms, steps, sgm=True),
     "beta": _beta,
+    "ddim_uniform": _ddim_uniform,
+    "linear_quadratic": _linear_quadratic,
+    "kl_optimal": _kl_optimal,
 }
 
 
