@@ -7,7 +7,7 @@ from . import host
 from .mesh import check_against_model
 from .types import XDiTMesh, XDiTModel
 
-SAMPLERS = ["euler", "euler_ancestral", "heun", "dpmpp_2m"]
+SAMPLERS = ["euler", "euler_ancestral", "heun", "dpmpp_2m", "lcm", "ddim", "gradient_estimation"]
 SCHEDULERS = ["simple", "normal", "karras", "exponential", "sgm_uniform", "beta", "ddim_uniform", "linear_quadratic",
               "kl_optimal"]
 

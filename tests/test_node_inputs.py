@@ -269,7 +269,7 @@ NAN, INF = math.nan, math.inf
     (dict(mesh=XDiTMesh("manual", ulysses_degree=8)), "ulysses_degree 8 does not divide the model's 4 attention heads"),
     (dict(steps=0), "steps must be at least 1, got 0"),
     (dict(denoise=NAN), "denoise must be in (0, 1], got nan"),
-    (dict(sampler_name="ddim"), "unknown sampler 'ddim'"),
+    (dict(sampler_name="lms"), "unknown sampler 'lms'"),
     (dict(cfg=NAN), "cfg must be a finite number, got nan"),
     (dict(cfg=INF), "cfg must be a finite number, got inf"),
     (dict(shift=NAN), "shift must be a finite number, got nan"),

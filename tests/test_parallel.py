@@ -64,6 +64,7 @@ PF_CONFIGS = {
     "pf2_m4": ParallelConfig(pipefusion_parallel_degree=2, num_pipeline_patch=4),
 }
 PF_EXACT = ("pf2", "pf4", "pf2_u2", "pf2_r2", "cfg_pf2_u2")
+PF_SAMPLERS = ("lcm", "gradient_estimation", "dpmpp_2m")
 PF_PIPELINED = ("pf2", "pf2_m4", "pf2_u2", "pf2_r2", "cfg_pf2_u2")
 PF_STEPS = 4  # pipelined cases: 1 warmup step, then 3 steps with stale K/V
 # Negative controls (parallel_world.MUTATIONS), per family: (size, config, mutation). Each must move the output
@@ -83,12 +84,12 @@ MUTATION_FACTOR = 100
 BF16_CONFIG, BF16_UNIT_ROUNDOFF, BF16_MUTATION_FACTOR = "u2r2", 2.0 ** -8, 4
 
 
-def make_request(spec, height, width, text_len, steps=STEPS, cfg=CFG):
+def make_request(spec, height, width, text_len, steps=STEPS, cfg=CFG, sampler="euler"):
     pos, neg = random_cond(spec, 1, 0, True)
     for c in (pos, neg):
         c.text = c.text[:, :text_len]
     return build_request(spec, empty_latent(spec, 1, height, width), seed=0, steps=steps, cfg=cfg,
-                         sampler="euler", scheduler="simple", denoise=1.0, positive=pos, negative=neg)
+                         sampler=sampler, scheduler="simple", denoise=1.0, positive=pos, negative=neg)
 
 
 def write_model(family, out, **kwargs):
@@ -133,6 +134,11 @@ def world_payload(root):
         for name in PF_EXACT:
             cfg = replace(PF_CONFIGS[name], warmup_steps=STEPS)
             cases.append((f"{key}/even/{name}", str(paths[key]), cfg, "p2p", make_request(spec, h, w, text_len)))
+    for sampler in PF_SAMPLERS:  # samplers with state or noise of their own, kept per patch by PipeFusion
+        request = make_request(adapters["sd3"].spec, h, w, text_len, PF_STEPS, sampler=sampler)  # history matters
+        refs[("sd3", sampler)] = run_request(adapters["sd3"], request)
+        cfg = replace(PF_CONFIGS["pf2"], warmup_steps=PF_STEPS)
+        cases.append((f"sd3/{sampler}/pf2", str(paths["sd3"]), cfg, "p2p", request))
     for key, path in paths.items():
         adapter = adapters[key]
         request = make_request(adapter.spec, h, w, text_len, PF_STEPS)
@@ -292,6 +298,15 @@ def test_pipefusion_with_all_warmup_steps_equals_serial(world, family, config):
     err = float((out - ref).abs().max() / ref.abs().max())
     print(f"pipefusion exact {family:6s} {config:10s} max|d|/max|ref| = {err:.2e}")
     assert err <= TOL
+
+
+@pytest.mark.parametrize("sampler", PF_SAMPLERS)
+def test_pipefusion_keeps_sampler_state_and_noise_per_patch(world, sampler):
+    """Each patch's sampler keeps its own history (gradient_estimation, dpmpp_2m) and takes its slice of the
+    whole latent's noise draw (lcm): with every step synchronous, PipeFusion 2 equals the serial run."""
+    results, refs, _, _ = world
+    out, ref = results[f"sd3/{sampler}/pf2"]["out"], refs[("sd3", sampler)]
+    assert float((out - ref).abs().max() / ref.abs().max()) <= TOL
 
 
 @pytest.mark.parametrize("family", FAMILIES)

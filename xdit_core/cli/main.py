@@ -38,7 +38,8 @@ def _add_generate(sub) -> None:
     p.add_argument("--guidance", type=float, help="Flux guidance embedding, 0..100 (default 3.5, as FluxGuidance)")
     p.add_argument("--shift", help="model-sampling shift in (0, 100] (default: the family's), or 'auto' for Flux; "
                                    "not for PixArt")
-    p.add_argument("--sampler", default="euler", help="euler | euler_ancestral | heun | dpmpp_2m")
+    p.add_argument("--sampler", default="euler", help="euler | euler_ancestral | heun | dpmpp_2m | lcm | ddim | "
+                                                      "gradient_estimation")
     p.add_argument("--scheduler", default="simple", help="simple | normal | karras | exponential | sgm_uniform | "
                                                           "beta | ddim_uniform | linear_quadratic | kl_optimal")
     p.add_argument("--denoise", type=float, default=1.0)

@@ -18,7 +18,8 @@ from xdit_core.models.model_sampling import ModelSampling
 
 SCHEDULERS = ("simple", "normal", "karras", "exponential", "sgm_uniform", "beta", "ddim_uniform",
               "linear_quadratic", "kl_optimal")
-SAMPLERS = ("euler", "euler_ancestral", "heun", "dpmpp_2m")
+SAMPLERS = ("euler", "euler_ancestral", "heun", "dpmpp_2m", "lcm", "ddim", "gradient_estimation")
+GE_GAMMA = 2.0  # gradient_estimation's gamma, ComfyUI's default
 MAX_STEPS = 10000  # KSampler's steps widget
 # The longest schedule a partial denoise computes: KSampler's most steps at its smallest denoise step (0.01).
 MAX_SCHEDULE = 100 * MAX_STEPS
@@ -231,6 +232,7 @@ class Sampler:
 
     def __post_init__(self) -> None:
         self.old_denoised: Optional[torch.Tensor] = None
+        self.old_d: Optional[torch.Tensor] = None
 
     def evaluations(self, i: int, sigmas: torch.Tensor) -> int:
         """Model evaluations step i needs (heun: two, except when it ends at sigma 0)."""
@@ -259,6 +261,30 @@ class Sampler:
         denoised = yield x, sigma
         d = (x - denoised) / sigma
         return x + d * (sigmas[i + 1] - sigma)
+
+    def _ddim(self, i, x, sigmas):
+        # ComfyUI's "ddim" is its euler sampler (with random inpainting noise, which masks would use).
+        return (yield from self._euler(i, x, sigmas))
+
+    def _lcm(self, i, x, sigmas):
+        denoised = yield x, sigmas[i]
+        if sigmas[i + 1] > 0:  # renoise the prediction to the next level with a fresh draw
+            return self.ms.noise_scaling(sigmas[i + 1], self._ancestral_noise(i, x), denoised, False)
+        return denoised
+
+    def _gradient_estimation(self, i, x, sigmas):
+        sigma, sigma_next = sigmas[i], sigmas[i + 1]
+        denoised = yield x, sigma
+        d = (x - denoised) / sigma
+        dt = sigma_next - sigma
+        if sigma_next == 0:
+            x = denoised
+        else:
+            x = x + d * dt
+            if self.old_d is not None:  # from the second step: correct by the change of the gradient
+                x = x + (GE_GAMMA - 1) * (d - self.old_d) * dt
+        self.old_d = d
+        return x
 
     def _heun(self, i, x, sigmas):
         sigma, sigma_next = sigmas[i], sigmas[i + 1]
