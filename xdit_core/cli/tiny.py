@@ -12,6 +12,7 @@ import torch
 from xdit_core.errors import XDiTConfigError
 from xdit_core.models.families import VARIANTS, model_class
 from xdit_core.models.flux import flux_rope_axes
+from xdit_core.runtime.limits import physical_memory
 
 PRESETS = ("tiny", "medium")
 # The largest model built: its fp32 weights are held about twice while written (the model and safetensors'
@@ -100,14 +101,6 @@ def param_count(family: str, config: dict[str, Any]) -> int:
     ones = {k: 1 for k in blocks}
     base = count(**ones)
     return base + sum((config[k] - 1) * (count(**{**ones, k: 2}) - base) for k in blocks)
-
-
-def physical_memory() -> Optional[int]:
-    """This machine's RAM in bytes, or None where the OS does not say (Windows)."""
-    try:
-        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
-    except (AttributeError, ValueError, OSError):
-        return None
 
 
 def check_fits(family: str, config: dict[str, Any]) -> None:

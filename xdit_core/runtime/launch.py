@@ -59,10 +59,10 @@ def private_rendezvous() -> Iterator[Rendezvous]:
         shutil.rmtree(folder, ignore_errors=True)
 
 
-def free_port(host: str = "127.0.0.1") -> int:
-    """A TCP port that is free on `host` now."""
+def free_port() -> int:
+    """A TCP port that is free now (for a cluster's TCP rendezvous on rank 0's node)."""
     with socket.socket() as s:
-        s.bind((host, 0))
+        s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
 
 

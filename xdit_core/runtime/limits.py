@@ -99,6 +99,14 @@ def transformer_width(model_path: str) -> int:
     return width
 
 
+def physical_memory() -> Optional[int]:
+    """This machine's RAM in bytes, or None where the OS does not say (Windows)."""
+    try:
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (AttributeError, ValueError, OSError):
+        return None
+
+
 def memory_budget(on_gpu: bool, remote: bool = False) -> Optional[tuple[int, str]]:
     """(bytes a request may use, where that figure comes from): $XDIT_MEMORY_BUDGET_GB (GiB) if set, else the
     smallest visible GPU's memory for GPU ranks, else physical memory (os.sysconf). None where nothing is known:
@@ -117,10 +125,8 @@ def memory_budget(on_gpu: bool, remote: bool = False) -> Optional[tuple[int, str
     if on_gpu:
         total = min(torch.cuda.get_device_properties(i).total_memory for i in range(torch.cuda.device_count()))
         return total, "the smallest GPU's memory"
-    try:
-        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES"), "physical memory"
-    except (AttributeError, ValueError, OSError):
-        return None
+    ram = physical_memory()
+    return None if ram is None else (ram, "physical memory")
 
 
 def estimate_rank_bytes(latent_shape: Sequence[int], *, hidden_size: int, dtype_bytes: int, sp_degree: int = 1,
