@@ -35,11 +35,59 @@ def branch_from_conditioning(spec, conditioning, batch: int, name: str):
     return BranchCond(text, pooled), extra.get("guidance")
 
 
+def run_sampler(model: XDiTModel, mesh: XDiTMesh, positive, negative, latent_image: dict, seed: int, steps: int,
+                cfg: float, sampler_name: str, scheduler: str, denoise: float, shift: float, steps_range=None):
+    """KSampler's (or KSamplerAdvanced's) run on the workers: ComfyUI values in, the LATENT out."""
+    from xdit_core import api
+
+    try:
+        spec = api.describe_model(model.path, model.family, model.variant)
+        samples = latent_image["samples"]
+        api.validate_latent_shape(spec, samples.shape)
+        batch = samples.shape[0]
+        pos, guidance = branch_from_conditioning(spec, positive, batch, "positive")
+        neg = None
+        if not math.isclose(cfg, 1.0):  # at cfg 1 ComfyUI evaluates no negative branch
+            neg, _ = branch_from_conditioning(spec, negative, batch, "negative")
+        parallel = check_against_model(mesh, model, cfg, steps, samples.shape[2])
+        api.check_request_fits(
+            model.path, [batch, spec.latent_channels, *samples.shape[2:]], parallel, backend="ray",
+            remote=api.uses_cluster(mesh.ray_address), dtype=api.DTYPES[model.dtype],
+            attention_backend=mesh.attention_backend, num_blocks=model.num_blocks, with_negative=neg is not None,
+            text_tokens=max(c.text.shape[1] for c in (pos, neg) if c is not None), threads=1)
+        request = api.build_request(spec, samples, seed=seed, steps=steps, cfg=cfg, sampler=sampler_name,
+                                    scheduler=scheduler, denoise=denoise, positive=pos, negative=neg,
+                                    guidance=guidance, shift=None if shift == 0 else shift,
+                                    batch_index=latent_image.get("batch_index"),
+                                    noise_mask=latent_image.get("noise_mask"),
+                                    steps_range=steps_range or api.StepRange())
+        result = dict(latent_image)
+        if request.unsampled is not None:  # an empty step range: KSamplerAdvanced returns the latent as it is
+            result["samples"] = request.unsampled
+            return (result,)
+        if host.visible_gpus():
+            host.free_comfy_gpu_memory()
+        key = api.PoolKey(model.path, model.dtype, model.family, model.variant, parallel,
+                          mesh.attention_backend, threads=1)
+        out = api.sample(key, request, mesh.ray_address, on_progress=host.progress_callback(request.steps),
+                         cancel=host.interrupted)
+    except api.XDiTCancelled:
+        host.raise_interrupted()
+    except api.XDiTError as e:
+        raise RuntimeError(f"xDiT Sampler: {e}") from None
+    result["samples"] = spec.latent_format.process_out(out)
+    return (result,)
+
+
+SHIFT = ("FLOAT", {"default": 0.0, "min": 0.0, "max": 100.0, "step": 0.01,
+                   "tooltip": "model-sampling shift; 0: the family's default (Flux dev 1.15, schnell 1.0, SD3 3.0)"})
+
+
 class XDiTSampler:
     CATEGORY = "xDiT"
     RETURN_TYPES = ("LATENT",)
     FUNCTION = "sample"
-    DESCRIPTION = "KSampler on the xDiT workers: same seed and settings, same noise and sigmas."
+    DESCRIPTION = "KSampler on the xDiT workers: same seed and settings, same noise and sigmas; honours noise_mask."
 
     @classmethod
     def INPUT_TYPES(cls):
@@ -55,47 +103,48 @@ class XDiTSampler:
             "sampler_name": (SAMPLERS,),
             "scheduler": (SCHEDULERS,),
             "denoise": ("FLOAT", {"default": 1.0, "min": 0.0, "max": 1.0, "step": 0.01}),
-            "shift": ("FLOAT", {"default": 0.0, "min": 0.0, "max": 100.0, "step": 0.01,
-                                "tooltip": "model-sampling shift; 0: the family's default (Flux dev 1.15, "
-                                           "schnell 1.0, SD3 3.0)"}),
+            "shift": SHIFT,
         }}
 
     def sample(self, model: XDiTModel, mesh: XDiTMesh, positive, negative, latent_image, seed, steps, cfg,
                sampler_name, scheduler, denoise, shift=0.0):
+        return run_sampler(model, mesh, positive, negative, latent_image, seed, steps, cfg, sampler_name, scheduler,
+                           denoise, shift)
+
+
+class XDiTSamplerAdvanced:
+    CATEGORY = "xDiT"
+    RETURN_TYPES = ("LATENT",)
+    FUNCTION = "sample"
+    DESCRIPTION = ("KSamplerAdvanced on the xDiT workers: a range of the schedule, with or without fresh noise, "
+                   "optionally returning the leftover noise for a next sampler (Wan 2.2's two experts).")
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {"required": {
+            "model": ("XDIT_MODEL",),
+            "mesh": ("XDIT_MESH",),
+            "add_noise": (["enable", "disable"],),
+            "noise_seed": ("INT", {"default": 0, "min": 0, "max": 0xffffffffffffffff, "control_after_generate": True}),
+            "steps": ("INT", {"default": 20, "min": 1, "max": 10000}),
+            "cfg": ("FLOAT", {"default": 8.0, "min": 0.0, "max": 100.0, "step": 0.1, "round": 0.01}),
+            "sampler_name": (SAMPLERS,),
+            "scheduler": (SCHEDULERS,),
+            "positive": ("CONDITIONING",),
+            "negative": ("CONDITIONING",),
+            "latent_image": ("LATENT",),
+            "start_at_step": ("INT", {"default": 0, "min": 0, "max": 10000}),
+            "end_at_step": ("INT", {"default": 10000, "min": 0, "max": 10000}),
+            "return_with_leftover_noise": (["disable", "enable"],),
+            "shift": SHIFT,
+        }}
+
+    def sample(self, model: XDiTModel, mesh: XDiTMesh, add_noise, noise_seed, steps, cfg, sampler_name, scheduler,
+               positive, negative, latent_image, start_at_step, end_at_step, return_with_leftover_noise, shift=0.0):
         from xdit_core import api
 
-        try:
-            if "noise_mask" in latent_image:
-                raise ValueError("this LATENT has a noise_mask (inpainting); the xDiT Sampler does not support "
-                                 "masks yet: use KSampler for inpainting")
-            spec = api.describe_model(model.path, model.family, model.variant)
-            samples = latent_image["samples"]
-            api.validate_latent_shape(spec, samples.shape)
-            batch = samples.shape[0]
-            pos, guidance = branch_from_conditioning(spec, positive, batch, "positive")
-            neg = None
-            if not math.isclose(cfg, 1.0):  # at cfg 1 ComfyUI evaluates no negative branch
-                neg, _ = branch_from_conditioning(spec, negative, batch, "negative")
-            parallel = check_against_model(mesh, model, cfg, steps, samples.shape[2])
-            api.check_request_fits(
-                model.path, [batch, spec.latent_channels, *samples.shape[2:]], parallel, backend="ray",
-                remote=api.uses_cluster(mesh.ray_address), dtype=api.DTYPES[model.dtype],
-                attention_backend=mesh.attention_backend, num_blocks=model.num_blocks, with_negative=neg is not None,
-                text_tokens=max(c.text.shape[1] for c in (pos, neg) if c is not None), threads=1)
-            request = api.build_request(spec, samples, seed=seed, steps=steps, cfg=cfg, sampler=sampler_name,
-                                    scheduler=scheduler, denoise=denoise, positive=pos, negative=neg,
-                                    guidance=guidance, shift=None if shift == 0 else shift,
-                                    batch_index=latent_image.get("batch_index"))
-            if host.visible_gpus():
-                host.free_comfy_gpu_memory()
-            key = api.PoolKey(model.path, model.dtype, model.family, model.variant, parallel,
-                              mesh.attention_backend, threads=1)
-            out = api.sample(key, request, mesh.ray_address, on_progress=host.progress_callback(request.steps),
-                             cancel=host.interrupted)
-        except api.XDiTCancelled:
-            host.raise_interrupted()
-        except api.XDiTError as e:
-            raise RuntimeError(f"xDiT Sampler: {e}") from None
-        result = dict(latent_image)
-        result["samples"] = spec.latent_format.process_out(out)
-        return (result,)
+        steps_range = api.StepRange(add_noise=add_noise == "enable", start_at_step=start_at_step,
+                                    end_at_step=end_at_step,
+                                    return_with_leftover_noise=return_with_leftover_noise == "enable")
+        return run_sampler(model, mesh, positive, negative, latent_image, noise_seed, steps, cfg, sampler_name,
+                           scheduler, 1.0, shift, steps_range)

@@ -32,7 +32,7 @@ ROOT = Path(__file__).resolve().parent.parent
 COMFYUI = os.environ.get("COMFYUI_PATH")
 pytestmark = pytest.mark.skipif(not COMFYUI, reason="set COMFYUI_PATH to a ComfyUI checkout to run")
 OURS = {"XDiTLoadModel": "xDiT Load Diffusion Model", "XDiTParallelMesh": "xDiT Parallel Mesh",
-        "XDiTSampler": "xDiT Sampler", "XDiTUnload": "xDiT Unload"}
+        "XDiTSampler": "xDiT Sampler", "XDiTSamplerAdvanced": "xDiT Sampler (Advanced)", "XDiTUnload": "xDiT Unload"}
 TINY = "diffusers/tiny-flux"
 COND = dict(length=9, width=32, pooled=32)  # the tiny Flux's T5 and CLIP widths
 GUIDANCE, CFG, STEPS = 2.5, 2.0, 4

@@ -6,7 +6,7 @@ from safetensors.torch import load_file, save_file
 from nodes import NODE_CLASS_MAPPINGS, NODE_DISPLAY_NAME_MAPPINGS
 from nodes.loader import XDiTLoadModel
 from nodes.mesh import XDiTParallelMesh
-from nodes.sampler import XDiTSampler
+from nodes.sampler import XDiTSampler, XDiTSamplerAdvanced
 from nodes.types import XDiTMesh
 from xdit_core.cli.main import main
 
@@ -101,10 +101,32 @@ def test_model_invalid_meshes_fail_at_sampling_start(tiny_models, monkeypatch, m
     assert needle in str(e.value)
 
 
-def test_noise_mask_is_refused(tiny_models):
-    latent = {"samples": torch.zeros(1, 16, 8, 6), "noise_mask": torch.ones(1, 1, 64, 48)}
-    with pytest.raises(ValueError, match="noise_mask"):
-        XDiTSampler().sample(**sampler_args(load(tiny_models["flux"]), XDiTMesh("manual"), latent_image=latent))
+def advanced_args(args, latent, **over):
+    keep = {k: args[k] for k in ("model", "mesh", "steps", "cfg", "sampler_name", "scheduler", "positive",
+                                  "negative", "shift")}
+    base = dict(add_noise="enable", noise_seed=args["seed"], latent_image=latent, start_at_step=0,
+                end_at_step=10000, return_with_leftover_noise="disable")
+    return {**keep, **base, **over}
+
+
+def check_advanced_and_mask_on_the_warm_pool(args, full):
+    """Two chained xDiT Sampler (Advanced) nodes are the full run (dpmpp_2m restarts its history at the split,
+    as ComfyUI's does, so the halves are compared with euler); a noise_mask keeps the latent outside it."""
+    whole = dict(args, sampler_name="euler")
+    (reference,) = XDiTSampler().sample(**whole)
+    (first,) = XDiTSamplerAdvanced().sample(**advanced_args(whole, args["latent_image"], end_at_step=1,
+                                                            return_with_leftover_noise="enable"))
+    (second,) = XDiTSamplerAdvanced().sample(**advanced_args(whole, first, add_noise="disable", start_at_step=1))
+    ref = reference["samples"]
+    assert float((second["samples"] - ref).abs().max() / ref.abs().max()) <= 1e-5
+    (untouched,) = XDiTSamplerAdvanced().sample(**advanced_args(whole, first, start_at_step=3))
+    assert untouched["samples"] is first["samples"]  # nothing left to sample: returned as given, no rank runs
+    mask = torch.zeros(1, 64, 48)
+    mask[:, :32] = 1  # denoise the top half only
+    (masked,) = XDiTSampler().sample(**dict(args, latent_image={"samples": full, "noise_mask": mask}, denoise=0.6))
+    out = masked["samples"]
+    assert torch.allclose(out[:, :, 4:], full[:, :, 4:], atol=1e-4) and not torch.allclose(out[:, :, :4], full[:, :, :4])
+    assert masked["noise_mask"] is mask  # the LATENT keeps its mask, as KSampler's output does
 
 
 def test_sampler_node_equals_cli_generate(tiny_models, tmp_path):
@@ -117,6 +139,7 @@ def test_sampler_node_equals_cli_generate(tiny_models, tmp_path):
     args = sampler_args(model, mesh)
     try:
         (latent,) = XDiTSampler().sample(**args)
+        check_advanced_and_mask_on_the_warm_pool(args, latent["samples"])
     finally:
         pool.unload()
         ray.shutdown()

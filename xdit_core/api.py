@@ -25,14 +25,15 @@ from xdit_core.runtime.backends import BACKENDS, RunResult, run
 from xdit_core.runtime.job import ModelRef
 from xdit_core.runtime.limits import check_request_fits
 from xdit_core.runtime.pool import PoolKey, parse_ray_address, ray_address_from_env
-from xdit_core.sampling.request import SampleRequest, build_request, empty_latent, validate_latent_shape, validate_size
+from xdit_core.sampling.request import (SampleRequest, StepRange, build_request, empty_latent, validate_latent_shape,
+                                        validate_size)
 from xdit_core.sampling.samplers import validate_sampler_settings
 
 __all__ = ["ATTENTION_BACKENDS", "BACKENDS", "BranchCond", "DTYPES", "ModelRef", "ModelSpec", "ParallelConfig",
-           "PoolKey", "RANDOM_TEXT_LENGTH", "RunResult", "SampleRequest", "XDiTCancelled", "XDiTConditioningError",
-           "XDiTConfigError", "XDiTError", "XDiTNumericError", "XDiTWorkerError", "build_request",
-           "check_conditioning_shape", "check_request_fits", "choose_mesh", "describe_model", "empty_latent",
-           "load_cond_file", "pool_stats", "random_cond", "run", "sample", "unload", "uses_cluster",
+           "PoolKey", "RANDOM_TEXT_LENGTH", "RunResult", "SampleRequest", "StepRange", "XDiTCancelled",
+           "XDiTConditioningError", "XDiTConfigError", "XDiTError", "XDiTNumericError", "XDiTWorkerError",
+           "build_request", "check_conditioning_shape", "check_request_fits", "choose_mesh", "describe_model",
+           "empty_latent", "load_cond_file", "pool_stats", "random_cond", "run", "sample", "unload", "uses_cluster",
            "validate_latent_shape", "validate_parallel_config", "validate_ray_address", "validate_sampler_settings",
            "validate_size"]
 

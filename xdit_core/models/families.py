@@ -4,6 +4,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any, Mapping, Optional
 
+import torch
+
 from xdit_core.models import latent_formats
 from xdit_core.errors import XDiTConfigError, XDiTModelError
 from xdit_core.models.latent_formats import LatentFormat
@@ -52,6 +54,12 @@ class ModelSpec:
         if self.family == "sd3":
             return DiscreteFlowSampling(value, multiplier=1000.0)
         return DiscreteEpsSampling()
+
+    def scale_latent_inpaint(self, ms: ModelSampling, sigma: torch.Tensor, noise: torch.Tensor,
+                             latent: torch.Tensor) -> torch.Tensor:
+        """The input latent at `sigma`, pinned outside a noise_mask (ComfyUI's BaseModel.scale_latent_inpaint;
+        a family whose ComfyUI model overrides it, such as Wan 2.2 5B, overrides this)."""
+        return ms.noise_scaling(sigma, noise, latent, False)
 
 
 def family_of_class(class_name: Optional[str]) -> str:

@@ -31,6 +31,7 @@ from xdit_core.parallel.p2p import P2PChannel
 from xdit_core.parallel.routing import AttentionRouter
 from xdit_core.sampling.finite import check_first_prediction
 from xdit_core.sampling.request import SampleRequest
+from xdit_core.sampling.inpaint import Inpaint
 from xdit_core.sampling.samplers import AncestralNoise, ModelSampling, Sampler
 from xdit_core.parallel.sequence_parallel import shard_padded
 from xdit_core.parallel.stages import balance_stages, module_bytes, patch_rows
@@ -116,9 +117,12 @@ class PatchDriver:
     gen: object = None
     request: Optional[tuple[torch.Tensor, torch.Tensor]] = None
     finished_steps: list[int] = field(default_factory=list)
+    inpaint: Optional[Inpaint] = None  # this patch's rows of the noise_mask
 
     def start(self) -> None:
         self.gen = self.sampler.step_gen(self.step, self.x, self.sigmas)
+        if self.inpaint is not None:
+            self.gen = self.inpaint.steps(self.gen)
         self.request = next(self.gen)
 
     def feed(self, denoised: torch.Tensor) -> None:
@@ -214,8 +218,9 @@ class PipeFusionRunner:
 
     # -- the run -----------------------------------------------------------------------------
     def run(self, request: SampleRequest, ms: ModelSampling, x: torch.Tensor,
-            step_done: Callable[[int, int], None]) -> torch.Tensor:
-        """The whole denoising loop from x (noise-scaled); returns the final x on every rank of the stage 0."""
+            step_done: Callable[[int, int], None], inpaint: Optional[Inpaint] = None) -> torch.Tensor:
+        """The whole denoising loop from x (noise-scaled), each patch's evaluations through its rows of
+        `inpaint` when there is a noise_mask; returns the final x on every rank of the stage 0."""
         a, config = self.adapter, self.ctx.mesh.config
         b, c, h, w = x.shape
         per_row = w // 2  # every family here patches the latent 2x2
@@ -237,10 +242,11 @@ class PipeFusionRunner:
             sampler = Sampler(request.sampler, ms, request.seed,
                               noise=lambda i, r0=r0, r1=r1: noise(i)[:, :, r0:r1])
             drivers.append(PatchDriver(sampler, x[:, :, r0:r1], sigmas))
-        for d in drivers:
+        for d, (r0, r1) in zip(drivers, rows):
+            d.inpaint = None if inpaint is None else inpaint.rows(r0, r1)
             d.start()
         self._check_schedule(rounds, rows, x, request)
-        x_eval = x.clone()  # stage 0's latest input for every patch
+        x_eval = torch.cat([d.request[0] for d in drivers], dim=2)  # stage 0's latest input for every patch
         attention = PipeFusionKV(a.JOINT_ORDER, self.groups, n_img)
         kinds = a.attention_kinds()
         mine = {id(m) for block, _ in self.blocks for m in block.modules()}

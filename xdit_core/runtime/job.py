@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass
+from functools import partial
 from typing import Any, Callable, Optional
 
 import torch
@@ -12,6 +13,7 @@ import torch.distributed as dist
 from xdit_core.loading.load import load_model
 from xdit_core.models import make_adapter
 from xdit_core.models.base import ModelAdapter
+from xdit_core.models.families import ModelSpec
 from xdit_core.models.model_sampling import ModelSampling
 from xdit_core.parallel.comm import CommCounter
 from xdit_core.parallel.context import RankContext
@@ -21,8 +23,9 @@ from xdit_core.parallel.sequence_parallel import SequenceParallelRunner
 from xdit_core.parallel.stages import pipefusion_parts
 from xdit_core.runtime.report import rank_report
 from xdit_core.sampling.finite import check_first_prediction
+from xdit_core.sampling.inpaint import Inpaint
 from xdit_core.sampling.request import SampleRequest
-from xdit_core.sampling.samplers import is_max_denoise, run_sampler
+from xdit_core.sampling.samplers import Denoiser, is_max_denoise, run_sampler
 
 StepHook = Callable[[int, int], None]
 
@@ -73,6 +76,34 @@ def make_denoiser(adapter: ModelAdapter, ms: ModelSampling, request: SampleReque
     return denoise
 
 
+def inpaint_of(spec: ModelSpec, ms: ModelSampling, request: SampleRequest) -> Optional[Inpaint]:
+    """The request's noise_mask with what pins the region outside it, or None without a mask."""
+    if request.noise_mask is None:
+        return None
+    noise = request.noise if request.inpaint_noise is None else request.inpaint_noise
+    return Inpaint(request.noise_mask, request.latent_image, noise, partial(spec.scale_latent_inpaint, ms))
+
+
+def denoise_latent(spec: ModelSpec, ms: ModelSampling, request: SampleRequest,
+                   loop: Callable[[torch.Tensor, Optional[Inpaint]], torch.Tensor]) -> torch.Tensor:
+    """What ComfyUI's KSAMPLER does around a sampler: noise the latent to the first sigma, run `loop(x,
+    inpaint)`, undo the noise scaling at the last sigma. Returns float32 in the model's latent space."""
+    sigmas = request.sigmas
+    x = ms.noise_scaling(sigmas[0], request.noise, request.latent_image, is_max_denoise(ms, sigmas))
+    x = loop(x, inpaint_of(spec, ms, request))
+    return ms.inverse_noise_scaling(sigmas[-1], x).float()
+
+
+def serial_loop(request: SampleRequest, ms: ModelSampling, denoise: Denoiser,
+                on_step: Optional[StepHook] = None) -> Callable[[torch.Tensor, Optional[Inpaint]], torch.Tensor]:
+    """The sampler's loop over `denoise` (the whole latent at once), through the noise_mask if any."""
+    def loop(x: torch.Tensor, inpaint: Optional[Inpaint]) -> torch.Tensor:
+        masked = denoise if inpaint is None else inpaint.denoiser(denoise)
+        return run_sampler(request.sampler, ms, x, request.sigmas, masked, request.seed, on_step)
+
+    return loop
+
+
 @torch.no_grad()
 def run_request(adapter: ModelAdapter, request: SampleRequest, on_step: Optional[StepHook] = None,
                 step_seconds: Optional[list[float]] = None, ctx: Optional[RankContext] = None) -> torch.Tensor:
@@ -83,8 +114,6 @@ def run_request(adapter: ModelAdapter, request: SampleRequest, on_step: Optional
     """
     ms = adapter.spec.model_sampling(request.shift, width=request.width, height=request.height)
     request = request.to(ctx.device if ctx is not None else next(adapter.model.parameters()).device)
-    sigmas = request.sigmas
-    x = ms.noise_scaling(sigmas[0], request.noise, request.latent_image, is_max_denoise(ms, sigmas))
     last = [time.perf_counter()]
 
     def step_done(i: int, n: int) -> None:
@@ -97,20 +126,23 @@ def run_request(adapter: ModelAdapter, request: SampleRequest, on_step: Optional
         if on_step is not None:
             on_step(i, n)
 
+    def pipefusion_loop(x: torch.Tensor, inpaint: Optional[Inpaint]) -> torch.Tensor:
+        runner = PipeFusionRunner(adapter, ctx)
+        out = runner.run(request, ms, x, step_done, inpaint)
+        ctx.effective_patches = runner.effective_patches
+        return out
+
     if ctx is not None:
         ctx.begin_run()  # fresh point-to-point channels per run (emulated NCCL mode)
     try:
         if ctx is not None and ctx.mesh.config.pipefusion_parallel_degree > 1:
-            runner = PipeFusionRunner(adapter, ctx)
-            x = runner.run(request, ms, x, step_done)
-            ctx.effective_patches = runner.effective_patches
+            loop = pipefusion_loop
         else:
-            x = run_sampler(request.sampler, ms, x, sigmas, make_denoiser(adapter, ms, request, ctx),
-                            request.seed, step_done)
+            loop = serial_loop(request, ms, make_denoiser(adapter, ms, request, ctx), step_done)
+        return denoise_latent(adapter.spec, ms, request, loop)
     finally:
         if ctx is not None:
             ctx.end_run()
-    return ms.inverse_noise_scaling(sigmas[-1], x).float()
 
 
 @dataclass(frozen=True)

@@ -17,7 +17,8 @@ from xdit_core.errors import XDiTConfigError, XDiTNumericError
 from xdit_core.models.families import PIXEL_MULTIPLE, ModelSpec
 from xdit_core.models.base import BranchCond
 from xdit_core.models.conditioning import MAX_SEED, check_finite
-from xdit_core.sampling.samplers import calculate_sigmas, fix_empty_latent_channels, prepare_noise, validate_sampler_settings
+from xdit_core.sampling.samplers import MAX_STEPS, calculate_sigmas, fix_empty_latent_channels, prepare_noise, validate_sampler_settings
+from xdit_core.sampling.inpaint import ddim_inpaint_noise, prepare_mask
 
 # ComfyUI's own limits (nodes.MAX_RESOLUTION, EmptyLatentImage's batch_size, KSampler's cfg, the shift of the
 # ModelSampling nodes, FluxGuidance; the seed's is MAX_SEED): a request ComfyUI could not make is refused here too.
@@ -42,6 +43,9 @@ class SampleRequest:
     shift: Optional[float | str]  # model-sampling shift override; None = the family's default
     height: int  # pixels
     width: int
+    noise_mask: Optional[torch.Tensor] = None  # [B, C, h, w] (prepare_mask): 1 where the latent is denoised
+    inpaint_noise: Optional[torch.Tensor] = None  # what pins the unmasked region when it is not `noise` (ddim)
+    unsampled: Optional[torch.Tensor] = None  # an empty step range: the LATENT ComfyUI returns as it is
 
     @property
     def steps(self) -> int:
@@ -54,8 +58,12 @@ class SampleRequest:
                 return None
             return BranchCond(c.text.to(device), None if c.pooled is None else c.pooled.to(device))
 
+        def opt(t: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
+            return None if t is None else t.to(device)
+
         return replace(self, noise=self.noise.to(device), latent_image=self.latent_image.to(device),
-                       sigmas=self.sigmas.to(device), positive=move(self.positive), negative=move(self.negative))
+                       sigmas=self.sigmas.to(device), positive=move(self.positive), negative=move(self.negative),
+                       noise_mask=opt(self.noise_mask), inpaint_noise=opt(self.inpaint_noise))
 
 
 def validate_size(spec: ModelSpec, height: int, width: int) -> None:
@@ -123,6 +131,35 @@ def validate_batch_index(batch_index: Sequence[int], batch: int) -> list[int]:
     return [int(i) for i in indices]
 
 
+@dataclass(frozen=True)
+class StepRange:
+    """KSamplerAdvanced's part of the schedule: steps start_at_step..end_at_step, with or without fresh noise,
+    ending at sigma 0 or at the step's own sigma (the leftover noise a next sampler continues from)."""
+
+    add_noise: bool = True
+    start_at_step: int = 0
+    end_at_step: int = MAX_STEPS
+    return_with_leftover_noise: bool = False
+
+    def validate(self) -> None:
+        for name in ("start_at_step", "end_at_step"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, numbers.Integral) or not 0 <= value <= MAX_STEPS:
+                raise XDiTConfigError(f"{name} must be an integer in 0..{MAX_STEPS} (KSamplerAdvanced's range), "
+                                      f"got {value!r}")
+
+    def apply(self, sigmas: torch.Tensor) -> torch.Tensor:
+        """The schedule KSampler.sample runs: cut at end_at_step (its sigma set to 0 unless leftover noise is
+        returned), then from start_at_step; a single sigma when nothing is left to sample."""
+        if self.end_at_step < len(sigmas) - 1:
+            sigmas = sigmas[:self.end_at_step + 1].clone()
+            if not self.return_with_leftover_noise:
+                sigmas[-1] = 0
+        if self.start_at_step >= len(sigmas) - 1:
+            return sigmas[-1:]
+        return sigmas[self.start_at_step:]
+
+
 def empty_latent(spec: ModelSpec, batch: int, height: int, width: int) -> torch.Tensor:
     """An empty LATENT of the family's channels, as EmptyLatentImage / EmptySD3LatentImage make it."""
     return torch.zeros(batch, spec.latent_channels, height // 8, width // 8)
@@ -131,12 +168,15 @@ def empty_latent(spec: ModelSpec, batch: int, height: int, width: int) -> torch.
 def build_request(spec: ModelSpec, latent: torch.Tensor, *, seed: int, steps: int, cfg: float,
                   sampler: str, scheduler: str, denoise: float, positive: BranchCond,
                   negative: Optional[BranchCond], guidance: Optional[float] = None,
-                  shift: Optional[float | str] = None, batch_index: Optional[Sequence[int]] = None) -> SampleRequest:
-    """KSampler's preparation of one run, from a ComfyUI LATENT tensor [B, C, H/8, W/8].
+                  shift: Optional[float | str] = None, batch_index: Optional[Sequence[int]] = None,
+                  noise_mask: Optional[torch.Tensor] = None, steps_range: StepRange = StepRange()) -> SampleRequest:
+    """KSampler's (KSamplerAdvanced's, with `steps_range`) preparation of one run, from a ComfyUI LATENT tensor
+    [B, C, H/8, W/8] and its optional noise_mask.
 
     Every input is checked first (ranges, shapes, finite values), so bad input fails here, before any rank.
     """
     validate_sampler_settings(sampler, scheduler, steps, denoise)
+    steps_range.validate()
     validate_seed(seed)
     validate_number("cfg", cfg, 0.0, MAX_CFG)
     validate_number("guidance", guidance, 0.0, MAX_GUIDANCE)
@@ -159,12 +199,19 @@ def build_request(spec: ModelSpec, latent: torch.Tensor, *, seed: int, steps: in
             check_finite(f"{branch} conditioning", cond.text)
             if cond.pooled is not None:
                 check_finite(f"{branch} pooled conditioning", cond.pooled)
+    mask = None if noise_mask is None else prepare_mask(noise_mask, latent.shape)
     ms = spec.model_sampling(shift, width=width, height=height)
-    noise = prepare_noise(latent, seed, batch_index)
+    sigmas = calculate_sigmas(ms, scheduler, steps, denoise)
+    sigmas = steps_range.apply(sigmas)
+    if steps_range.add_noise:
+        noise = prepare_noise(latent, seed, batch_index)
+    else:
+        noise = torch.zeros_like(latent)
     latent_image = spec.latent_format.process_in(latent) if torch.count_nonzero(latent) > 0 else latent
     return SampleRequest(
-        noise=noise, latent_image=latent_image, sigmas=calculate_sigmas(ms, scheduler, steps, denoise),
+        noise=noise, latent_image=latent_image, sigmas=sigmas,
         positive=positive, negative=negative if with_negative else None, cfg=float(cfg),
         guidance=None if spec.default_guidance is None else (spec.default_guidance if guidance is None else guidance),
-         sampler=sampler, seed=seed,
-        shift=shift, height=height, width=width)
+        sampler=sampler, seed=seed, shift=shift, height=height, width=width, noise_mask=mask,
+        inpaint_noise=ddim_inpaint_noise(seed, latent.shape) if mask is not None and sampler == "ddim" else None,
+        unsampled=latent if len(sigmas) < 2 else None)
