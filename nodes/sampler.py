@@ -4,35 +4,13 @@ from __future__ import annotations
 import math
 
 from . import host
+from .conditioning import branch_from_conditioning
 from .mesh import check_against_model
 from .types import XDiTMesh, XDiTModel
 
 SAMPLERS = ["euler", "euler_ancestral", "heun", "dpmpp_2m", "lcm", "ddim", "gradient_estimation"]
 SCHEDULERS = ["simple", "normal", "karras", "exponential", "sgm_uniform", "beta", "ddim_uniform", "linear_quadratic",
               "kl_optimal"]
-
-
-def branch_from_conditioning(spec, conditioning, batch: int, name: str):
-    """ComfyUI CONDITIONING ([[tensor, dict]]) -> (BranchCond, guidance or None) for the model's family."""
-    from xdit_core.api import BranchCond, XDiTConditioningError
-    from xdit_core.api import check_conditioning_shape as check_shape
-
-    if not conditioning:
-        raise XDiTConditioningError(f"{name} conditioning is empty")
-    if len(conditioning) != 1:
-        raise XDiTConditioningError(
-            f"{name} conditioning has {len(conditioning)} entries (combined or area conditioning); the xDiT "
-            "Sampler takes one per branch: use Conditioning (Concat) or a single text encoder output")
-    tensor, extra = conditioning[0]
-    text = check_shape(name, tensor, batch, spec.text_dim, text=True, source=f"{name} conditioning")
-    pooled = None
-    if spec.pooled_dim is not None:
-        if extra.get("pooled_output") is None:
-            raise XDiTConditioningError(f"{name} conditioning has no pooled_output; {spec.family} needs the "
-                                        "pooled CLIP output of its text encoders")
-        pooled = check_shape(f"{name} pooled_output", extra["pooled_output"], batch, spec.pooled_dim,
-                             text=False, source=f"{name} conditioning")
-    return BranchCond(text, pooled), extra.get("guidance")
 
 
 def run_sampler(model: XDiTModel, mesh: XDiTMesh, positive, negative, latent_image: dict, seed: int, steps: int,
@@ -44,11 +22,11 @@ def run_sampler(model: XDiTModel, mesh: XDiTMesh, positive, negative, latent_ima
         spec = api.describe_model(model.path, model.family, model.variant)
         samples = latent_image["samples"]
         api.validate_latent_shape(spec, samples.shape)
-        batch = samples.shape[0]
-        pos, guidance = branch_from_conditioning(spec, positive, batch, "positive")
+        batch, size = samples.shape[0], (samples.shape[2] * 8, samples.shape[3] * 8)
+        pos, guidance = branch_from_conditioning(spec, positive, batch, "positive", *size)
         neg = None
         if not math.isclose(cfg, 1.0):  # at cfg 1 ComfyUI evaluates no negative branch
-            neg, _ = branch_from_conditioning(spec, negative, batch, "negative")
+            neg, _ = branch_from_conditioning(spec, negative, batch, "negative", *size)
         parallel = check_against_model(mesh, model, cfg, steps, samples.shape[2])
         api.check_request_fits(
             model.path, [batch, spec.latent_channels, *samples.shape[2:]], parallel, backend="ray",

@@ -294,3 +294,37 @@ def test_sampler_refuses_a_latent_beyond_the_memory_budget(comfy, monkeypatch):
     monkeypatch.setenv("XDIT_MEMORY_BUDGET_GB", "1")
     message = sample_error(comfy, latent_image={"samples": torch.zeros(1, 16, 512, 512)})
     assert "but the memory budget is 1.0 GiB ($XDIT_MEMORY_BUDGET_GB)" in message, message
+
+
+def with_keys(**keys):
+    cond = conditioning(torch.Generator().manual_seed(1), guidance=3.5)
+    cond[0][1].update(keys)
+    return cond
+
+
+@pytest.mark.parametrize("over,needle", [
+    (dict(positive=with_keys(control=object())), "'control', which the xdit samplers do not apply: controlnet"),
+    (dict(negative=with_keys(start_percent=0.2)), "negative conditioning has the key 'start_percent'"),
+    (dict(positive=with_keys(reference_latents=[torch.zeros(1, 16, 8, 6)])), "reference latents (kontext"),
+    (dict(positive=with_keys(area=(8, 8, 0, 0), strength=1.0)), "area conditioning is not supported yet"),
+    (dict(positive=with_keys(some_new_key=1)), "apply only guidance, pooled_output for flux"),
+    (dict(positive=with_keys() + with_keys()), "positive conditioning has 2 entries"),
+    (dict(latent_image={"samples": torch.zeros(1, 16, 8, 6), "noise_mask": torch.zeros(2, 3, 8, 8)}),
+     "noise_mask has shape [2, 3, 8, 8]"),
+    (dict(latent_image={"samples": torch.zeros(1, 16, 8, 6), "noise_mask": torch.full((8, 8), NAN)}),
+     "noise_mask"),
+], ids=["controlnet", "timestep-range", "reference-latents", "area", "unknown-key", "combined", "mask-shape",
+        "mask-nan"])
+def test_conditioning_keys_and_masks_the_engine_cannot_apply_are_refused(comfy, over, needle):
+    assert needle.lower() in sample_error(comfy, **over).lower()
+
+
+def test_no_op_and_ignored_keys_are_accepted():
+    from nodes.conditioning import check_keys
+
+    check_keys("flux", {"pooled_output": 1, "guidance": 3.5, "start_percent": 0.0, "end_percent": 1.0,
+                        "strength": 1.0}, "positive", 64, 48)
+    check_keys("sd3", {"pooled_output": 1, "guidance": 3.5}, "positive", 64, 48)  # ComfyUI's SD3 ignores guidance
+    check_keys("pixart", {"pooled_output": None, "width": 48, "height": 64, "aspect_ratio": 64 / 48}, "positive", 64, 48)
+    with pytest.raises(ValueError, match="conditions PixArt on the latent's size"):
+        check_keys("pixart", {"width": 1024, "height": 1024}, "positive", 64, 48)

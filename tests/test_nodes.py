@@ -191,11 +191,11 @@ def test_host_callback_exception_stops_every_rank_before_it_propagates(tiny_mode
         from xdit_core.models.families import resolve_model_spec
         from xdit_core.loading.load import read_model_config
         from xdit_core.sampling.request import build_request
-        from nodes.sampler import branch_from_conditioning
+        from nodes.conditioning import branch_from_conditioning
 
         spec = resolve_model_spec(read_model_config(model.path))
-        pos, _ = branch_from_conditioning(spec, args["positive"], 1, "positive")
-        neg, _ = branch_from_conditioning(spec, args["negative"], 1, "negative")
+        pos, _ = branch_from_conditioning(spec, args["positive"], 1, "positive", 64, 48)
+        neg, _ = branch_from_conditioning(spec, args["negative"], 1, "negative", 64, 48)
         request = build_request(spec, args["latent_image"]["samples"], seed=1, steps=200, cfg=2.0, sampler="euler",
                                 scheduler="simple", denoise=1.0, positive=pos, negative=neg)
         with pytest.raises(HostInterrupt):

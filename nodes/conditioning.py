@@ -1,0 +1,92 @@
+"""ComfyUI CONDITIONING -> the engine's per-branch conditioning, with an explicit list of accepted keys.
+
+A CONDITIONING is a list of [tensor, dict] entries; the dict's keys steer ComfyUI's model (pooled output,
+Flux guidance, ControlNet, areas, masks, timestep ranges, reference latents...). A key the xDiT samplers do
+not apply would silently change the result, so every key is either applied, ignored exactly as ComfyUI's
+own model for the family ignores it, a no-op at its value, or refused with what to do instead.
+"""
+from __future__ import annotations
+
+import math
+
+# Keys ComfyUI's model for the family reads and the engine applies ("guidance": Flux dev's distilled guidance).
+APPLIED = {"flux": {"pooled_output", "guidance"}, "sd3": {"pooled_output"}, "pixart": set()}
+# Keys ComfyUI's model for the family never reads (so neither do we): the T5-only PixArt's empty pooled output,
+# FluxGuidance on a model without a guidance embedder.
+IGNORED = {"flux": set(), "sd3": {"guidance"}, "pixart": {"pooled_output", "guidance"}}
+# Keys that change nothing at these values (a Conditioning Set Timestep Range of 0..1, strength 1).
+NO_OP = {"start_percent": 0.0, "end_percent": 1.0, "strength": 1.0}
+# What to use instead of a key the engine does not apply yet.
+ADVICE = {
+    "control": "ControlNet is not supported by the xDiT samplers yet; use ComfyUI's KSampler for ControlNet",
+    "area": "area conditioning is not supported yet; use one prompt per branch",
+    "mask": "masked conditioning is not supported yet; use a LATENT noise_mask to restrict denoising",
+    "start_percent": "timestep ranges are not supported yet; remove Conditioning Set Timestep Range",
+    "end_percent": "timestep ranges are not supported yet; remove Conditioning Set Timestep Range",
+    "strength": "conditioning strength is not supported yet; leave it at 1.0",
+    "reference_latents": "reference latents (Kontext and edit models) are not supported yet",
+    "concat_latent_image": "inpainting-model conditioning is not supported yet; use a LATENT noise_mask",
+    "attention_mask": "text attention masks are not supported; load the text encoder without the T5 attention mask",
+    "hooks": "conditioning hooks (scheduled LoRA) are not supported; use the xDiT LoRA node",
+    "gligen": "GLIGEN is not supported",
+}
+PIXART_SIZE_KEYS = ("width", "height", "aspect_ratio")
+
+
+def check_keys(family: str, extra: dict, name: str, height: int, width: int) -> None:
+    """Raise ValueError for any conditioning key the engine would not apply as ComfyUI does."""
+    for key, value in extra.items():
+        if key in APPLIED[family] or key in IGNORED[family]:
+            continue
+        if key in NO_OP and _equals(value, NO_OP[key]):
+            continue
+        if family == "pixart" and key in PIXART_SIZE_KEYS:
+            # ComfyUI's PixArt takes its size conditioning from these when set; ours is the latent's own size.
+            default = {"width": width, "height": height, "aspect_ratio": height / width}[key]
+            if _equals(value, default):
+                continue
+            raise ValueError(f"{name} conditioning sets {key} {value}, but the xDiT Sampler conditions PixArt on "
+                             f"the latent's size ({width}x{height}); use a latent of the size you want instead")
+        advice = ADVICE.get(key, f"the xDiT samplers apply only {_listing(family)} for {family}")
+        raise ValueError(f"{name} conditioning has the key {key!r}, which the xDiT samplers do not apply: {advice}")
+
+
+def _equals(value, expected: float) -> bool:
+    try:
+        return math.isclose(float(value), expected, rel_tol=1e-9, abs_tol=1e-12)
+    except (TypeError, ValueError):
+        return False
+
+
+def _listing(family: str) -> str:
+    keys = sorted(APPLIED[family] | IGNORED[family])
+    return ", ".join(keys) if keys else "no keys"
+
+
+def branch_from_conditioning(spec, conditioning, batch: int, name: str, height: int, width: int):
+    """ComfyUI CONDITIONING ([[tensor, dict]]) -> (BranchCond, guidance or None) for the model's family;
+    `height`, `width`: the image's size in pixels."""
+    from xdit_core.api import BranchCond, XDiTConditioningError
+    from xdit_core.api import check_conditioning_shape as check_shape
+
+    if not conditioning:
+        raise XDiTConditioningError(f"{name} conditioning is empty")
+    if len(conditioning) != 1:
+        raise XDiTConditioningError(
+            f"{name} conditioning has {len(conditioning)} entries (Conditioning Combine, or area conditioning); "
+            "the xDiT samplers take one per branch: use Conditioning (Concat) or a single text encoder output")
+    tensor, extra = conditioning[0]
+    try:
+        check_keys(spec.family, extra, name, height, width)
+    except ValueError as e:
+        raise XDiTConditioningError(str(e)) from None
+    text = check_shape(name, tensor, batch, spec.text_dim, text=True, source=f"{name} conditioning")
+    pooled = None
+    if spec.pooled_dim is not None:
+        if extra.get("pooled_output") is None:
+            raise XDiTConditioningError(f"{name} conditioning has no pooled_output; {spec.family} needs the "
+                                        "pooled CLIP output of its text encoders")
+        pooled = check_shape(f"{name} pooled_output", extra["pooled_output"], batch, spec.pooled_dim,
+                             text=False, source=f"{name} conditioning")
+    guidance = extra.get("guidance") if "guidance" in APPLIED[spec.family] else None
+    return BranchCond(text, pooled), guidance
