@@ -8,7 +8,8 @@ from .conditioning import branch_from_conditioning
 from .mesh import check_against_model
 from .types import XDiTMesh, XDiTModel
 
-SAMPLERS = ["euler", "euler_ancestral", "heun", "dpmpp_2m", "lcm", "ddim", "gradient_estimation"]
+SAMPLERS = ["euler", "euler_ancestral", "heun", "dpmpp_sde", "dpmpp_2m", "dpmpp_2m_sde", "lcm", "deis", "res_multistep",
+            "gradient_estimation", "ddim", "uni_pc", "uni_pc_bh2"]
 SCHEDULERS = ["simple", "normal", "karras", "exponential", "sgm_uniform", "beta", "ddim_uniform", "linear_quadratic",
               "kl_optimal"]
 
@@ -24,9 +25,9 @@ def run_sampler(model: XDiTModel, mesh: XDiTMesh, positive, negative, latent_ima
         api.validate_latent_shape(spec, samples.shape)
         batch, size = samples.shape[0], (samples.shape[2] * 8, samples.shape[3] * 8)
         pos, guidance = branch_from_conditioning(spec, positive, batch, "positive", *size)
-        neg = None
+        neg = neg_guidance = None
         if not math.isclose(cfg, 1.0):  # at cfg 1 ComfyUI evaluates no negative branch
-            neg, _ = branch_from_conditioning(spec, negative, batch, "negative", *size)
+            neg, neg_guidance = branch_from_conditioning(spec, negative, batch, "negative", *size)
         parallel = check_against_model(mesh, model, cfg, steps, samples.shape[2])
         api.check_request_fits(
             model.path, [batch, spec.latent_channels, *samples.shape[2:]], parallel, backend="ray",
@@ -35,7 +36,8 @@ def run_sampler(model: XDiTModel, mesh: XDiTMesh, positive, negative, latent_ima
             text_tokens=max(c.text.shape[1] for c in (pos, neg) if c is not None), threads=1)
         request = api.build_request(spec, samples, seed=seed, steps=steps, cfg=cfg, sampler=sampler_name,
                                     scheduler=scheduler, denoise=denoise, positive=pos, negative=neg,
-                                    guidance=guidance, shift=None if shift == 0 else shift,
+                                    guidance=guidance, negative_guidance=neg_guidance,
+                                    shift=None if shift == 0 else shift,
                                     batch_index=latent_image.get("batch_index"),
                                     noise_mask=latent_image.get("noise_mask"),
                                     steps_range=steps_range or api.StepRange())

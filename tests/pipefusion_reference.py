@@ -81,7 +81,7 @@ def pipefusion_reference(adapter: ModelAdapter, request: SampleRequest, patches:
         preds = []
         for branch, cond in branches:
             full = adapter.embed(ms.calculate_input(sigma, latent).to(adapter.dtype), timestep, cond,
-                                 request.guidance)
+                                 cond.guidance)
 
             def pick(t: torch.Tensor, dim: int = 1) -> torch.Tensor:
                 return t.index_select(dim, tokens)

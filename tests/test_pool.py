@@ -123,6 +123,32 @@ def test_cancel_stops_all_ranks_at_the_same_step_and_pool_stays_usable(first_run
     assert [s["load_count"] for s in pool.worker_stats()] == [1, 1, 1, 1]
 
 
+def test_two_models_stay_resident_and_switching_loads_nothing(first_run, tiny_models, monkeypatch):
+    """Another model on the same mesh joins the resident one on the same actors; switching back loads
+    nothing and gives the same latent. Over the resident budget the least recently used is evicted."""
+    def loads(pool):
+        return [s["load_count"] for s in pool.worker_stats()]
+
+    def key(name):
+        return PoolKey(str(tiny_models[name]), "fp32", None, None, MESH, "auto", 1)
+
+    flux = pool_for(tiny_models)
+    before = loads(flux)
+    ref = flux.sample(make_request(tiny_models, 2))
+    sd3 = get_pool(key("sd3"))
+    assert sd3 is flux  # the same actors
+    assert torch.isfinite(sd3.sample(make_request(tiny_models, 2, "sd3"))).all()
+    assert loads(flux) == [n + 1 for n in before]
+    assert torch.equal(pool_for(tiny_models).sample(make_request(tiny_models, 2)), ref)
+    assert get_pool(key("sd3")).resident and loads(flux) == [n + 1 for n in before]  # switching loaded nothing
+    monkeypatch.setenv("XDIT_RESIDENT_GB", "0")  # room for one model at a time
+    get_pool(key("pixart"))
+    assert [m.path for m in flux.worker_stats()[0]["resident"]] == [str(tiny_models["pixart"])]
+    assert list(flux.resident) == [key("pixart").model]
+    assert torch.equal(pool_for(tiny_models).sample(make_request(tiny_models, 2)), ref)  # flux, loaded again
+    assert loads(flux) == [n + 3 for n in before]
+
+
 def test_killed_rank_fails_fast_then_pool_rebuilds(first_run, tiny_models):
     pool = pool_for(tiny_models)
     victim = pool.infos[1]["pid"]

@@ -32,6 +32,7 @@ class GenerateOptions:
     batch: int = 1
     cfg: Optional[float] = None
     guidance: Optional[float] = None
+    negative_guidance: Optional[float] = None
     shift: Optional[str] = None  # a number or "auto"
     sampler: str = "euler"
     scheduler: str = "simple"
@@ -288,7 +289,8 @@ def prepare(opts: GenerateOptions) -> tuple[SampleRequest, Any, float]:
         positive, negative = random_cond(spec, batch, opts.seed, with_negative)
     request = build_request(spec, latent, seed=opts.seed, steps=opts.steps, cfg=cfg, sampler=opts.sampler,
                             scheduler=opts.scheduler, denoise=opts.denoise, positive=positive,
-                            negative=negative, guidance=opts.guidance, shift=shift, batch_index=batch_index)
+                            negative=negative, guidance=opts.guidance,
+                            negative_guidance=opts.negative_guidance, shift=shift, batch_index=batch_index)
     return request, spec, cfg
 
 

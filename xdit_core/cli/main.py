@@ -36,6 +36,9 @@ def _add_generate(sub) -> None:
     p.add_argument("--seed", type=int, required=True, help="0..18446744073709551615 (ComfyUI's range)")
     p.add_argument("--cfg", type=float, help="CFG scale, 0..100 (default: Flux 1.0, SD3 and PixArt 4.5)")
     p.add_argument("--guidance", type=float, help="Flux guidance embedding, 0..100 (default 3.5, as FluxGuidance)")
+    p.add_argument("--negative-guidance", type=float,
+                   help="the negative branch's Flux guidance (default 3.5: ComfyUI's for a negative prompt without "
+                        "FluxGuidance)")
     p.add_argument("--shift", help="model-sampling shift in (0, 100] (default: the family's), or 'auto' for Flux; "
                                    "not for PixArt")
     p.add_argument("--sampler", default="euler", help="euler | euler_ancestral | heun | dpmpp_2m | lcm | ddim | "

@@ -120,6 +120,11 @@ def read_model_config(path: str | Path) -> dict[str, Any]:
     return _open(path, LoadStats()).config
 
 
+def parameter_count(path: str | Path) -> int:
+    """How many weights a model file or folder holds, from its headers (no tensor data read)."""
+    return sum(math.prod(shape) for shape in _open(path, LoadStats()).files.shapes.values())
+
+
 def block_prefixes(model: torch.nn.Module, family: str) -> list[str]:
     """The name prefix of every transformer block, in the adapter's flat order (Flux: double, then single)."""
     return [f"{lst}.{i}." for lst in BLOCK_LISTS[family] for i in range(len(getattr(model, lst)))]

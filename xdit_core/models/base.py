@@ -11,10 +11,12 @@ from xdit_core.models.families import ModelSpec
 
 @dataclass
 class BranchCond:
-    """One CFG branch's conditioning: text states [B, L, D] and, for Flux and SD3, pooled [B, P]."""
+    """One CFG branch's conditioning: text states [B, L, D], for Flux and SD3 pooled [B, P], and Flux dev's
+    guidance (per branch, as ComfyUI's: a negative without FluxGuidance runs at 3.5, not at the positive's)."""
 
     text: torch.Tensor
     pooled: Optional[torch.Tensor] = None
+    guidance: Optional[float] = None
 
 
 @dataclass

@@ -49,7 +49,7 @@ def make_denoiser(adapter: ModelAdapter, ms: ModelSampling, request: SampleReque
     def predict_denoised(x: torch.Tensor, sigma: torch.Tensor, cond) -> torch.Tensor:
         xc = ms.calculate_input(sigma, x).to(dtype)
         timestep = ms.timestep(sigma.reshape(1).cpu()).float().to(x.device).expand(x.shape[0])
-        out = predict(xc, timestep, cond, request.guidance).float()
+        out = predict(xc, timestep, cond, cond.guidance).float()
         return ms.calculate_denoised(sigma, out, x)
 
     def combined(x: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
@@ -164,14 +164,18 @@ class RankJob:
     """
 
     def __init__(self, rank: int, device: torch.device, model: ModelRef, parallel: ParallelConfig,
-                 attention_backend: str = "auto"):
+                 attention_backend: str = "auto", ctx: Optional[RankContext] = None):
+        """`ctx`: the rank's context when it already has one (a worker holding several models shares it)."""
         t0 = time.perf_counter()
         parts = pipefusion_parts(model.path, model.family, model.variant, parallel, rank)
         net, self.spec = load_model(model.path, model.dtype, model.family, model.variant, device=device, parts=parts)
         self.load_s = time.perf_counter() - t0
         self.rank, self.parallel = rank, parallel
         self.adapter = make_adapter(net, self.spec)
-        self.ctx = RankContext(Mesh(parallel), device, attention_backend) if parallel.world_size > 1 else None
+        self.param_bytes = sum(p.numel() * p.element_size() for p in net.parameters() if not p.is_meta)
+        if ctx is None and parallel.world_size > 1:
+            ctx = RankContext(Mesh(parallel), device, attention_backend)
+        self.ctx = ctx
 
     def run(self, request: SampleRequest, on_step: Optional[StepHook] = None) -> dict[str, Any]:
         """Sample `request`; returns rank 0's latent (model space, float32, CPU; None elsewhere) and the report."""
@@ -179,8 +183,7 @@ class RankJob:
             self.ctx.counter = CommCounter()
         step_s: list[float] = []
         out = run_request(self.adapter, request, on_step=on_step, step_seconds=step_s, ctx=self.ctx)
-        params = sum(p.numel() * p.element_size() for p in self.adapter.model.parameters() if not p.is_meta)
         counter = self.ctx.counter if self.ctx is not None else None
         patches = self.ctx.effective_patches if self.ctx is not None else 0
         return {"samples": out.cpu() if self.rank == 0 else None, "load_s": self.load_s,
-                "report": rank_report(self.rank, self.parallel, params, step_s, counter, patches)}
+                "report": rank_report(self.rank, self.parallel, self.param_bytes, step_s, counter, patches)}

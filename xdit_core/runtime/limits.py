@@ -14,7 +14,7 @@ from typing import Optional, Sequence
 import torch
 
 from xdit_core.errors import XDiTConfigError, XDiTModelError
-from xdit_core.loading.load import read_model_config
+from xdit_core.loading.load import DTYPES, parameter_count, read_model_config
 from xdit_core.parallel.attention import FLASH_DTYPES, _flash_attn_available
 from xdit_core.parallel.mesh import ParallelConfig
 
@@ -26,6 +26,7 @@ MAX_THREADS = 1024  # torch threads per rank, even with --oversubscribe: no mach
 
 MEMORY_BUDGET_ENV = "XDIT_MEMORY_BUDGET_GB"  # GiB; overrides the physical (CPU) or GPU memory
 GIB = 2 ** 30
+RESIDENT_BUDGET_ENV = "XDIT_RESIDENT_GB"  # GiB of weights each rank keeps for its resident models
 FLOAT32_BYTES = 4  # latents, noise and the sampler's state are float32 whatever the model's dtype
 # Latent-sized float32 tensors one rank holds at once: the request's latent_image and noise, the sampler's
 # x, denoised, derivative, previous denoised (dpmpp_2m) and ancestral draw, and the output.
@@ -194,3 +195,28 @@ def check_request_fits(model_path: str, latent_shape: Sequence[int], parallel: P
     # Processes on one budget: the ranks of a GPU, or every local rank plus the host beside a spawned world.
     sharing = 1 if remote else math.ceil(world / gpus) if on_gpu else world + (world > 1)
     check_memory(latent_shape, per_rank, sharing, memory_budget(on_gpu, remote))
+
+
+def resident_budget(world_size: int, on_gpu: bool) -> Optional[int]:
+    """Bytes of weights one rank may keep across resident models before the least recently used is evicted:
+    $XDIT_RESIDENT_GB if set, else 70% of the smallest GPU's memory (the rest is for activations) or, on CPU,
+    half the physical memory shared by the ranks; None (no limit) where nothing is known."""
+    raw = os.environ.get(RESIDENT_BUDGET_ENV)
+    if raw is not None:
+        try:
+            gib = float(raw)
+        except ValueError:
+            gib = math.nan
+        if not (math.isfinite(gib) and gib >= 0):
+            raise XDiTConfigError(f"${RESIDENT_BUDGET_ENV} must be a number of GiB >= 0, got {raw!r}")
+        return int(gib * GIB)
+    if on_gpu:
+        return int(0.7 * min(torch.cuda.get_device_properties(i).total_memory for i in range(torch.cuda.device_count())))
+    ram = physical_memory()
+    return None if ram is None else ram // (2 * world_size)
+
+
+def estimate_weight_bytes(model_path: str, dtype: str, parallel: ParallelConfig) -> int:
+    """One rank's share of a model's weights in `dtype`, from its headers: a PipeFusion stage holds about
+    1/stages of them, every other rank all of them."""
+    return parameter_count(model_path) * DTYPES[dtype].itemsize // parallel.pipefusion_parallel_degree

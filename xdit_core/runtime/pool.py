@@ -1,11 +1,13 @@
 """The persistent worker pool: one Ray actor per rank, warm across requests, with progress, cancel and
 recovery from failed or dead ranks.
 
-Policy: a process keeps at most one pool (`get_pool`). A request with the same key (model, dtype,
-family, variant, mesh, attention backend, threads) reuses its actors and loaded weights; a different key
-shuts the old actors down first, freeing their memory; `unload()` frees everything. A request that
-fails (a rank raised or died) kills all ranks, because the survivors are blocked in collectives; the
-next request rebuilds the pool.
+Policy: a process keeps at most one pool (`get_pool`), one set of actors for one mesh (degrees, attention
+backend, threads). Its ranks keep several models resident (Wan 2.2's two experts, two models in one graph):
+a request for a resident model loads nothing; a new model is loaded beside the others, after evicting the
+least recently used ones while the weights per rank would exceed the resident budget ($XDIT_RESIDENT_GB).
+Another mesh shuts the old actors down first, freeing their memory; `unload()` frees everything. A request
+that fails (a rank raised or died) kills all ranks, because the survivors are blocked in collectives; the
+next request rebuilds the pool with only its model.
 """
 from __future__ import annotations
 
@@ -18,6 +20,7 @@ import socket
 import tempfile
 import time
 import uuid
+from collections import OrderedDict
 from dataclasses import dataclass, field
 from typing import Any, Callable, Optional
 
@@ -29,6 +32,7 @@ from xdit_core.parallel.mesh import ParallelConfig, validate_parallel_config
 from xdit_core.runtime import timeouts
 from xdit_core.runtime.job import ModelRef
 from xdit_core.runtime.launch import Rendezvous
+from xdit_core.runtime.limits import estimate_weight_bytes, resident_budget
 from xdit_core.sampling.request import SampleRequest
 
 log = logging.getLogger("xdit")
@@ -48,6 +52,15 @@ class PoolKey:
     parallel: ParallelConfig
     attention_backend: str = "auto"
     threads: int = 1
+
+    @property
+    def model(self) -> ModelRef:
+        return ModelRef(self.model_path, self.dtype, self.family, self.variant)
+
+    @property
+    def mesh(self) -> tuple[ParallelConfig, str, int]:
+        """What the actors are built for: requests with the same mesh share them, whatever their model."""
+        return self.parallel, self.attention_backend, self.threads
 
 
 @dataclass
@@ -219,6 +232,8 @@ class WorkerPool:
         self.broken = False
         self.last_job: Optional[str] = None
         self._rendezvous_dir: Optional[str] = None
+        # The models every rank holds, least recently used first, with the weight bytes of its largest share.
+        self.resident: OrderedDict[ModelRef, int] = OrderedDict()
 
     # -- lifecycle ---------------------------------------------------------------------------
     def start(self) -> None:
@@ -249,13 +264,35 @@ class WorkerPool:
                 name=None).remote(rank, parallel.world_size, self.key.threads))
         self.infos = ray.get([w.info.remote() for w in self.workers])
         self.stats.actor_start_s = time.perf_counter() - t0
-        model = ModelRef(self.key.model_path, self.key.dtype, self.key.family, self.key.variant)
         rendezvous = self._rendezvous()
-        timings = self._collect([w.setup.remote(rendezvous, model, parallel, self.key.attention_backend)
+        timings = self._collect([w.setup.remote(rendezvous, self.key.model, parallel, self.key.attention_backend)
                                  for w in self.workers])
         self.stats.rendezvous_s = max(t["rendezvous_s"] for t in timings)
         self.stats.load_s = max(t["load_s"] for t in timings)
+        self.resident = OrderedDict([(self.key.model, max(t["param_bytes"] for t in timings))])
         self.broken = False
+
+    def use(self, key: PoolKey) -> None:
+        """Make `key`'s model the one requests run on, loading it (after evicting the least recently used
+        models the resident budget cannot keep beside it) unless it is resident already."""
+        model = key.model
+        self.key = key
+        if self.broken or not self.workers:
+            return  # the next request rebuilds the pool with this model
+        if model in self.resident:
+            self.resident.move_to_end(model)
+            return
+        budget = resident_budget(key.parallel.world_size, torch.cuda.is_available())
+        need = estimate_weight_bytes(model.path, model.dtype, key.parallel)
+        evict = []
+        while self.resident and budget is not None and sum(self.resident.values()) + need > budget:
+            evict.append(self.resident.popitem(last=False)[0])
+        if evict:
+            log.info("xDiT: evicting %s to load %s (resident budget %.1f GiB per rank)",
+                     ", ".join(m.path for m in evict), model.path, budget / 2 ** 30)
+        loaded = self._collect([w.load.remote(model, evict) for w in self.workers])
+        self.stats.load_s = max(t["load_s"] for t in loaded)
+        self.resident[model] = max(t["param_bytes"] for t in loaded)
 
     def _rendezvous(self) -> Rendezvous:
         """Ranks all on this machine (no cluster address): a FileStore in a private folder (kept while the
@@ -279,6 +316,7 @@ class WorkerPool:
         for pg in self.placement_groups:
             remove_placement_group(pg)
         self.workers, self.placement_groups, self.infos = [], [], []
+        self.resident.clear()
         if self._rendezvous_dir is not None:
             shutil.rmtree(self._rendezvous_dir, ignore_errors=True)
             self._rendezvous_dir = None
@@ -332,7 +370,8 @@ class WorkerPool:
         def stop() -> None:
             self.workers[0].request_stop.remote(job)
 
-        results = self._collect([w.sample.remote(req_ref, job) for w in self.workers], poll, stop, cancel)
+        model = self.key.model
+        results = self._collect([w.sample.remote(req_ref, job, model) for w in self.workers], poll, stop, cancel)
         self.stats.requests += 1
         cancelled = [r for r in results if "cancelled" in r]
         if cancelled:
@@ -470,14 +509,17 @@ _POOL: Optional[WorkerPool] = None
 
 
 def get_pool(key: PoolKey, ray_address: Optional[str] = None) -> WorkerPool:
-    """The process's pool for `key`: reused when the key matches, else the old one is shut down first."""
+    """The process's pool for `key`'s mesh, running `key`'s model (loaded unless resident); a pool for another
+    mesh or address is shut down first."""
     global _POOL
-    if _POOL is not None and (_POOL.key != key or _POOL.address != ray_address_from_env(ray_address)):
+    if _POOL is not None and (_POOL.key.mesh != key.mesh or _POOL.address != ray_address_from_env(ray_address)):
         _POOL.shutdown()
         _POOL = None
     if _POOL is None:
         _POOL = WorkerPool(key, ray_address)
         _POOL.start()
+    else:
+        _POOL.use(key)
     return _POOL
 
 

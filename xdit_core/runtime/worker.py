@@ -6,6 +6,7 @@ requests, reports progress and stops with all the other ranks when asked.
 """
 from __future__ import annotations
 
+import gc
 import os
 import threading
 import time
@@ -15,7 +16,8 @@ import torch
 import torch.distributed as dist
 
 from xdit_core.errors import XDiTCancelled
-from xdit_core.parallel.mesh import ParallelConfig
+from xdit_core.parallel.context import RankContext
+from xdit_core.parallel.mesh import Mesh, ParallelConfig
 from xdit_core.runtime.job import ModelRef, RankJob
 from xdit_core.runtime.launch import Rendezvous, free_port, init_process_group
 from xdit_core.sampling.request import SampleRequest
@@ -30,7 +32,10 @@ class RankWorker:
         self.world_size = world_size
         self.threads = threads
         self.device = torch.device("cpu")
-        self.job: Optional[RankJob] = None
+        self.parallel: Optional[ParallelConfig] = None
+        self.attention_backend = "auto"
+        self.ctx: Optional[RankContext] = None  # shared by the resident models: one mesh, one set of groups
+        self.jobs: dict[ModelRef, RankJob] = {}  # the resident models (the pool decides which stay)
         self.load_count = 0  # how many times weights were read: warm requests must not add to it
         self._lock = threading.Lock()
         self._progress: list[tuple[int, int]] = []
@@ -49,19 +54,37 @@ class RankWorker:
 
     def setup(self, rendezvous: Rendezvous, model: ModelRef, parallel: ParallelConfig,
               attention_backend: str) -> dict:
-        """Join the process group, build the mesh and load the weights; returns timings in seconds."""
+        """Join the process group, build the mesh and load the first model; returns timings in seconds and
+        the model's parameter bytes on this rank."""
         t0 = time.perf_counter()
         self.device = init_process_group(self.rank, self.world_size, rendezvous)
-        t1 = time.perf_counter()
-        self.job = RankJob(self.rank, self.device, model, parallel, attention_backend)
+        self.parallel, self.attention_backend = parallel, attention_backend
+        if parallel.world_size > 1:
+            self.ctx = RankContext(Mesh(parallel), self.device, attention_backend)
+        rendezvous_s = time.perf_counter() - t0
+        return {"rendezvous_s": rendezvous_s, **self.load(model, [])}
+
+    def load(self, model: ModelRef, evict: list[ModelRef]) -> dict[str, Any]:
+        """Free the `evict` models, then load `model` (every rank, in the same order: loading builds nothing
+        collective, but the pool keeps all ranks' sets equal); returns its load time and parameter bytes."""
+        for old in evict:
+            self.jobs.pop(old, None)
+        if evict:
+            gc.collect()
+            if self.device.type == "cuda":
+                torch.cuda.empty_cache()
+        job = RankJob(self.rank, self.device, model, self.parallel, self.attention_backend, ctx=self.ctx)
+        self.jobs[model] = job
         self.load_count += 1
-        return {"rendezvous_s": t1 - t0, "load_s": self.job.load_s}
+        return {"load_s": job.load_s, "param_bytes": job.param_bytes}
 
     def stats(self) -> dict[str, Any]:
-        return {"rank": self.rank, "load_count": self.load_count, "load_s": self.job.load_s if self.job else 0.0}
+        return {"rank": self.rank, "load_count": self.load_count, "resident": list(self.jobs),
+                "load_s": sum(j.load_s for j in self.jobs.values())}
 
-    def sample(self, request: SampleRequest, job: str) -> dict[str, Any]:
-        """Run one request; every rank returns its report, rank 0 also the latent (model space, CPU)."""
+    def sample(self, request: SampleRequest, job: str, model: ModelRef) -> dict[str, Any]:
+        """Run one request on a resident model; every rank returns its report, rank 0 also the latent (model
+        space, CPU)."""
         with self._lock:
             self._job, self._progress, self._running = job, [], True
             self._stop.clear()
@@ -77,7 +100,7 @@ class RankWorker:
                 raise XDiTCancelled(f"cancelled after step {i} of {n}")
 
         try:
-            result = self.job.run(request, on_step=at_step_boundary)
+            result = self.jobs[model].run(request, on_step=at_step_boundary)
         except XDiTCancelled as e:
             return {"cancelled": str(e), "rank": self.rank}
         finally:

@@ -37,7 +37,7 @@ class SampleRequest:
     positive: BranchCond
     negative: Optional[BranchCond]  # None when cfg == 1: ComfyUI evaluates no negative branch
     cfg: float
-    guidance: Optional[float]
+    guidance: Optional[float]  # the positive branch's (each branch carries its own)
     sampler: str
     seed: int
     shift: Optional[float | str]  # model-sampling shift override; None = the family's default
@@ -56,7 +56,7 @@ class SampleRequest:
         def move(c: Optional[BranchCond]) -> Optional[BranchCond]:
             if c is None:
                 return None
-            return BranchCond(c.text.to(device), None if c.pooled is None else c.pooled.to(device))
+            return replace(c, text=c.text.to(device), pooled=None if c.pooled is None else c.pooled.to(device))
 
         def opt(t: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
             return None if t is None else t.to(device)
@@ -168,6 +168,7 @@ def empty_latent(spec: ModelSpec, batch: int, height: int, width: int) -> torch.
 def build_request(spec: ModelSpec, latent: torch.Tensor, *, seed: int, steps: int, cfg: float,
                   sampler: str, scheduler: str, denoise: float, positive: BranchCond,
                   negative: Optional[BranchCond], guidance: Optional[float] = None,
+                  negative_guidance: Optional[float] = None,
                   shift: Optional[float | str] = None, batch_index: Optional[Sequence[int]] = None,
                   noise_mask: Optional[torch.Tensor] = None, steps_range: StepRange = StepRange()) -> SampleRequest:
     """KSampler's (KSamplerAdvanced's, with `steps_range`) preparation of one run, from a ComfyUI LATENT tensor
@@ -180,6 +181,7 @@ def build_request(spec: ModelSpec, latent: torch.Tensor, *, seed: int, steps: in
     validate_seed(seed)
     validate_number("cfg", cfg, 0.0, MAX_CFG)
     validate_number("guidance", guidance, 0.0, MAX_GUIDANCE)
+    validate_number("negative guidance", negative_guidance, 0.0, MAX_GUIDANCE)
     validate_shift(spec, shift)
     validate_latent_shape(spec, latent.shape)
     check_finite("latent", latent)
@@ -201,17 +203,25 @@ def build_request(spec: ModelSpec, latent: torch.Tensor, *, seed: int, steps: in
                 check_finite(f"{branch} pooled conditioning", cond.pooled)
     mask = None if noise_mask is None else prepare_mask(noise_mask, latent.shape)
     ms = spec.model_sampling(shift, width=width, height=height)
-    sigmas = calculate_sigmas(ms, scheduler, steps, denoise)
+    sigmas = calculate_sigmas(ms, scheduler, steps, denoise, sampler)
     sigmas = steps_range.apply(sigmas)
     if steps_range.add_noise:
         noise = prepare_noise(latent, seed, batch_index)
     else:
         noise = torch.zeros_like(latent)
     latent_image = spec.latent_format.process_in(latent) if torch.count_nonzero(latent) > 0 else latent
+
+    def guided(cond: Optional[BranchCond], value: Optional[float]) -> Optional[BranchCond]:
+        """Flux dev's guidance embedding for a branch: its own value, else ComfyUI's default (3.5)."""
+        if cond is None or spec.default_guidance is None:
+            return cond
+        return replace(cond, guidance=spec.default_guidance if value is None else float(value))
+
+    positive = guided(positive, guidance)
     return SampleRequest(
         noise=noise, latent_image=latent_image, sigmas=sigmas,
-        positive=positive, negative=negative if with_negative else None, cfg=float(cfg),
-        guidance=None if spec.default_guidance is None else (spec.default_guidance if guidance is None else guidance),
+        positive=positive, negative=guided(negative, negative_guidance) if with_negative else None, cfg=float(cfg),
+        guidance=positive.guidance,
         sampler=sampler, seed=seed, shift=shift, height=height, width=width, noise_mask=mask,
         inpaint_noise=ddim_inpaint_noise(seed, latent.shape) if mask is not None and sampler == "ddim" else None,
         unsampled=latent if len(sigmas) < 2 else None)

@@ -1,0 +1,219 @@
+"""ComfyUI's own model and KSampler on our tiny diffusers models, in-process, for parity tests.
+
+ComfyUI's loaders detect a model from a real checkpoint and hard-code real widths, so they cannot load the tiny
+test models. Here the unet_config that `comfy.model_detection.detect_unet_config` would give a checkpoint of the
+same sizes is written from our diffusers config, ComfyUI picks its model config from it as its loader does, and
+our weights, converted to the original layout by `to_original`, fill every tensor of ComfyUI's model.
+
+Import it in ComfyUI's Python with COMFYUI_PATH naming the checkout (ComfyUI's code is used, never copied):
+
+    patcher = comfy_model(folder)
+    samples = ksampler(patcher, latent, seed=1, steps=4, cfg=2.0, sampler_name="euler", scheduler="normal",
+                       positive=conditioning(text, pooled, guidance=3.5), negative=conditioning(...))
+
+As a script it serves tests running in another Python: named cases in, one safetensors file of outputs back.
+
+    COMFYUI_PATH=<checkout> <ComfyUI's python> tests/comfy_native.py <cases.json> <out.safetensors>
+
+cases.json: {"tensors": <safetensors file of inputs>, "cases": [{"name", "kind", "model", ...}, ...]}; any value
+{"tensor": key} in a case stands for that input tensor. Each case's outputs are saved as "<name>/<output>";
+a case that raises is recorded in the file's metadata ("errors": {name: traceback}) and the others still run.
+A new kind of case is a function (patcher, case) -> {output: tensor} added to CASE_KINDS.
+"""
+from __future__ import annotations
+
+import json
+import os
+import sys
+import traceback
+from pathlib import Path
+from typing import Any, Callable, Optional
+
+COMFY = Path(os.environ["COMFYUI_PATH"]).resolve()
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(COMFY))  # ComfyUI's top-level modules (nodes, utils) before anything of ours
+if str(ROOT) not in sys.path:
+    sys.path.append(str(ROOT))
+if "comfy.cli_args" not in sys.modules:  # not inside a running ComfyUI: parse "--cpu" as main.py would
+    _argv, sys.argv = sys.argv, [sys.argv[0], "--cpu"]
+    import comfy.options
+
+    comfy.options.enable_args_parsing()
+    import comfy.cli_args  # noqa: F401  (parses sys.argv on import)
+
+    sys.argv = _argv
+
+import torch  # noqa: E402
+from safetensors.torch import load_file, save_file  # noqa: E402
+
+import comfy.model_detection  # noqa: E402
+import comfy.model_management  # noqa: E402
+import comfy.model_patcher  # noqa: E402
+import comfy.sample  # noqa: E402
+from xdit_core.loading.key_mapping import to_original  # noqa: E402
+from xdit_core.models.families import family_of_class, size_conditioned  # noqa: E402
+
+# Tensors of ComfyUI's model that inference never reads, so our files have no value for them: PixArt's learned
+# null caption (training's caption dropout).
+UNUSED_AT_INFERENCE = {"pixart": {"y_embedder.y_embedding"}}
+
+
+def _flux(config: dict[str, Any]) -> dict[str, Any]:
+    heads = config["num_attention_heads"]
+    # ComfyUI patchifies the 16-channel latent 2x2 itself; diffusers' in_channels count the packed channels.
+    return dict(image_model="flux", in_channels=config["in_channels"] // 4, patch_size=2,
+                out_channels=(config.get("out_channels") or config["in_channels"]) // 4,
+                vec_in_dim=config["pooled_projection_dim"], context_in_dim=config["joint_attention_dim"],
+                hidden_size=heads * config["attention_head_dim"], mlp_ratio=4.0, num_heads=heads,
+                depth=config["num_layers"], depth_single_blocks=config["num_single_layers"],
+                axes_dim=list(config["axes_dims_rope"]), theta=10000, qkv_bias=True,
+                guidance_embed=bool(config.get("guidance_embeds")))
+
+
+def _sd3(config: dict[str, Any]) -> dict[str, Any]:
+    head_dim, hidden = config["attention_head_dim"], config["num_attention_heads"] * config["attention_head_dim"]
+    if head_dim != 64:  # MMDiT: hidden_size = 64 * depth, num_heads = depth
+        raise ValueError(f"ComfyUI's MMDiT has 64-wide heads; this SD3 has {head_dim}-wide ones and cannot be built "
+                         "there (write the tiny model with heads=hidden_size/64, e.g. heads=2, hidden_size=128)")
+    if config.get("qk_norm") not in (None, "rms_norm"):
+        raise ValueError(f"ComfyUI's MMDiT has RMS q/k norms only, not {config['qk_norm']!r}")
+    pos = config["pos_embed_max_size"]
+    return dict(in_channels=config["in_channels"], patch_size=config["patch_size"],
+                out_channels=config["out_channels"], depth=hidden // 64, num_blocks=config["num_layers"],
+                input_size=None, adm_in_channels=config["pooled_projection_dim"],
+                context_embedder_config={"target": "torch.nn.Linear", "params": {
+                    "in_features": config["joint_attention_dim"], "out_features": config["caption_projection_dim"]}},
+                num_patches=pos * pos, pos_embed_max_size=pos, pos_embed_scaling_factor=None,
+                x_block_self_attn_layers=list(config.get("dual_attention_layers") or ()),
+                **({"qk_norm": "rms"} if config.get("qk_norm") else {}))
+
+
+def _pixart(config: dict[str, Any]) -> dict[str, Any]:
+    # As ComfyUI's detection: the size embedders make pixart_alpha, their absence pixart_sigma. No
+    # pe_interpolation: ComfyUI then derives the sin-cos grid from the latent size, as for checkpoints without a
+    # pos_embed table (diffusers saves none). That grid is diffusers' only for sample sizes of 64 and up.
+    micro = size_conditioned(config)
+    return dict(image_model="pixart_alpha" if micro else "pixart_sigma", micro_condition=micro,
+                num_heads=config["num_attention_heads"], hidden_size=config["num_attention_heads"] *
+                config["attention_head_dim"], patch_size=config["patch_size"], in_channels=config["in_channels"],
+                depth=config["num_layers"], caption_channels=config["caption_channels"], mlp_ratio=4.0,
+                pred_sigma=config["out_channels"] == 2 * config["in_channels"])
+
+
+UNET_CONFIGS: dict[str, Callable[[dict[str, Any]], dict[str, Any]]] = {"flux": _flux, "sd3": _sd3, "pixart": _pixart}
+
+
+def read_diffusers(folder: str | Path) -> tuple[str, dict[str, Any], dict[str, torch.Tensor]]:
+    """(family, config, tensors by diffusers name) of a diffusers model folder."""
+    folder = Path(folder)
+    config = json.loads((folder / "config.json").read_text())
+    tensors = {k: v for f in sorted(folder.glob("*.safetensors")) for k, v in load_file(str(f)).items()}
+    return family_of_class(config.get("_class_name")), config, tensors
+
+
+def load_strict(model: torch.nn.Module, state: dict[str, torch.Tensor], unused: set[str]) -> None:
+    """Load `state` into `model`; ValueError unless every tensor but `unused` is filled, with its own shape."""
+    own = model.state_dict()
+    missing = sorted(set(own) - set(state) - unused)
+    unexpected = sorted(set(state) - set(own))
+    wrong = sorted(f"{k}: ours {list(state[k].shape)}, ComfyUI's {list(own[k].shape)}"
+                   for k in set(state) & set(own) if state[k].shape != own[k].shape)
+    if missing or unexpected or wrong:
+        raise ValueError(f"our weights do not fit ComfyUI's {type(model).__name__}: missing {missing}, "
+                         f"unexpected {unexpected}, other shape {wrong}")
+    model.load_state_dict(state, strict=False)
+
+
+def comfy_model(folder: str | Path) -> comfy.model_patcher.ModelPatcher:
+    """ComfyUI's own model of a diffusers folder (Flux dev/schnell, SD3, PixArt alpha/sigma), fp32 on the CPU."""
+    family, config, tensors = read_diffusers(folder)
+    model_config = comfy.model_detection.model_config_from_unet_config(UNET_CONFIGS[family](config))
+    if model_config is None:
+        raise ValueError(f"ComfyUI matched no model config to the {family} model {folder}")
+    model_config.set_inference_dtype(torch.float32, None)
+    device = comfy.model_management.get_torch_device()
+    model = model_config.get_model({}, device=device)
+    state = model_config.process_unet_state_dict(to_original(family, tensors))
+    load_strict(model.diffusion_model, state, UNUSED_AT_INFERENCE.get(family, set()))
+    return comfy.model_patcher.ModelPatcher(model.eval(), load_device=device,
+                                            offload_device=comfy.model_management.unet_offload_device())
+
+
+def conditioning(text: torch.Tensor, pooled: Optional[torch.Tensor] = None,
+                 guidance: Optional[float] = None) -> list:
+    """ComfyUI CONDITIONING of one entry. Flux reads `guidance` per entry, 3.5 where an entry has none."""
+    extra = {k: v for k, v in (("pooled_output", pooled), ("guidance", guidance)) if v is not None}
+    return [[text, extra]]
+
+
+def ksampler(patcher: comfy.model_patcher.ModelPatcher, latent: torch.Tensor, *, seed: int, steps: int, cfg: float,
+             sampler_name: str, scheduler: str, positive: list, negative: list, denoise: float = 1.0) -> torch.Tensor:
+    """ComfyUI's KSampler node (nodes.common_ksampler, without previews): a LATENT tensor in, the sampled one out."""
+    latent = comfy.sample.fix_empty_latent_channels(patcher, latent)
+    noise = comfy.sample.prepare_noise(latent, seed)
+    return comfy.sample.sample(patcher, noise, steps, cfg, sampler_name, scheduler, positive, negative, latent,
+                               denoise=denoise, disable_pbar=True, seed=seed)
+
+
+def _branch(spec: dict[str, Any]) -> list:
+    return conditioning(spec["text"], spec.get("pooled"), spec.get("guidance"))
+
+
+def ksampler_case(patcher: comfy.model_patcher.ModelPatcher, case: dict[str, Any]) -> dict[str, torch.Tensor]:
+    """Case keys: latent, seed, steps, cfg, sampler_name, scheduler, denoise (optional), positive and negative
+    as {"text", "pooled" (optional), "guidance" (optional)}."""
+    samples = ksampler(patcher, case["latent"], seed=case["seed"], steps=case["steps"], cfg=case["cfg"],
+                       sampler_name=case["sampler_name"], scheduler=case["scheduler"],
+                       positive=_branch(case["positive"]), negative=_branch(case["negative"]),
+                       denoise=case.get("denoise", 1.0))
+    return {"samples": samples}
+
+
+CASE_KINDS: dict[str, Callable[[comfy.model_patcher.ModelPatcher, dict[str, Any]], dict[str, torch.Tensor]]] = {
+    "ksampler": ksampler_case,
+}
+
+
+def resolve(value: Any, tensors: dict[str, torch.Tensor]) -> Any:
+    """`value` with every {"tensor": key} replaced by that input tensor."""
+    if isinstance(value, dict):
+        if set(value) == {"tensor"}:
+            return tensors[value["tensor"]]
+        return {k: resolve(v, tensors) for k, v in value.items()}
+    if isinstance(value, list):
+        return [resolve(v, tensors) for v in value]
+    return value
+
+
+def run_cases(cases: list[dict[str, Any]], tensors: dict[str, torch.Tensor]
+              ) -> tuple[dict[str, torch.Tensor], dict[str, str], dict[str, str]]:
+    """(outputs as "<name>/<output>", errors by case name, ComfyUI's model config class by model folder).
+    Each model folder is built once."""
+    outputs, errors, classes, models = {}, {}, {}, {}
+    for case in cases:
+        name = case["name"]
+        try:
+            if case["model"] not in models:
+                models[case["model"]] = comfy_model(case["model"])
+                classes[case["model"]] = type(models[case["model"]].model.model_config).__name__
+            with torch.inference_mode():
+                result = CASE_KINDS[case["kind"]](models[case["model"]], resolve(case, tensors))
+            outputs.update({f"{name}/{k}": v.contiguous() for k, v in result.items()})
+        except Exception:
+            errors[name] = traceback.format_exc()
+    return outputs, errors, classes
+
+
+def main(argv: list[str]) -> None:
+    cases_path, out_path = argv
+    spec = json.loads(Path(cases_path).read_text())
+    tensors = load_file(spec["tensors"]) if spec.get("tensors") else {}
+    outputs, errors, classes = run_cases(spec["cases"], tensors)
+    import comfyui_version
+
+    save_file(outputs, out_path, metadata={"errors": json.dumps(errors), "model_configs": json.dumps(classes),
+                                           "comfyui_version": comfyui_version.__version__, "torch": torch.__version__})
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])

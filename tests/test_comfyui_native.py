@@ -1,0 +1,150 @@
+"""ComfyUI's own model and KSampler against our engine on the same weights: for each family, ComfyUI's code
+(tests/comfy_native.py, run once in ComfyUI's Python for every case) and our serial run give the same latent.
+
+Runs only with COMFYUI_PATH (a ComfyUI checkout); ComfyUI's Python as in test_comfyui_integration.py.
+"""
+import json
+import os
+import subprocess
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors import safe_open
+from safetensors.torch import load_file, save_file
+
+from test_comfyui_integration import comfy_python
+
+COMFYUI = os.environ.get("COMFYUI_PATH")
+pytestmark = pytest.mark.skipif(not COMFYUI, reason="set COMFYUI_PATH to a ComfyUI checkout to run")
+HERE = Path(__file__).resolve().parent
+
+# name: (family, write_tiny options, latent [h, w], ComfyUI's model config class). Latents are not square.
+# SD3: ComfyUI's MMDiT has 64-wide heads only. PixArt: ComfyUI computes its sin-cos grid for the latent with
+# base size / interpolation = 32, as diffusers does for sample sizes of 64 and up (every real PixArt); the tiny
+# default of 32 gives diffusers 16 (a relative error of 0.19), so the model is written with 64 (pixart_at_512).
+# Its latent's (h + w) / 2 must be over 32 too: ComfyUI's interpolation rounds to 0 there and divides by it.
+FAMILIES = {
+    "flux_dev": ("flux", {"variant": "dev"}, (8, 12), "Flux"),
+    "flux_schnell": ("flux", {"variant": "schnell"}, (12, 8), "FluxSchnell"),
+    "sd3": ("sd3", {"heads": 2, "hidden_size": 128}, (8, 12), "SD3"),
+    "pixart_alpha": ("pixart", {"variant": "alpha"}, (32, 48), "PixArtAlpha"),
+    "pixart_sigma": ("pixart", {"variant": "sigma"}, (48, 32), "PixArtSigma"),
+}
+# (sampler, scheduler, steps, denoise): txt2img from an empty latent; img2img from a random one; ancestral
+# sampling draws its own noise from the seed.
+RUNS = {"euler": ("euler", "normal", 5, 1.0), "dpmpp_2m": ("dpmpp_2m", "karras", 4, 0.75),
+        "euler_ancestral": ("euler_ancestral", "simple", 4, 1.0)}
+CFG, GUIDANCE, SEED = 2.0, 2.5, 11
+# max |ours - ComfyUI's| / max |ComfyUI's|; measured: at most 5e-7 for every family (torch 2.13 here, ComfyUI's
+# own torch there). Running the negative at the positive's guidance (2.5) instead of ComfyUI's 3.5 is 3.6e-4.
+TOLERANCE = 1e-4
+
+
+def pixart_at_512(folder: Path) -> None:
+    """Give a tiny PixArt the sample size of the 512 models (64): only its position grid scale changes."""
+    config_file = folder / "config.json"
+    config = json.loads(config_file.read_text())
+    config["sample_size"] = 64
+    config_file.write_text(json.dumps(config))
+
+
+def inputs(name: str, folder: Path) -> dict[str, torch.Tensor]:
+    """The latents and both branches' conditioning of one family, from a generator of its own."""
+    from xdit_core.loading.load import read_model_config
+    from xdit_core.models.families import resolve_model_spec
+
+    spec = resolve_model_spec(read_model_config(folder))
+    gen = torch.Generator().manual_seed(5)
+    h, w = FAMILIES[name][2]
+    out = {"empty": torch.zeros(1, spec.latent_channels, h, w),
+           "image": torch.randn(1, spec.latent_channels, h, w, generator=gen)}
+    for branch in ("positive", "negative"):
+        out[f"{branch}_text"] = torch.randn(1, 7, spec.text_dim, generator=gen)
+        if spec.pooled_dim is not None:
+            out[f"{branch}_pooled"] = torch.randn(1, spec.pooled_dim, generator=gen)
+    return {f"{name}/{k}": v for k, v in out.items()}
+
+
+def branch(name: str, which: str, tensors: dict) -> dict:
+    """A case's conditioning: references to the input tensors, and Flux dev's guidance on the positive only, as in
+    the usual workflow (FluxGuidance after the positive prompt): ComfyUI runs the negative at 3.5."""
+    out = {"text": {"tensor": f"{name}/{which}_text"}}
+    if f"{name}/{which}_pooled" in tensors:
+        out["pooled"] = {"tensor": f"{name}/{which}_pooled"}
+    if name == "flux_dev" and which == "positive":
+        out["guidance"] = GUIDANCE
+    return out
+
+
+@pytest.fixture(scope="module")
+def comfy(tmp_path_factory):
+    """Models, inputs and ComfyUI's outputs of every case, from one run of tests/comfy_native.py."""
+    python = comfy_python()
+    if python is None:
+        pytest.skip("no Python with ComfyUI's and comfyui-xdit's requirements (set COMFYUI_PYTHON)")
+    from xdit_core.cli.tiny import write_tiny
+
+    root = tmp_path_factory.mktemp("native")
+    models, tensors, cases = {}, {}, []
+    for name, (family, options, _, _) in FAMILIES.items():
+        models[name] = write_tiny(family, root / name, seed=1, **options)
+        if family == "pixart":
+            pixart_at_512(models[name])
+        tensors.update(inputs(name, models[name]))
+        for run, (sampler, scheduler, steps, denoise) in RUNS.items():
+            latent = "empty" if denoise == 1.0 else "image"
+            cases.append({"name": f"{name}/{run}", "kind": "ksampler", "model": str(models[name]),
+                          "latent": {"tensor": f"{name}/{latent}"}, "seed": SEED, "steps": steps, "cfg": CFG,
+                          "sampler_name": sampler, "scheduler": scheduler, "denoise": denoise,
+                          "positive": branch(name, "positive", tensors), "negative": branch(name, "negative", tensors)})
+    save_file(tensors, str(root / "inputs.safetensors"))
+    (root / "cases.json").write_text(json.dumps({"tensors": str(root / "inputs.safetensors"), "cases": cases}))
+    out = root / "outputs.safetensors"
+    done = subprocess.run([python, str(HERE / "comfy_native.py"), str(root / "cases.json"), str(out)],
+                          env={**os.environ, "COMFYUI_PATH": COMFYUI, "HF_HUB_OFFLINE": "1"},
+                          capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    with safe_open(str(out), "pt") as f:
+        meta = f.metadata()
+    return {"models": models, "inputs": tensors, "cases": {c["name"]: c for c in cases}, "outputs": load_file(str(out)),
+            "errors": json.loads(meta["errors"]), "classes": json.loads(meta["model_configs"])}
+
+
+def ours(comfy, name: str, run: str) -> torch.Tensor:
+    """Our engine's serial run of a case, as a LATENT (ComfyUI's latent space)."""
+    from xdit_core.loading.load import load_model
+    from xdit_core.models import make_adapter
+    from xdit_core.models.base import BranchCond
+    from xdit_core.runtime.job import run_request
+    from xdit_core.sampling.request import build_request
+
+    case, t = comfy["cases"][f"{name}/{run}"], comfy["inputs"]
+    model, spec = load_model(comfy["models"][name])
+
+    def cond(which):
+        return BranchCond(t[f"{name}/{which}_text"], t.get(f"{name}/{which}_pooled"))
+
+    request = build_request(spec, t[case["latent"]["tensor"]], seed=case["seed"], steps=case["steps"], cfg=case["cfg"],
+                            sampler=case["sampler_name"], scheduler=case["scheduler"], denoise=case["denoise"],
+                            positive=cond("positive"), negative=cond("negative"),
+                            guidance=GUIDANCE if name == "flux_dev" else None)
+    return spec.latent_format.process_out(run_request(make_adapter(model, spec), request))
+
+
+@pytest.mark.parametrize("name", FAMILIES)
+def test_comfyui_builds_its_own_model_of_the_family(comfy, name):
+    assert comfy["classes"][str(comfy["models"][name])] == FAMILIES[name][3]
+
+
+@pytest.mark.parametrize("run", RUNS)
+@pytest.mark.parametrize("name", FAMILIES)
+def test_ksampler_on_comfyui_model_equals_our_engine(comfy, name, run):
+    key = f"{name}/{run}"
+    assert key not in comfy["errors"], comfy["errors"][key]
+    theirs, mine = comfy["outputs"][f"{key}/samples"], ours(comfy, name, run)
+    latent = comfy["inputs"][comfy["cases"][key]["latent"]["tensor"]]
+    assert theirs.shape == mine.shape == latent.shape
+    assert torch.isfinite(theirs).all() and (theirs - latent).abs().max() > 0.1  # it sampled
+    error = ((mine - theirs).abs().max() / theirs.abs().max()).item()
+    assert error < TOLERANCE, f"{key}: relative error {error:.2e}"
