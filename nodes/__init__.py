@@ -1,4 +1,6 @@
 """ComfyUI nodes of comfyui-xdit: the only package that knows ComfyUI (imported lazily inside the nodes)."""
+from .comfy_model import XDiTSamplingModel
+from .guider import XDiTGuider
 from .loader import XDiTLoadModel
 from .mesh import XDiTParallelMesh
 from .sampler import XDiTSampler, XDiTSamplerAdvanced
@@ -8,6 +10,8 @@ NODE_CLASS_MAPPINGS = {
     "XDiTLoadModel": XDiTLoadModel,
     "XDiTParallelMesh": XDiTParallelMesh,
     "XDiTSampler": XDiTSampler,
+    "XDiTSamplingModel": XDiTSamplingModel,
+    "XDiTGuider": XDiTGuider,
     "XDiTSamplerAdvanced": XDiTSamplerAdvanced,
     "XDiTUnload": XDiTUnload,
 }
@@ -15,6 +19,8 @@ NODE_DISPLAY_NAME_MAPPINGS = {
     "XDiTLoadModel": "xDiT Load Diffusion Model",
     "XDiTParallelMesh": "xDiT Parallel Mesh",
     "XDiTSampler": "xDiT Sampler",
+    "XDiTSamplingModel": "xDiT Model for ComfyUI Samplers",
+    "XDiTGuider": "xDiT Guider",
     "XDiTSamplerAdvanced": "xDiT Sampler (Advanced)",
     "XDiTUnload": "xDiT Unload",
 }

@@ -50,6 +50,7 @@ import comfy.model_detection  # noqa: E402
 import comfy.model_management  # noqa: E402
 import comfy.model_patcher  # noqa: E402
 import comfy.sample  # noqa: E402
+import comfy.samplers  # noqa: E402
 from xdit_core.loading.key_mapping import to_original  # noqa: E402
 from xdit_core.models.families import family_of_class, size_conditioned  # noqa: E402
 
@@ -169,8 +170,67 @@ def ksampler_case(patcher: comfy.model_patcher.ModelPatcher, case: dict[str, Any
     return {"samples": samples}
 
 
+def plugin():
+    """This repository as ComfyUI loads a custom node (a package named after its folder, by path)."""
+    import importlib.util
+
+    if "comfyui_xdit" not in sys.modules:
+        spec = importlib.util.spec_from_file_location("comfyui_xdit", ROOT / "__init__.py",
+                                                      submodule_search_locations=[str(ROOT)])
+        module = importlib.util.module_from_spec(spec)
+        sys.modules["comfyui_xdit"] = module
+        spec.loader.exec_module(module)
+    return sys.modules["comfyui_xdit"]
+
+
+def xdit_guider(folder: str, mesh: dict[str, Any], positive: list, negative: list, cfg: float, shift: Optional[float]):
+    """(guider, MODEL) as a workflow builds them: xDiT Load Diffusion Model -> xDiT Model for ComfyUI Samplers
+    (-> ModelSamplingFlux/SD3 for a shift) -> xDiT Guider, on an xDiT Parallel Mesh of `mesh`'s degrees."""
+    nodes = plugin().nodes
+    xdit = nodes.loader.XDiTLoadModel().load(str(folder), "fp32", "auto", "auto")[0]
+    model = nodes.comfy_model.XDiTSamplingModel().build(xdit)[0]
+    if shift is not None:
+        model = shifted(model, shift)
+    guider = nodes.guider.XDiTGuider().get_guider(model, nodes.types.XDiTMesh("manual", **mesh), positive, negative,
+                                                   cfg)[0]
+    return guider, model
+
+
+def shifted(model: comfy.model_patcher.ModelPatcher, shift: float) -> comfy.model_patcher.ModelPatcher:
+    """ComfyUI's ModelSamplingSD3 node (a flow model's shift), on any MODEL."""
+    from comfy_extras.nodes_model_advanced import ModelSamplingSD3
+
+    return ModelSamplingSD3().patch(model, shift)[0]
+
+
+def custom_sampler_case(patcher: comfy.model_patcher.ModelPatcher, case: dict[str, Any]) -> dict[str, torch.Tensor]:
+    """SamplerCustomAdvanced with RandomNoise, KSamplerSelect and BasicScheduler (on the guider's MODEL). Case keys:
+    latent, seed, steps, cfg, sampler_name, scheduler, positive, negative, optional shift and noise_mask, and
+    "guider": "comfy" (CFGGuider on ComfyUI's model) or {"mesh": {...}} (the xDiT Guider on our model folder)."""
+    from comfy_extras.nodes_custom_sampler import (BasicScheduler, KSamplerSelect, Noise_RandomNoise,
+                                                   SamplerCustomAdvanced)
+
+    positive, negative = _branch(case["positive"]), _branch(case["negative"])
+    if case["guider"] == "comfy":
+        model = patcher if case.get("shift") is None else shifted(patcher, case["shift"])
+        guider = comfy.samplers.CFGGuider(model)
+        guider.set_conds(positive, negative)
+        guider.set_cfg(case["cfg"])
+    else:
+        guider, model = xdit_guider(case["model"], case["guider"]["mesh"], positive, negative, case["cfg"],
+                                    case.get("shift"))
+    sigmas = BasicScheduler().get_sigmas(model, case["scheduler"], case["steps"], 1.0)[0]
+    sampler = KSamplerSelect().get_sampler(case["sampler_name"])[0]
+    latent = {"samples": case["latent"]}
+    if case.get("noise_mask") is not None:
+        latent["noise_mask"] = case["noise_mask"]
+    out, denoised = SamplerCustomAdvanced().sample(Noise_RandomNoise(case["seed"]), guider, sampler, sigmas, latent)
+    return {"samples": out["samples"], "denoised": denoised["samples"], "sigmas": sigmas}
+
+
 CASE_KINDS: dict[str, Callable[[comfy.model_patcher.ModelPatcher, dict[str, Any]], dict[str, torch.Tensor]]] = {
     "ksampler": ksampler_case,
+    "custom_sampler": custom_sampler_case,
 }
 
 
@@ -208,7 +268,13 @@ def main(argv: list[str]) -> None:
     cases_path, out_path = argv
     spec = json.loads(Path(cases_path).read_text())
     tensors = load_file(spec["tensors"]) if spec.get("tensors") else {}
-    outputs, errors, classes = run_cases(spec["cases"], tensors)
+    try:
+        outputs, errors, classes = run_cases(spec["cases"], tensors)
+    finally:
+        if "comfyui_xdit" in sys.modules:  # the xDiT cases started a worker pool
+            from xdit_core import api
+
+            api.unload()
     import comfyui_version
 
     save_file(outputs, out_path, metadata={"errors": json.dumps(errors), "model_configs": json.dumps(classes),

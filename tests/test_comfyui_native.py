@@ -35,6 +35,18 @@ FAMILIES = {
 # sampling draws its own noise from the seed.
 RUNS = {"euler": ("euler", "normal", 5, 1.0), "dpmpp_2m": ("dpmpp_2m", "karras", 4, 0.75),
         "euler_ancestral": ("euler_ancestral", "simple", 4, 1.0)}
+# SamplerCustomAdvanced: ComfyUI's CFGGuider on ComfyUI's model against the xDiT Guider on the workers (ulysses 2),
+# with samplers the engine's own loop does not have (lms, dpmpp_2m_sde, a CFG++ one), a shift node, a noise_mask.
+# (family, sampler, scheduler, steps, shift, mask)
+GUIDED = {
+    "flux_dev/euler_ancestral": ("flux_dev", "euler_ancestral", "simple", 4, None, False),
+    "flux_dev/lms": ("flux_dev", "lms", "normal", 5, None, False),
+    "flux_dev/dpmpp_2m_sde": ("flux_dev", "dpmpp_2m_sde", "karras", 5, None, True),
+    "sd3/uni_pc": ("sd3", "uni_pc", "simple", 5, 2.0, False),
+    "sd3/euler_cfg_pp": ("sd3", "euler_cfg_pp", "normal", 4, None, False),
+    "pixart_sigma/dpmpp_3m_sde": ("pixart_sigma", "dpmpp_3m_sde", "exponential", 5, None, False),
+}
+GUIDED_MESH = {"ulysses_degree": 2}
 CFG, GUIDANCE, SEED = 2.0, 2.5, 11
 # max |ours - ComfyUI's| / max |ComfyUI's|; measured: at most 5e-7 for every family (torch 2.13 here, ComfyUI's
 # own torch there). Running the negative at the positive's guidance (2.5) instead of ComfyUI's 3.5 is 3.6e-4.
@@ -98,11 +110,25 @@ def comfy(tmp_path_factory):
                           "latent": {"tensor": f"{name}/{latent}"}, "seed": SEED, "steps": steps, "cfg": CFG,
                           "sampler_name": sampler, "scheduler": scheduler, "denoise": denoise,
                           "positive": branch(name, "positive", tensors), "negative": branch(name, "negative", tensors)})
+    for key, (name, sampler, scheduler, steps, shift, mask) in GUIDED.items():
+        h, w = FAMILIES[name][2]
+        if mask:
+            tensors[f"{key}/mask"] = torch.zeros(1, h * 8, w * 8)
+            tensors[f"{key}/mask"][:, : h * 4] = 1.0  # denoise the top half of an img2img latent
+        for guider in ("comfy", {"mesh": GUIDED_MESH}):
+            cases.append({"name": f"guided/{key}/{'comfy' if guider == 'comfy' else 'xdit'}",
+                          "kind": "custom_sampler", "model": str(models[name]), "guider": guider,
+                          "latent": {"tensor": f"{name}/{'image' if mask else 'empty'}"}, "seed": SEED,
+                          "steps": steps, "cfg": CFG, "sampler_name": sampler, "scheduler": scheduler, "shift": shift,
+                          "noise_mask": {"tensor": f"{key}/mask"} if mask else None,
+                          "positive": branch(name, "positive", tensors),
+                          "negative": branch(name, "negative", tensors)})
     save_file(tensors, str(root / "inputs.safetensors"))
     (root / "cases.json").write_text(json.dumps({"tensors": str(root / "inputs.safetensors"), "cases": cases}))
     out = root / "outputs.safetensors"
     done = subprocess.run([python, str(HERE / "comfy_native.py"), str(root / "cases.json"), str(out)],
-                          env={**os.environ, "COMFYUI_PATH": COMFYUI, "HF_HUB_OFFLINE": "1"},
+                          env={**os.environ, "COMFYUI_PATH": COMFYUI, "HF_HUB_OFFLINE": "1",
+                               "XDIT_ALLOW_ABSOLUTE_MODEL_PATHS": "1"},
                           capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]
     with safe_open(str(out), "pt") as f:
@@ -148,3 +174,19 @@ def test_ksampler_on_comfyui_model_equals_our_engine(comfy, name, run):
     assert torch.isfinite(theirs).all() and (theirs - latent).abs().max() > 0.1  # it sampled
     error = ((mine - theirs).abs().max() / theirs.abs().max()).item()
     assert error < TOLERANCE, f"{key}: relative error {error:.2e}"
+
+
+@pytest.mark.parametrize("key", GUIDED)
+def test_xdit_guider_equals_comfyuis_cfg_guider(comfy, key):
+    """SamplerCustomAdvanced with the xDiT Guider (evaluations on two ranks) equals it with ComfyUI's CFGGuider on
+    ComfyUI's model: ComfyUI's sampler, sigmas (BasicScheduler on our weightless MODEL), noise, shift and mask."""
+    for kind in ("comfy", "xdit"):
+        assert f"guided/{key}/{kind}" not in comfy["errors"], comfy["errors"][f"guided/{key}/{kind}"]
+    out = {kind: comfy["outputs"][f"guided/{key}/{kind}/samples"] for kind in ("comfy", "xdit")}
+    assert torch.equal(comfy["outputs"][f"guided/{key}/comfy/sigmas"], comfy["outputs"][f"guided/{key}/xdit/sigmas"])
+    assert torch.isfinite(out["comfy"]).all() and out["comfy"].abs().max() > 0.1
+    error = ((out["xdit"] - out["comfy"]).abs().max() / out["comfy"].abs().max()).item()
+    print(f"guider {key}: relative error {error:.2e}")
+    assert error < TOLERANCE, f"{key}: relative error {error:.2e}"
+    denoised = {kind: comfy["outputs"][f"guided/{key}/{kind}/denoised"] for kind in ("comfy", "xdit")}
+    assert torch.allclose(denoised["xdit"], denoised["comfy"], rtol=TOLERANCE, atol=TOLERANCE)

@@ -149,6 +149,30 @@ def test_two_models_stay_resident_and_switching_loads_nothing(first_run, tiny_mo
     assert loads(flux) == [n + 3 for n in before]
 
 
+def test_host_driven_evaluations_equal_the_in_rank_loop(first_run, tiny_models):
+    """The xDiT Guider's path: the host runs the sampler and sends each evaluation to the ranks (cfg 2 x
+    ulysses 2), which keep the conditioning; the same euler loop on the host equals the ranks' own loop."""
+    from xdit_core.runtime.job import denoise_latent, serial_loop
+
+    pool = pool_for(tiny_models)
+    request = make_request(tiny_models, 3)
+    in_rank = pool.sample(request)
+    _, spec = load_model(tiny_models["flux"])
+    ms = spec.model_sampling(width=request.width, height=request.height)
+    with pool.evaluations(request.positive, request.negative) as evaluate:
+        def denoise(x, sigma):
+            t = ms.timestep(sigma.reshape(1)).float().expand(x.shape[0])
+            cond, uncond = evaluate(ms.calculate_input(sigma, x), t, with_negative=True)
+            cond, uncond = ms.calculate_denoised(sigma, cond, x), ms.calculate_denoised(sigma, uncond, x)
+            return uncond + (cond - uncond) * request.cfg
+
+        host = denoise_latent(spec, ms, request, serial_loop(request, ms, denoise))
+        cond_only, none = evaluate(torch.zeros_like(request.noise), torch.ones(1), with_negative=False)
+        assert none is None and torch.isfinite(cond_only).all()
+        assert evaluate.evaluations == 4
+    assert float((host - in_rank).abs().max() / in_rank.abs().max()) <= 1e-5
+
+
 def test_killed_rank_fails_fast_then_pool_rebuilds(first_run, tiny_models):
     pool = pool_for(tiny_models)
     victim = pool.infos[1]["pid"]

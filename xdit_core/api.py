@@ -33,9 +33,9 @@ __all__ = ["ATTENTION_BACKENDS", "BACKENDS", "BranchCond", "DTYPES", "ModelRef",
            "PoolKey", "RANDOM_TEXT_LENGTH", "RunResult", "SampleRequest", "StepRange", "XDiTCancelled",
            "XDiTConditioningError", "XDiTConfigError", "XDiTError", "XDiTNumericError", "XDiTWorkerError",
            "build_request", "check_conditioning_shape", "check_request_fits", "choose_mesh", "describe_model",
-           "empty_latent", "load_cond_file", "pool_stats", "random_cond", "run", "sample", "unload", "uses_cluster",
-           "validate_latent_shape", "validate_parallel_config", "validate_ray_address", "validate_sampler_settings",
-           "validate_size"]
+           "empty_latent", "evaluations", "load_cond_file", "pool_stats", "random_cond", "run", "sample", "unload",
+           "uses_cluster", "validate_latent_shape", "validate_parallel_config", "validate_ray_address",
+           "validate_sampler_settings", "validate_size"]
 
 
 def describe_model(path: str, family: Optional[str] = None, variant: Optional[str] = None) -> ModelSpec:
@@ -59,6 +59,14 @@ def sample(key: PoolKey, request: SampleRequest, ray_address: Optional[str] = No
            cancel: Optional[Callable[[], bool]] = None) -> torch.Tensor:
     """Sample `request` on the warm pool of `key`; returns rank 0's latent in the model's space (CPU)."""
     return pool.get_pool(key, ray_address).sample(request, on_progress=on_progress, cancel=cancel)
+
+
+def evaluations(key: PoolKey, positive: BranchCond, negative: Optional[BranchCond],
+                ray_address: Optional[str] = None) -> pool.PoolEvaluations:
+    """Host-driven evaluations on the warm pool of `key` (a context manager): call it with the model input
+    scaled by the host's model sampling, the timestep and whether the negative branch is needed; it returns
+    the raw model outputs of both branches (the host applies CFG and its sampler)."""
+    return pool.get_pool(key, ray_address).evaluations(positive, negative)
 
 
 def pool_stats(key: PoolKey, ray_address: Optional[str] = None) -> pool.PoolStats:

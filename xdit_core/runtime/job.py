@@ -3,16 +3,17 @@
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from functools import partial
 from typing import Any, Callable, Optional
 
 import torch
 import torch.distributed as dist
 
+from xdit_core.errors import XDiTConfigError
 from xdit_core.loading.load import load_model
 from xdit_core.models import make_adapter
-from xdit_core.models.base import ModelAdapter
+from xdit_core.models.base import BranchCond, ModelAdapter
 from xdit_core.models.families import ModelSpec
 from xdit_core.models.model_sampling import ModelSampling
 from xdit_core.parallel.comm import CommCounter
@@ -74,6 +75,40 @@ def make_denoiser(adapter: ModelAdapter, ms: ModelSampling, request: SampleReque
         return out
 
     return denoise
+
+
+BranchOutputs = Callable[[torch.Tensor, torch.Tensor, BranchCond, Optional[BranchCond]],
+                         tuple[torch.Tensor, Optional[torch.Tensor]]]
+
+
+def make_branch_outputs(adapter: ModelAdapter, ctx: Optional[RankContext] = None) -> BranchOutputs:
+    """(xc, timestep, positive, negative or None) -> the raw model outputs of both branches, float32, on
+    every rank: what ComfyUI's apply_model gives for a model input already scaled by the host's model sampling.
+
+    Host-driven evaluations use it (the host keeps ComfyUI's model sampling and CFG): sequence parallel over
+    the SP group; under CFG parallel cfg rank 0 evaluates the negative (the positive again when there is
+    none), rank 1 the positive, gathered.
+    """
+    predict = adapter.predict
+    cfg_comm = None
+    if ctx is not None:
+        if ctx.sp_degree > 1:
+            predict = SequenceParallelRunner(adapter, ctx.sp_groups(adapter.dtype), ctx.comm("sp")).predict
+        if ctx.cfg_degree > 1:
+            cfg_comm = ctx.comm("cfg")
+
+    def run(xc: torch.Tensor, timestep: torch.Tensor, cond: BranchCond) -> torch.Tensor:
+        return predict(xc.to(adapter.dtype), timestep, cond, cond.guidance).float()
+
+    def outputs(xc: torch.Tensor, timestep: torch.Tensor, positive: BranchCond,
+                negative: Optional[BranchCond]) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
+        if cfg_comm is not None:
+            mine = negative if cfg_comm.index == 0 and negative is not None else positive
+            uncond, cond = cfg_comm.all_gather(run(xc, timestep, mine), "cfg_gather").unbind(0)
+            return cond, uncond if negative is not None else None
+        return run(xc, timestep, positive), None if negative is None else run(xc, timestep, negative)
+
+    return outputs
 
 
 def inpaint_of(spec: ModelSpec, ms: ModelSampling, request: SampleRequest) -> Optional[Inpaint]:
@@ -145,6 +180,31 @@ def run_request(adapter: ModelAdapter, request: SampleRequest, on_step: Optional
             ctx.end_run()
 
 
+@dataclass
+class Evaluations:
+    """One prompt's host-driven model evaluations on a rank: the conditioning stays here between calls."""
+
+    outputs: BranchOutputs
+    positive: BranchCond
+    negative: Optional[BranchCond]
+    device: torch.device
+    ctx: Optional[RankContext]
+
+    @torch.no_grad()
+    def __call__(self, xc: torch.Tensor, timestep: torch.Tensor,
+                 with_negative: bool) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
+        """Raw outputs (positive, negative or None) for a scaled model input; float32 on the CPU."""
+        if with_negative and self.negative is None:
+            raise XDiTConfigError("this evaluation needs the negative branch, but no negative conditioning was given")
+        cond, uncond = self.outputs(xc.to(self.device), timestep.float().to(self.device), self.positive,
+                                    self.negative if with_negative else None)
+        return cond.cpu(), None if uncond is None else uncond.cpu()
+
+    def close(self) -> None:
+        if self.ctx is not None:
+            self.ctx.end_run()
+
+
 @dataclass(frozen=True)
 class ModelRef:
     """Which weights a rank loads: a model file or folder and how to read it (None: detected)."""
@@ -176,6 +236,24 @@ class RankJob:
         if ctx is None and parallel.world_size > 1:
             ctx = RankContext(Mesh(parallel), device, attention_backend)
         self.ctx = ctx
+
+    def evaluations(self, positive: BranchCond, negative: Optional[BranchCond]) -> "Evaluations":
+        """Start host-driven evaluations of this model with a prompt's conditioning (kept on the device)."""
+        if self.parallel.pipefusion_parallel_degree > 1:
+            raise XDiTConfigError("PipeFusion runs the sampling loop inside the ranks; host-driven evaluations "
+                                  "(the xDiT Guider) take a mesh of Ulysses, Ring and CFG degrees only")
+        device = self.ctx.device if self.ctx is not None else next(self.adapter.model.parameters()).device
+
+        def to_device(c: Optional[BranchCond]) -> Optional[BranchCond]:
+            if c is None:
+                return None
+            return replace(c, text=c.text.to(device), pooled=None if c.pooled is None else c.pooled.to(device))
+
+        if self.ctx is not None:
+            self.ctx.counter = CommCounter()
+            self.ctx.begin_run()
+        return Evaluations(make_branch_outputs(self.adapter, self.ctx), to_device(positive), to_device(negative),
+                           device, self.ctx)
 
     def run(self, request: SampleRequest, on_step: Optional[StepHook] = None) -> dict[str, Any]:
         """Sample `request`; returns rank 0's latent (model space, float32, CPU; None elsewhere) and the report."""

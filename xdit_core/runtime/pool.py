@@ -30,6 +30,7 @@ from xdit_core.import_root import engine_import_root
 from xdit_core.errors import XDiTCancelled, XDiTConfigError, XDiTWorkerError
 from xdit_core.parallel.mesh import ParallelConfig, validate_parallel_config
 from xdit_core.runtime import timeouts
+from xdit_core.models.base import BranchCond
 from xdit_core.runtime.job import ModelRef
 from xdit_core.runtime.launch import Rendezvous
 from xdit_core.runtime.limits import estimate_weight_bytes, resident_budget
@@ -379,6 +380,14 @@ class WorkerPool:
         self.stats.last_reports = [r["report"] for r in results]
         return results[0]["samples"]
 
+    def evaluations(self, positive: BranchCond, negative: Optional[BranchCond]) -> "PoolEvaluations":
+        """Open host-driven evaluations of the current model with a prompt's conditioning (a context manager)."""
+        if self.broken or not self.workers:
+            if self.workers:
+                self.shutdown()
+            self.start()
+        return PoolEvaluations(self, positive, negative)
+
     def _collect(self, refs: list, poll: Optional[Callable[[bool], None]] = None,
                  stop: Optional[Callable[[], None]] = None, cancel: Optional[Callable[[], bool]] = None) -> list:
         """Wait for one call per rank, polling between waits; on failure end the request on every rank.
@@ -465,6 +474,40 @@ class WorkerPool:
         what = "died" if dead else "failed"
         raise XDiTWorkerError(f"rank {rank} (pid {info.get('pid', '?')}) {what}: {_short(errors[rank])}",
                               details=str(errors[rank])) from None
+
+
+class PoolEvaluations:
+    """Model evaluations driven by the host's sampler (ComfyUI's, through the xDiT Guider): the ranks keep the
+    weights and the prompt's conditioning; each call sends the scaled latent and timestep and gets rank 0's raw
+    outputs back. A failed or frozen rank fails the call as a request would (the pool rebuilds)."""
+
+    def __init__(self, pool: WorkerPool, positive: BranchCond, negative: Optional[BranchCond]):
+        self.pool, self.session = pool, uuid.uuid4().hex
+        self.evaluations = 0
+        pool._collect([w.begin_evaluations.remote(self.session, pool.key.model, positive, negative)
+                       for w in pool.workers])
+
+    def __call__(self, xc: torch.Tensor, timestep: torch.Tensor,
+                 with_negative: bool) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
+        """Raw model outputs (positive, negative or None), float32 on the CPU."""
+        import ray
+
+        xc_ref, t_ref = ray.put(xc.detach().cpu()), ray.put(timestep.detach().cpu())
+        results = self.pool._collect([w.evaluate.remote(self.session, xc_ref, t_ref, with_negative)
+                                      for w in self.pool.workers])
+        self.evaluations += 1
+        return results[0]
+
+    def close(self) -> None:
+        """Free the conditioning on the ranks (nothing to do when the pool was torn down meanwhile)."""
+        if self.pool.workers and not self.pool.broken:
+            self.pool._collect([w.end_evaluations.remote(self.session) for w in self.pool.workers])
+
+    def __enter__(self) -> "PoolEvaluations":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
 
 
 class _Pings:

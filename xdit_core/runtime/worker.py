@@ -15,10 +15,11 @@ from typing import Any, Optional
 import torch
 import torch.distributed as dist
 
-from xdit_core.errors import XDiTCancelled
+from xdit_core.errors import XDiTCancelled, XDiTWorkerError
+from xdit_core.models.base import BranchCond
 from xdit_core.parallel.context import RankContext
 from xdit_core.parallel.mesh import Mesh, ParallelConfig
-from xdit_core.runtime.job import ModelRef, RankJob
+from xdit_core.runtime.job import Evaluations, ModelRef, RankJob
 from xdit_core.runtime.launch import Rendezvous, free_port, init_process_group
 from xdit_core.sampling.request import SampleRequest
 
@@ -37,6 +38,7 @@ class RankWorker:
         self.ctx: Optional[RankContext] = None  # shared by the resident models: one mesh, one set of groups
         self.jobs: dict[ModelRef, RankJob] = {}  # the resident models (the pool decides which stay)
         self.load_count = 0  # how many times weights were read: warm requests must not add to it
+        self._evaluations: Optional[tuple[str, Evaluations]] = None  # the open host-driven session
         self._lock = threading.Lock()
         self._progress: list[tuple[int, int]] = []
         self._stop = threading.Event()
@@ -106,6 +108,26 @@ class RankWorker:
         finally:
             self._running = False
         return {"samples": result["samples"], "report": result["report"], "rank": self.rank}
+
+    def begin_evaluations(self, session: str, model: ModelRef, positive: BranchCond,
+                          negative: Optional[BranchCond]) -> None:
+        """Open host-driven evaluations of a resident model for one prompt (closing any earlier session)."""
+        self.end_evaluations(None)
+        self._evaluations = (session, self.jobs[model].evaluations(positive, negative))
+
+    def evaluate(self, session: str, xc: torch.Tensor, timestep: torch.Tensor,
+                 with_negative: bool) -> Optional[tuple[torch.Tensor, Optional[torch.Tensor]]]:
+        """One evaluation on every rank; rank 0 returns the raw outputs (positive, negative or None)."""
+        if self._evaluations is None or self._evaluations[0] != session:
+            raise XDiTWorkerError(f"rank {self.rank}: evaluation session {session} is not open (the pool restarted?)")
+        out = self._evaluations[1](xc, timestep, with_negative)
+        return out if self.rank == 0 else None
+
+    def end_evaluations(self, session: Optional[str]) -> None:
+        """Close `session` (None: whichever is open), freeing its conditioning."""
+        if self._evaluations is not None and session in (None, self._evaluations[0]):
+            self._evaluations[1].close()
+            self._evaluations = None
 
     def progress(self, job: str) -> list[tuple[int, int]]:
         """Steps finished so far in `job` (empty for another job)."""

@@ -1,0 +1,95 @@
+"""A weightless ComfyUI MODEL for an xDiT model: ComfyUI's samplers, schedulers and shift nodes see the
+family's model sampling and latent format, while the weights stay on the xDiT workers.
+
+BasicScheduler, ModelSamplingFlux / ModelSamplingSD3 and SamplerCustomAdvanced take it like any MODEL; the
+xDiT Guider runs its evaluations on the workers. ComfyUI never loads it: it holds no parameters.
+"""
+from __future__ import annotations
+
+from .types import XDiTModel
+
+# Our family/variant -> ComfyUI's supported-model config class and the model type its model_base uses.
+COMFY_CONFIGS = {
+    ("flux", "dev"): ("Flux", "FLUX"),
+    ("flux", "schnell"): ("FluxSchnell", "FLOW"),
+    ("sd3", "sd3"): ("SD3", "FLOW"),
+    ("pixart", "alpha"): ("PixArtAlpha", "EPS"),
+    ("pixart", "sigma"): ("PixArtSigma", "EPS"),
+}
+
+
+def weightless_model_class():
+    """The torch module class (defined once ComfyUI and torch are importable)."""
+    global _WeightlessModel
+    if _WeightlessModel is None:
+        import torch
+
+        class WeightlessModel(torch.nn.Module):
+            """What ComfyUI's sampling code reads from a BaseModel, for a model whose weights live elsewhere."""
+
+            def __init__(self, xdit: XDiTModel, model_config, model_type, model_sampling):
+                super().__init__()
+                self.xdit = xdit
+                self.model_config, self.model_type = model_config, model_type
+                self.model_sampling = model_sampling
+                self.latent_format = model_config.latent_format
+                self.device = torch.device("cpu")
+
+            def process_latent_in(self, latent):
+                return self.latent_format.process_in(latent)
+
+            def process_latent_out(self, latent):
+                return self.latent_format.process_out(latent)
+
+            def get_dtype(self):
+                return torch.float32
+
+            def memory_required(self, input_shape, cond_shapes={}):
+                return 0  # nothing of it is computed in the ComfyUI process
+
+        _WeightlessModel = WeightlessModel
+    return _WeightlessModel
+
+
+_WeightlessModel = None
+
+
+def weightless_patcher(xdit: XDiTModel):
+    """A ComfyUI ModelPatcher around the weightless model of `xdit`'s family."""
+    import comfy.model_base
+    import comfy.model_patcher
+    import comfy.supported_models
+    import torch
+
+    class_name, type_name = COMFY_CONFIGS[(xdit.family, xdit.variant)]
+    model_config = getattr(comfy.supported_models, class_name)({})
+    model_type = getattr(comfy.model_base.ModelType, type_name)
+    model_sampling = comfy.model_base.model_sampling(model_config, model_type)
+    model = weightless_model_class()(xdit, model_config, model_type, model_sampling)
+    cpu = torch.device("cpu")
+    return comfy.model_patcher.ModelPatcher(model, load_device=cpu, offload_device=cpu, size=0)
+
+
+def xdit_model_of(patcher) -> XDiTModel:
+    """The xDiT model behind a MODEL made by the xDiT Model for ComfyUI Samplers node, else ValueError."""
+    model = getattr(patcher, "model", None)
+    xdit = getattr(model, "xdit", None)
+    if not isinstance(xdit, XDiTModel):
+        raise ValueError("the xDiT Guider needs the MODEL output of 'xDiT Model for ComfyUI Samplers' (a model "
+                         "whose weights are on the xDiT workers), not a model ComfyUI loaded itself")
+    return xdit
+
+
+class XDiTSamplingModel:
+    CATEGORY = "xDiT"
+    RETURN_TYPES = ("MODEL",)
+    FUNCTION = "build"
+    DESCRIPTION = ("A weightless MODEL for ComfyUI's sampling nodes (BasicScheduler, ModelSamplingFlux/SD3, the "
+                   "xDiT Guider with SamplerCustomAdvanced); the weights stay on the xDiT workers.")
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {"required": {"model": ("XDIT_MODEL",)}}
+
+    def build(self, model: XDiTModel):
+        return (weightless_patcher(model),)
