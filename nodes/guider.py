@@ -15,6 +15,7 @@ from . import host
 from .comfy_model import xdit_model_of
 from .conditioning import branch_from_conditioning
 from .mesh import check_against_model
+from .sampler import lora_refs
 from .types import XDiTMesh, XDiTModel
 
 
@@ -86,7 +87,7 @@ def guider_class():
             if patches:
                 raise RuntimeError(f"xDiT Guider: the MODEL carries {'; '.join(patches)}, which the xDiT workers "
                                    "do not apply; remove those nodes between the xDiT model and the guider")
-            key, positive, negative = prepare(xdit, self.mesh, self.raw_conds, self.cfg, noise.shape,
+            key, positive, negative, loras = prepare(xdit, self.mesh, self.raw_conds, self.cfg, noise.shape,
                                               sigmas.shape[-1] - 1)
             self.inner_model = SamplingView(self.model_patcher)
             if denoise_mask is not None:
@@ -99,7 +100,7 @@ def guider_class():
             from xdit_core import api
 
             try:
-                with api.evaluations(key, positive, negative, self.mesh.ray_address) as evaluate:
+                with api.evaluations(key, positive, negative, self.mesh.ray_address, loras) as evaluate:
                     self.evaluate = evaluate
                     samples = sampler.sample(self, sigmas, extra_args, callback, noise, latent_image, denoise_mask,
                                              disable_pbar)
@@ -139,7 +140,7 @@ _XDiTCFGGuider = None
 
 def prepare(xdit: XDiTModel, mesh: XDiTMesh, conds: dict, cfg: float, shape, steps: int):
     """Every check before a worker is asked (the conditioning as the engine takes it, the mesh, the memory);
-    returns (pool key, positive, negative or None)."""
+    returns (pool key, positive, negative or None, LoRAs)."""
     from xdit_core import api
 
     try:
@@ -163,6 +164,7 @@ def prepare(xdit: XDiTModel, mesh: XDiTMesh, conds: dict, cfg: float, shape, ste
                                       "ComfyUI's samplers: use a mesh without PipeFusion with the xDiT Guider, or "
                                       "the xDiT Sampler nodes for PipeFusion")
         parallel = check_against_model(mesh, xdit, cfg if negative is not None else 1.0, steps, shape[2])
+        loras = lora_refs(xdit)
         api.check_request_fits(
             xdit.path, list(shape), parallel, backend="ray", remote=api.uses_cluster(mesh.ray_address),
             dtype=api.DTYPES[xdit.dtype], attention_backend=mesh.attention_backend, num_blocks=xdit.num_blocks,
@@ -173,7 +175,7 @@ def prepare(xdit: XDiTModel, mesh: XDiTMesh, conds: dict, cfg: float, shape, ste
     if host.visible_gpus():
         host.free_comfy_gpu_memory()
     key = api.PoolKey(xdit.path, xdit.dtype, xdit.family, xdit.variant, parallel, mesh.attention_backend, threads=1)
-    return key, positive, negative
+    return key, positive, negative, loras
 
 
 class XDiTGuider:

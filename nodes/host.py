@@ -70,6 +70,33 @@ def resolve_model_file(choice: str) -> str:
     raise ModelChoiceError(f"model {choice!r} is no longer in ComfyUI's {folder} folders (refresh the node)")
 
 
+def lora_files() -> list[str]:
+    """LoRA choices: the entries of ComfyUI's loras folders."""
+    try:
+        import folder_paths
+    except ImportError:
+        return []
+    return folder_paths.get_filename_list("loras")
+
+
+def resolve_lora_file(choice: str) -> str:
+    """The real path of a `lora_files()` entry (or an absolute path when `absolute_paths_allowed()`); else
+    ModelChoiceError, whether or not such a file exists."""
+    if "\0" in choice:
+        raise ModelChoiceError(f"LoRA name {choice!r} contains a NUL byte; pick an entry of the lora_name list")
+    if os.path.isabs(choice) and absolute_paths_allowed():
+        return choice
+    if choice not in lora_files():
+        raise ModelChoiceError(f"LoRA {choice!r} is not in ComfyUI's loras folders (refresh the node after adding "
+                               f"files; absolute paths need {ALLOW_ABSOLUTE_ENV}=1 in the server's environment)")
+    import folder_paths
+
+    path = folder_paths.get_full_path("loras", choice)  # ComfyUI's own lookup keeps to its folders
+    if path is None:
+        raise ModelChoiceError(f"LoRA {choice!r} is no longer in ComfyUI's loras folders (refresh the node)")
+    return str(Path(path).resolve())
+
+
 def progress_callback(total: int) -> Callable[[int, int], None]:
     """ComfyUI's progress bar for the node (a no-op without ComfyUI).
 

@@ -8,10 +8,19 @@ from .conditioning import branch_from_conditioning
 from .mesh import check_against_model
 from .types import XDiTMesh, XDiTModel
 
-SAMPLERS = ["euler", "euler_ancestral", "heun", "dpmpp_sde", "dpmpp_2m", "dpmpp_2m_sde", "lcm", "deis", "res_multistep",
-            "gradient_estimation", "ddim", "uni_pc", "uni_pc_bh2"]
+SAMPLERS = ["euler", "euler_ancestral", "heun", "dpmpp_2m", "lcm", "ddim", "gradient_estimation", "dpmpp_sde",
+            "dpmpp_2m_sde", "deis", "res_multistep", "uni_pc", "uni_pc_bh2"]
 SCHEDULERS = ["simple", "normal", "karras", "exponential", "sgm_uniform", "beta", "ddim_uniform", "linear_quadratic",
               "kl_optimal"]
+
+
+def lora_refs(model: XDiTModel) -> tuple:
+    """The model's LoRAs for a request, each checked against the model again (cached while the file is unchanged)."""
+    from xdit_core import api
+
+    for path, _ in model.loras:
+        api.check_lora(path, model.path, model.family, model.variant)
+    return tuple(api.LoraRef(path, strength) for path, strength in model.loras)
 
 
 def run_sampler(model: XDiTModel, mesh: XDiTMesh, positive, negative, latent_image: dict, seed: int, steps: int,
@@ -29,6 +38,7 @@ def run_sampler(model: XDiTModel, mesh: XDiTMesh, positive, negative, latent_ima
         if not math.isclose(cfg, 1.0):  # at cfg 1 ComfyUI evaluates no negative branch
             neg, neg_guidance = branch_from_conditioning(spec, negative, batch, "negative", *size)
         parallel = check_against_model(mesh, model, cfg, steps, samples.shape[2])
+        loras = lora_refs(model)
         api.check_request_fits(
             model.path, [batch, spec.latent_channels, *samples.shape[2:]], parallel, backend="ray",
             remote=api.uses_cluster(mesh.ray_address), dtype=api.DTYPES[model.dtype],
@@ -40,7 +50,7 @@ def run_sampler(model: XDiTModel, mesh: XDiTMesh, positive, negative, latent_ima
                                     shift=None if shift == 0 else shift,
                                     batch_index=latent_image.get("batch_index"),
                                     noise_mask=latent_image.get("noise_mask"),
-                                    steps_range=steps_range or api.StepRange())
+                                    steps_range=steps_range or api.StepRange(), loras=loras)
         result = dict(latent_image)
         if request.unsampled is not None:  # an empty step range: KSamplerAdvanced returns the latent as it is
             result["samples"] = request.unsampled

@@ -15,6 +15,7 @@ class XDiTModel:
     variant: str
     num_heads: int
     num_blocks: int = 0
+    loras: tuple[tuple[str, float], ...] = ()  # (file, strength) in the order the xDiT LoRA nodes add them
 
 
 @dataclass(frozen=True)

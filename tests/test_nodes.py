@@ -6,6 +6,7 @@ from safetensors.torch import load_file, save_file
 from nodes import NODE_CLASS_MAPPINGS, NODE_DISPLAY_NAME_MAPPINGS
 from nodes.loader import XDiTLoadModel
 from nodes.mesh import XDiTParallelMesh
+from nodes.lora import XDiTLoRA
 from nodes.sampler import XDiTSampler, XDiTSamplerAdvanced
 from nodes.types import XDiTMesh
 from xdit_core.cli.main import main
@@ -134,26 +135,45 @@ def test_sampler_node_equals_cli_generate(tiny_models, tmp_path):
 
     from xdit_core.runtime import pool
 
+    from lora_files import make_lora, save_lora, write_merged
+    from xdit_core.loading.load import load_model
+
     model = load(tiny_models["flux"])
     mesh = XDiTParallelMesh().build("manual", 2, 1, 1, False, 0, 1, 0)[0]
     args = sampler_args(model, mesh)
+    base, _ = load_model(tiny_models["flux"])
+    style = make_lora("flux", base, "kohya", seed=3)
+    style_file = save_lora(style, tmp_path / "style.safetensors")
     try:
         (latent,) = XDiTSampler().sample(**args)
         check_advanced_and_mask_on_the_warm_pool(args, latent["samples"])
+        loads = [s["load_count"] for s in pool._POOL.worker_stats()]
+        (styled,) = XDiTSampler().sample(**dict(args, model=XDiTLoRA().load_lora(model, str(style_file), 0.8)[0]))
+        (stronger,) = XDiTSampler().sample(**dict(args, model=XDiTLoRA().load_lora(model, str(style_file), 1.5)[0]))
+        assert [s["load_count"] for s in pool._POOL.worker_stats()] == loads  # a LoRA change reloads no weights
+        (again,) = XDiTSampler().sample(**args)
+        assert torch.equal(again["samples"], latent["samples"])  # and leaves nothing behind
     finally:
         pool.unload()
         ray.shutdown()
     pos, neg = args["positive"][0], args["negative"][0]
     save_file({"positive": pos[0], "positive_pooled": pos[1]["pooled_output"], "negative": neg[0],
                "negative_pooled": neg[1]["pooled_output"]}, str(tmp_path / "cond.safetensors"))
+    cli_args = ["generate", "--height", "64", "--width", "48", "--steps", "3", "--seed", "7", "--cfg", "2.0",
+                "--guidance", "2.5", "--sampler", "dpmpp_2m", "--scheduler", "karras", "--cond",
+                str(tmp_path / "cond.safetensors"), "--threads", "1"]
     out = tmp_path / "cli.safetensors"
-    assert main(["generate", "--model", str(tiny_models["flux"]), "--height", "64", "--width", "48", "--steps", "3",
-                 "--seed", "7", "--cfg", "2.0", "--guidance", "2.5", "--sampler", "dpmpp_2m", "--scheduler",
-                 "karras", "--cond", str(tmp_path / "cond.safetensors"), "--ulysses_degree", "2", "--threads", "1",
-                 "--out", str(out)]) == 0
+    assert main(cli_args + ["--model", str(tiny_models["flux"]), "--ulysses_degree", "2", "--out", str(out)]) == 0
     cli = load_file(str(out))["samples"]
     assert latent["samples"].shape == (1, 16, 8, 6)  # the empty 4-channel latent widened as KSampler does
     assert torch.equal(latent["samples"], cli)
+    # The LoRA through the node (hooked at run time, 2 ranks) equals it merged into the weights, run serially.
+    merged = write_merged(tmp_path / "merged.safetensors", "flux", base, [(style, 0.8)])
+    assert main(cli_args + ["--model", str(merged), "--out", str(tmp_path / "merged_out.safetensors")]) == 0
+    reference = load_file(str(tmp_path / "merged_out.safetensors"))["samples"]
+    assert float((styled["samples"] - reference).abs().max() / reference.abs().max()) <= 1e-5
+    assert not torch.allclose(styled["samples"], latent["samples"], atol=1e-3)
+    assert not torch.allclose(stronger["samples"], styled["samples"], atol=1e-3)
 
 
 def test_mesh_validation_keeps_comfyui_checks_for_other_inputs():

@@ -25,17 +25,18 @@ from xdit_core.runtime.backends import BACKENDS, RunResult, run
 from xdit_core.runtime.job import ModelRef
 from xdit_core.runtime.limits import check_request_fits
 from xdit_core.runtime.pool import PoolKey, parse_ray_address, ray_address_from_env
-from xdit_core.sampling.request import (SampleRequest, StepRange, build_request, empty_latent, validate_latent_shape,
-                                        validate_size)
+from xdit_core.loading.lora import check_lora
+from xdit_core.sampling.request import (LoraRef, SampleRequest, StepRange, build_request, empty_latent,
+                                        validate_latent_shape, validate_size)
 from xdit_core.sampling.samplers import validate_sampler_settings
 
-__all__ = ["ATTENTION_BACKENDS", "BACKENDS", "BranchCond", "DTYPES", "ModelRef", "ModelSpec", "ParallelConfig",
-           "PoolKey", "RANDOM_TEXT_LENGTH", "RunResult", "SampleRequest", "StepRange", "XDiTCancelled",
-           "XDiTConditioningError", "XDiTConfigError", "XDiTError", "XDiTNumericError", "XDiTWorkerError",
-           "build_request", "check_conditioning_shape", "check_request_fits", "choose_mesh", "describe_model",
-           "empty_latent", "evaluations", "load_cond_file", "pool_stats", "random_cond", "run", "sample", "unload",
-           "uses_cluster", "validate_latent_shape", "validate_parallel_config", "validate_ray_address",
-           "validate_sampler_settings", "validate_size"]
+__all__ = ["ATTENTION_BACKENDS", "BACKENDS", "BranchCond", "DTYPES", "LoraRef", "ModelRef", "ModelSpec",
+           "ParallelConfig", "PoolKey", "RANDOM_TEXT_LENGTH", "RunResult", "SampleRequest", "StepRange",
+           "XDiTCancelled", "XDiTConditioningError", "XDiTConfigError", "XDiTError", "XDiTNumericError",
+           "XDiTWorkerError", "build_request", "check_conditioning_shape", "check_lora", "check_request_fits",
+           "choose_mesh", "describe_model", "empty_latent", "evaluations", "load_cond_file", "pool_stats",
+           "random_cond", "run", "sample", "unload", "uses_cluster", "validate_latent_shape",
+           "validate_parallel_config", "validate_ray_address", "validate_sampler_settings", "validate_size"]
 
 
 def describe_model(path: str, family: Optional[str] = None, variant: Optional[str] = None) -> ModelSpec:
@@ -62,11 +63,11 @@ def sample(key: PoolKey, request: SampleRequest, ray_address: Optional[str] = No
 
 
 def evaluations(key: PoolKey, positive: BranchCond, negative: Optional[BranchCond],
-                ray_address: Optional[str] = None) -> pool.PoolEvaluations:
+                ray_address: Optional[str] = None, loras: tuple[LoraRef, ...] = ()) -> pool.PoolEvaluations:
     """Host-driven evaluations on the warm pool of `key` (a context manager): call it with the model input
     scaled by the host's model sampling, the timestep and whether the negative branch is needed; it returns
     the raw model outputs of both branches (the host applies CFG and its sampler)."""
-    return pool.get_pool(key, ray_address).evaluations(positive, negative)
+    return pool.get_pool(key, ray_address).evaluations(positive, negative, loras)
 
 
 def pool_stats(key: PoolKey, ray_address: Optional[str] = None) -> pool.PoolStats:

@@ -120,6 +120,15 @@ def read_model_config(path: str | Path) -> dict[str, Any]:
     return _open(path, LoadStats()).config
 
 
+def model_shapes(path: str | Path, family: Optional[str] = None, variant: Optional[str] = None
+                 ) -> tuple[dict[str, tuple[int, ...]], ModelSpec]:
+    """(every parameter's shape, spec) of a model, from its config alone (built on the meta device)."""
+    config = read_model_config(path)
+    spec = resolve_model_spec(config, family, variant)
+    meta = _build_on_meta(spec.family, config, torch.float32).state_dict()
+    return {name: tuple(t.shape) for name, t in meta.items()}, spec
+
+
 def parameter_count(path: str | Path) -> int:
     """How many weights a model file or folder holds, from its headers (no tensor data read)."""
     return sum(math.prod(shape) for shape in _open(path, LoadStats()).files.shapes.values())

@@ -2,19 +2,22 @@
 (serially, sequence/CFG parallel, or as one PipeFusion stage)."""
 from __future__ import annotations
 
+import os
 import time
 from dataclasses import dataclass, replace
 from functools import partial
-from typing import Any, Callable, Optional
+from typing import Any, Callable, Optional, Sequence
 
 import torch
 import torch.distributed as dist
 
 from xdit_core.errors import XDiTConfigError
 from xdit_core.loading.load import load_model
+from xdit_core.loading.lora import LoraWeights, load_lora
 from xdit_core.models import make_adapter
 from xdit_core.models.base import BranchCond, ModelAdapter
 from xdit_core.models.families import ModelSpec
+from xdit_core.models.lora import LoraHandle, apply_loras
 from xdit_core.models.model_sampling import ModelSampling
 from xdit_core.parallel.comm import CommCounter
 from xdit_core.parallel.context import RankContext
@@ -25,7 +28,7 @@ from xdit_core.parallel.stages import pipefusion_parts
 from xdit_core.runtime.report import rank_report
 from xdit_core.sampling.finite import check_first_prediction
 from xdit_core.sampling.inpaint import Inpaint
-from xdit_core.sampling.request import SampleRequest
+from xdit_core.sampling.request import LoraRef, SampleRequest
 from xdit_core.sampling.samplers import Denoiser, is_max_denoise, run_sampler
 
 StepHook = Callable[[int, int], None]
@@ -189,6 +192,7 @@ class Evaluations:
     negative: Optional[BranchCond]
     device: torch.device
     ctx: Optional[RankContext]
+    loras: LoraHandle
 
     @torch.no_grad()
     def __call__(self, xc: torch.Tensor, timestep: torch.Tensor,
@@ -201,6 +205,7 @@ class Evaluations:
         return cond.cpu(), None if uncond is None else uncond.cpu()
 
     def close(self) -> None:
+        self.loras.remove()
         if self.ctx is not None:
             self.ctx.end_run()
 
@@ -236,9 +241,27 @@ class RankJob:
         if ctx is None and parallel.world_size > 1:
             ctx = RankContext(Mesh(parallel), device, attention_backend)
         self.ctx = ctx
+        self._loras: dict[str, tuple[tuple[int, int], LoraWeights]] = {}  # path -> (mtime and size, weights)
 
-    def evaluations(self, positive: BranchCond, negative: Optional[BranchCond]) -> "Evaluations":
-        """Start host-driven evaluations of this model with a prompt's conditioning (kept on the device)."""
+    def loras(self, refs: Sequence[LoraRef]) -> LoraHandle:
+        """Hook `refs` onto the layers this rank holds (remove the handle after the run). A LoRA file is read
+        once while it is unchanged and in use; the base weights are never touched, so changing a LoRA or its
+        strength reads nothing of the model."""
+        kept = {}
+        for ref in refs:
+            stat = os.stat(ref.path)
+            key = (stat.st_mtime_ns, stat.st_size)
+            cached = self._loras.get(ref.path)
+            if cached is None or cached[0] != key:
+                cached = (key, load_lora(ref.path, self.spec.family, self.adapter.model.state_dict()))
+            kept[ref.path] = cached
+        self._loras = kept
+        return apply_loras(self.adapter.model, [(kept[ref.path][1], ref.strength) for ref in refs])
+
+    def evaluations(self, positive: BranchCond, negative: Optional[BranchCond],
+                    loras: Sequence[LoraRef] = ()) -> "Evaluations":
+        """Start host-driven evaluations of this model with a prompt's conditioning (kept on the device) and
+        LoRAs (hooked until the session closes)."""
         if self.parallel.pipefusion_parallel_degree > 1:
             raise XDiTConfigError("PipeFusion runs the sampling loop inside the ranks; host-driven evaluations "
                                   "(the xDiT Guider) take a mesh of Ulysses, Ring and CFG degrees only")
@@ -249,18 +272,20 @@ class RankJob:
                 return None
             return replace(c, text=c.text.to(device), pooled=None if c.pooled is None else c.pooled.to(device))
 
+        handle = self.loras(loras)
         if self.ctx is not None:
             self.ctx.counter = CommCounter()
             self.ctx.begin_run()
         return Evaluations(make_branch_outputs(self.adapter, self.ctx), to_device(positive), to_device(negative),
-                           device, self.ctx)
+                           device, self.ctx, handle)
 
     def run(self, request: SampleRequest, on_step: Optional[StepHook] = None) -> dict[str, Any]:
         """Sample `request`; returns rank 0's latent (model space, float32, CPU; None elsewhere) and the report."""
         if self.ctx is not None:
             self.ctx.counter = CommCounter()
         step_s: list[float] = []
-        out = run_request(self.adapter, request, on_step=on_step, step_seconds=step_s, ctx=self.ctx)
+        with self.loras(request.loras):
+            out = run_request(self.adapter, request, on_step=on_step, step_seconds=step_s, ctx=self.ctx)
         counter = self.ctx.counter if self.ctx is not None else None
         patches = self.ctx.effective_patches if self.ctx is not None else 0
         return {"samples": out.cpu() if self.rank == 0 else None, "load_s": self.load_s,

@@ -34,7 +34,7 @@ from xdit_core.models.base import BranchCond
 from xdit_core.runtime.job import ModelRef
 from xdit_core.runtime.launch import Rendezvous
 from xdit_core.runtime.limits import estimate_weight_bytes, resident_budget
-from xdit_core.sampling.request import SampleRequest
+from xdit_core.sampling.request import LoraRef, SampleRequest
 
 log = logging.getLogger("xdit")
 POLL_S = 0.05
@@ -380,13 +380,15 @@ class WorkerPool:
         self.stats.last_reports = [r["report"] for r in results]
         return results[0]["samples"]
 
-    def evaluations(self, positive: BranchCond, negative: Optional[BranchCond]) -> "PoolEvaluations":
-        """Open host-driven evaluations of the current model with a prompt's conditioning (a context manager)."""
+    def evaluations(self, positive: BranchCond, negative: Optional[BranchCond],
+                    loras: tuple[LoraRef, ...] = ()) -> "PoolEvaluations":
+        """Open host-driven evaluations of the current model with a prompt's conditioning and LoRAs (a context
+        manager)."""
         if self.broken or not self.workers:
             if self.workers:
                 self.shutdown()
             self.start()
-        return PoolEvaluations(self, positive, negative)
+        return PoolEvaluations(self, positive, negative, loras)
 
     def _collect(self, refs: list, poll: Optional[Callable[[bool], None]] = None,
                  stop: Optional[Callable[[], None]] = None, cancel: Optional[Callable[[], bool]] = None) -> list:
@@ -481,10 +483,11 @@ class PoolEvaluations:
     weights and the prompt's conditioning; each call sends the scaled latent and timestep and gets rank 0's raw
     outputs back. A failed or frozen rank fails the call as a request would (the pool rebuilds)."""
 
-    def __init__(self, pool: WorkerPool, positive: BranchCond, negative: Optional[BranchCond]):
+    def __init__(self, pool: WorkerPool, positive: BranchCond, negative: Optional[BranchCond],
+                 loras: tuple[LoraRef, ...] = ()):
         self.pool, self.session = pool, uuid.uuid4().hex
         self.evaluations = 0
-        pool._collect([w.begin_evaluations.remote(self.session, pool.key.model, positive, negative)
+        pool._collect([w.begin_evaluations.remote(self.session, pool.key.model, positive, negative, loras)
                        for w in pool.workers])
 
     def __call__(self, xc: torch.Tensor, timestep: torch.Tensor,

@@ -21,7 +21,7 @@ from xdit_core.parallel.context import RankContext
 from xdit_core.parallel.mesh import Mesh, ParallelConfig
 from xdit_core.runtime.job import Evaluations, ModelRef, RankJob
 from xdit_core.runtime.launch import Rendezvous, free_port, init_process_group
-from xdit_core.sampling.request import SampleRequest
+from xdit_core.sampling.request import LoraRef, SampleRequest
 
 
 class RankWorker:
@@ -110,10 +110,10 @@ class RankWorker:
         return {"samples": result["samples"], "report": result["report"], "rank": self.rank}
 
     def begin_evaluations(self, session: str, model: ModelRef, positive: BranchCond,
-                          negative: Optional[BranchCond]) -> None:
+                          negative: Optional[BranchCond], loras: tuple[LoraRef, ...] = ()) -> None:
         """Open host-driven evaluations of a resident model for one prompt (closing any earlier session)."""
         self.end_evaluations(None)
-        self._evaluations = (session, self.jobs[model].evaluations(positive, negative))
+        self._evaluations = (session, self.jobs[model].evaluations(positive, negative, loras))
 
     def evaluate(self, session: str, xc: torch.Tensor, timestep: torch.Tensor,
                  with_negative: bool) -> Optional[tuple[torch.Tensor, Optional[torch.Tensor]]]:

@@ -27,6 +27,17 @@ MAX_BATCH = 4096
 MAX_CFG = MAX_GUIDANCE = MAX_SHIFT = 100.0
 
 
+MAX_LORA_STRENGTH = 100.0  # LoraLoaderModelOnly's range
+
+
+@dataclass(frozen=True)
+class LoraRef:
+    """A LoRA file applied at run time with a strength (the base weights stay as loaded)."""
+
+    path: str
+    strength: float
+
+
 @dataclass
 class SampleRequest:
     """One prompt's work; tensors in the model's latent space, float32, on CPU."""
@@ -46,6 +57,7 @@ class SampleRequest:
     noise_mask: Optional[torch.Tensor] = None  # [B, C, h, w] (prepare_mask): 1 where the latent is denoised
     inpaint_noise: Optional[torch.Tensor] = None  # what pins the unmasked region when it is not `noise` (ddim)
     unsampled: Optional[torch.Tensor] = None  # an empty step range: the LATENT ComfyUI returns as it is
+    loras: tuple[LoraRef, ...] = ()  # applied in order on every rank, to the weights it holds
 
     @property
     def steps(self) -> int:
@@ -170,7 +182,8 @@ def build_request(spec: ModelSpec, latent: torch.Tensor, *, seed: int, steps: in
                   negative: Optional[BranchCond], guidance: Optional[float] = None,
                   negative_guidance: Optional[float] = None,
                   shift: Optional[float | str] = None, batch_index: Optional[Sequence[int]] = None,
-                  noise_mask: Optional[torch.Tensor] = None, steps_range: StepRange = StepRange()) -> SampleRequest:
+                  noise_mask: Optional[torch.Tensor] = None, steps_range: StepRange = StepRange(),
+                  loras: Sequence[LoraRef] = ()) -> SampleRequest:
     """KSampler's (KSamplerAdvanced's, with `steps_range`) preparation of one run, from a ComfyUI LATENT tensor
     [B, C, H/8, W/8] and its optional noise_mask.
 
@@ -178,6 +191,8 @@ def build_request(spec: ModelSpec, latent: torch.Tensor, *, seed: int, steps: in
     """
     validate_sampler_settings(sampler, scheduler, steps, denoise)
     steps_range.validate()
+    for lora in loras:
+        validate_number(f"strength of LoRA {lora.path}", lora.strength, -MAX_LORA_STRENGTH, MAX_LORA_STRENGTH)
     validate_seed(seed)
     validate_number("cfg", cfg, 0.0, MAX_CFG)
     validate_number("guidance", guidance, 0.0, MAX_GUIDANCE)
@@ -224,4 +239,4 @@ def build_request(spec: ModelSpec, latent: torch.Tensor, *, seed: int, steps: in
         guidance=positive.guidance,
         sampler=sampler, seed=seed, shift=shift, height=height, width=width, noise_mask=mask,
         inpaint_noise=ddim_inpaint_noise(seed, latent.shape) if mask is not None and sampler == "ddim" else None,
-        unsampled=latent if len(sigmas) < 2 else None)
+        unsampled=latent if len(sigmas) < 2 else None, loras=tuple(lora for lora in loras if lora.strength != 0))
