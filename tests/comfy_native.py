@@ -160,9 +160,21 @@ def _branch(spec: dict[str, Any]) -> list:
     return conditioning(spec["text"], spec.get("pooled"), spec.get("guidance"))
 
 
+def lora_loader(patcher: comfy.model_patcher.ModelPatcher, path: str, strength: float) -> comfy.model_patcher.ModelPatcher:
+    """ComfyUI's LoraLoaderModelOnly node on `path` (its folder registered as one of ComfyUI's loras folders)."""
+    import folder_paths
+    from nodes import LoraLoaderModelOnly  # ComfyUI's nodes.py (first on the path)
+
+    folder_paths.add_model_folder_path("loras", str(Path(path).parent))
+    return LoraLoaderModelOnly().load_lora_model_only(patcher, Path(path).name, strength)[0]
+
+
 def ksampler_case(patcher: comfy.model_patcher.ModelPatcher, case: dict[str, Any]) -> dict[str, torch.Tensor]:
     """Case keys: latent, seed, steps, cfg, sampler_name, scheduler, denoise (optional), positive and negative
-    as {"text", "pooled" (optional), "guidance" (optional)}."""
+    as {"text", "pooled" (optional), "guidance" (optional)}, loras (optional: [[file, strength], ...], each
+    through ComfyUI's LoraLoaderModelOnly)."""
+    for path, strength in case.get("loras", []):
+        patcher = lora_loader(patcher, path, strength)
     samples = ksampler(patcher, case["latent"], seed=case["seed"], steps=case["steps"], cfg=case["cfg"],
                        sampler_name=case["sampler_name"], scheduler=case["scheduler"],
                        positive=_branch(case["positive"]), negative=_branch(case["negative"]),

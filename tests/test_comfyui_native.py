@@ -7,6 +7,7 @@ import json
 import os
 import subprocess
 from pathlib import Path
+from typing import Optional
 
 import pytest
 import torch
@@ -47,6 +48,11 @@ GUIDED = {
     "pixart_sigma/dpmpp_3m_sde": ("pixart_sigma", "dpmpp_3m_sde", "exponential", 5, None, False),
 }
 GUIDED_MESH = {"ulysses_degree": 2}
+# LoRAs: ComfyUI's LoraLoaderModelOnly (merged into the weights) against ours (hooked at run time), in layouts
+# ComfyUI reads for the family, two stacked on Flux: name -> [(layout, seed, strength)]. (ComfyUI 0.3.64 loads no
+# key of a bare diffusers-named PixArt LoRA, "lora key not loaded" for each, so it is not compared here.)
+LORAS = {"flux_dev": [("kohya", 1, 0.8), ("peft", 2, -0.5)], "sd3": [("comfyui", 3, 1.0)],
+         "pixart_sigma": [("kohya", 4, 1.2)]}
 CFG, GUIDANCE, SEED = 2.0, 2.5, 11
 # max |ours - ComfyUI's| / max |ComfyUI's|; measured: at most 5e-7 for every family (torch 2.13 here, ComfyUI's
 # own torch there). Running the negative at the positive's guidance (2.5) instead of ComfyUI's 3.5 is 3.6e-4.
@@ -99,17 +105,22 @@ def comfy(tmp_path_factory):
 
     root = tmp_path_factory.mktemp("native")
     models, tensors, cases = {}, {}, []
+
+    def comfy_case(name: str, run: str) -> dict:
+        sampler, scheduler, steps, denoise = RUNS[run]
+        latent = "empty" if denoise == 1.0 else "image"
+        return {"name": f"{name}/{run}", "kind": "ksampler", "model": str(models[name]),
+                "latent": {"tensor": f"{name}/{latent}"}, "seed": SEED, "steps": steps, "cfg": CFG,
+                "sampler_name": sampler, "scheduler": scheduler, "denoise": denoise,
+                "positive": branch(name, "positive", tensors), "negative": branch(name, "negative", tensors)}
+
     for name, (family, options, _, _) in FAMILIES.items():
         models[name] = write_tiny(family, root / name, seed=1, **options)
         if family == "pixart":
             pixart_at_512(models[name])
         tensors.update(inputs(name, models[name]))
-        for run, (sampler, scheduler, steps, denoise) in RUNS.items():
-            latent = "empty" if denoise == 1.0 else "image"
-            cases.append({"name": f"{name}/{run}", "kind": "ksampler", "model": str(models[name]),
-                          "latent": {"tensor": f"{name}/{latent}"}, "seed": SEED, "steps": steps, "cfg": CFG,
-                          "sampler_name": sampler, "scheduler": scheduler, "denoise": denoise,
-                          "positive": branch(name, "positive", tensors), "negative": branch(name, "negative", tensors)})
+        for run in RUNS:
+            cases.append(comfy_case(name, run))
     for key, (name, sampler, scheduler, steps, shift, mask) in GUIDED.items():
         h, w = FAMILIES[name][2]
         if mask:
@@ -123,6 +134,17 @@ def comfy(tmp_path_factory):
                           "noise_mask": {"tensor": f"{key}/mask"} if mask else None,
                           "positive": branch(name, "positive", tensors),
                           "negative": branch(name, "negative", tensors)})
+    from lora_files import make_lora, save_lora
+    from xdit_core.loading.load import load_model
+
+    loras = {}
+    for name, stack in LORAS.items():
+        base, _ = load_model(models[name])
+        loras[name] = [(str(save_lora(make_lora(FAMILIES[name][0], base, layout, seed=seed),
+                                      root / f"{name}_{layout}.safetensors")), strength)
+                       for layout, seed, strength in stack]
+        case = dict(comfy_case(name, "euler"), name=f"lora/{name}", loras=loras[name])
+        cases.append(case)
     save_file(tensors, str(root / "inputs.safetensors"))
     (root / "cases.json").write_text(json.dumps({"tensors": str(root / "inputs.safetensors"), "cases": cases}))
     out = root / "outputs.safetensors"
@@ -137,15 +159,17 @@ def comfy(tmp_path_factory):
             "errors": json.loads(meta["errors"]), "classes": json.loads(meta["model_configs"])}
 
 
-def ours(comfy, name: str, run: str) -> torch.Tensor:
-    """Our engine's serial run of a case, as a LATENT (ComfyUI's latent space)."""
+def ours(comfy, name: str, run: str, case_name: Optional[str] = None) -> torch.Tensor:
+    """Our engine's serial run of a case (its LoRAs hooked at run time), as a LATENT (ComfyUI's latent space)."""
     from xdit_core.loading.load import load_model
+    from xdit_core.loading.lora import load_lora
     from xdit_core.models import make_adapter
     from xdit_core.models.base import BranchCond
+    from xdit_core.models.lora import apply_loras
     from xdit_core.runtime.job import run_request
     from xdit_core.sampling.request import build_request
 
-    case, t = comfy["cases"][f"{name}/{run}"], comfy["inputs"]
+    case, t = comfy["cases"][case_name or f"{name}/{run}"], comfy["inputs"]
     model, spec = load_model(comfy["models"][name])
 
     def cond(which):
@@ -155,7 +179,9 @@ def ours(comfy, name: str, run: str) -> torch.Tensor:
                             sampler=case["sampler_name"], scheduler=case["scheduler"], denoise=case["denoise"],
                             positive=cond("positive"), negative=cond("negative"),
                             guidance=GUIDANCE if name == "flux_dev" else None)
-    return spec.latent_format.process_out(run_request(make_adapter(model, spec), request))
+    loras = [(load_lora(path, spec.family, model.state_dict()), strength) for path, strength in case.get("loras", [])]
+    with apply_loras(model, loras):
+        return spec.latent_format.process_out(run_request(make_adapter(model, spec), request))
 
 
 @pytest.mark.parametrize("name", FAMILIES)
@@ -190,3 +216,17 @@ def test_xdit_guider_equals_comfyuis_cfg_guider(comfy, key):
     assert error < TOLERANCE, f"{key}: relative error {error:.2e}"
     denoised = {kind: comfy["outputs"][f"guided/{key}/{kind}/denoised"] for kind in ("comfy", "xdit")}
     assert torch.allclose(denoised["xdit"], denoised["comfy"], rtol=TOLERANCE, atol=TOLERANCE)
+
+
+@pytest.mark.parametrize("name", LORAS)
+def test_lora_equals_comfyuis_lora_loader(comfy, name):
+    """Our LoRA path (read by our key mapping, hooked at run time) against ComfyUI's LoraLoaderModelOnly (its own
+    key mapping, merged into the weights) and KSampler on ComfyUI's model."""
+    key = f"lora/{name}"
+    assert key not in comfy["errors"], comfy["errors"][key]
+    theirs, mine = comfy["outputs"][f"{key}/samples"], ours(comfy, name, "euler", key)
+    plain = comfy["outputs"][f"{name}/euler/samples"]
+    assert (theirs - plain).abs().max() > 1e-2  # the LoRA changed ComfyUI's result
+    error = ((mine - theirs).abs().max() / theirs.abs().max()).item()
+    print(f"lora {name}: relative error {error:.2e}")
+    assert error < TOLERANCE, f"{key}: relative error {error:.2e}"
