@@ -22,7 +22,7 @@ from xdit_core.models.base import ModelAdapter, Tokens
 from xdit_core.parallel.routing import AttentionRouter
 from xdit_core.parallel.stages import patch_rows
 from xdit_core.sampling.request import SampleRequest
-from xdit_core.sampling.samplers import AncestralNoise, Sampler, is_max_denoise
+from xdit_core.sampling.samplers import Sampler, is_max_denoise, make_noise
 
 
 class _StaleKV:
@@ -65,9 +65,8 @@ def pipefusion_reference(adapter: ModelAdapter, request: SampleRequest, patches:
     per_row = w // 2  # tokens per row of 2x2 patches
     n_img = (h // 2) * per_row
     rows = patch_rows(h, patches, 2)
-    noise = AncestralNoise(request.seed, x.shape, x.dtype, x.device)  # one draw per step, sliced per patch
-    samplers = [Sampler(request.sampler, ms, request.seed, noise=lambda i, r0=r0, r1=r1: noise(i)[:, :, r0:r1])
-                for r0, r1 in rows]
+    noise = make_noise(request.sampler, request.seed, x, sigmas)  # the whole latent's, sliced per patch
+    samplers = [Sampler(request.sampler, ms, request.seed, noise=noise.rows(r0, r1)) for r0, r1 in rows]
     xs = [x[:, :, r0:r1] for r0, r1 in rows]
     branches = [(1, request.positive)] if request.negative is None else [(0, request.negative),
                                                                            (1, request.positive)]

@@ -17,6 +17,7 @@ from xdit_core.runtime.job import run_request
 from xdit_core.runtime.launch import spawn_world
 from xdit_core.loading.load import load_model
 from xdit_core.parallel.mesh import ParallelConfig
+from xdit_core.parallel.pipefusion import pipefusion_rounds
 from xdit_core.parallel.stages import balance_stages, module_bytes
 from xdit_core.models import make_adapter
 from xdit_core.sampling.request import build_request, empty_latent
@@ -64,7 +65,9 @@ PF_CONFIGS = {
     "pf2_m4": ParallelConfig(pipefusion_parallel_degree=2, num_pipeline_patch=4),
 }
 PF_EXACT = ("pf2", "pf4", "pf2_u2", "pf2_r2", "cfg_pf2_u2")
-PF_SAMPLERS = ("lcm", "gradient_estimation")
+# Samplers with noise or history of their own: ancestral draws (lcm), Brownian-tree noise (dpmpp_sde, dpmpp_2m_sde),
+# multistep history (gradient_estimation, res_multistep, deis, uni_pc with its pending corrector).
+PF_SAMPLERS = ("lcm", "gradient_estimation", "dpmpp_2m_sde", "dpmpp_sde", "uni_pc", "res_multistep", "deis")
 PF_PIPELINED = ("pf2", "pf2_m4", "pf2_u2", "pf2_r2", "cfg_pf2_u2")
 PF_STEPS = 4  # pipelined cases: 1 warmup step, then 3 steps with stale K/V
 # Negative controls (parallel_world.MUTATIONS), per family: (size, config, mutation). Each must move the output
@@ -251,11 +254,17 @@ def test_performance_model_charges_exactly_the_counted_bytes(world):
         dtype = parallel_world.case_options(name)[1]
         if (path, dtype) not in adapters:
             adapters[(path, dtype)] = make_adapter(*load_model(path, dtype))
-        workload = shape_workload(model_shape(adapters[(path, dtype)], request))
+        adapter = adapters[(path, dtype)]
+        workload = shape_workload(model_shape(adapter, request))
+        # The model counts euler steps, one evaluation each: give it the sampler's evaluations (dpmpp_sde's two
+        # per step), those of the warmup steps synchronous.
+        ms = adapter.spec.model_sampling(request.shift, width=request.width, height=request.height)
+        rounds = pipefusion_rounds(request.sampler, ms, request.sigmas)
+        as_euler = replace(config, warmup_steps=sum(1 for i, _, _ in rounds if i < config.warmup_steps))
         for rank in range(config.world_size):
             steps = per_rank[rank][name]["per_step"]
             counted = {k: sum(s.get(k, 0) for s in steps) for k in COMM_KINDS}
-            model = message_bytes(workload, config, rank, len(steps), ring_impl)
+            model = message_bytes(workload, as_euler, rank, len(rounds), ring_impl)
             assert model == counted, f"{name}, rank {rank}"
 
 

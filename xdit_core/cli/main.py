@@ -24,6 +24,8 @@ class _Parser(argparse.ArgumentParser):
 
 
 def _add_generate(sub) -> None:
+    from xdit_core.sampling.samplers import SAMPLERS
+
     p = sub.add_parser("generate", help="sample one latent from a model")
     p.add_argument("--model", required=True, help="diffusers model folder, or one .safetensors file in the original "
                                                    "Flux/SD3/PixArt layout (bare or an all-in-one checkpoint)")
@@ -41,8 +43,7 @@ def _add_generate(sub) -> None:
                         "FluxGuidance)")
     p.add_argument("--shift", help="model-sampling shift in (0, 100] (default: the family's), or 'auto' for Flux; "
                                    "not for PixArt")
-    p.add_argument("--sampler", default="euler", help="euler | euler_ancestral | heun | dpmpp_2m | lcm | ddim | "
-                                                      "gradient_estimation")
+    p.add_argument("--sampler", default="euler", help=f"{' | '.join(SAMPLERS)} (ComfyUI's names and math)")
     p.add_argument("--scheduler", default="simple", help="simple | normal | karras | exponential | sgm_uniform | "
                                                           "beta | ddim_uniform | linear_quadratic | kl_optimal")
     p.add_argument("--denoise", type=float, default=1.0)

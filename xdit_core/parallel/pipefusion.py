@@ -32,7 +32,7 @@ from xdit_core.parallel.routing import AttentionRouter
 from xdit_core.sampling.finite import check_first_prediction
 from xdit_core.sampling.request import SampleRequest
 from xdit_core.sampling.inpaint import Inpaint
-from xdit_core.sampling.samplers import AncestralNoise, ModelSampling, Sampler
+from xdit_core.sampling.samplers import ModelSampling, Sampler, make_noise
 from xdit_core.parallel.sequence_parallel import shard_padded
 from xdit_core.parallel.stages import balance_stages, module_bytes, patch_rows
 
@@ -136,14 +136,13 @@ class PatchDriver:
                 self.start()
 
 
-def pipefusion_rounds(sampler: str, sigmas: torch.Tensor) -> list[tuple[int, torch.Tensor, bool]]:
+def pipefusion_rounds(sampler: str, ms: ModelSampling, sigmas: torch.Tensor) -> list[tuple[int, torch.Tensor, bool]]:
     """Every model evaluation in order: (step, sigma, last evaluation of the step)."""
-    probe = Sampler(sampler, None, 0)
+    probe = Sampler(sampler, ms, 0)
     out = []
     for i in range(len(sigmas) - 1):
-        n = probe.evaluations(i, sigmas)
-        sig = [sigmas[i], sigmas[i + 1]][:n]
-        out += [(i, s, k == n - 1) for k, s in enumerate(sig)]
+        sig = probe.eval_sigmas(i, sigmas)
+        out += [(i, s, k == len(sig) - 1) for k, s in enumerate(sig)]
     return out
 
 
@@ -234,13 +233,12 @@ class PipeFusionRunner:
         unit_full = ((0, h), torch.arange(n_img, device=x.device))
         branches = self._branches(request)
         sigmas = request.sigmas.to(x.device)
-        rounds = pipefusion_rounds(request.sampler, sigmas)
+        rounds = pipefusion_rounds(request.sampler, ms, sigmas)
         warm_rounds = sum(1 for i, _, _ in rounds if i < config.warmup_steps)
-        noise = AncestralNoise(request.seed, x.shape, x.dtype, x.device)
+        noise = make_noise(request.sampler, request.seed, x, sigmas)  # the whole latent's, shared by the patches
         drivers = []
         for r0, r1 in rows:
-            sampler = Sampler(request.sampler, ms, request.seed,
-                              noise=lambda i, r0=r0, r1=r1: noise(i)[:, :, r0:r1])
+            sampler = Sampler(request.sampler, ms, request.seed, noise=noise.rows(r0, r1))
             drivers.append(PatchDriver(sampler, x[:, :, r0:r1], sigmas))
         for d, (r0, r1) in zip(drivers, rows):
             d.inpaint = None if inpaint is None else inpaint.rows(r0, r1)
@@ -317,7 +315,7 @@ class PipeFusionRunner:
         S, idx = self.sp_comm.size, self.sp_comm.index
         dtype = a.dtype
         timestep = ms.timestep(sigma.reshape(1).cpu()).float().to(x_eval.device).expand(x_eval.shape[0])
-        full = a.embed(ms.calculate_input(sigma, x_eval).to(dtype), timestep, cond, request.guidance)
+        full = a.embed(ms.calculate_input(sigma, x_eval).to(dtype), timestep, cond, cond.guidance)
         tokens = unit.tokens
 
         def shard_img(t: torch.Tensor, dim: int = 1) -> torch.Tensor:

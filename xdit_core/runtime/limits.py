@@ -29,8 +29,9 @@ GIB = 2 ** 30
 RESIDENT_BUDGET_ENV = "XDIT_RESIDENT_GB"  # GiB of weights each rank keeps for its resident models
 FLOAT32_BYTES = 4  # latents, noise and the sampler's state are float32 whatever the model's dtype
 # Latent-sized float32 tensors one rank holds at once: the request's latent_image and noise, the sampler's
-# x, denoised, derivative, previous denoised (dpmpp_2m) and ancestral draw, and the output.
-LATENT_COPIES = 8
+# x, denoised, derivative, previous denoised and ancestral draw, and the output (8); uni_pc's history holds
+# about 5 more (three x0 predictions, the corrector's base and residual); a noise_mask and its noise 2 more.
+LATENT_COPIES = 15
 # Peak live activations of one transformer block, in units of tokens x hidden size (Flux's single block:
 # input, norm, q/k/v, their rotary copies, attention output, 4x MLP projection and its GELU, the 5x concat).
 # Every attention kernel the engine selects (PyTorch's flash kernel on CPU, memory-efficient SDPA or

@@ -15,11 +15,23 @@ import torch
 
 from xdit_core.errors import XDiTConfigError
 from xdit_core.models.model_sampling import ModelSampling
+from xdit_core.sampling.deis import deis_coefficients
+from xdit_core.sampling.noise import AncestralNoise, BrownianNoise, NoiseSource
+from xdit_core.sampling.uni_pc import FINAL_SIGMA, UniPC
 
 SCHEDULERS = ("simple", "normal", "karras", "exponential", "sgm_uniform", "beta", "ddim_uniform",
               "linear_quadratic", "kl_optimal")
-SAMPLERS = ("euler", "euler_ancestral", "heun", "dpmpp_2m", "lcm", "ddim", "gradient_estimation")
+SAMPLERS = ("euler", "euler_ancestral", "heun", "dpmpp_2m", "lcm", "ddim", "gradient_estimation", "dpmpp_sde",
+            "dpmpp_2m_sde", "deis", "res_multistep", "uni_pc", "uni_pc_bh2")
+# KSampler computes one step more for these and drops the penultimate sigma.
+DISCARD_PENULTIMATE_SIGMA_SAMPLERS = ("uni_pc", "uni_pc_bh2")
 GE_GAMMA = 2.0  # gradient_estimation's gamma, ComfyUI's default
+DEIS_ORDER = 3  # deis's max_order, ComfyUI's default
+SDE_SAMPLERS = ("dpmpp_sde", "dpmpp_2m_sde")  # Brownian-tree noise, half-log-SNR steps
+SDE_R = 0.5  # dpmpp_sde's r: its intermediate point at the middle of the step in half-log-SNR
+# A flow schedule starting at sigma 1 has no half-log-SNR there: the SDE samplers move its first sigma to
+# the model's sigma at this percent (ComfyUI's offset_first_sigma_for_snr).
+SNR_PERCENT_OFFSET = 1e-4
 MAX_STEPS = 10000  # KSampler's steps widget
 # The longest schedule a partial denoise computes: KSampler's most steps at its smallest denoise step (0.01).
 MAX_SCHEDULE = 100 * MAX_STEPS
@@ -148,14 +160,24 @@ def validate_sampler_settings(sampler: str, scheduler: str, steps: int, denoise:
                               f"the most is {MAX_SCHEDULE}, so use denoise >= {steps / MAX_SCHEDULE:g}")
 
 
-def calculate_sigmas(ms: ModelSampling, scheduler: str, steps: int, denoise: float = 1.0) -> torch.Tensor:
-    """KSampler's sigmas: the scheduler at `steps`, or at steps/denoise truncated to steps+1 values."""
+def calculate_sigmas(ms: ModelSampling, scheduler: str, steps: int, denoise: float = 1.0,
+                     sampler: Optional[str] = None) -> torch.Tensor:
+    """KSampler's sigmas: the scheduler at `steps`, or at steps/denoise truncated to steps+1 values.
+
+    For the samplers that discard the penultimate sigma, each schedule is computed one step longer
+    and that sigma dropped (before a partial denoise keeps its tail)."""
     if scheduler not in _SCHEDULER_FNS:
         raise XDiTConfigError(f"unknown scheduler {scheduler!r}; valid schedulers: {', '.join(SCHEDULERS)}")
+
+    def schedule(n: int) -> torch.Tensor:
+        if sampler not in DISCARD_PENULTIMATE_SIGMA_SAMPLERS:
+            return _SCHEDULER_FNS[scheduler](ms, n)
+        sigmas = _SCHEDULER_FNS[scheduler](ms, n + 1)
+        return torch.cat([sigmas[:-2], sigmas[-1:]])
+
     if denoise > 0.9999:
-        return _SCHEDULER_FNS[scheduler](ms, steps)
-    full = _SCHEDULER_FNS[scheduler](ms, int(steps / denoise))
-    return full[-(steps + 1):]
+        return schedule(steps)
+    return schedule(int(steps / denoise))[-(steps + 1):]
 
 
 def is_max_denoise(ms: ModelSampling, sigmas: torch.Tensor) -> bool:
@@ -195,25 +217,18 @@ Denoiser = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 StepCallback = Callable[[int, int], None]
 
 
-class AncestralNoise:
-    """ComfyUI's `default_noise_sampler`: one generator seeded with the sampling seed, one full-size draw
-    per step that needs noise. Draws are cached by step so that patches of the same step share one draw."""
-
-    def __init__(self, seed: int, shape: Sequence[int], dtype: torch.dtype, device: torch.device):
-        self.generator = torch.Generator(device=device).manual_seed(seed)
-        self.shape, self.dtype, self.device = tuple(shape), dtype, device
-        self._draws: dict[int, torch.Tensor] = {}
-
-    def __call__(self, step: int) -> torch.Tensor:
-        if step not in self._draws:
-            self._draws = {step: torch.randn(self.shape, dtype=self.dtype, device=self.device,
-                                             generator=self.generator)}
-        return self._draws[step]
+def make_noise(sampler: str, seed: int, x: torch.Tensor, sigmas: torch.Tensor) -> NoiseSource:
+    """The noise `sampler` draws by default over the whole latent x (ComfyUI's default noise sampler):
+    a Brownian tree over the schedule's range for the SDE samplers, else one draw per step."""
+    if sampler in SDE_SAMPLERS:
+        return BrownianNoise(seed, x.shape, sigmas[sigmas > 0].min(), sigmas.max())
+    return AncestralNoise(seed, x.shape, x.dtype, x.device)
 
 
 # A sampler step is a generator: it yields (x, sigma) for each model evaluation it needs, receives the
-# denoised prediction, and returns the next x. The serial loop drives it directly; PipeFusion drives
-# one per patch, so that multistep state and ancestral noise stay per patch.
+# denoised prediction, and returns the next x (uni_pc's in its own frame between steps, see uni_pc.py).
+# The serial loop drives it directly; PipeFusion drives one per patch, so that multistep state and noise
+# stay per patch.
 StepGen = Generator[tuple[torch.Tensor, torch.Tensor], torch.Tensor, torch.Tensor]
 
 
@@ -221,22 +236,35 @@ StepGen = Generator[tuple[torch.Tensor, torch.Tensor], torch.Tensor, torch.Tenso
 class Sampler:
     """One of k-diffusion's samplers as ComfyUI runs it, with its per-run state.
 
-    `noise(step)` gives the ancestral noise for this sampler's part of the latent at a step; by default
-    the whole latent's draw.
+    `noise` gives the noise of this sampler's part of the latent (`NoiseSource.rows` for a PipeFusion
+    patch); by default the sampler's own over the latent it is first given (`make_noise`).
     """
 
     name: str
     ms: ModelSampling
     seed: int
-    noise: Optional[Callable[[int], torch.Tensor]] = None
+    noise: Optional[NoiseSource] = None
 
     def __post_init__(self) -> None:
         self.old_denoised: Optional[torch.Tensor] = None
         self.old_d: Optional[torch.Tensor] = None
+        self.h_last: Optional[torch.Tensor] = None
+        self.d_history: list[torch.Tensor] = []
+        self.deis_coeffs: Optional[list[list[torch.Tensor]]] = None
+        self.unipc: Optional[UniPC] = None
 
-    def evaluations(self, i: int, sigmas: torch.Tensor) -> int:
-        """Model evaluations step i needs (heun: two, except when it ends at sigma 0)."""
-        return 2 if self.name == "heun" and sigmas[i + 1] != 0 else 1
+    def eval_sigmas(self, i: int, sigmas: torch.Tensor) -> list[torch.Tensor]:
+        """The sigmas step i evaluates the model at, in order (PipeFusion schedules its rounds from them):
+        heun and dpmpp_sde evaluate twice except on a step to sigma 0."""
+        sigma_next = sigmas[i + 1]
+        if self.name == "heun" and sigma_next != 0:
+            return [sigmas[i], sigma_next]
+        if self.name in SDE_SAMPLERS:
+            sigma, sigma_next = self._sde_sigmas(i, sigmas)
+            if self.name == "dpmpp_sde" and sigma_next != 0:
+                return [sigma, self._sde_midpoint(sigma, sigma_next)[3]]
+            return [sigma]
+        return [sigmas[i]]
 
     def step(self, i: int, x: torch.Tensor, sigmas: torch.Tensor, denoise: Denoiser) -> torch.Tensor:
         """Advance x from sigmas[i] to sigmas[i+1], calling `denoise` for every evaluation."""
@@ -251,10 +279,34 @@ class Sampler:
     def step_gen(self, i: int, x: torch.Tensor, sigmas: torch.Tensor) -> StepGen:
         return getattr(self, "_" + self.name)(i, x, sigmas)
 
-    def _ancestral_noise(self, i: int, x: torch.Tensor) -> torch.Tensor:
+    def _noise(self, i: int, x: torch.Tensor, sigmas: torch.Tensor, sigma: torch.Tensor,
+               sigma_next: torch.Tensor) -> torch.Tensor:
         if self.noise is None:
-            self.noise = AncestralNoise(self.seed, x.shape, x.dtype, x.device)
-        return self.noise(i)
+            self.noise = make_noise(self.name, self.seed, x, sigmas)
+        return self.noise(i, sigma, sigma_next)
+
+    # -- half-log-SNR, lambda = log(alpha / sigma): the SDE samplers' time, flow-aware (alpha = 1 - sigma) --
+    def _half_log_snr(self, sigma: torch.Tensor) -> torch.Tensor:
+        return sigma.logit().neg() if self.ms.prediction == "const" else sigma.log().neg()
+
+    def _sigma_of(self, half_log_snr: torch.Tensor) -> torch.Tensor:
+        return half_log_snr.neg().sigmoid() if self.ms.prediction == "const" else half_log_snr.neg().exp()
+
+    def _sde_sigmas(self, i: int, sigmas: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Step i's (sigma, sigma_next) as the SDE samplers take them: a flow schedule's first sigma 1 (no
+        half-log-SNR there) moved to the model's sigma at SNR_PERCENT_OFFSET."""
+        sigma = sigmas[i]
+        if i == 0 and self.ms.prediction == "const" and sigma >= 1:
+            # ComfyUI's percent_to_sigma of the flow samplings: the shifted sigma at time 1 - percent
+            # (their timestep() scales a time to the model's units without shifting it).
+            sigma = torch.full_like(sigma, float(self.ms.sigma(self.ms.timestep(1.0 - SNR_PERCENT_OFFSET))))
+        return sigma, sigmas[i + 1]
+
+    def _sde_midpoint(self, sigma: torch.Tensor, sigma_next: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        """dpmpp_sde's (lambda_s, lambda_t, lambda_mid, sigma_mid): its intermediate evaluation point."""
+        lambda_s, lambda_t = self._half_log_snr(sigma), self._half_log_snr(sigma_next)
+        lambda_mid = lambda_s + SDE_R * (lambda_t - lambda_s)
+        return lambda_s, lambda_t, lambda_mid, self._sigma_of(lambda_mid)
 
     def _euler(self, i, x, sigmas):
         sigma = sigmas[i]
@@ -269,7 +321,8 @@ class Sampler:
     def _lcm(self, i, x, sigmas):
         denoised = yield x, sigmas[i]
         if sigmas[i + 1] > 0:  # renoise the prediction to the next level with a fresh draw
-            return self.ms.noise_scaling(sigmas[i + 1], self._ancestral_noise(i, x), denoised, False)
+            return self.ms.noise_scaling(sigmas[i + 1], self._noise(i, x, sigmas, sigmas[i], sigmas[i + 1]),
+                                         denoised, False)
         return denoised
 
     def _gradient_estimation(self, i, x, sigmas):
@@ -325,13 +378,112 @@ class Sampler:
             renoise = (sigma_next ** 2 - sigma_down ** 2 * alpha_next ** 2 / alpha_down ** 2) ** 0.5
             ratio = sigma_down / sigma
             x = ratio * x + (1 - ratio) * denoised
-            return (alpha_next / alpha_down) * x + self._ancestral_noise(i, x) * renoise
-        sigma_up = min(sigma_next, (sigma_next ** 2 * (sigma ** 2 - sigma_next ** 2) / sigma ** 2) ** 0.5)
-        sigma_down = (sigma_next ** 2 - sigma_up ** 2) ** 0.5
+            return (alpha_next / alpha_down) * x + self._noise(i, x, sigmas, sigma, sigma_next) * renoise
+        sigma_down, sigma_up = _ancestral_step(sigma, sigma_next)
         if sigma_down == 0:
             return denoised
         d = (x - denoised) / sigma
-        return x + d * (sigma_down - sigma) + self._ancestral_noise(i, x) * sigma_up
+        return x + d * (sigma_down - sigma) + self._noise(i, x, sigmas, sigma, sigma_next) * sigma_up
+
+    # Stochastic samplers below run at ComfyUI's defaults eta 1 and s_noise 1 (factors of 1 left out).
+    def _dpmpp_sde(self, i, x, sigmas):
+        sigma, sigma_next = self._sde_sigmas(i, sigmas)
+        denoised = yield x, sigma
+        if sigma_next == 0:
+            return denoised
+        lambda_s, lambda_t, lambda_mid, sigma_mid = self._sde_midpoint(sigma, sigma_next)
+        alpha_s, alpha_mid = sigma * lambda_s.exp(), sigma_mid * lambda_mid.exp()
+        # An ancestral first-order step to the midpoint; then again from x to sigma_next with the midpoint's
+        # prediction (at r = 1/2 it takes its whole weight).
+        x_2 = self._sde_substep(x, denoised, lambda_s, lambda_mid, alpha_s, alpha_mid,
+                                self._noise(i, x, sigmas, sigma, sigma_mid))
+        denoised_2 = yield x_2, sigma_mid
+        fac = 1 / (2 * SDE_R)
+        denoised_d = (1 - fac) * denoised + fac * denoised_2
+        return self._sde_substep(x, denoised_d, lambda_s, lambda_t, alpha_s, sigma_next * lambda_t.exp(),
+                                 self._noise(i, x, sigmas, sigma, sigma_next))
+
+    @staticmethod
+    def _sde_substep(x, denoised, lambda_s, lambda_to, alpha_s, alpha_to, noise):
+        """A first-order DPM-Solver++ step from lambda_s towards lambda_to, ancestral: to the reduced level,
+        then the noise back up to it."""
+        sigma_down, sigma_up = _ancestral_step(lambda_s.neg().exp(), lambda_to.neg().exp())
+        h = sigma_down.log().neg() - lambda_s
+        x = (alpha_to / alpha_s) * (-h).exp() * x - alpha_to * (-h).expm1() * denoised
+        return x + alpha_to * noise * sigma_up
+
+    def _dpmpp_2m_sde(self, i, x, sigmas):
+        sigma, sigma_next = self._sde_sigmas(i, sigmas)
+        denoised = yield x, sigma
+        if sigma_next == 0:
+            x = denoised
+        else:
+            lambda_s, lambda_t = self._half_log_snr(sigma), self._half_log_snr(sigma_next)
+            h = lambda_t - lambda_s
+            h_eta = h * 2.0  # h * (eta + 1)
+            alpha_t = sigma_next * lambda_t.exp()
+            x = sigma_next / sigma * (-h).exp() * x + alpha_t * (-h_eta).expm1().neg() * denoised
+            if self.old_denoised is not None:  # the midpoint solver's second-order correction
+                r = self.h_last / h
+                x = x + 0.5 * alpha_t * (-h_eta).expm1().neg() * (1 / r) * (denoised - self.old_denoised)
+            noise = self._noise(i, x, sigmas, sigma, sigma_next)
+            x = x + noise * sigma_next * (-2 * h).expm1().neg().sqrt()
+            self.h_last = h
+        self.old_denoised = denoised
+        return x
+
+    def _res_multistep(self, i, x, sigmas):
+        # ComfyUI's res_multistep: eta 0, so no noise, and steps to sigma_next itself.
+        sigma, sigma_next = sigmas[i], sigmas[i + 1]
+        denoised = yield x, sigma
+        if sigma_next == 0 or self.old_denoised is None:
+            x = x + (x - denoised) / sigma * (sigma_next - sigma)
+        else:  # second-order exponential multistep, in t = -log(sigma)
+            t, t_next, t_prev = sigma.log().neg(), sigma_next.log().neg(), sigmas[i - 1].log().neg()
+            h = t_next - t
+            c2 = (t_prev - t) / h
+            phi1 = torch.expm1(-h) / -h
+            phi2 = (phi1 - 1.0) / -h
+            b1 = torch.nan_to_num(phi1 - phi2 / c2, nan=0.0)
+            b2 = torch.nan_to_num(phi2 / c2, nan=0.0)
+            x = h.neg().exp() * x + h * (b1 * denoised + b2 * self.old_denoised)
+        self.old_denoised = denoised
+        return x
+
+    def _deis(self, i, x, sigmas):
+        if self.deis_coeffs is None:  # from the whole schedule, once per run
+            self.deis_coeffs = deis_coefficients(sigmas, DEIS_ORDER)
+        sigma, sigma_next = sigmas[i], sigmas[i + 1]
+        denoised = yield x, sigma
+        d = (x - denoised) / sigma
+        coeffs = self.deis_coeffs[i]
+        if not coeffs:  # Euler: the first step and any step to sigma 0
+            x = x + (sigma_next - sigma) * d
+        else:
+            x = x + coeffs[0] * d
+            for c, d_old in zip(coeffs[1:], reversed(self.d_history)):
+                x = x + c * d_old
+        self.d_history = (self.d_history + [d])[-(DEIS_ORDER - 1):]
+        return x
+
+    def _uni_pc(self, i, x, sigmas, variant="bh1"):
+        if self.unipc is None:
+            self.unipc = UniPC(variant)
+        x = yield from self.unipc.step(i, x, sigmas)
+        if i == len(sigmas) - 2 and sigmas[-1] == 0:
+            # ComfyUI's sample_unipc writes its FINAL_SIGMA into the caller's schedule (a view), so KSampler
+            # then undoes the noise scaling at that sigma, not at 0: for flow models a division by 0.999.
+            x = self.ms.inverse_noise_scaling(torch.full_like(sigmas[-1], FINAL_SIGMA), x)
+        return x
+
+    def _uni_pc_bh2(self, i, x, sigmas):
+        return (yield from self._uni_pc(i, x, sigmas, "bh2"))
+
+
+def _ancestral_step(sigma_from: torch.Tensor, sigma_to: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """k-diffusion's get_ancestral_step at eta 1: (sigma_down, sigma_up)."""
+    sigma_up = min(sigma_to, (sigma_to ** 2 * (sigma_from ** 2 - sigma_to ** 2) / sigma_from ** 2) ** 0.5)
+    return (sigma_to ** 2 - sigma_up ** 2) ** 0.5, sigma_up
 
 
 def run_sampler(name: str, ms: ModelSampling, x: torch.Tensor, sigmas: torch.Tensor, denoise: Denoiser,
