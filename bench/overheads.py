@@ -7,7 +7,12 @@
 - end to end, Flux: our engine at degree 1 (`run_request`, no mesh) vs a plain diffusers loop (the
   transformer's own forward and an euler update) on the same request.
 `overheads`: the worker pool: its cold start broken down (Ray start, actor start, rendezvous, weight
-load, first request) and the warm-request overhead (pool round trip minus the same computation in-process).
+load, first request) and the warm-request overhead (pool round trip minus the same computation in-process);
+then, on one warm 1-rank pool holding two models, interleaved:
+- the xDiT Guider's path (ComfyUI's sampler on the host, one round trip per model evaluation) against the
+  in-rank loop on the same request (tiny Flux: the per-evaluation overhead, with the latent's transfer);
+- live previews (each step's prediction kept and sent at the polls) against none (medium Flux: the cost as
+  a share of a step; target <= 2%).
 """
 
 from __future__ import annotations
@@ -211,8 +216,66 @@ def run_degree1(opts: argparse.Namespace, tmp: Path) -> dict[str, Any]:
             "engine": engine_vs_diffusers(flux, opts)}
 
 
+def host_driven(pool_: Any, spec: Any, request: SampleRequest) -> torch.Tensor:
+    """The request's euler loop on the host, each evaluation on the ranks (the xDiT Guider's path)."""
+    from xdit_core.runtime.job import denoise_latent, serial_loop
+
+    ms = spec.model_sampling(width=request.width, height=request.height)
+    with pool_.evaluations(request.positive, request.negative) as evaluate:
+        def denoise(x: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
+            t = ms.timestep(sigma.reshape(1)).float().expand(x.shape[0])
+            cond, uncond = evaluate(ms.calculate_input(sigma, x), t, with_negative=request.negative is not None)
+            cond = ms.calculate_denoised(sigma, cond, x)
+            if uncond is None:
+                return cond
+            uncond = ms.calculate_denoised(sigma, uncond, x)
+            return uncond + (cond - uncond) * request.cfg
+
+        return denoise_latent(spec, ms, request, serial_loop(request, ms, denoise))
+
+
+def sampling_paths(opts: argparse.Namespace, tmp: Path) -> dict[str, Any]:
+    """The Guider's per-evaluation overhead (tiny Flux) and the previews' cost (medium Flux), one warm pool."""
+    import ray
+    from dataclasses import replace
+
+    from xdit_core.runtime.pool import PoolKey, WorkerPool
+
+    def key(path: Path) -> PoolKey:
+        return PoolKey(str(path), "fp32", None, None, ParallelConfig(), "auto", 1)
+
+    with _one_thread():
+        tiny, medium = model_path(tmp, "flux", preset="tiny"), model_path(tmp, "flux")
+        tiny_spec, medium_spec = load_model(tiny)[1], load_model(medium)[1]
+        workers = WorkerPool(key(tiny))
+        workers.start()
+        request = make_request(tiny_spec, opts.pool_size, opts.ovh_steps, cfg=2.0)
+        host_driven(workers, tiny_spec, request)  # warm both paths
+        diff = _rel_diff(host_driven(workers, tiny_spec, request), workers.sample(request))
+        guider = interleaved(lambda: host_driven(workers, tiny_spec, request), lambda: workers.sample(request),
+                             opts.repeats)
+        workers.use(key(medium))
+        big = make_request(medium_spec, opts.ovh_size, opts.ovh_steps)
+        taken: list[int] = []
+        previews = interleaved(
+            lambda: workers.sample(replace(big, preview=True), on_progress=lambda i, n: None,
+                                   on_preview=lambda i, x0: taken.append(i)),
+            lambda: workers.sample(big, on_progress=lambda i, n: None), opts.repeats)
+        workers.shutdown()
+        ray.shutdown()
+    evaluations = request.steps  # euler: one evaluation per step (both branches in it)
+    latent_kib = request.noise.numel() * 4 / 1024
+    return {
+        "guider": {**guider, "size": opts.pool_size, "steps": request.steps, "max_rel_diff": diff,
+                   "per_evaluation_ms": 1000 * (guider["ours"]["median"] - guider["ref"]["median"]) / evaluations,
+                   "latent_kib": latent_kib},
+        "previews": {**previews, "size": opts.ovh_size, "steps": big.steps, "previews_taken": len(taken),
+                     "share_of_step": previews["ours"]["median"] / previews["ref"]["median"] - 1},
+    }
+
+
 def run(opts: argparse.Namespace, tmp: Path) -> dict[str, Any]:
-    return {"pool": pool(opts, tmp)}
+    return {"pool": pool(opts, tmp), "paths": sampling_paths(opts, tmp)}
 
 
 def report_degree1(result: dict[str, Any]) -> str:
@@ -260,4 +323,21 @@ def report(result: dict[str, Any]) -> str:
             ["overhead per request", p["overhead_s"], f"{1000 * p['overhead_s'] / p['steps']:.1f} ms per step"],
         ],
     )
-    return "\n\n".join([cold, warm])
+    g, v = result["paths"]["guider"], result["paths"]["previews"]
+    paths = format_table(
+        "Sampling paths on one warm 1-rank pool, 1 thread, interleaved repeats (median s, min-max)",
+        ["comparison", "with", "without", "difference"],
+        [
+            [f"xDiT Guider (host loop, {g['steps']} evaluations) vs in-rank loop; tiny Flux {g['size']}x{g['size']}, "
+             f"cfg 2, latent {g['latent_kib']:.0f} KiB",
+             f"{g['ours']['median']:.3f} ({g['ours']['min']:.3f}-{g['ours']['max']:.3f})",
+             f"{g['ref']['median']:.3f} ({g['ref']['min']:.3f}-{g['ref']['max']:.3f})",
+             f"{g['per_evaluation_ms']:.1f} ms per evaluation (max rel diff {g['max_rel_diff']:.0e})"],
+            [f"previews vs none; medium Flux {v['size']}x{v['size']}, {v['steps']} steps "
+             f"({v['previews_taken']} previews taken in all)",
+             f"{v['ours']['median']:.3f} ({v['ours']['min']:.3f}-{v['ours']['max']:.3f})",
+             f"{v['ref']['median']:.3f} ({v['ref']['min']:.3f}-{v['ref']['max']:.3f})",
+             f"{100 * v['share_of_step']:+.1f}% of a step (target <= 2%)"],
+        ],
+    )
+    return "\n\n".join([cold, warm, paths])

@@ -54,6 +54,15 @@ def weightless_model_class():
 _WeightlessModel = None
 
 
+def comfy_latent_format(xdit: XDiTModel):
+    """ComfyUI's latent format object for the model's family (previews), or None without ComfyUI."""
+    try:
+        import comfy.supported_models
+    except ImportError:
+        return None
+    return getattr(comfy.supported_models, COMFY_CONFIGS[(xdit.family, xdit.variant)][0])({}).latent_format
+
+
 def weightless_patcher(xdit: XDiTModel):
     """A ComfyUI ModelPatcher around the weightless model of `xdit`'s family."""
     import comfy.model_base

@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Callable
 
 MODEL_FOLDERS = ("diffusion_models", "checkpoints", "diffusers")
 ALLOW_ABSOLUTE_ENV = "XDIT_ALLOW_ABSOLUTE_MODEL_PATHS"
@@ -97,26 +96,45 @@ def resolve_lora_file(choice: str) -> str:
     return str(Path(path).resolve())
 
 
-def progress_callback(total: int) -> Callable[[int, int], None]:
-    """ComfyUI's progress bar for the node (a no-op without ComfyUI).
+class StepReporter:
+    """ComfyUI's progress bar for the node and, when ComfyUI's previewer for the family's latent format is on
+    (its --preview-method: latent2rgb, TAESD), each step's preview from the workers' prediction. Without
+    ComfyUI it does nothing.
 
-    ComfyUI's progress hook raises its interruption (and clears the flag) when the user cancels. Raised
-    here it would leave the workers running; so the flag is set again and the pool's cancel check, which
-    stops every rank at the same step, sees it."""
-    try:
-        import comfy.model_management as mm
-        import comfy.utils
-    except ImportError:
-        return lambda step, n: None
-    bar = comfy.utils.ProgressBar(total)
+    ComfyUI's progress hook raises its interruption (and clears the flag) when the user cancels. Raised here it
+    would leave the workers running; so the flag is set again and the pool's cancel check, which stops every
+    rank at the same step, sees it."""
 
-    def update(step: int, n: int) -> None:
+    def __init__(self, total: int, latent_format=None):
+        self.bar = self.previewer = self.pending = None
         try:
-            bar.update_absolute(step, n)
+            import comfy.model_management as mm
+            import comfy.utils
+            import latent_preview
+        except ImportError:
+            return
+        self.bar = comfy.utils.ProgressBar(total)
+        if latent_format is not None:
+            self.previewer = latent_preview.get_previewer(mm.get_torch_device(), latent_format)
+
+    @property
+    def wants_previews(self) -> bool:
+        return self.previewer is not None
+
+    def preview(self, step: int, x0) -> None:
+        """The prediction of a step (model space, first image): decoded as ComfyUI's sampler callback does."""
+        self.pending = self.previewer.decode_latent_to_preview_image("JPEG", x0)
+
+    def progress(self, step: int, total: int) -> None:
+        if self.bar is None:
+            return
+        import comfy.model_management as mm
+
+        preview, self.pending = self.pending, None
+        try:
+            self.bar.update_absolute(step, total, preview)
         except mm.InterruptProcessingException:
             mm.interrupt_current_processing(True)
-
-    return update
 
 
 def interrupted() -> bool:

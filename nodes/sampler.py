@@ -2,8 +2,10 @@
 from __future__ import annotations
 
 import math
+from dataclasses import replace
 
 from . import host
+from .comfy_model import comfy_latent_format
 from .conditioning import branch_from_conditioning
 from .mesh import check_against_model
 from .types import XDiTMesh, XDiTModel
@@ -55,12 +57,14 @@ def run_sampler(model: XDiTModel, mesh: XDiTMesh, positive, negative, latent_ima
         if request.unsampled is not None:  # an empty step range: KSamplerAdvanced returns the latent as it is
             result["samples"] = request.unsampled
             return (result,)
+        reporter = host.StepReporter(request.steps, comfy_latent_format(model))
+        request = replace(request, preview=reporter.wants_previews)
         if host.visible_gpus():
             host.free_comfy_gpu_memory()
         key = api.PoolKey(model.path, model.dtype, model.family, model.variant, parallel,
                           mesh.attention_backend, threads=1)
-        out = api.sample(key, request, mesh.ray_address, on_progress=host.progress_callback(request.steps),
-                         cancel=host.interrupted)
+        out = api.sample(key, request, mesh.ray_address, on_progress=reporter.progress, cancel=host.interrupted,
+                         on_preview=reporter.preview if request.preview else None)
     except api.XDiTCancelled:
         host.raise_interrupted()
     except api.XDiTError as e:

@@ -304,6 +304,8 @@ def server(tmp_path_factory):
                     (stub / "config.json").write_text("{}")
                     continue
                 files = [stub]
+            elif n["class_type"] == "XDiTLoRA":
+                files = [base / "models" / "loras" / inputs["lora_name"]]
             else:
                 folder = "vae" if n["class_type"] == "VAELoader" else "text_encoders"
                 files = [base / "models" / folder / v for k, v in inputs.items()

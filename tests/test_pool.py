@@ -7,6 +7,7 @@ import os
 import re
 import signal
 import time
+from dataclasses import replace
 
 import pytest
 import torch
@@ -103,10 +104,26 @@ def test_warm_request_loads_nothing_and_is_faster_by_the_load_time(first_run, ti
     assert first_run["cold_s"] - first_run["warm_s"] >= load_s
 
 
-def test_progress_arrives_in_order_for_every_step(first_run, tiny_models):
-    seen = []
-    pool_for(tiny_models).sample(make_request(tiny_models, 5), on_progress=lambda i, n: seen.append((i, n)))
-    assert seen == [(i, 5) for i in range(1, 6)]
+def check_previews(pool, request):
+    """Previews come at the polls, latest step first-image prediction, up to the last step. With euler the last
+    step's prediction is the result (its step to sigma 0 lands on it), which pins what they hold."""
+    seen, previews = [], []
+    out = pool.sample(replace(request, preview=True), on_progress=lambda i, n: seen.append((i, n)),
+                      on_preview=lambda i, x0: previews.append((i, x0)))
+    n = request.steps
+    assert seen == [(i, n) for i in range(1, n + 1)]
+    steps = [i for i, _ in previews]
+    assert steps == sorted(set(steps)) and steps[-1] == n
+    last = previews[-1][1]
+    assert last.shape == (1, *out.shape[1:])
+    assert float((last - out[:1]).abs().max() / out.abs().max()) <= 1e-5
+    unasked = []
+    pool.sample(request, on_preview=lambda i, x0: unasked.append(i))
+    assert unasked == []  # no preview is moved unless the request asks for it
+
+
+def test_progress_and_previews_arrive_in_order_for_every_step(first_run, tiny_models):
+    check_previews(pool_for(tiny_models), make_request(tiny_models, 5))
 
 
 def test_cancel_stops_all_ranks_at_the_same_step_and_pool_stays_usable(first_run, tiny_models):
@@ -224,3 +241,12 @@ def test_pipefusion_pool_cancels_at_a_common_step_and_matches_local(first_run, t
     assert torch.equal(load_file(str(tmp_path / "ray.safetensors"))["samples"],
                        load_file(str(tmp_path / "local.safetensors"))["samples"])
 
+
+
+def test_pipefusion_previews_come_from_the_last_stage(first_run, tiny_models):
+    """Under PipeFusion rank 0 (stage 0) never sees a prediction: the last stage assembles each step's, patch by
+    patch, and reports it."""
+    mesh = ParallelConfig(pipefusion_parallel_degree=2, ulysses_degree=2, warmup_steps=1)
+    assert mesh.preview_rank == 2
+    check_previews(get_pool(PoolKey(str(tiny_models["sd3"]), "fp32", None, None, mesh, "auto", 1)),
+                   make_request(tiny_models, 3, "sd3"))

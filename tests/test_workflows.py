@@ -20,7 +20,7 @@ from nodes.types import XDiTModel
 ROOT = Path(__file__).resolve().parent.parent
 WORKFLOWS = ROOT / "workflows"
 UI_FILES = sorted(WORKFLOWS.glob("*.json"))
-EXPECTED = {"flux1_ulysses", "sd35_cfg_parallel", "pixart_sigma_hybrid"}
+EXPECTED = {"flux1_ulysses", "sd35_cfg_parallel", "pixart_sigma_hybrid", "flux1_guider_custom_sampler", "flux1_lora"}
 WIDGET_TYPES = {"INT", "FLOAT", "STRING", "BOOLEAN", "COMBO"}
 CONTROL_VALUES = {"fixed", "increment", "decrement", "randomize"}
 
@@ -49,10 +49,22 @@ CORE_NODES = {
     "VAEDecode": {"inputs": [("samples", "LATENT"), ("vae", "VAE")], "outputs": ["IMAGE"], "widgets": {}},
     "SaveImage": {"inputs": [("images", "IMAGE")], "outputs": [], "widgets": {"filename_prefix": ("STRING",)}},
     "SaveLatent": {"inputs": [("samples", "LATENT")], "outputs": [], "widgets": {"filename_prefix": ("STRING",)}},
+    "ModelSamplingFlux": {"inputs": [("model", "MODEL")], "outputs": ["MODEL"], "widgets": {
+        "max_shift": ("FLOAT", 0.0, 100.0), "base_shift": ("FLOAT", 0.0, 100.0), "width": ("INT", 16, 8),
+        "height": ("INT", 16, 8)}},
+    "BasicScheduler": {"inputs": [("model", "MODEL")], "outputs": ["SIGMAS"], "widgets": {
+        "scheduler": ("COMBO", ["beta"]), "steps": ("INT", 1, 1), "denoise": ("FLOAT", 0.0, 1.0)}},
+    "KSamplerSelect": {"inputs": [], "outputs": ["SAMPLER"], "widgets": {"sampler_name": ("COMBO", ["dpmpp_2m_sde"])}},
+    "RandomNoise": {"inputs": [], "outputs": ["NOISE"], "widgets": {"noise_seed": ("INT", 0, 1)},
+                    "control": {"noise_seed"}},
+    "SamplerCustomAdvanced": {"inputs": [("noise", "NOISE"), ("guider", "GUIDER"), ("sampler", "SAMPLER"),
+                                         ("sigmas", "SIGMAS"), ("latent_image", "LATENT")],
+                              "outputs": ["LATENT", "LATENT"], "widgets": {}},
 }
 # The model each workflow is for: family, variant, attention heads and transformer blocks of the real checkpoint.
 MODELS = {"flux1_ulysses": ("flux", "dev", 24, 19 + 38), "sd35_cfg_parallel": ("sd3", "sd3", 38, 38),
-          "pixart_sigma_hybrid": ("pixart", "sigma", 16, 28)}
+          "pixart_sigma_hybrid": ("pixart", "sigma", 16, 28), "flux1_guider_custom_sampler": ("flux", "dev", 24, 19 + 38),
+          "flux1_lora": ("flux", "dev", 24, 19 + 38)}
 
 
 def our_signature(node_type):
@@ -75,7 +87,7 @@ def signature(node_type):
         sockets, outputs, widgets = our_signature(node_type)
         return sockets, outputs, list(widgets), {n for n, (_, o) in widgets.items() if o.get("control_after_generate")}
     core = CORE_NODES[node_type]
-    return core["inputs"], core["outputs"], list(core["widgets"]), set()
+    return core["inputs"], core["outputs"], list(core["widgets"]), core.get("control", set())
 
 
 def named_widgets(node):
@@ -187,6 +199,8 @@ def check_our_widgets(node_type, values):
         if isinstance(kind, list):
             if name == "model_name":  # the list is ComfyUI's files; the entry's form is ours
                 assert re.fullmatch(r"(diffusion_models|checkpoints|diffusers)/[^/].*", value), value
+            elif name == "lora_name":  # an entry of ComfyUI's loras folder
+                assert re.fullmatch(r"[^/].*\.safetensors", value), value
             else:
                 assert value in kind, (name, value)
         elif kind == "INT":
@@ -236,16 +250,24 @@ def test_mesh_runs_today_on_the_real_model(path):
     heads, cfg parallel only with a negative branch, ...), with one rank per given GPU."""
     family, variant, heads, blocks = MODELS[path.stem]
     ui = load(path)
-    (sampler,) = nodes_of(ui, "XDiTSampler")
+    (sampler,) = nodes_of(ui, "XDiTSampler") or nodes_of(ui, "XDiTGuider")
     mesh_node = source(ui, sampler, "mesh")
     values = named_widgets(mesh_node)
     mesh, summary = XDiTParallelMesh().build(**values)
     settings = named_widgets(sampler)
-    cfg, latent_height = settings["cfg"], named_widgets(source(ui, sampler, "latent_image"))["height"] // 8
+    if sampler["type"] == "XDiTGuider":  # steps from the scheduler, the latent from SamplerCustomAdvanced
+        (custom,) = nodes_of(ui, "SamplerCustomAdvanced")
+        steps, latent = named_widgets(source(ui, custom, "sigmas"))["steps"], source(ui, custom, "latent_image")
+        loader = source(ui, source(ui, source(ui, sampler, "model"), "model"), "model")
+    else:
+        steps, latent, loader = settings["steps"], source(ui, sampler, "latent_image"), source(ui, sampler, "model")
+    while loader["type"] == "XDiTLoRA":
+        loader = source(ui, loader, "model")
+    cfg, latent_height = settings["cfg"], named_widgets(latent)["height"] // 8
     model = XDiTModel("unused", "bf16", family, variant, heads, blocks)
-    parallel = check_against_model(mesh, model, cfg, settings["steps"], latent_height)
+    parallel = check_against_model(mesh, model, cfg, steps, latent_height)
     assert parallel.world_size == mesh.gpu_count > 1 and mesh.layout == "manual", summary
-    assert named_widgets(source(ui, sampler, "model"))["family"] in ("auto", family)
+    assert named_widgets(loader)["family"] in ("auto", family)
     if family == "flux":
         assert cfg == 1.0 and not mesh.use_cfg_parallel and parallel.ulysses_degree == mesh.gpu_count
         assert source(ui, sampler, "positive")["type"] == "FluxGuidance"
@@ -265,6 +287,8 @@ def test_note_names_every_file_and_the_meshes_for_2_4_8_gpus(path):
                 assert f"{spec[1]}/{named_widgets(n)[name]}" in text, (n["type"], name)
         if n["type"] == "XDiTLoadModel":
             assert named_widgets(n)["model_name"] in text
+        if n["type"] == "XDiTLoRA":
+            assert f"loras/{named_widgets(n)['lora_name']}" in text
     for gpus in (2, 4, 8):
         assert re.search(rf"^- {gpus} GPUs: .*(ulysses|pipefusion_parallel)_degree \d", text, re.M), gpus
 

@@ -34,13 +34,23 @@ CORE = {
     "VAELoader": ([], [("VAE", "VAE")], ["vae_name"]),
     "VAEDecode": ([("samples", "LATENT"), ("vae", "VAE")], [("IMAGE", "IMAGE")], []),
     "SaveImage": ([("images", "IMAGE")], [], ["filename_prefix"]),
+    "ModelSamplingFlux": ([("model", "MODEL")], [("MODEL", "MODEL")], ["max_shift", "base_shift", "width", "height"]),
+    "BasicScheduler": ([("model", "MODEL")], [("SIGMAS", "SIGMAS")], ["scheduler", "steps", "denoise"]),
+    "KSamplerSelect": ([], [("SAMPLER", "SAMPLER")], ["sampler_name"]),
+    "RandomNoise": ([], [("NOISE", "NOISE")], ["noise_seed"]),
+    "SamplerCustomAdvanced": ([("noise", "NOISE"), ("guider", "GUIDER"), ("sampler", "SAMPLER"), ("sigmas", "SIGMAS"),
+                               ("latent_image", "LATENT")], [("output", "LATENT"), ("denoised_output", "LATENT")], []),
 }
+CORE_CONTROL = {"RandomNoise": {"noise_seed"}}  # widgets followed by a control_after_generate value
 SIZES = {
     "XDiTLoadModel": (360, 130), "XDiTParallelMesh": (360, 320), "XDiTSampler": (320, 334),
     "DualCLIPLoader": (360, 130), "TripleCLIPLoader": (360, 106), "CLIPLoader": (360, 106),
     "CLIPTextEncode": (420, 180), "FluxGuidance": (320, 58), "ConditioningZeroOut": (320, 26),
     "EmptySD3LatentImage": (320, 106), "EmptyLatentImage": (320, 106), "VAELoader": (360, 58),
-    "VAEDecode": (210, 46), "SaveImage": (520, 560),
+    "VAEDecode": (210, 46), "SaveImage": (520, 560), "XDiTSamplingModel": (320, 46), "XDiTGuider": (320, 122),
+    "XDiTLoRA": (360, 82), "XDiTSamplerAdvanced": (320, 400), "ModelSamplingFlux": (320, 130),
+    "BasicScheduler": (320, 106), "KSamplerSelect": (320, 58), "RandomNoise": (320, 82),
+    "SamplerCustomAdvanced": (320, 110),
 }
 
 
@@ -48,7 +58,7 @@ def signature(node_type: str):
     """(socket inputs, outputs, widget names, widgets followed by a control_after_generate value)."""
     if node_type in CORE:
         sockets, outputs, widgets = CORE[node_type]
-        return sockets, outputs, widgets, set()
+        return sockets, outputs, widgets, CORE_CONTROL.get(node_type, set())
     cls = NODE_CLASS_MAPPINGS[node_type]
     spec = cls.INPUT_TYPES()
     sockets, widgets, control = [], [], set()
@@ -315,8 +325,97 @@ def pixart_sigma_hybrid() -> Graph:
     return g
 
 
+FLUX_GUIDER_NOTE = """xDiT: Flux.1 dev through ComfyUI's own samplers (xDiT Guider + SamplerCustomAdvanced)
+
+ComfyUI's sampler (any of KSamplerSelect's, here dpmpp_2m_sde), scheduler and noise run in ComfyUI; every model evaluation runs on the xDiT workers with Ulysses sequence parallelism. "xDiT Model for ComfyUI Samplers" gives ComfyUI a MODEL without weights (they stay on the workers) for BasicScheduler and ModelSamplingFlux.
+
+Files, under ComfyUI/models/:
+- diffusion_models/flux1-dev.safetensors (Flux.1 dev, picked in "xDiT Load Diffusion Model")
+- text_encoders/clip_l.safetensors and text_encoders/t5xxl_fp16.safetensors (comfyanonymous/flux_text_encoders)
+- vae/ae.safetensors (the Flux VAE)
+
+Mesh (xDiT Parallel Mesh, layout manual, gpu_count = GPUs for the workers):
+- 2 GPUs: ulysses_degree 2
+- 4 GPUs: ulysses_degree 4 (as set here)
+- 8 GPUs: ulysses_degree 8; across two 4-GPU machines: ulysses 4 x ring 2
+The guider takes Ulysses, Ring and CFG parallel meshes; PipeFusion needs the sampling loop inside the workers, so use the xDiT Sampler nodes for it. Flux runs at cfg 1 (guidance from FluxGuidance)."""
+
+FLUX_LORA_NOTE = """xDiT: Flux.1 dev with two LoRAs (xDiT LoRA, chained)
+
+Each xDiT LoRA node adds a LoRA for the workers: they keep the base weights loaded and apply the LoRAs at run time to the layers each GPU holds, so changing a LoRA or its strength reloads nothing. LoRA files in kohya, ai-toolkit/diffusers (PEFT), OneTrainer, ComfyUI and BFL layouts are read.
+
+Files, under ComfyUI/models/:
+- diffusion_models/flux1-dev.safetensors (Flux.1 dev, picked in "xDiT Load Diffusion Model")
+- loras/flux_style_lora.safetensors and loras/flux_detail_lora.safetensors (your Flux LoRAs)
+- text_encoders/clip_l.safetensors and text_encoders/t5xxl_fp16.safetensors (comfyanonymous/flux_text_encoders)
+- vae/ae.safetensors (the Flux VAE)
+
+Mesh (xDiT Parallel Mesh, layout manual, gpu_count = GPUs for the workers):
+- 2 GPUs: ulysses_degree 2 (as set here)
+- 4 GPUs: ulysses_degree 4
+- 8 GPUs: ulysses_degree 8; across two 4-GPU machines: ulysses 4 x ring 2
+Flux runs at cfg 1 (guidance from FluxGuidance)."""
+
+
+def flux_text(g: Graph, clip: Node) -> tuple[Out, Out]:
+    """Flux's positive prompt with FluxGuidance, and the zeroed negative (unused at cfg 1)."""
+    text = g.add("CLIPTextEncode", (400, 60), title="Positive prompt", color=POSITIVE, text=PROMPT,
+                 clip=clip.out("CLIP"))
+    guided = g.add("FluxGuidance", (400, 280), conditioning=text.out("CONDITIONING"), guidance=3.5)
+    zero = g.add("ConditioningZeroOut", (400, 380), title="Negative (unused at cfg 1)", color=NEGATIVE,
+                 conditioning=text.out("CONDITIONING"))
+    return guided.out("CONDITIONING"), zero.out("CONDITIONING")
+
+
+def flux1_guider_custom_sampler() -> Graph:
+    g = Graph()
+    g.note((-460, 60), (420, 620), FLUX_GUIDER_NOTE)
+    model = g.add("XDiTLoadModel", (0, 60), model_name=FLUX_MODEL, weight_dtype="default", family="auto",
+                  variant="auto")
+    clip = g.add("DualCLIPLoader", (0, 230), clip_name1="clip_l.safetensors", clip_name2="t5xxl_fp16.safetensors",
+                 type="flux", device="default")
+    vae = g.add("VAELoader", (0, 400), vae_name="ae.safetensors")
+    latent = g.add("EmptySD3LatentImage", (0, 500), width=1024, height=1024, batch_size=1)
+    positive, negative = flux_text(g, clip)
+    m = mesh(g, (400, 450), model, ulysses=4, gpus=4)
+    weightless = g.add("XDiTSamplingModel", (880, 60), model=model.out("model"))
+    shifted = g.add("ModelSamplingFlux", (880, 150), model=weightless.out("MODEL"), max_shift=1.15, base_shift=0.5,
+                    width=1024, height=1024)
+    guider = g.add("XDiTGuider", (880, 320), model=shifted.out("MODEL"), mesh=m.out("mesh"), positive=positive,
+                   negative=negative, cfg=1.0)
+    sigmas = g.add("BasicScheduler", (880, 480), model=shifted.out("MODEL"), scheduler="beta", steps=20, denoise=1.0)
+    select = g.add("KSamplerSelect", (880, 620), sampler_name="dpmpp_2m_sde")
+    noise = g.add("RandomNoise", (880, 710), noise_seed=42)
+    s = g.add("SamplerCustomAdvanced", (1240, 60), noise=noise.out("NOISE"), guider=guider.out("GUIDER"),
+              sampler=select.out("SAMPLER"), sigmas=sigmas.out("SIGMAS"), latent_image=latent.out("LATENT"))
+    decode = g.add("VAEDecode", (1240, 210), samples=s.out("output"), vae=vae.out("VAE"))
+    g.add("SaveImage", (1240, 300), images=decode.out("IMAGE"), filename_prefix="xdit_flux1_guider")
+    return g
+
+
+def flux1_lora() -> Graph:
+    g = Graph()
+    g.note((-460, 60), (420, 620), FLUX_LORA_NOTE)
+    model = g.add("XDiTLoadModel", (0, 60), model_name=FLUX_MODEL, weight_dtype="default", family="auto",
+                  variant="auto")
+    clip = g.add("DualCLIPLoader", (0, 230), clip_name1="clip_l.safetensors", clip_name2="t5xxl_fp16.safetensors",
+                 type="flux", device="default")
+    vae = g.add("VAELoader", (0, 400), vae_name="ae.safetensors")
+    latent = g.add("EmptySD3LatentImage", (0, 500), width=1024, height=1024, batch_size=1)
+    style = g.add("XDiTLoRA", (0, 660), model=model.out("model"), lora_name="flux_style_lora.safetensors",
+                  strength_model=0.8)
+    detail = g.add("XDiTLoRA", (0, 790), model=style.out("model"), lora_name="flux_detail_lora.safetensors",
+                   strength_model=0.5)
+    positive, negative = flux_text(g, clip)
+    m = mesh(g, (400, 450), detail, ulysses=2, gpus=2)
+    s = sampler(g, (880, 60), detail, m, positive, negative, latent, 20, 1.0, "euler", "simple")
+    decode_and_save(g, s, vae, "xdit_flux1_lora")
+    return g
+
+
 WORKFLOWS = {"flux1_ulysses": flux1_ulysses, "sd35_cfg_parallel": sd35_cfg_parallel,
-             "pixart_sigma_hybrid": pixart_sigma_hybrid}
+             "pixart_sigma_hybrid": pixart_sigma_hybrid, "flux1_guider_custom_sampler": flux1_guider_custom_sampler,
+             "flux1_lora": flux1_lora}
 
 
 def render() -> dict[Path, str]:

@@ -57,9 +57,11 @@ def uses_cluster(ray_address: Optional[str]) -> bool:
 
 def sample(key: PoolKey, request: SampleRequest, ray_address: Optional[str] = None,
            on_progress: Optional[Callable[[int, int], None]] = None,
-           cancel: Optional[Callable[[], bool]] = None) -> torch.Tensor:
+           cancel: Optional[Callable[[], bool]] = None,
+           on_preview: Optional[Callable[[int, torch.Tensor], None]] = None) -> torch.Tensor:
     """Sample `request` on the warm pool of `key`; returns rank 0's latent in the model's space (CPU)."""
-    return pool.get_pool(key, ray_address).sample(request, on_progress=on_progress, cancel=cancel)
+    return pool.get_pool(key, ray_address).sample(request, on_progress=on_progress, cancel=cancel,
+                                                  on_preview=on_preview)
 
 
 def evaluations(key: PoolKey, positive: BranchCond, negative: Optional[BranchCond],

@@ -75,6 +75,12 @@ class ParallelConfig:
             groups.setdefault(key, []).append(rank)
         return list(groups.values())
 
+    @property
+    def preview_rank(self) -> int:
+        """The rank that sees every step's whole prediction: rank 0, or under PipeFusion the last stage of rank
+        0's pipeline (stage 0 never sees a prediction)."""
+        return self.rank_of({**self.coords(0), "pipefusion": self.pipefusion_parallel_degree - 1})
+
     def describe(self) -> str:
         """One line: the degrees and the world size."""
         return (f"cfg {self.cfg_degree} x pipefusion {self.pipefusion_parallel_degree} x ring {self.ring_degree} "

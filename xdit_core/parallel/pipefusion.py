@@ -32,6 +32,7 @@ from xdit_core.parallel.routing import AttentionRouter
 from xdit_core.sampling.finite import check_first_prediction
 from xdit_core.sampling.request import SampleRequest
 from xdit_core.sampling.inpaint import Inpaint
+from xdit_core.sampling.preview import StepPreview
 from xdit_core.sampling.samplers import ModelSampling, Sampler, make_noise
 from xdit_core.parallel.sequence_parallel import shard_padded
 from xdit_core.parallel.stages import balance_stages, module_bytes, patch_rows
@@ -217,9 +218,12 @@ class PipeFusionRunner:
 
     # -- the run -----------------------------------------------------------------------------
     def run(self, request: SampleRequest, ms: ModelSampling, x: torch.Tensor,
-            step_done: Callable[[int, int], None], inpaint: Optional[Inpaint] = None) -> torch.Tensor:
+            step_done: Callable[[int, int], None], inpaint: Optional[Inpaint] = None,
+            preview: Optional[StepPreview] = None) -> torch.Tensor:
         """The whole denoising loop from x (noise-scaled), each patch's evaluations through its rows of
-        `inpaint` when there is a noise_mask; returns the final x on every rank of the stage 0."""
+        `inpaint` when there is a noise_mask; returns the final x on every rank of the stage 0. The last
+        stage assembles each step's first prediction in `preview`, patch by patch."""
+        self.preview = preview
         a, config = self.adapter, self.ctx.mesh.config
         b, c, h, w = x.shape
         per_row = w // 2  # every family here patches the latent 2x2
@@ -270,8 +274,9 @@ class PipeFusionRunner:
                         outs.append(self._forward_unit(unit, x_eval, ms, sigma, cond, request, attention, router,
                                                        rnd, u, k, sends))
                     if self.last:
+                        first_of_step = rnd == 0 or rounds[rnd - 1][0] != step
                         self._finish_unit(unit_rows, outs, drivers, rows, x_eval, ms, sigma, request, rnd,
-                                          rnd + 1 < len(rounds), sends)
+                                          rnd + 1 < len(rounds), sends, step if first_of_step else None)
                 if step_end:
                     sends = self._wait_sends(sends, before_round=rnd + 1)
                     try:
@@ -349,7 +354,8 @@ class PipeFusionRunner:
         out = a.head(Tokens(img, None, r1 - r0, x_eval.shape[-1], full.extras)).float()
         return ms.calculate_denoised(sigma, out, x_eval[:, :, r0:r1])
 
-    def _finish_unit(self, unit_rows, outs, drivers, rows, x_eval, ms, sigma, request, rnd, more, sends):
+    def _finish_unit(self, unit_rows, outs, drivers, rows, x_eval, ms, sigma, request, rnd, more, sends,
+                     preview_step):
         """Last stage: CFG for the unit, the sampler step of each patch it covers, inputs back to stage 0."""
         if self.cfg_comm is not None:
             uncond, cond = self.cfg_comm.all_gather(outs[0], "cfg_gather").unbind(0)
@@ -360,6 +366,10 @@ class PipeFusionRunner:
         denoised = cond if uncond is None else uncond + (cond - uncond) * request.cfg
         if rnd == 0:
             check_first_prediction(denoised, 1, request.steps, dist.get_rank())
+        if self.preview is not None and preview_step is not None:
+            if self.preview.step != preview_step:  # a fresh buffer per step: the last one may be in transit
+                self.preview.latest, self.preview.step = torch.empty_like(x_eval), preview_step
+            self.preview.latest[:, :, unit_rows[0]:unit_rows[1]] = denoised
         for m, (r0, r1) in enumerate(rows):
             if r0 < unit_rows[0] or r1 > unit_rows[1]:
                 continue

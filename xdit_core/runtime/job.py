@@ -28,6 +28,7 @@ from xdit_core.parallel.stages import pipefusion_parts
 from xdit_core.runtime.report import rank_report
 from xdit_core.sampling.finite import check_first_prediction
 from xdit_core.sampling.inpaint import Inpaint
+from xdit_core.sampling.preview import StepPreview
 from xdit_core.sampling.request import LoraRef, SampleRequest
 from xdit_core.sampling.samplers import Denoiser, is_max_denoise, run_sampler
 
@@ -132,11 +133,13 @@ def denoise_latent(spec: ModelSpec, ms: ModelSampling, request: SampleRequest,
     return ms.inverse_noise_scaling(sigmas[-1], x).float()
 
 
-def serial_loop(request: SampleRequest, ms: ModelSampling, denoise: Denoiser,
-                on_step: Optional[StepHook] = None) -> Callable[[torch.Tensor, Optional[Inpaint]], torch.Tensor]:
+def serial_loop(request: SampleRequest, ms: ModelSampling, denoise: Denoiser, on_step: Optional[StepHook] = None,
+                preview: Optional[StepPreview] = None) -> Callable[[torch.Tensor, Optional[Inpaint]], torch.Tensor]:
     """The sampler's loop over `denoise` (the whole latent at once), through the noise_mask if any."""
     def loop(x: torch.Tensor, inpaint: Optional[Inpaint]) -> torch.Tensor:
         masked = denoise if inpaint is None else inpaint.denoiser(denoise)
+        if preview is not None:
+            masked = preview.capture(masked)
         return run_sampler(request.sampler, ms, x, request.sigmas, masked, request.seed, on_step)
 
     return loop
@@ -144,11 +147,14 @@ def serial_loop(request: SampleRequest, ms: ModelSampling, denoise: Denoiser,
 
 @torch.no_grad()
 def run_request(adapter: ModelAdapter, request: SampleRequest, on_step: Optional[StepHook] = None,
-                step_seconds: Optional[list[float]] = None, ctx: Optional[RankContext] = None) -> torch.Tensor:
+                step_seconds: Optional[list[float]] = None, ctx: Optional[RankContext] = None,
+                preview: Optional[StepPreview] = None) -> torch.Tensor:
     """Sample one request; returns the final latent in the model's space, float32 [B, C, h, w].
 
     Without `ctx` the run is serial; with it, this rank runs its share on an initialised process
     group (every rank of the mesh calls this with the same request) and every rank ends with the result.
+    `preview`, when given, holds each step's prediction before `on_step` is called (on the ranks that see
+    whole predictions; see ParallelConfig.preview_rank).
     """
     ms = adapter.spec.model_sampling(request.shift, width=request.width, height=request.height)
     request = request.to(ctx.device if ctx is not None else next(adapter.model.parameters()).device)
@@ -163,10 +169,12 @@ def run_request(adapter: ModelAdapter, request: SampleRequest, on_step: Optional
             ctx.counter.end_step()
         if on_step is not None:
             on_step(i, n)
+        if preview is not None:
+            preview.step_done()
 
     def pipefusion_loop(x: torch.Tensor, inpaint: Optional[Inpaint]) -> torch.Tensor:
         runner = PipeFusionRunner(adapter, ctx)
-        out = runner.run(request, ms, x, step_done, inpaint)
+        out = runner.run(request, ms, x, step_done, inpaint, preview)
         ctx.effective_patches = runner.effective_patches
         return out
 
@@ -176,7 +184,7 @@ def run_request(adapter: ModelAdapter, request: SampleRequest, on_step: Optional
         if ctx is not None and ctx.mesh.config.pipefusion_parallel_degree > 1:
             loop = pipefusion_loop
         else:
-            loop = serial_loop(request, ms, make_denoiser(adapter, ms, request, ctx), step_done)
+            loop = serial_loop(request, ms, make_denoiser(adapter, ms, request, ctx), step_done, preview)
         return denoise_latent(adapter.spec, ms, request, loop)
     finally:
         if ctx is not None:
@@ -279,13 +287,15 @@ class RankJob:
         return Evaluations(make_branch_outputs(self.adapter, self.ctx), to_device(positive), to_device(negative),
                            device, self.ctx, handle)
 
-    def run(self, request: SampleRequest, on_step: Optional[StepHook] = None) -> dict[str, Any]:
+    def run(self, request: SampleRequest, on_step: Optional[StepHook] = None,
+            preview: Optional[StepPreview] = None) -> dict[str, Any]:
         """Sample `request`; returns rank 0's latent (model space, float32, CPU; None elsewhere) and the report."""
         if self.ctx is not None:
             self.ctx.counter = CommCounter()
         step_s: list[float] = []
         with self.loras(request.loras):
-            out = run_request(self.adapter, request, on_step=on_step, step_seconds=step_s, ctx=self.ctx)
+            out = run_request(self.adapter, request, on_step=on_step, step_seconds=step_s, ctx=self.ctx,
+                              preview=preview)
         counter = self.ctx.counter if self.ctx is not None else None
         patches = self.ctx.effective_patches if self.ctx is not None else 0
         return {"samples": out.cpu() if self.rank == 0 else None, "load_s": self.load_s,

@@ -330,8 +330,10 @@ class WorkerPool:
 
     # -- requests ----------------------------------------------------------------------------
     def sample(self, request: SampleRequest, on_progress: Optional[Callable[[int, int], None]] = None,
-               cancel: Optional[Callable[[], bool]] = None) -> torch.Tensor:
-        """Run `request` on every rank; returns rank 0's latent (model space, float32, CPU).
+               cancel: Optional[Callable[[], bool]] = None,
+               on_preview: Optional[Callable[[int, torch.Tensor], None]] = None) -> torch.Tensor:
+        """Run `request` on every rank; returns rank 0's latent (model space, float32, CPU). `on_preview(step,
+        x0)` gets the latest step's prediction of the first image at each poll (request.preview must be set).
 
         Raises XDiTCancelled when `cancel()` turned true: all ranks stop at the same step, or, when they
         do not within the cancel grace period, are killed (the pool rebuilds on the next request).
@@ -347,25 +349,30 @@ class WorkerPool:
         job = self.last_job = uuid.uuid4().hex
         req_ref = ray.put(request)
         seen = 0
-        in_flight: list = []  # at most one progress call: a frozen rank 0 must not block the wait loop
+        in_flight: list = []  # at most one poll call: a frozen rank must not block the wait loop
+        # The rank that sees whole predictions (rank 0, or PipeFusion's last stage) reports steps and previews.
+        reporter = self.workers[self.key.parallel.preview_rank]
 
         def poll(final: bool) -> None:
             nonlocal seen
-            if on_progress is None:
+            if on_progress is None and on_preview is None:
                 return
-            if final:  # every rank has returned: rank 0 answers at once
+            if final:  # every rank has returned: the reporter answers at once
                 try:
-                    steps = ray.get(self.workers[0].progress.remote(job), timeout=timeouts.liveness_timeout_s())
+                    steps, preview = ray.get(reporter.poll.remote(job), timeout=timeouts.liveness_timeout_s())
                 except ray.exceptions.GetTimeoutError:
                     return
             else:
                 if not in_flight:
-                    in_flight.append(self.workers[0].progress.remote(job))
+                    in_flight.append(reporter.poll.remote(job))
                 if not ray.wait(in_flight, timeout=0)[0]:
                     return
-                steps = ray.get(in_flight.pop())
-            for step, total in steps[seen:]:
-                on_progress(step, total)
+                steps, preview = ray.get(in_flight.pop())
+            if on_preview is not None and preview is not None:
+                on_preview(*preview)
+            if on_progress is not None:
+                for step, total in steps[seen:]:
+                    on_progress(step, total)
             seen = max(seen, len(steps))
 
         def stop() -> None:

@@ -21,6 +21,7 @@ from xdit_core.parallel.context import RankContext
 from xdit_core.parallel.mesh import Mesh, ParallelConfig
 from xdit_core.runtime.job import Evaluations, ModelRef, RankJob
 from xdit_core.runtime.launch import Rendezvous, free_port, init_process_group
+from xdit_core.sampling.preview import StepPreview
 from xdit_core.sampling.request import LoraRef, SampleRequest
 
 
@@ -39,6 +40,7 @@ class RankWorker:
         self.jobs: dict[ModelRef, RankJob] = {}  # the resident models (the pool decides which stay)
         self.load_count = 0  # how many times weights were read: warm requests must not add to it
         self._evaluations: Optional[tuple[str, Evaluations]] = None  # the open host-driven session
+        self._preview: Optional[tuple[int, torch.Tensor]] = None  # (step, prediction) not yet taken by the host
         self._lock = threading.Lock()
         self._progress: list[tuple[int, int]] = []
         self._stop = threading.Event()
@@ -88,12 +90,16 @@ class RankWorker:
         """Run one request on a resident model; every rank returns its report, rank 0 also the latent (model
         space, CPU)."""
         with self._lock:
-            self._job, self._progress, self._running = job, [], True
+            self._job, self._progress, self._running, self._preview = job, [], True, None
             self._stop.clear()
+        keep_preview = request.preview and self.rank == self.parallel.preview_rank
+        preview = StepPreview() if keep_preview else None
 
         def at_step_boundary(i: int, n: int) -> None:
             with self._lock:
                 self._progress.append((i, n))
+                if preview is not None and preview.latest is not None:
+                    self._preview = (i, preview.latest)
             # Rank 0's stop flag decides for everyone, so all ranks leave at the same step.
             flag = torch.tensor([1 if self._stop.is_set() else 0], device=self.device)
             if self.world_size > 1:
@@ -102,7 +108,7 @@ class RankWorker:
                 raise XDiTCancelled(f"cancelled after step {i} of {n}")
 
         try:
-            result = self.jobs[model].run(request, on_step=at_step_boundary)
+            result = self.jobs[model].run(request, on_step=at_step_boundary, preview=preview)
         except XDiTCancelled as e:
             return {"cancelled": str(e), "rank": self.rank}
         finally:
@@ -128,6 +134,16 @@ class RankWorker:
         if self._evaluations is not None and session in (None, self._evaluations[0]):
             self._evaluations[1].close()
             self._evaluations = None
+
+    def poll(self, job: str) -> tuple[list[tuple[int, int]], Optional[tuple[int, torch.Tensor]]]:
+        """Steps finished so far in `job`, and the latest step's prediction of the first image if this rank
+        keeps previews and has one the host has not taken yet (model space, float32, CPU)."""
+        with self._lock:
+            if job != self._job:
+                return [], None
+            latest, self._preview = self._preview, None
+            steps = list(self._progress)
+        return steps, None if latest is None else (latest[0], latest[1][:1].float().cpu().clone())
 
     def progress(self, job: str) -> list[tuple[int, int]]:
         """Steps finished so far in `job` (empty for another job)."""

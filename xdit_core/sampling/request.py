@@ -58,6 +58,7 @@ class SampleRequest:
     inpaint_noise: Optional[torch.Tensor] = None  # what pins the unmasked region when it is not `noise` (ddim)
     unsampled: Optional[torch.Tensor] = None  # an empty step range: the LATENT ComfyUI returns as it is
     loras: tuple[LoraRef, ...] = ()  # applied in order on every rank, to the weights it holds
+    preview: bool = False  # the host shows each step's prediction (ParallelConfig.preview_rank keeps it)
 
     @property
     def steps(self) -> int:
