@@ -182,6 +182,22 @@ def ksampler_case(patcher: comfy.model_patcher.ModelPatcher, case: dict[str, Any
     return {"samples": samples}
 
 
+def ksampler_advanced_case(patcher: comfy.model_patcher.ModelPatcher, case: dict[str, Any]) -> dict[str, torch.Tensor]:
+    """ComfyUI's KSamplerAdvanced nodes chained, each stage's LATENT into the next. Case keys as "ksampler" (no
+    denoise), plus stages: [{"add_noise", "start_at_step", "end_at_step", "return_with_leftover_noise"}, ...]
+    with the nodes' own values ("enable"/"disable")."""
+    from nodes import KSamplerAdvanced  # ComfyUI's nodes.py (first on the path)
+
+    latent, out = {"samples": case["latent"]}, {}
+    for i, stage in enumerate(case["stages"]):
+        (latent,) = KSamplerAdvanced().sample(patcher, stage["add_noise"], case["seed"], case["steps"], case["cfg"],
+                                              case["sampler_name"], case["scheduler"], _branch(case["positive"]),
+                                              _branch(case["negative"]), latent, stage["start_at_step"],
+                                              stage["end_at_step"], stage["return_with_leftover_noise"])
+        out[f"stage{i}"] = latent["samples"]
+    return out
+
+
 def plugin():
     """This repository as ComfyUI loads a custom node (a package named after its folder, by path)."""
     import importlib.util
@@ -243,6 +259,7 @@ def custom_sampler_case(patcher: comfy.model_patcher.ModelPatcher, case: dict[st
 CASE_KINDS: dict[str, Callable[[comfy.model_patcher.ModelPatcher, dict[str, Any]], dict[str, torch.Tensor]]] = {
     "ksampler": ksampler_case,
     "custom_sampler": custom_sampler_case,
+    "ksampler_advanced": ksampler_advanced_case,
 }
 
 

@@ -32,7 +32,9 @@ ROOT = Path(__file__).resolve().parent.parent
 COMFYUI = os.environ.get("COMFYUI_PATH")
 pytestmark = pytest.mark.skipif(not COMFYUI, reason="set COMFYUI_PATH to a ComfyUI checkout to run")
 OURS = {"XDiTLoadModel": "xDiT Load Diffusion Model", "XDiTParallelMesh": "xDiT Parallel Mesh",
-        "XDiTSampler": "xDiT Sampler", "XDiTSamplerAdvanced": "xDiT Sampler (Advanced)", "XDiTUnload": "xDiT Unload"}
+        "XDiTSampler": "xDiT Sampler", "XDiTSamplerAdvanced": "xDiT Sampler (Advanced)", "XDiTLoRA": "xDiT LoRA",
+        "XDiTSamplingModel": "xDiT Model for ComfyUI Samplers", "XDiTGuider": "xDiT Guider",
+        "XDiTUnload": "xDiT Unload"}
 TINY = "diffusers/tiny-flux"
 COND = dict(length=9, width=32, pooled=32)  # the tiny Flux's T5 and CLIP widths
 GUIDANCE, CFG, STEPS = 2.5, 2.0, 4
@@ -147,6 +149,7 @@ class Server:
         self.log = open(self.log_path, "w")
         self.proc = subprocess.Popen(
             [python, "main.py", "--cpu", "--listen", "127.0.0.1", "--port", str(self.port), "--disable-auto-launch",
+             "--preview-method", "latent2rgb",
              "--cache-none", "--base-directory", str(base), "--database-url", "sqlite:///" + str(base / "comfyui.db")],
             cwd=COMFYUI, env=env, stdout=self.log, stderr=subprocess.STDOUT, start_new_session=True)
         deadline = time.monotonic() + 120
@@ -242,6 +245,7 @@ class WebSocket:
         head, self.buf = self.buf.split(b"\r\n\r\n", 1)
         assert b" 101 " in head.split(b"\r\n")[0], head
         self.messages = queue.Queue()
+        self.binary = queue.Queue()  # previews: a 4-byte event type, then the image (with its type)
         threading.Thread(target=self._reader, daemon=True).start()
 
     def _read(self, n):
@@ -265,6 +269,8 @@ class WebSocket:
                 payload = self._read(n)
                 if b0 & 0x0F == 1:  # text: ComfyUI's JSON messages; binary ones are previews
                     self.messages.put(json.loads(payload))
+                elif b0 & 0x0F == 2:
+                    self.binary.put(payload)
                 elif b0 & 0x0F == 8:
                     return
         except (OSError, EOFError):
@@ -324,6 +330,7 @@ def test_plugin_imports_and_registers_its_nodes(server):
     ours = [line for line in log.splitlines() if line.rstrip().endswith("custom_nodes/comfyui-xdit")]
     assert ours and not any("IMPORT FAILED" in line for line in ours), log[-3000:]
     info = server.get("/object_info")
+    assert {n for n, v in info.items() if v.get("python_module") == "custom_nodes.comfyui-xdit"} == set(OURS)
     for name, display in OURS.items():
         assert info[name]["display_name"] == display and info[name]["category"] == "xDiT"
         assert info[name]["python_module"] == "custom_nodes.comfyui-xdit"
@@ -500,6 +507,26 @@ def test_interrupt_stops_every_rank_mid_run_and_the_pool_stays_usable(server, fi
     assert server.rank_workers() == workers
 
 
+def test_live_previews_arrive_over_the_websocket(server, first_run):
+    """With --preview-method latent2rgb, each step's prediction on the workers becomes ComfyUI's own preview
+    (JPEG, binary websocket messages) while the xDiT Sampler runs."""
+    client_id = uuid.uuid4().hex
+    ws = WebSocket(server.port, client_id)
+    try:
+        run_ok(server, sampling_prompt(seed=21, steps=6, prefix="xdit_preview"), client_id=client_id)
+        previews = []
+        while not ws.binary.empty():
+            previews.append(ws.binary.get())
+    finally:
+        ws.close()
+    assert previews, "no preview image arrived"
+    for payload in previews:
+        event = struct.unpack(">I", payload[:4])[0]
+        assert event in (1, 4), event  # PREVIEW_IMAGE, or with metadata
+        assert b"\xff\xd8\xff" in payload[4:64], payload[:16]  # a JPEG
+
+
 def test_stopping_the_server_ends_every_process_it_started(server, first_run):
     assert server.rank_workers()
     assert server.stop() == []
+

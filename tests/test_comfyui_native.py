@@ -48,6 +48,11 @@ GUIDED = {
     "pixart_sigma/dpmpp_3m_sde": ("pixart_sigma", "dpmpp_3m_sde", "exponential", 5, None, False),
 }
 GUIDED_MESH = {"ulysses_degree": 2}
+# Two chained KSamplerAdvanced (the first returns its leftover noise at step 2 of 5, the second adds none):
+# family -> sampler.
+CHAINED = {"flux_dev": "dpmpp_2m", "sd3": "dpmpp_2m_sde", "pixart_sigma": "uni_pc"}
+STAGES = [dict(add_noise="enable", start_at_step=0, end_at_step=2, return_with_leftover_noise="enable"),
+          dict(add_noise="disable", start_at_step=2, end_at_step=10000, return_with_leftover_noise="disable")]
 # LoRAs: ComfyUI's LoraLoaderModelOnly (merged into the weights) against ours (hooked at run time), in layouts
 # ComfyUI reads for the family, two stacked on Flux: name -> [(layout, seed, strength)]. (ComfyUI 0.3.64 loads no
 # key of a bare diffusers-named PixArt LoRA, "lora key not loaded" for each, so it is not compared here.)
@@ -134,6 +139,9 @@ def comfy(tmp_path_factory):
                           "noise_mask": {"tensor": f"{key}/mask"} if mask else None,
                           "positive": branch(name, "positive", tensors),
                           "negative": branch(name, "negative", tensors)})
+    for name, sampler in CHAINED.items():
+        cases.append(dict(comfy_case(name, "euler"), name=f"chained/{name}", kind="ksampler_advanced",
+                          sampler_name=sampler, stages=STAGES))
     from lora_files import make_lora, save_lora
     from xdit_core.loading.load import load_model
 
@@ -230,3 +238,36 @@ def test_lora_equals_comfyuis_lora_loader(comfy, name):
     error = ((mine - theirs).abs().max() / theirs.abs().max()).item()
     print(f"lora {name}: relative error {error:.2e}")
     assert error < TOLERANCE, f"{key}: relative error {error:.2e}"
+
+
+@pytest.mark.parametrize("name", CHAINED)
+def test_two_chained_advanced_samplers_equal_comfyuis(comfy, name):
+    """Our KSamplerAdvanced semantics on our engine against ComfyUI's two KSamplerAdvanced nodes on its model:
+    each stage's LATENT, the second continuing from the first's leftover noise."""
+    from xdit_core.loading.load import load_model
+    from xdit_core.models import make_adapter
+    from xdit_core.models.base import BranchCond
+    from xdit_core.runtime.job import run_request
+    from xdit_core.sampling.request import StepRange, build_request
+
+    key = f"chained/{name}"
+    assert key not in comfy["errors"], comfy["errors"][key]
+    case, t = comfy["cases"][key], comfy["inputs"]
+    model, spec = load_model(comfy["models"][name])
+    adapter = make_adapter(model, spec)
+    latent = t[case["latent"]["tensor"]]
+    for i, stage in enumerate(case["stages"]):
+        request = build_request(
+            spec, latent, seed=case["seed"], steps=case["steps"], cfg=case["cfg"], sampler=case["sampler_name"],
+            scheduler=case["scheduler"], denoise=1.0,
+            positive=BranchCond(t[f"{name}/positive_text"], t.get(f"{name}/positive_pooled")),
+            negative=BranchCond(t[f"{name}/negative_text"], t.get(f"{name}/negative_pooled")),
+            guidance=GUIDANCE if name == "flux_dev" else None,
+            steps_range=StepRange(add_noise=stage["add_noise"] == "enable", start_at_step=stage["start_at_step"],
+                                  end_at_step=stage["end_at_step"],
+                                  return_with_leftover_noise=stage["return_with_leftover_noise"] == "enable"))
+        latent = spec.latent_format.process_out(run_request(adapter, request))
+        theirs = comfy["outputs"][f"{key}/stage{i}"]
+        error = ((latent - theirs).abs().max() / theirs.abs().max()).item()
+        print(f"chained {name} stage {i}: relative error {error:.2e}")
+        assert error < TOLERANCE, f"{key} stage {i}: relative error {error:.2e}"
