@@ -8,6 +8,7 @@ import os
 import shutil
 import sys
 import types
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -55,7 +56,15 @@ def fake_folder_paths(roots: dict[str, list[Path]]) -> types.ModuleType:
                 names.update(Path(dirpath, f).relative_to(root).as_posix() for f in files)
         return sorted(names)
 
+    def get_full_path(kind, name):
+        for root in roots.get(kind, []):
+            path = Path(root) / name
+            if path.is_file():
+                return str(path)
+        return None
+
     module.get_folder_paths, module.get_filename_list = get_folder_paths, get_filename_list
+    module.get_full_path = get_full_path
     return module
 
 
@@ -90,10 +99,12 @@ def comfy(tmp_path, monkeypatch, tiny_models):
     (df / "escaped").symlink_to(outside / "flux", target_is_directory=True)
     (dm / "sub").symlink_to(outside, target_is_directory=True)  # a linked folder in the middle of the path
     (dm / "from_ckpt.safetensors").symlink_to(ck / "ckpt.safetensors")
-    roots = {"diffusion_models": [dm], "checkpoints": [models / "checkpoints"], "diffusers": [df]}
+    loras = models / "loras"
+    loras.mkdir()
+    roots = {"diffusion_models": [dm], "checkpoints": [models / "checkpoints"], "diffusers": [df], "loras": [loras]}
     monkeypatch.setitem(sys.modules, "folder_paths", fake_folder_paths(roots))
     monkeypatch.delenv(ENV, raising=False)
-    return types.SimpleNamespace(models=models, dm=dm, df=df, ck=ck, outside=outside, tiny=tiny_models)
+    return types.SimpleNamespace(models=models, dm=dm, df=df, ck=ck, outside=outside, tiny=tiny_models, loras=loras)
 
 
 def refusal(name: str) -> str:
@@ -328,3 +339,40 @@ def test_no_op_and_ignored_keys_are_accepted():
     check_keys("pixart", {"pooled_output": None, "width": 48, "height": 64, "aspect_ratio": 64 / 48}, "positive", 64, 48)
     with pytest.raises(ValueError, match="conditions PixArt on the latent's size"):
         check_keys("pixart", {"width": 1024, "height": 1024}, "positive", 64, 48)
+
+
+def test_guider_refuses_pipefusion_and_bad_conditioning_before_any_worker(comfy):
+    from nodes.guider import prepare
+
+    model = XDiTLoadModel().load("diffusers/flux", "fp32", "auto", "auto")[0]
+    good = {"positive": with_keys(), "negative": with_keys()}
+    cases = [
+        (dict(mesh=XDiTMesh("manual", pipefusion_parallel_degree=2)), "PipeFusion runs the sampling loop inside"),
+        (dict(conds={**good, "positive": with_keys(control=object())}), "'control', which the xdit samplers"),
+        (dict(conds={**good, "negative": with_keys(guidance=math.nan)}), "negative guidance must be a finite"),
+        (dict(shape=(1, 16, 8, 5)), "width 40 is not a multiple of 16"),
+    ]
+    for over, needle in cases:
+        args = {"xdit": model, "mesh": XDiTMesh("manual"), "conds": good, "cfg": 2.0, "shape": (1, 16, 8, 6),
+                "steps": 4, **over}
+        with pytest.raises(RuntimeError) as e:
+            prepare(**args)
+        assert str(e.value).startswith("xDiT Guider: ") and needle.lower() in str(e.value).lower(), str(e.value)
+
+
+def test_lora_node_takes_listed_files_of_the_models_family_only(comfy):
+    from lora_files import make_lora, save_lora
+    from nodes.lora import XDiTLoRA
+    from xdit_core.loading.load import load_model
+
+    flux = XDiTLoadModel().load("diffusers/flux", "fp32", "auto", "auto")[0]
+    save_lora(make_lora("flux", load_model(comfy.tiny["flux"])[0], "kohya"), comfy.loras / "flux_style.safetensors")
+    save_lora(make_lora("sd3", load_model(comfy.tiny["sd3"])[0], "peft"), comfy.loras / "sd3_style.safetensors")
+    (styled,) = XDiTLoRA().load_lora(flux, "flux_style.safetensors", 0.7)
+    assert styled.loras == ((str((comfy.loras / "flux_style.safetensors").resolve()), 0.7),)
+    assert XDiTLoRA().load_lora(flux, "flux_style.safetensors", 0.0)[0] is flux  # strength 0: unchanged
+    assert "is not in ComfyUI's loras folders" in XDiTLoRA.VALIDATE_INPUTS("../flux_style.safetensors")
+    with pytest.raises(ValueError, match="xDiT LoRA: .*sd3"):
+        XDiTLoRA().load_lora(flux, "sd3_style.safetensors", 1.0)
+    message = sample_error(comfy, model=replace(styled, loras=((styled.loras[0][0], math.inf),)))
+    assert "strength of LoRA" in message and "must be a finite number" in message

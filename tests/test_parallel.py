@@ -70,6 +70,9 @@ PF_EXACT = ("pf2", "pf4", "pf2_u2", "pf2_r2", "cfg_pf2_u2")
 PF_SAMPLERS = ("lcm", "gradient_estimation", "dpmpp_2m_sde", "dpmpp_sde", "uni_pc", "res_multistep", "deis")
 PF_PIPELINED = ("pf2", "pf2_m4", "pf2_u2", "pf2_r2", "cfg_pf2_u2")
 PF_STEPS = 4  # pipelined cases: 1 warmup step, then 3 steps with stale K/V
+# A noise_mask under sequence parallel and under PipeFusion (each patch takes its rows of the mask and latent).
+MASKED_CONFIGS = {"u2": ParallelConfig(ulysses_degree=2),
+                  "pf2": ParallelConfig(pipefusion_parallel_degree=2, warmup_steps=PF_STEPS)}
 # Negative controls (parallel_world.MUTATIONS), per family: (size, config, mutation). Each must move the output
 # by at least MUTATION_FACTOR x the tolerance of its comparison.
 NEGATIVE = [("even", "r2", "ring_skip"), ("even", "u2", "a2a_roll"), ("uneven", "u2", "unmasked_padding"),
@@ -111,6 +114,19 @@ def rel_err(out, ref):
     return float((out.float() - ref.float()).abs().max() / ref.float().abs().max())
 
 
+def masked_request(spec, height, width, text_len):
+    """dpmpp_2m (history) from a random latent, denoised only where a soft noise_mask is set (top rows, a ramp)."""
+    pos, neg = random_cond(spec, 1, 0, True)
+    for c in (pos, neg):
+        c.text = c.text[:, :text_len]
+    gen = torch.Generator().manual_seed(4)
+    latent = torch.randn(1, spec.latent_channels, height // 8, width // 8, generator=gen)
+    mask = torch.zeros(1, height, width)
+    mask[:, : height // 2] = torch.linspace(1.0, 0.3, width)
+    return build_request(spec, latent, seed=3, steps=PF_STEPS, cfg=CFG, sampler="dpmpp_2m", scheduler="simple",
+                         denoise=0.8, positive=pos, negative=neg, noise_mask=mask)
+
+
 def world_payload(root):
     """The cases this module adds to the shared spawned world (tests/conftest.py), and their serial references."""
     paths = {f: write_model(f, root / f) for f in FAMILIES}
@@ -142,6 +158,10 @@ def world_payload(root):
         refs[("sd3", sampler)] = run_request(adapters["sd3"], request)
         cfg = replace(PF_CONFIGS["pf2"], warmup_steps=PF_STEPS)
         cases.append((f"sd3/{sampler}/pf2", str(paths["sd3"]), cfg, "p2p", request))
+    masked = masked_request(adapters["flux"].spec, h, w, text_len)  # img2img under a noise_mask
+    refs[("flux", "masked")] = run_request(adapters["flux"], masked)
+    for name, cfg in MASKED_CONFIGS.items():
+        cases.append((f"flux/masked/{name}", str(paths["flux"]), cfg, "p2p", masked))
     for key, path in paths.items():
         adapter = adapters[key]
         request = make_request(adapter.spec, h, w, text_len, PF_STEPS)
@@ -316,6 +336,13 @@ def test_pipefusion_keeps_sampler_state_and_noise_per_patch(world, sampler):
     results, refs, _, _ = world
     out, ref = results[f"sd3/{sampler}/pf2"]["out"], refs[("sd3", sampler)]
     assert float((out - ref).abs().max() / ref.abs().max()) <= TOL
+
+
+@pytest.mark.parametrize("config", MASKED_CONFIGS)
+def test_noise_mask_under_ulysses_and_pipefusion_equals_serial(world, config):
+    results, refs, _, _ = world
+    out, ref = results[f"flux/masked/{config}"]["out"], refs[("flux", "masked")]
+    assert rel_err(out, ref) <= TOL
 
 
 @pytest.mark.parametrize("family", FAMILIES)

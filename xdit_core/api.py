@@ -28,11 +28,11 @@ from xdit_core.runtime.pool import PoolKey, parse_ray_address, ray_address_from_
 from xdit_core.loading.lora import check_lora
 from xdit_core.sampling.request import (LoraRef, SampleRequest, StepRange, build_request, empty_latent,
                                         validate_latent_shape, validate_size)
-from xdit_core.sampling.samplers import validate_sampler_settings
+from xdit_core.sampling.samplers import SAMPLERS, SCHEDULERS, validate_sampler_settings
 
 __all__ = ["ATTENTION_BACKENDS", "BACKENDS", "BranchCond", "DTYPES", "LoraRef", "ModelRef", "ModelSpec",
-           "ParallelConfig", "PoolKey", "RANDOM_TEXT_LENGTH", "RunResult", "SampleRequest", "StepRange",
-           "XDiTCancelled", "XDiTConditioningError", "XDiTConfigError", "XDiTError", "XDiTNumericError",
+           "ParallelConfig", "PoolKey", "RANDOM_TEXT_LENGTH", "RunResult", "SAMPLERS", "SCHEDULERS", "SampleRequest",
+           "StepRange", "XDiTCancelled", "XDiTConditioningError", "XDiTConfigError", "XDiTError", "XDiTNumericError",
            "XDiTWorkerError", "build_request", "check_conditioning_shape", "check_lora", "check_request_fits",
            "choose_mesh", "describe_model", "empty_latent", "evaluations", "load_cond_file", "pool_stats",
            "random_cond", "run", "sample", "unload", "uses_cluster", "validate_latent_shape",

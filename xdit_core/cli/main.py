@@ -24,7 +24,7 @@ class _Parser(argparse.ArgumentParser):
 
 
 def _add_generate(sub) -> None:
-    from xdit_core.sampling.samplers import SAMPLERS
+    from xdit_core.api import SAMPLERS
 
     p = sub.add_parser("generate", help="sample one latent from a model")
     p.add_argument("--model", required=True, help="diffusers model folder, or one .safetensors file in the original "

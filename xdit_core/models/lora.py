@@ -33,8 +33,36 @@ import torch
 import torch.nn.functional as F
 
 from xdit_core.errors import XDiTConfigError, XDiTModelError
-from xdit_core.loading.lora import LoraDelta, LoraWeights
 from xdit_core.models.families import CLASS_NAMES
+
+
+@dataclass(frozen=True)
+class LoraDelta:
+    """One Linear layer's share of a LoRA, per unit of strength: weight delta `scale * up @ down` (plus `diff`),
+    bias delta `bias`. Tensors stay in the file's dtype, on the CPU."""
+
+    down: Optional[torch.Tensor] = None  # [r, in]
+    up: Optional[torch.Tensor] = None  # [out, r]
+    scale: float = 1.0  # alpha / r, or 1 without alpha
+    diff: Optional[torch.Tensor] = None  # [out, in]: a full weight diff (ComfyUI's `.diff`)
+    bias: Optional[torch.Tensor] = None  # [out]: `.diff_b`, or PEFT's lora_B.bias times scale
+
+
+@dataclass(frozen=True)
+class LoraWeights:
+    """A LoRA file converted for one family: deltas by diffusers module name (every Linear it touches)."""
+
+    path: str
+    family: str
+    layout: str  # the layout(s) detected, for messages
+    modules: dict[str, LoraDelta]
+    ignored: tuple[str, ...] = ()  # text-encoder keys, not the transformer's
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes of its tensors (a down-matrix shared by fused parts counted once)."""
+        unique = {id(t): t for d in self.modules.values() for t in (d.down, d.up, d.diff, d.bias) if t is not None}
+        return sum(t.numel() * t.element_size() for t in unique.values())
 
 
 @dataclass(frozen=True)
