@@ -115,6 +115,18 @@ def test_env_overrides_the_budget(monkeypatch):
             memory_budget(on_gpu=False)
 
 
+def test_resident_budget_env_and_default(monkeypatch):
+    monkeypatch.delenv(limits.RESIDENT_BUDGET_ENV, raising=False)
+    monkeypatch.setattr(limits, "physical_memory", lambda: 64 * GIB)
+    assert limits.resident_budget(4, on_gpu=False) == 8 * GIB  # half the RAM, shared by 4 ranks
+    monkeypatch.setenv(limits.RESIDENT_BUDGET_ENV, "0")  # one model at a time
+    assert limits.resident_budget(4, on_gpu=False) == 0
+    for bad in ("-1", "nan", "lots"):
+        monkeypatch.setenv(limits.RESIDENT_BUDGET_ENV, bad)
+        with pytest.raises(XDiTConfigError, match=f"XDIT_RESIDENT_GB must be a number of GiB >= 0, got {bad!r}"):
+            limits.resident_budget(4, on_gpu=False)
+
+
 def test_flash_is_checked_on_the_host(monkeypatch):
     check_attention_backend("auto", torch.float32, on_gpu=False)
     check_attention_backend("sdpa", torch.float32, on_gpu=False)

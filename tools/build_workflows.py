@@ -265,23 +265,34 @@ Mesh (xDiT Parallel Mesh, layout manual, gpu_count = GPUs for the workers):
 PixArt-Sigma has 16 attention heads, so ulysses_degree must divide 16. use_cfg_parallel needs cfg != 1. Width and height must be multiples of 16."""
 
 
-def flux1_ulysses() -> Graph:
-    g = Graph()
-    g.note((-460, 60), (420, 620), FLUX_NOTE)
+def flux_loaders(g: Graph) -> tuple[Node, Node, Node, Node]:
+    """Flux.1 dev's model, text encoders, VAE and a 1024x1024 empty latent, down the first column."""
     model = g.add("XDiTLoadModel", (0, 60), model_name=FLUX_MODEL, weight_dtype="default", family="auto",
                   variant="auto")
     clip = g.add("DualCLIPLoader", (0, 230), clip_name1="clip_l.safetensors", clip_name2="t5xxl_fp16.safetensors",
                  type="flux", device="default")
     vae = g.add("VAELoader", (0, 400), vae_name="ae.safetensors")
     latent = g.add("EmptySD3LatentImage", (0, 500), width=1024, height=1024, batch_size=1)
+    return model, clip, vae, latent
+
+
+def flux_text(g: Graph, clip: Node) -> tuple[Out, Out]:
+    """Flux's positive prompt with FluxGuidance, and the zeroed negative (unused at cfg 1)."""
     text = g.add("CLIPTextEncode", (400, 60), title="Positive prompt", color=POSITIVE, text=PROMPT,
                  clip=clip.out("CLIP"))
     guided = g.add("FluxGuidance", (400, 280), conditioning=text.out("CONDITIONING"), guidance=3.5)
     zero = g.add("ConditioningZeroOut", (400, 380), title="Negative (unused at cfg 1)", color=NEGATIVE,
                  conditioning=text.out("CONDITIONING"))
+    return guided.out("CONDITIONING"), zero.out("CONDITIONING")
+
+
+def flux1_ulysses() -> Graph:
+    g = Graph()
+    g.note((-460, 60), (420, 620), FLUX_NOTE)
+    model, clip, vae, latent = flux_loaders(g)
+    positive, negative = flux_text(g, clip)
     m = mesh(g, (400, 450), model, ulysses=4, gpus=4)
-    s = sampler(g, (880, 60), model, m, guided.out("CONDITIONING"), zero.out("CONDITIONING"), latent, 20, 1.0,
-                "euler", "simple")
+    s = sampler(g, (880, 60), model, m, positive, negative, latent, 20, 1.0, "euler", "simple")
     decode_and_save(g, s, vae, "xdit_flux1")
     return g
 
@@ -357,25 +368,10 @@ Mesh (xDiT Parallel Mesh, layout manual, gpu_count = GPUs for the workers):
 Flux runs at cfg 1 (guidance from FluxGuidance)."""
 
 
-def flux_text(g: Graph, clip: Node) -> tuple[Out, Out]:
-    """Flux's positive prompt with FluxGuidance, and the zeroed negative (unused at cfg 1)."""
-    text = g.add("CLIPTextEncode", (400, 60), title="Positive prompt", color=POSITIVE, text=PROMPT,
-                 clip=clip.out("CLIP"))
-    guided = g.add("FluxGuidance", (400, 280), conditioning=text.out("CONDITIONING"), guidance=3.5)
-    zero = g.add("ConditioningZeroOut", (400, 380), title="Negative (unused at cfg 1)", color=NEGATIVE,
-                 conditioning=text.out("CONDITIONING"))
-    return guided.out("CONDITIONING"), zero.out("CONDITIONING")
-
-
 def flux1_guider_custom_sampler() -> Graph:
     g = Graph()
     g.note((-460, 60), (420, 620), FLUX_GUIDER_NOTE)
-    model = g.add("XDiTLoadModel", (0, 60), model_name=FLUX_MODEL, weight_dtype="default", family="auto",
-                  variant="auto")
-    clip = g.add("DualCLIPLoader", (0, 230), clip_name1="clip_l.safetensors", clip_name2="t5xxl_fp16.safetensors",
-                 type="flux", device="default")
-    vae = g.add("VAELoader", (0, 400), vae_name="ae.safetensors")
-    latent = g.add("EmptySD3LatentImage", (0, 500), width=1024, height=1024, batch_size=1)
+    model, clip, vae, latent = flux_loaders(g)
     positive, negative = flux_text(g, clip)
     m = mesh(g, (400, 450), model, ulysses=4, gpus=4)
     weightless = g.add("XDiTSamplingModel", (880, 60), model=model.out("model"))
@@ -396,12 +392,7 @@ def flux1_guider_custom_sampler() -> Graph:
 def flux1_lora() -> Graph:
     g = Graph()
     g.note((-460, 60), (420, 620), FLUX_LORA_NOTE)
-    model = g.add("XDiTLoadModel", (0, 60), model_name=FLUX_MODEL, weight_dtype="default", family="auto",
-                  variant="auto")
-    clip = g.add("DualCLIPLoader", (0, 230), clip_name1="clip_l.safetensors", clip_name2="t5xxl_fp16.safetensors",
-                 type="flux", device="default")
-    vae = g.add("VAELoader", (0, 400), vae_name="ae.safetensors")
-    latent = g.add("EmptySD3LatentImage", (0, 500), width=1024, height=1024, batch_size=1)
+    model, clip, vae, latent = flux_loaders(g)
     style = g.add("XDiTLoRA", (0, 660), model=model.out("model"), lora_name="flux_style_lora.safetensors",
                   strength_model=0.8)
     detail = g.add("XDiTLoRA", (0, 790), model=style.out("model"), lora_name="flux_detail_lora.safetensors",

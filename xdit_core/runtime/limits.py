@@ -109,24 +109,37 @@ def physical_memory() -> Optional[int]:
         return None
 
 
+def gib_from_env(name: str, allow_zero: bool = False) -> Optional[int]:
+    """$name as a number of GiB, in bytes; None when unset; XDiTConfigError for anything but a finite number
+    > 0 (>= 0 with `allow_zero`)."""
+    raw = os.environ.get(name)
+    if raw is None:
+        return None
+    try:
+        gib = float(raw)
+    except ValueError:
+        gib = math.nan
+    if not (math.isfinite(gib) and (gib >= 0 if allow_zero else gib > 0)):
+        kind = "a number of GiB >= 0" if allow_zero else "a positive number of GiB"
+        raise XDiTConfigError(f"${name} must be {kind}, got {raw!r}")
+    return int(gib * GIB)
+
+
+def smallest_gpu_memory() -> int:
+    return min(torch.cuda.get_device_properties(i).total_memory for i in range(torch.cuda.device_count()))
+
+
 def memory_budget(on_gpu: bool, remote: bool = False) -> Optional[tuple[int, str]]:
     """(bytes a request may use, where that figure comes from): $XDIT_MEMORY_BUDGET_GB (GiB) if set, else the
     smallest visible GPU's memory for GPU ranks, else physical memory (os.sysconf). None where nothing is known:
     `remote` ranks (a Ray cluster's machines) without the variable, or a platform without sysconf (Windows)."""
-    raw = os.environ.get(MEMORY_BUDGET_ENV)
-    if raw is not None:
-        try:
-            gib = float(raw)
-        except ValueError:
-            gib = math.nan
-        if not (math.isfinite(gib) and gib > 0):
-            raise XDiTConfigError(f"${MEMORY_BUDGET_ENV} must be a positive number of GiB, got {raw!r}")
-        return int(gib * GIB), f"${MEMORY_BUDGET_ENV}"
+    given = gib_from_env(MEMORY_BUDGET_ENV)
+    if given is not None:
+        return given, f"${MEMORY_BUDGET_ENV}"
     if remote:
         return None
     if on_gpu:
-        total = min(torch.cuda.get_device_properties(i).total_memory for i in range(torch.cuda.device_count()))
-        return total, "the smallest GPU's memory"
+        return smallest_gpu_memory(), "the smallest GPU's memory"
     ram = physical_memory()
     return None if ram is None else (ram, "physical memory")
 
@@ -202,17 +215,11 @@ def resident_budget(world_size: int, on_gpu: bool) -> Optional[int]:
     """Bytes of weights one rank may keep across resident models before the least recently used is evicted:
     $XDIT_RESIDENT_GB if set, else 70% of the smallest GPU's memory (the rest is for activations) or, on CPU,
     half the physical memory shared by the ranks; None (no limit) where nothing is known."""
-    raw = os.environ.get(RESIDENT_BUDGET_ENV)
-    if raw is not None:
-        try:
-            gib = float(raw)
-        except ValueError:
-            gib = math.nan
-        if not (math.isfinite(gib) and gib >= 0):
-            raise XDiTConfigError(f"${RESIDENT_BUDGET_ENV} must be a number of GiB >= 0, got {raw!r}")
-        return int(gib * GIB)
+    given = gib_from_env(RESIDENT_BUDGET_ENV, allow_zero=True)
+    if given is not None:
+        return given
     if on_gpu:
-        return int(0.7 * min(torch.cuda.get_device_properties(i).total_memory for i in range(torch.cuda.device_count())))
+        return int(0.7 * smallest_gpu_memory())
     ram = physical_memory()
     return None if ram is None else ram // (2 * world_size)
 
