@@ -198,6 +198,22 @@ def ksampler_advanced_case(patcher: comfy.model_patcher.ModelPatcher, case: dict
     return out
 
 
+def xdit_advanced_case(patcher: comfy.model_patcher.ModelPatcher, case: dict[str, Any]) -> dict[str, torch.Tensor]:
+    """Our xDiT Sampler (Advanced) nodes chained on the workers, on our model folder: keys as "ksampler_advanced"
+    plus "mesh" (the xDiT Parallel Mesh's degrees)."""
+    nodes = plugin().nodes
+    xdit = nodes.loader.XDiTLoadModel().load(str(case["model"]), "fp32", "auto", "auto")[0]
+    mesh = nodes.types.XDiTMesh("manual", **case["mesh"])
+    latent, out = {"samples": case["latent"]}, {}
+    for i, stage in enumerate(case["stages"]):
+        (latent,) = nodes.sampler.XDiTSamplerAdvanced().sample(
+            xdit, mesh, stage["add_noise"], case["seed"], case["steps"], case["cfg"], case["sampler_name"],
+            case["scheduler"], _branch(case["positive"]), _branch(case["negative"]), latent, stage["start_at_step"],
+            stage["end_at_step"], stage["return_with_leftover_noise"])
+        out[f"stage{i}"] = latent["samples"]
+    return out
+
+
 def plugin():
     """This repository as ComfyUI loads a custom node (a package named after its folder, by path)."""
     import importlib.util
@@ -260,6 +276,7 @@ CASE_KINDS: dict[str, Callable[[comfy.model_patcher.ModelPatcher, dict[str, Any]
     "ksampler": ksampler_case,
     "custom_sampler": custom_sampler_case,
     "ksampler_advanced": ksampler_advanced_case,
+    "xdit_advanced": xdit_advanced_case,
 }
 
 

@@ -142,6 +142,7 @@ def comfy(tmp_path_factory):
     for name, sampler in CHAINED.items():
         cases.append(dict(comfy_case(name, "euler"), name=f"chained/{name}", kind="ksampler_advanced",
                           sampler_name=sampler, stages=STAGES))
+        cases.append(dict(cases[-1], name=f"chained_xdit/{name}", kind="xdit_advanced", mesh=GUIDED_MESH))
     from lora_files import make_lora, save_lora
     from xdit_core.loading.load import load_model
 
@@ -270,4 +271,17 @@ def test_two_chained_advanced_samplers_equal_comfyuis(comfy, name):
         theirs = comfy["outputs"][f"{key}/stage{i}"]
         error = ((latent - theirs).abs().max() / theirs.abs().max()).item()
         print(f"chained {name} stage {i}: relative error {error:.2e}")
+        assert error < TOLERANCE, f"{key} stage {i}: relative error {error:.2e}"
+
+
+@pytest.mark.parametrize("name", CHAINED)
+def test_two_chained_xdit_advanced_nodes_equal_comfyuis_two(comfy, name):
+    """The xDiT Sampler (Advanced) node twice, on the workers (ulysses 2), against ComfyUI's two KSamplerAdvanced
+    nodes on ComfyUI's model: every stage's LATENT."""
+    key = f"chained_xdit/{name}"
+    assert key not in comfy["errors"], comfy["errors"][key]
+    for i in range(len(STAGES)):
+        theirs, mine = comfy["outputs"][f"chained/{name}/stage{i}"], comfy["outputs"][f"{key}/stage{i}"]
+        error = ((mine - theirs).abs().max() / theirs.abs().max()).item()
+        print(f"xdit advanced {name} stage {i}: relative error {error:.2e}")
         assert error < TOLERANCE, f"{key} stage {i}: relative error {error:.2e}"

@@ -188,6 +188,16 @@ def test_host_driven_evaluations_equal_the_in_rank_loop(first_run, tiny_models):
         assert none is None and torch.isfinite(cond_only).all()
         assert evaluate.evaluations == 4
     assert float((host - in_rank).abs().max() / in_rank.abs().max()) <= 1e-5
+    # A cancel on the host between evaluations (ComfyUI raises from its progress hook) closes the session;
+    # the pool stays warm and usable.
+    loads = [s["load_count"] for s in pool.worker_stats()]
+    with pytest.raises(KeyboardInterrupt):
+        with pool.evaluations(request.positive, request.negative) as evaluate:
+            evaluate(torch.zeros_like(request.noise), torch.ones(1), with_negative=True)
+            raise KeyboardInterrupt
+    assert not pool.broken and ray.get([w.busy.remote() for w in pool.workers]) == [False] * 4
+    assert torch.equal(pool.sample(request), in_rank)
+    assert [s["load_count"] for s in pool.worker_stats()] == loads
 
 
 def test_killed_rank_fails_fast_then_pool_rebuilds(first_run, tiny_models):
