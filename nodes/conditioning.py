@@ -89,4 +89,7 @@ def branch_from_conditioning(spec, conditioning, batch: int, name: str, height: 
         pooled = check_shape(f"{name} pooled_output", extra["pooled_output"], batch, spec.pooled_dim,
                              text=False, source=f"{name} conditioning")
     guidance = extra.get("guidance") if "guidance" in APPLIED[spec.family] else None
+    if spec.default_guidance is not None and "guidance" in extra and guidance is None:
+        raise XDiTConditioningError(f"{name} conditioning turns Flux's guidance embedding off (FluxDisableGuidance), "
+                                    "which the xDiT samplers do not support yet; remove that node or use FluxGuidance")
     return BranchCond(text, pooled), guidance

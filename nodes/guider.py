@@ -32,6 +32,11 @@ class SamplingView:
     def process_latent_out(self, latent):
         return self.latent_format.process_out(latent)
 
+    def __getattr__(self, name):
+        # Anything else of a BaseModel (apply_model, current_patcher) would run the model here, in ComfyUI.
+        raise AttributeError(f"the xDiT Guider's model has no {name!r}: a node that runs the model again inside "
+                             "sampling (SkipLayerGuidanceDiT and the like) cannot reach the xDiT workers")
+
     def scale_latent_inpaint(self, sigma, noise, latent_image, **kwargs):
         """ComfyUI's BaseModel.scale_latent_inpaint for our families: the input latent noised to sigma."""
         return self.model_sampling.noise_scaling(sigma.reshape([sigma.shape[0]] + [1] * (len(noise.shape) - 1)),
@@ -46,6 +51,8 @@ def unsupported_patches(patcher) -> list[str]:
     options = patcher.model_options
     if options.get("model_function_wrapper") is not None:
         found.append("a model function wrapper")
+    if options.get("sampler_calc_cond_batch_function") is not None:
+        found.append("a replaced cond batch function (SkipLayerGuidanceDiTSimple and the like)")
     transformer = options.get("transformer_options", {})
     for key in ("patches", "patches_replace"):
         if transformer.get(key):

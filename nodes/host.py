@@ -1,6 +1,7 @@
 """The few ComfyUI services the nodes use, imported lazily so the nodes import and test without ComfyUI."""
 from __future__ import annotations
 
+import logging
 import os
 from pathlib import Path
 
@@ -115,15 +116,23 @@ class StepReporter:
             return
         self.bar = comfy.utils.ProgressBar(total)
         if latent_format is not None:
-            self.previewer = latent_preview.get_previewer(mm.get_torch_device(), latent_format)
+            self.device = mm.get_torch_device()  # where ComfyUI puts the previewer (TAESD's weights)
+            self.previewer = latent_preview.get_previewer(self.device, latent_format)
 
     @property
     def wants_previews(self) -> bool:
         return self.previewer is not None
 
     def preview(self, step: int, x0) -> None:
-        """The prediction of a step (model space, first image): decoded as ComfyUI's sampler callback does."""
-        self.pending = self.previewer.decode_latent_to_preview_image("JPEG", x0)
+        """The prediction of a step (model space, first image): decoded as ComfyUI's sampler callback does. A
+        preview that fails turns previews off (logged once); it never stops the sampling."""
+        if self.previewer is None:
+            return
+        try:
+            self.pending = self.previewer.decode_latent_to_preview_image("JPEG", x0.to(self.device))
+        except Exception as e:  # noqa: BLE001 - a preview is never worth a failed prompt
+            logging.getLogger("xdit").warning("xDiT: live previews turned off for this prompt: %s", e)
+            self.previewer = None
 
     def progress(self, step: int, total: int) -> None:
         if self.bar is None:

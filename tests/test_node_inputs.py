@@ -376,3 +376,28 @@ def test_lora_node_takes_listed_files_of_the_models_family_only(comfy):
         XDiTLoRA().load_lora(flux, "sd3_style.safetensors", 1.0)
     message = sample_error(comfy, model=replace(styled, loras=((styled.loras[0][0], math.inf),)))
     assert "strength of LoRA" in message and "must be a finite number" in message
+
+
+def test_flux_disable_guidance_is_refused_not_run_at_the_default(comfy):
+    assert "FluxDisableGuidance" in sample_error(comfy, positive=with_keys(guidance=None))
+
+
+def test_guider_names_model_patches_the_workers_cannot_apply():
+    from nodes.guider import unsupported_patches
+
+    def patcher(**options):
+        return types.SimpleNamespace(patches={}, model_options=options, object_patches={"model_sampling": object()})
+
+    assert unsupported_patches(patcher()) == []  # a shift node's object patch reaches the workers' math
+    assert "cond batch function" in unsupported_patches(patcher(sampler_calc_cond_batch_function=print))[0]
+    assert "transformer patches_replace (dit)" in unsupported_patches(
+        patcher(transformer_options={"patches_replace": {"dit": {}}}))[0]
+
+
+def test_a_failing_preview_turns_previews_off_and_never_stops_sampling():
+    reporter = host.StepReporter(3)  # without ComfyUI: no bar, no previewer
+    reporter.device = torch.device("cpu")
+    reporter.previewer = types.SimpleNamespace(decode_latent_to_preview_image=lambda fmt, x0: 1 / 0)
+    reporter.preview(1, torch.zeros(1, 16, 2, 2))
+    assert reporter.previewer is None and not reporter.wants_previews
+    reporter.progress(1, 3)

@@ -366,10 +366,9 @@ class PipeFusionRunner:
         denoised = cond if uncond is None else uncond + (cond - uncond) * request.cfg
         if rnd == 0:
             check_first_prediction(denoised, 1, request.steps, dist.get_rank())
-        if self.preview is not None and preview_step is not None:
-            if self.preview.step != preview_step:  # a fresh buffer per step: the last one may be in transit
-                self.preview.latest, self.preview.step = torch.empty_like(x_eval), preview_step
-            self.preview.latest[:, :, unit_rows[0]:unit_rows[1]] = denoised
+        keep_preview = self.preview is not None and preview_step is not None
+        if keep_preview and self.preview.step != preview_step:  # a fresh buffer per step: the last may be in transit
+            self.preview.latest, self.preview.step = torch.empty_like(x_eval), preview_step
         for m, (r0, r1) in enumerate(rows):
             if r0 < unit_rows[0] or r1 > unit_rows[1]:
                 continue
@@ -377,7 +376,10 @@ class PipeFusionRunner:
             if not torch.equal(d.request[1], sigma):
                 raise XDiTWorkerError(f"PipeFusion schedule mismatch: patch {m} expects sigma "
                                       f"{float(d.request[1]):.6f}, the pipeline delivered {float(sigma):.6f}")
-            d.feed(denoised[:, :, r0 - unit_rows[0]:r1 - unit_rows[0]])
+            piece = denoised[:, :, r0 - unit_rows[0]:r1 - unit_rows[0]]
+            if keep_preview:  # what the sampler is fed: through the patch's noise_mask, as the serial path shows
+                self.preview.latest[:, :, r0:r1] = piece if d.inpaint is None else d.inpaint.prediction(piece)
+            d.feed(piece)
             if more:
                 nxt = d.request[0]
                 x_eval[:, :, r0:r1] = nxt

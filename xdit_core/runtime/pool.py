@@ -245,6 +245,7 @@ class WorkerPool:
 
         from xdit_core.runtime.worker import RankWorker
 
+        self.broken = True  # until every rank is set up: a start that fails is rebuilt by the next request
         self.stats.ray_start_s = ensure_ray(self.address)
         use_gpu = torch.cuda.is_available()
         parallel = self.key.parallel

@@ -89,6 +89,7 @@ class RankWorker:
     def sample(self, request: SampleRequest, job: str, model: ModelRef) -> dict[str, Any]:
         """Run one request on a resident model; every rank returns its report, rank 0 also the latent (model
         space, CPU)."""
+        self.end_evaluations(None)  # a session the host never closed must not leave its LoRAs hooked
         with self._lock:
             self._job, self._progress, self._running, self._preview = job, [], True, None
             self._stop.clear()
