@@ -9,13 +9,11 @@ never loaded here: `sample` replaces CFGGuider's, which would load it.
 from __future__ import annotations
 
 import math
-from dataclasses import replace
 
 from . import host
 from .comfy_model import xdit_model_of
 from .conditioning import branch_from_conditioning
-from .mesh import check_against_model
-from .sampler import lora_refs
+from .sampler import plan_run
 from .types import XDiTMesh, XDiTModel
 
 
@@ -157,12 +155,7 @@ def prepare(xdit: XDiTModel, mesh: XDiTMesh, conds: dict, cfg: float, shape, ste
 
         def branch(name: str):
             cond, guidance = branch_from_conditioning(spec, conds[name], batch, name, *size)
-            if spec.default_guidance is None:
-                return cond
-            if guidance is not None and not (isinstance(guidance, (int, float)) and 0 <= guidance <= 100):
-                raise api.XDiTConfigError(f"{name} guidance must be a finite number in [0, 100], got {guidance}")
-            # Flux dev's guidance per branch: the entry's own, else ComfyUI's default
-            return replace(cond, guidance=spec.default_guidance if guidance is None else float(guidance))
+            return api.with_guidance(spec, cond, guidance, "guidance" if name == "positive" else "negative guidance")
 
         positive = branch("positive")
         negative = branch("negative") if conds.get("negative") else None
@@ -170,18 +163,11 @@ def prepare(xdit: XDiTModel, mesh: XDiTMesh, conds: dict, cfg: float, shape, ste
             raise api.XDiTConfigError("PipeFusion runs the sampling loop inside the ranks, so it cannot serve "
                                       "ComfyUI's samplers: use a mesh without PipeFusion with the xDiT Guider, or "
                                       "the xDiT Sampler nodes for PipeFusion")
-        parallel = check_against_model(mesh, xdit, cfg if negative is not None else 1.0, steps, shape[2])
-        loras = lora_refs(xdit)
-        api.check_request_fits(
-            xdit.path, list(shape), parallel, backend="ray", remote=api.uses_cluster(mesh.ray_address),
-            dtype=api.DTYPES[xdit.dtype], attention_backend=mesh.attention_backend, num_blocks=xdit.num_blocks,
-            with_negative=negative is not None,
-            text_tokens=max(c.text.shape[1] for c in (positive, negative) if c is not None), threads=1)
+        key, loras = plan_run(xdit, mesh, shape, cfg if negative is not None else 1.0, steps, positive, negative)
     except api.XDiTError as e:
         raise RuntimeError(f"xDiT Guider: {e}") from None
     if host.visible_gpus():
         host.free_comfy_gpu_memory()
-    key = api.PoolKey(xdit.path, xdit.dtype, xdit.family, xdit.variant, parallel, mesh.attention_backend, threads=1)
     return key, positive, negative, loras
 
 

@@ -25,6 +25,23 @@ def lora_refs(model: XDiTModel) -> tuple:
     return tuple(api.LoraRef(path, strength) for path, strength in model.loras)
 
 
+def plan_run(model: XDiTModel, mesh: XDiTMesh, shape, cfg: float, steps: int, positive, negative):
+    """The checks every run on the workers passes before any worker is asked (the mesh against the model and
+    cfg, the LoRAs, the machine's limits for a latent of `shape`); returns (pool key, LoRA refs)."""
+    from xdit_core import api
+
+    parallel = check_against_model(mesh, model, cfg, steps, shape[2])
+    loras = lora_refs(model)
+    api.check_request_fits(
+        model.path, list(shape), parallel, backend="ray", remote=api.uses_cluster(mesh.ray_address),
+        dtype=api.DTYPES[model.dtype], attention_backend=mesh.attention_backend, num_blocks=model.num_blocks,
+        with_negative=negative is not None,
+        text_tokens=max(c.text.shape[1] for c in (positive, negative) if c is not None), threads=1)
+    key = api.PoolKey(model.path, model.dtype, model.family, model.variant, parallel, mesh.attention_backend,
+                      threads=1)
+    return key, loras
+
+
 def run_sampler(model: XDiTModel, mesh: XDiTMesh, positive, negative, latent_image: dict, seed: int, steps: int,
                 cfg: float, sampler_name: str, scheduler: str, denoise: float, shift: float, steps_range=None):
     """KSampler's (or KSamplerAdvanced's) run on the workers: ComfyUI values in, the LATENT out."""
@@ -39,13 +56,7 @@ def run_sampler(model: XDiTModel, mesh: XDiTMesh, positive, negative, latent_ima
         neg = neg_guidance = None
         if not math.isclose(cfg, 1.0):  # at cfg 1 ComfyUI evaluates no negative branch
             neg, neg_guidance = branch_from_conditioning(spec, negative, batch, "negative", *size)
-        parallel = check_against_model(mesh, model, cfg, steps, samples.shape[2])
-        loras = lora_refs(model)
-        api.check_request_fits(
-            model.path, [batch, spec.latent_channels, *samples.shape[2:]], parallel, backend="ray",
-            remote=api.uses_cluster(mesh.ray_address), dtype=api.DTYPES[model.dtype],
-            attention_backend=mesh.attention_backend, num_blocks=model.num_blocks, with_negative=neg is not None,
-            text_tokens=max(c.text.shape[1] for c in (pos, neg) if c is not None), threads=1)
+        key, loras = plan_run(model, mesh, [batch, spec.latent_channels, *samples.shape[2:]], cfg, steps, pos, neg)
         request = api.build_request(spec, samples, seed=seed, steps=steps, cfg=cfg, sampler=sampler_name,
                                     scheduler=scheduler, denoise=denoise, positive=pos, negative=neg,
                                     guidance=guidance, negative_guidance=neg_guidance,
@@ -61,8 +72,6 @@ def run_sampler(model: XDiTModel, mesh: XDiTMesh, positive, negative, latent_ima
         request = replace(request, preview=reporter.wants_previews)
         if host.visible_gpus():
             host.free_comfy_gpu_memory()
-        key = api.PoolKey(model.path, model.dtype, model.family, model.variant, parallel,
-                          mesh.attention_backend, threads=1)
         out = api.sample(key, request, mesh.ray_address, on_progress=reporter.progress, cancel=host.interrupted,
                          on_preview=reporter.preview if request.preview else None)
     except api.XDiTCancelled:

@@ -48,7 +48,6 @@ class SampleRequest:
     positive: BranchCond
     negative: Optional[BranchCond]  # None when cfg == 1: ComfyUI evaluates no negative branch
     cfg: float
-    guidance: Optional[float]  # the positive branch's (each branch carries its own)
     sampler: str
     seed: int
     shift: Optional[float | str]  # model-sampling shift override; None = the family's default
@@ -63,6 +62,11 @@ class SampleRequest:
     @property
     def steps(self) -> int:
         return len(self.sigmas) - 1
+
+    @property
+    def guidance(self) -> Optional[float]:
+        """The positive branch's Flux guidance (each branch carries its own)."""
+        return self.positive.guidance
 
     def to(self, device: torch.device) -> "SampleRequest":
         """A copy with every tensor on `device`."""
@@ -173,6 +177,16 @@ class StepRange:
         return sigmas[self.start_at_step:]
 
 
+def with_guidance(spec: ModelSpec, cond: Optional[BranchCond], value: Optional[float],
+                  name: str = "guidance") -> Optional[BranchCond]:
+    """A branch with its Flux dev guidance embedding (ComfyUI gives each branch its own): `value`, else the
+    family's default (3.5); unchanged for a family without one. `value` must be in [0, 100] (FluxGuidance)."""
+    validate_number(name, value, 0.0, MAX_GUIDANCE)
+    if cond is None or spec.default_guidance is None:
+        return cond
+    return replace(cond, guidance=spec.default_guidance if value is None else float(value))
+
+
 def empty_latent(spec: ModelSpec, batch: int, height: int, width: int) -> torch.Tensor:
     """An empty LATENT of the family's channels, as EmptyLatentImage / EmptySD3LatentImage make it."""
     return torch.zeros(batch, spec.latent_channels, height // 8, width // 8)
@@ -196,8 +210,8 @@ def build_request(spec: ModelSpec, latent: torch.Tensor, *, seed: int, steps: in
         validate_number(f"strength of LoRA {lora.path}", lora.strength, -MAX_LORA_STRENGTH, MAX_LORA_STRENGTH)
     validate_seed(seed)
     validate_number("cfg", cfg, 0.0, MAX_CFG)
-    validate_number("guidance", guidance, 0.0, MAX_GUIDANCE)
-    validate_number("negative guidance", negative_guidance, 0.0, MAX_GUIDANCE)
+    positive = with_guidance(spec, positive, guidance)
+    negative = with_guidance(spec, negative, negative_guidance, "negative guidance")
     validate_shift(spec, shift)
     validate_latent_shape(spec, latent.shape)
     check_finite("latent", latent)
@@ -226,18 +240,8 @@ def build_request(spec: ModelSpec, latent: torch.Tensor, *, seed: int, steps: in
     else:
         noise = torch.zeros_like(latent)
     latent_image = spec.latent_format.process_in(latent) if torch.count_nonzero(latent) > 0 else latent
-
-    def guided(cond: Optional[BranchCond], value: Optional[float]) -> Optional[BranchCond]:
-        """Flux dev's guidance embedding for a branch: its own value, else ComfyUI's default (3.5)."""
-        if cond is None or spec.default_guidance is None:
-            return cond
-        return replace(cond, guidance=spec.default_guidance if value is None else float(value))
-
-    positive = guided(positive, guidance)
     return SampleRequest(
-        noise=noise, latent_image=latent_image, sigmas=sigmas,
-        positive=positive, negative=guided(negative, negative_guidance) if with_negative else None, cfg=float(cfg),
-        guidance=positive.guidance,
-        sampler=sampler, seed=seed, shift=shift, height=height, width=width, noise_mask=mask,
+        noise=noise, latent_image=latent_image, sigmas=sigmas, positive=positive,
+        negative=negative if with_negative else None, cfg=float(cfg), sampler=sampler, seed=seed, shift=shift, height=height, width=width, noise_mask=mask,
         inpaint_noise=ddim_inpaint_noise(seed, latent.shape) if mask is not None and sampler == "ddim" else None,
         unsampled=latent if len(sigmas) < 2 else None, loras=tuple(lora for lora in loras if lora.strength != 0))
