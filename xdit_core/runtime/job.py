@@ -35,52 +35,6 @@ from xdit_core.sampling.samplers import Denoiser, is_max_denoise, run_sampler
 StepHook = Callable[[int, int], None]
 
 
-def make_denoiser(adapter: ModelAdapter, ms: ModelSampling, request: SampleRequest,
-                  ctx: Optional[RankContext] = None):
-    """x, sigma -> CFG-combined x0 prediction, as ComfyUI's sampling_function computes it.
-
-    With a RankContext: the model runs sequence-parallel over the SP group, and under CFG parallel
-    cfg rank 0 evaluates the negative branch, rank 1 the positive, gathered before the formula.
-    """
-    dtype = adapter.dtype
-    predict = adapter.predict
-    cfg_comm = None
-    if ctx is not None:
-        if ctx.sp_degree > 1:
-            predict = SequenceParallelRunner(adapter, ctx.sp_groups(dtype), ctx.comm("sp")).predict
-        if ctx.cfg_degree > 1:
-            cfg_comm = ctx.comm("cfg")
-
-    def predict_denoised(x: torch.Tensor, sigma: torch.Tensor, cond) -> torch.Tensor:
-        xc = ms.calculate_input(sigma, x).to(dtype)
-        timestep = ms.timestep(sigma.reshape(1).cpu()).float().to(x.device).expand(x.shape[0])
-        out = predict(xc, timestep, cond, cond.guidance).float()
-        return ms.calculate_denoised(sigma, out, x)
-
-    def combined(x: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
-        if request.negative is None:  # cfg == 1: the negative branch is not evaluated at all
-            return predict_denoised(x, sigma, request.positive)
-        if cfg_comm is not None:
-            mine = request.negative if cfg_comm.index == 0 else request.positive
-            uncond, cond = cfg_comm.all_gather(predict_denoised(x, sigma, mine), "cfg_gather").unbind(0)
-        else:
-            cond = predict_denoised(x, sigma, request.positive)
-            uncond = predict_denoised(x, sigma, request.negative)
-        return uncond + (cond - uncond) * request.cfg
-
-    checked = False
-
-    def denoise(x: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
-        nonlocal checked
-        out = combined(x, sigma)
-        if not checked:
-            checked = True
-            check_first_prediction(out, 1, request.steps, dist.get_rank() if ctx is not None else 0)
-        return out
-
-    return denoise
-
-
 BranchOutputs = Callable[[torch.Tensor, torch.Tensor, BranchCond, Optional[BranchCond]],
                          tuple[torch.Tensor, Optional[torch.Tensor]]]
 
@@ -89,9 +43,9 @@ def make_branch_outputs(adapter: ModelAdapter, ctx: Optional[RankContext] = None
     """(xc, timestep, positive, negative or None) -> the raw model outputs of both branches, float32, on
     every rank: what ComfyUI's apply_model gives for a model input already scaled by the host's model sampling.
 
-    Host-driven evaluations use it (the host keeps ComfyUI's model sampling and CFG): sequence parallel over
-    the SP group; under CFG parallel cfg rank 0 evaluates the negative (the positive again when there is
-    none), rank 1 the positive, gathered.
+    The in-rank loop (`make_denoiser`) and host-driven evaluations (the host keeps ComfyUI's model sampling
+    and CFG) use it: sequence parallel over the SP group; under CFG parallel cfg rank 0 evaluates the
+    negative (the positive again when there is none), rank 1 the positive, gathered.
     """
     predict = adapter.predict
     cfg_comm = None
@@ -113,6 +67,30 @@ def make_branch_outputs(adapter: ModelAdapter, ctx: Optional[RankContext] = None
         return run(xc, timestep, positive), None if negative is None else run(xc, timestep, negative)
 
     return outputs
+
+
+def make_denoiser(adapter: ModelAdapter, ms: ModelSampling, request: SampleRequest,
+                  ctx: Optional[RankContext] = None) -> Denoiser:
+    """x, sigma -> CFG-combined x0 prediction, as ComfyUI's sampling_function computes it: both branches'
+    outputs from `make_branch_outputs` (sequence and CFG parallel with a RankContext), then the CFG formula."""
+    outputs = make_branch_outputs(adapter, ctx)
+    checked = False
+
+    def denoise(x: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
+        nonlocal checked
+        timestep = ms.timestep(sigma.reshape(1).cpu()).float().to(x.device).expand(x.shape[0])
+        # cfg == 1: request.negative is None, and the negative branch is not evaluated at all
+        cond, uncond = outputs(ms.calculate_input(sigma, x), timestep, request.positive, request.negative)
+        out = ms.calculate_denoised(sigma, cond, x)
+        if uncond is not None:
+            uncond = ms.calculate_denoised(sigma, uncond, x)
+            out = uncond + (out - uncond) * request.cfg
+        if not checked:
+            checked = True
+            check_first_prediction(out, 1, request.steps, dist.get_rank() if ctx is not None else 0)
+        return out
+
+    return denoise
 
 
 def inpaint_of(spec: ModelSpec, ms: ModelSampling, request: SampleRequest) -> Optional[Inpaint]:
