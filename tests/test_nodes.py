@@ -221,7 +221,7 @@ def test_host_callback_exception_stops_every_rank_before_it_propagates(tiny_mode
         with pytest.raises(HostInterrupt):
             p.sample(request, on_progress=interrupt)
         assert ray.get([w.busy.remote() for w in p.workers]) == [False, False]
-        steps = [len(s) for s in ray.get([w.progress.remote(p.last_job) for w in p.workers])]
+        steps = [len(s) for s, _ in ray.get([w.poll.remote(p.last_job) for w in p.workers])]
         assert len(set(steps)) == 1 and steps[0] < 200
     finally:
         pool.unload()

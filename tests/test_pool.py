@@ -132,7 +132,7 @@ def test_cancel_stops_all_ranks_at_the_same_step_and_pool_stays_usable(first_run
     with pytest.raises(XDiTCancelled):
         pool.sample(make_request(tiny_models, 200), on_progress=lambda i, n: seen.append(i),
                     cancel=lambda: len(seen) >= 2)
-    steps = [len(p) for p in ray.get([w.progress.remote(pool.last_job) for w in pool.workers])]
+    steps = [len(p) for p, _ in ray.get([w.poll.remote(pool.last_job) for w in pool.workers])]
     assert len(set(steps)) == 1 and steps[0] < 200  # every rank left at the same step boundary
     assert ray.get([w.busy.remote() for w in pool.workers]) == [False] * 4
     out = pool.sample(make_request(tiny_models, 2))
@@ -241,7 +241,7 @@ def test_pipefusion_pool_cancels_at_a_common_step_and_matches_local(first_run, t
         seen = []
         pool.sample(make_request(tiny_models, 100, "sd3"), on_progress=lambda i, n: seen.append(i),
                     cancel=lambda: len(seen) >= 2)
-    steps = [len(p) for p in ray.get([w.progress.remote(pool.last_job) for w in pool.workers])]
+    steps = [len(p) for p, _ in ray.get([w.poll.remote(pool.last_job) for w in pool.workers])]
     assert len(set(steps)) == 1 and steps[0] < 100
     base = ["generate", "--model", str(tiny_models["sd3"]), "--height", "64", "--width", "48", "--steps", "3",
             "--seed", "2", "--threads", "1", "--pipefusion_parallel_degree", "2", "--ulysses_degree", "2",

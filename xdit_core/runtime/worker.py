@@ -2,7 +2,7 @@
 requests, reports progress and stops with all the other ranks when asked.
 
 `RankWorker` is a plain class; the pool wraps it with `ray.remote` (a threaded actor, so that
-`progress` and `request_stop` run while `sample` does).
+`poll`, `ping` and `request_stop` run while `sample` does).
 """
 from __future__ import annotations
 
@@ -145,11 +145,6 @@ class RankWorker:
             latest, self._preview = self._preview, None
             steps = list(self._progress)
         return steps, None if latest is None else (latest[0], latest[1][:1].float().cpu().clone())
-
-    def progress(self, job: str) -> list[tuple[int, int]]:
-        """Steps finished so far in `job` (empty for another job)."""
-        with self._lock:
-            return list(self._progress) if job == self._job else []
 
     def ping(self) -> int:
         """Answers while a request runs (a threaded actor): a rank that stops answering is frozen."""
