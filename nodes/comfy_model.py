@@ -41,11 +41,16 @@ def weightless_model_class():
             def process_latent_out(self, latent):
                 return self.latent_format.process_out(latent)
 
-            def get_dtype(self):
-                return torch.float32
-
-            def memory_required(self, input_shape, cond_shapes={}):
-                return 0  # nothing of it is computed in the ComfyUI process
+            def __getattr__(self, name):
+                # Anything else of a BaseModel (extra_conds_shapes, apply_model) means a sampler would load and
+                # run the model in ComfyUI's process.
+                try:
+                    return super().__getattr__(name)
+                except AttributeError:
+                    raise AttributeError(
+                        f"the xDiT MODEL has no {name!r}: its weights are on the xDiT workers; sample it with the "
+                        "xDiT Guider (SamplerCustomAdvanced) or the xDiT Sampler nodes, not KSampler or "
+                        "CFGGuider") from None
 
         _WeightlessModel = WeightlessModel
     return _WeightlessModel

@@ -4,6 +4,7 @@ from __future__ import annotations
 import logging
 import os
 from pathlib import Path
+from typing import Callable
 
 MODEL_FOLDERS = ("diffusion_models", "checkpoints", "diffusers")
 ALLOW_ABSOLUTE_ENV = "XDIT_ALLOW_ABSOLUTE_MODEL_PATHS"
@@ -11,14 +12,6 @@ ALLOW_ABSOLUTE_ENV = "XDIT_ALLOW_ABSOLUTE_MODEL_PATHS"
 
 class ModelChoiceError(ValueError):
     """A model_name the Load node refuses (not a model folder entry, or one that leads out of them)."""
-
-
-def comfy_available() -> bool:
-    try:
-        import comfy.model_management  # noqa: F401
-    except ImportError:
-        return False
-    return True
 
 
 def model_files() -> list[str]:
@@ -68,6 +61,15 @@ def resolve_model_file(choice: str) -> str:
         if path.is_dir() if folder == "diffusers" else path.is_file():
             return str(path.resolve())
     raise ModelChoiceError(f"model {choice!r} is no longer in ComfyUI's {folder} folders (refresh the node)")
+
+
+def validate_choice(resolve: Callable[[str], str], choice: str) -> bool | str:
+    """A VALIDATE_INPUTS answer for a file widget: True, or the ModelChoiceError's message ComfyUI shows."""
+    try:
+        resolve(choice)
+    except ModelChoiceError as e:
+        return str(e)
+    return True
 
 
 def lora_files() -> list[str]:

@@ -37,11 +37,7 @@ class XDiTLoadModel:
     @classmethod
     def VALIDATE_INPUTS(cls, model_name):
         """A listed model, or an absolute path where the server allows them (host.resolve_model_file)."""
-        try:
-            host.resolve_model_file(model_name)
-        except host.ModelChoiceError as e:
-            return str(e)
-        return True
+        return host.validate_choice(host.resolve_model_file, model_name)
 
     def load(self, model_name: str, weight_dtype: str, family: str, variant: str):
         from xdit_core import api

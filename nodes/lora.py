@@ -26,11 +26,8 @@ class XDiTLoRA:
 
     @classmethod
     def VALIDATE_INPUTS(cls, lora_name):
-        try:
-            host.resolve_lora_file(lora_name)
-        except host.ModelChoiceError as e:
-            return str(e)
-        return True
+        """A listed LoRA, or an absolute path where the server allows them (host.resolve_lora_file)."""
+        return host.validate_choice(host.resolve_lora_file, lora_name)
 
     def load_lora(self, model: XDiTModel, lora_name: str, strength_model: float):
         from xdit_core import api

@@ -247,6 +247,16 @@ def shifted(model: comfy.model_patcher.ModelPatcher, shift: float) -> comfy.mode
     return ModelSamplingSD3().patch(model, shift)[0]
 
 
+def ksampler_on_weightless_case(patcher: comfy.model_patcher.ModelPatcher,
+                                case: dict[str, Any]) -> dict[str, torch.Tensor]:
+    """ComfyUI's KSampler on the xDiT Model for ComfyUI Samplers' MODEL: it must refuse, saying what to use."""
+    nodes = plugin().nodes
+    xdit = nodes.loader.XDiTLoadModel().load(str(case["model"]), "fp32", "auto", "auto")[0]
+    weightless = nodes.comfy_model.XDiTSamplingModel().build(xdit)[0]
+    ksampler_case(weightless, case)
+    return {}
+
+
 def custom_sampler_case(patcher: comfy.model_patcher.ModelPatcher, case: dict[str, Any]) -> dict[str, torch.Tensor]:
     """SamplerCustomAdvanced with RandomNoise, KSamplerSelect and BasicScheduler (on the guider's MODEL). Case keys:
     latent, seed, steps, cfg, sampler_name, scheduler, positive, negative, optional shift and noise_mask, and
@@ -277,6 +287,7 @@ CASE_KINDS: dict[str, Callable[[comfy.model_patcher.ModelPatcher, dict[str, Any]
     "custom_sampler": custom_sampler_case,
     "ksampler_advanced": ksampler_advanced_case,
     "xdit_advanced": xdit_advanced_case,
+    "ksampler_on_weightless": ksampler_on_weightless_case,
 }
 
 

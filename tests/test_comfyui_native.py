@@ -143,6 +143,7 @@ def comfy(tmp_path_factory):
         cases.append(dict(comfy_case(name, "euler"), name=f"chained/{name}", kind="ksampler_advanced",
                           sampler_name=sampler, stages=STAGES))
         cases.append(dict(cases[-1], name=f"chained_xdit/{name}", kind="xdit_advanced", mesh=GUIDED_MESH))
+    cases.append(dict(comfy_case("flux_dev", "euler"), name="weightless_ksampler", kind="ksampler_on_weightless"))
     from lora_files import make_lora, save_lora
     from xdit_core.loading.load import load_model
 
@@ -285,3 +286,7 @@ def test_two_chained_xdit_advanced_nodes_equal_comfyuis_two(comfy, name):
         error = ((mine - theirs).abs().max() / theirs.abs().max()).item()
         print(f"xdit advanced {name} stage {i}: relative error {error:.2e}")
         assert error < TOLERANCE, f"{key} stage {i}: relative error {error:.2e}"
+
+
+def test_comfyuis_ksampler_on_the_weightless_model_says_what_to_use(comfy):
+    assert "its weights are on the xDiT workers; sample it with the xDiT Guider" in comfy["errors"]["weightless_ksampler"]
