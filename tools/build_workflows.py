@@ -225,18 +225,24 @@ def decode_and_save(graph, latent, vae, prefix):
     graph.add("SaveImage", (1240, 150), images=decode.out("IMAGE"), filename_prefix=prefix)
 
 
+FLUX_TEXT_AND_VAE = """- text_encoders/clip_l.safetensors and text_encoders/t5xxl_fp16.safetensors (comfyanonymous/flux_text_encoders)
+- vae/ae.safetensors (the Flux VAE)
+"""
+
+
+def flux_meshes(shipped: int) -> str:
+    """The Flux notes' mesh advice for 2, 4 and 8 GPUs, marking the workflow's own."""
+    rows = {2: "ulysses_degree 2", 4: "ulysses_degree 4",
+            8: "ulysses_degree 8; across two 4-GPU machines: ulysses 4 x ring 2"}
+    lines = [f"- {n} GPUs: {text}" + (" (as set here)" if n == shipped else "") for n, text in rows.items()]
+    return "Mesh (xDiT Parallel Mesh, layout manual, gpu_count = GPUs for the workers):\n" + "\n".join(lines) + "\n"
+
+
 FLUX_NOTE = """xDiT: Flux.1 dev with Ulysses sequence parallelism
 
 Files, under ComfyUI/models/:
 - diffusion_models/flux1-dev.safetensors (Flux.1 dev, picked in "xDiT Load Diffusion Model"), or instead the transformer folder of black-forest-labs/FLUX.1-dev (config.json + *.safetensors) as diffusers/FLUX.1-dev/transformer/, picked as diffusers/FLUX.1-dev/transformer
-- text_encoders/clip_l.safetensors and text_encoders/t5xxl_fp16.safetensors (comfyanonymous/flux_text_encoders)
-- vae/ae.safetensors (the Flux VAE)
-
-Mesh (xDiT Parallel Mesh, layout manual, gpu_count = GPUs for the workers):
-- 2 GPUs: ulysses_degree 2
-- 4 GPUs: ulysses_degree 4 (as set here)
-- 8 GPUs: ulysses_degree 8; across two 4-GPU machines: ulysses 4 x ring 2
-Flux has 24 attention heads, so ulysses_degree must divide 24; use ring_degree for the rest. Flux runs at cfg 1 (guidance comes from FluxGuidance), so there is no negative branch: keep use_cfg_parallel off. layout auto chooses the same for you. The text encoders and VAE run in ComfyUI itself; the negative input is ignored at cfg 1."""
+""" + FLUX_TEXT_AND_VAE + "\n" + flux_meshes(shipped=4) + """Flux has 24 attention heads, so ulysses_degree must divide 24; use ring_degree for the rest. Flux runs at cfg 1 (guidance comes from FluxGuidance), so there is no negative branch: keep use_cfg_parallel off. layout auto chooses the same for you. The text encoders and VAE run in ComfyUI itself; the negative input is ignored at cfg 1."""
 
 SD35_NOTE = """xDiT: SD3.5 Large with CFG parallel x PipeFusion
 
@@ -342,14 +348,7 @@ ComfyUI's sampler (any of KSamplerSelect's, here dpmpp_2m_sde), scheduler and no
 
 Files, under ComfyUI/models/:
 - diffusion_models/flux1-dev.safetensors (Flux.1 dev, picked in "xDiT Load Diffusion Model")
-- text_encoders/clip_l.safetensors and text_encoders/t5xxl_fp16.safetensors (comfyanonymous/flux_text_encoders)
-- vae/ae.safetensors (the Flux VAE)
-
-Mesh (xDiT Parallel Mesh, layout manual, gpu_count = GPUs for the workers):
-- 2 GPUs: ulysses_degree 2
-- 4 GPUs: ulysses_degree 4 (as set here)
-- 8 GPUs: ulysses_degree 8; across two 4-GPU machines: ulysses 4 x ring 2
-The guider takes Ulysses, Ring and CFG parallel meshes; PipeFusion needs the sampling loop inside the workers, so use the xDiT Sampler nodes for it. Flux runs at cfg 1 (guidance from FluxGuidance)."""
+""" + FLUX_TEXT_AND_VAE + "\n" + flux_meshes(shipped=4) + """The guider takes Ulysses, Ring and CFG parallel meshes; PipeFusion needs the sampling loop inside the workers, so use the xDiT Sampler nodes for it. Flux runs at cfg 1 (guidance from FluxGuidance)."""
 
 FLUX_LORA_NOTE = """xDiT: Flux.1 dev with two LoRAs (xDiT LoRA, chained)
 
@@ -358,14 +357,7 @@ Each xDiT LoRA node adds a LoRA for the workers: they keep the base weights load
 Files, under ComfyUI/models/:
 - diffusion_models/flux1-dev.safetensors (Flux.1 dev, picked in "xDiT Load Diffusion Model")
 - loras/flux_style_lora.safetensors and loras/flux_detail_lora.safetensors (your Flux LoRAs)
-- text_encoders/clip_l.safetensors and text_encoders/t5xxl_fp16.safetensors (comfyanonymous/flux_text_encoders)
-- vae/ae.safetensors (the Flux VAE)
-
-Mesh (xDiT Parallel Mesh, layout manual, gpu_count = GPUs for the workers):
-- 2 GPUs: ulysses_degree 2 (as set here)
-- 4 GPUs: ulysses_degree 4
-- 8 GPUs: ulysses_degree 8; across two 4-GPU machines: ulysses 4 x ring 2
-Flux runs at cfg 1 (guidance from FluxGuidance)."""
+""" + FLUX_TEXT_AND_VAE + "\n" + flux_meshes(shipped=2) + """Flux runs at cfg 1 (guidance from FluxGuidance)."""
 
 
 def flux1_guider_custom_sampler() -> Graph:
