@@ -13,6 +13,7 @@ from xdit_core.loading.load import DTYPES, load_model
 from xdit_core.parallel.mesh import Mesh
 from xdit_core.models import make_adapter
 from xdit_core.parallel.context import RankContext
+from xdit_core.sampling.inpaint import Inpaint
 
 
 def run_cases(rank: int, device: torch.device, cases: list) -> dict:
@@ -115,8 +116,15 @@ def _stale_kv():
     return mock.patch.object(PipeFusionKV, "_cache", _cache)
 
 
+def _mask_rows():
+    """PipeFusion with a noise_mask: every patch takes the first rows of the mask, latent and noise (its own
+    count of them) instead of its own rows."""
+    original = Inpaint.rows
+    return mock.patch.object(Inpaint, "rows", lambda self, r0, r1: original(self, 0, r1 - r0))
+
+
 MUTATIONS = {"ring_skip": _ring_skip, "a2a_roll": _a2a_roll, "unmasked_padding": _unmasked_padding,
-             "stale_kv": _stale_kv}
+             "stale_kv": _stale_kv, "mask_rows": _mask_rows}
 
 
 def run_mismatched(rank: int, device: torch.device, payload) -> None:

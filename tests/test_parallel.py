@@ -162,6 +162,7 @@ def world_payload(root):
     refs[("flux", "masked")] = run_request(adapters["flux"], masked)
     for name, cfg in MASKED_CONFIGS.items():
         cases.append((f"flux/masked/{name}", str(paths["flux"]), cfg, "p2p", masked))
+    cases.append(("flux/masked/pf2@mask_rows", str(paths["flux"]), MASKED_CONFIGS["pf2"], "p2p", masked))
     for key, path in paths.items():
         adapter = adapters[key]
         request = make_request(adapter.spec, h, w, text_len, PF_STEPS)
@@ -343,6 +344,13 @@ def test_noise_mask_under_ulysses_and_pipefusion_equals_serial(world, config):
     results, refs, _, _ = world
     out, ref = results[f"flux/masked/{config}"]["out"], refs[("flux", "masked")]
     assert rel_err(out, ref) <= TOL
+
+
+def test_noise_mask_negative_control_is_caught(world):
+    """Patches that take the wrong rows of the mask move PipeFusion's masked run far off the serial one."""
+    results, refs, _, _ = world
+    err = rel_err(results["flux/masked/pf2@mask_rows"]["out"], refs[("flux", "masked")])
+    assert err >= MUTATION_FACTOR * TOL, err
 
 
 @pytest.mark.parametrize("family", FAMILIES)
