@@ -12,6 +12,7 @@ from xdit_core.runtime.job import run_request
 from xdit_core.loading.load import DTYPES, load_model
 from xdit_core.parallel.mesh import Mesh
 from xdit_core.models import make_adapter
+from xdit_core.models.wan import WanAdapter
 from xdit_core.parallel.context import RankContext
 from xdit_core.sampling.inpaint import Inpaint
 
@@ -123,8 +124,22 @@ def _mask_rows():
     return mock.patch.object(Inpaint, "rows", lambda self, r0, r1: original(self, 0, r1 - r0))
 
 
+def _timestep_shard():
+    """Wan 2.2 5B's per-token timesteps: every rank takes the first tokens' modulation instead of its own shard's
+    (the clean start frame's timestep 0 lands on other tokens)."""
+    original = WanAdapter.shard_extras
+
+    def shard_extras(self, tokens, shard_txt, shard_img):
+        extras = original(self, tokens, shard_txt, shard_img)
+        if extras["tproj"].ndim == 4:
+            extras["tproj"] = tokens.extras["tproj"][:, :extras["tproj"].shape[1]]
+        return extras
+
+    return mock.patch.object(WanAdapter, "shard_extras", shard_extras)
+
+
 MUTATIONS = {"ring_skip": _ring_skip, "a2a_roll": _a2a_roll, "unmasked_padding": _unmasked_padding,
-             "stale_kv": _stale_kv, "mask_rows": _mask_rows}
+             "stale_kv": _stale_kv, "mask_rows": _mask_rows, "timestep_shard": _timestep_shard}
 
 
 def run_mismatched(rank: int, device: torch.device, payload) -> None:

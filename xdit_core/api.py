@@ -26,18 +26,19 @@ from xdit_core.runtime.job import ModelRef
 from xdit_core.runtime.limits import check_request_fits
 from xdit_core.runtime.pool import PoolKey, parse_ray_address, ray_address_from_env
 from xdit_core.loading.lora import check_lora
-from xdit_core.sampling.request import (LoraRef, SampleRequest, StepRange, build_request, empty_latent,
-                                        validate_latent_shape, validate_size, with_guidance)
+from xdit_core.models.wan import image_concat
+from xdit_core.sampling.request import (LoraRef, SampleRequest, StepRange, build_request, empty_latent, latent_shape,
+                                        validate_latent_shape, validate_size, video_frames, with_guidance)
 from xdit_core.sampling.samplers import SAMPLERS, SCHEDULERS, validate_sampler_settings
 
 __all__ = ["ATTENTION_BACKENDS", "BACKENDS", "BranchCond", "DTYPES", "LoraRef", "ModelRef", "ModelSpec",
            "ParallelConfig", "PoolKey", "RANDOM_TEXT_LENGTH", "RunResult", "SAMPLERS", "SCHEDULERS", "SampleRequest",
            "StepRange", "XDiTCancelled", "XDiTConditioningError", "XDiTConfigError", "XDiTError", "XDiTNumericError",
            "XDiTWorkerError", "build_request", "check_conditioning_shape", "check_lora", "check_request_fits",
-           "choose_mesh", "describe_model", "empty_latent", "evaluations", "load_cond_file", "pool_stats",
-           "random_cond", "run", "sample", "unload", "uses_cluster", "validate_latent_shape",
+           "choose_mesh", "describe_model", "empty_latent", "evaluations", "image_concat", "latent_shape",
+           "load_cond_file", "pool_stats", "random_cond", "run", "sample", "unload", "uses_cluster", "validate_latent_shape",
            "validate_parallel_config", "validate_ray_address", "validate_sampler_settings", "validate_size",
-           "with_guidance"]
+           "video_frames", "with_guidance"]
 
 
 def describe_model(path: str, family: Optional[str] = None, variant: Optional[str] = None) -> ModelSpec:

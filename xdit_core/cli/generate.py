@@ -14,8 +14,9 @@ import torch
 
 from xdit_core import api
 from xdit_core.api import (ATTENTION_BACKENDS, BACKENDS, DTYPES, ModelRef, ParallelConfig, SampleRequest,
-                           XDiTConfigError, XDiTError, build_request, empty_latent, load_cond_file, random_cond,
-                           validate_parallel_config, validate_sampler_settings, validate_size)
+                           XDiTConfigError, XDiTError, build_request, empty_latent, latent_shape, load_cond_file,
+                           random_cond, validate_parallel_config, validate_sampler_settings, validate_size,
+                           video_frames)
 
 
 @dataclass
@@ -30,6 +31,7 @@ class GenerateOptions:
     family: Optional[str] = None
     variant: Optional[str] = None
     batch: int = 1
+    length: Optional[int] = None  # video frames (ComfyUI's `length`); video models only
     cfg: Optional[float] = None
     guidance: Optional[float] = None
     negative_guidance: Optional[float] = None
@@ -201,7 +203,8 @@ def write_outputs(samples: torch.Tensor, report: dict[str, Any], out: str, repor
 
 
 def generate(opts: GenerateOptions) -> tuple[Optional[torch.Tensor], dict[str, Any]]:
-    """Run one generation; returns (ComfyUI LATENT samples [B, C, H/8, W/8], REPORT dict).
+    """Run one generation; returns (ComfyUI LATENT samples [B, C, H/8, W/8], video [B, C, frames, H/8, W/8];
+    REPORT dict).
 
     Under `--backend env` only rank 0 gets the samples; the other ranks get None.
 
@@ -253,7 +256,8 @@ def prepare(opts: GenerateOptions) -> tuple[SampleRequest, Any, float]:
     if opts.latent is not None:
         shape = latent_file_shape(opts.latent)
         api.validate_latent_shape(spec, shape, f"--latent file {opts.latent}: samples")
-        for name, given, actual in (("height", opts.height, shape[2] * 8), ("width", opts.width, shape[3] * 8),
+        height, width = spec.pixel_size(shape)
+        for name, given, actual in (("height", opts.height, height), ("width", opts.width, width),
                                     ("batch", opts.batch if opts.batch != 1 else None, shape[0])):
             if given is not None and given != actual:
                 raise XDiTConfigError(f"--{name} {given} does not match the --latent file's {actual}")
@@ -263,16 +267,18 @@ def prepare(opts: GenerateOptions) -> tuple[SampleRequest, Any, float]:
         validate_size(spec, opts.height, opts.width)
         if opts.denoise < 1.0:
             raise XDiTConfigError(f"denoise {opts.denoise} < 1 needs a starting --latent")
-        shape = [opts.batch, spec.latent_channels, opts.height // 8, opts.width // 8]
+        shape = latent_shape(spec, opts.batch, opts.height, opts.width, video_frames(spec, opts.length))
         api.validate_latent_shape(spec, shape)
+    if spec.is_video and len(shape) == 4:  # an image latent is one frame (ComfyUI's fix_empty_latent_channels)
+        shape = shape[:2] + [1] + shape[2:]
     batch = shape[0]
     cfg = spec.default_cfg if opts.cfg is None else opts.cfg
     validate_parallel_config(opts.parallel, num_heads=spec.num_heads, cfg=cfg, num_blocks=spec.num_blocks,
-                             steps=opts.steps, latent_height=shape[2])
+                             steps=opts.steps, latent_height=shape[-2], video=spec.is_video)
     with_negative = not math.isclose(cfg, 1.0)
 
     api.check_request_fits(
-        opts.model, [batch, spec.latent_channels, shape[2], shape[3]], opts.parallel, backend=opts.backend,
+        opts.model, [batch, spec.latent_channels, *shape[2:]], opts.parallel, backend=opts.backend,
         remote=opts.backend == "ray" and api.uses_cluster(opts.ray_address),
         dtype=DTYPES[opts.dtype], attention_backend=opts.attention_backend, num_blocks=spec.num_blocks,
         with_negative=with_negative, text_tokens=_cond_text_tokens(opts.cond), threads=opts.threads,
@@ -282,11 +288,11 @@ def prepare(opts: GenerateOptions) -> tuple[SampleRequest, Any, float]:
     if opts.latent is not None:
         latent, batch_index = read_latent_file(opts.latent)
     else:
-        latent = empty_latent(spec, batch, opts.height, opts.width)
+        latent = empty_latent(spec, batch, opts.height, opts.width, video_frames(spec, opts.length))
     if opts.cond is not None:
-        positive, negative = load_cond_file(opts.cond, spec, batch, with_negative)
+        positive, negative = load_cond_file(opts.cond, spec, batch, with_negative, shape)
     else:
-        positive, negative = random_cond(spec, batch, opts.seed, with_negative)
+        positive, negative = random_cond(spec, batch, opts.seed, with_negative, shape)
     request = build_request(spec, latent, seed=opts.seed, steps=opts.steps, cfg=cfg, sampler=opts.sampler,
                             scheduler=opts.scheduler, denoise=opts.denoise, positive=positive,
                             negative=negative, guidance=opts.guidance,

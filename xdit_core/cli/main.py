@@ -29,11 +29,13 @@ def _add_generate(sub) -> None:
     p = sub.add_parser("generate", help="sample one latent from a model")
     p.add_argument("--model", required=True, help="diffusers model folder, or one .safetensors file in the original "
                                                    "Flux/SD3/PixArt layout (bare or an all-in-one checkpoint)")
-    p.add_argument("--family", help="flux | sd3 | pixart (default: from config.json's _class_name)")
-    p.add_argument("--variant", help="flux: dev | schnell; pixart: alpha | sigma (default: detected)")
+    p.add_argument("--family", help="flux | sd3 | pixart | wan (default: from config.json's _class_name)")
+    p.add_argument("--variant", help="flux: dev | schnell; pixart: alpha | sigma; wan: t2v | i2v | ti2v "
+                                     "(default: detected)")
     p.add_argument("--height", type=int, help="pixels, a multiple of 16 up to 16384 (default: from --latent)")
     p.add_argument("--width", type=int, help="pixels, a multiple of 16 up to 16384 (default: from --latent)")
     p.add_argument("--batch", type=int, default=1, help="images, 1..4096 and within the memory budget")
+    p.add_argument("--length", type=int, help="video models: frames, as ComfyUI's length (1 + 4k; default 1)")
     p.add_argument("--steps", type=int, required=True, help="1..10000")
     p.add_argument("--seed", type=int, required=True, help="0..18446744073709551615 (ComfyUI's range)")
     p.add_argument("--cfg", type=float, help="CFG scale, 0..100 (default: Flux 1.0, SD3 and PixArt 4.5)")
@@ -48,7 +50,8 @@ def _add_generate(sub) -> None:
                                                           "beta | ddim_uniform | linear_quadratic | kl_optimal")
     p.add_argument("--denoise", type=float, default=1.0)
     p.add_argument("--latent", help="ComfyUI LATENT safetensors (`samples`) to start from")
-    p.add_argument("--cond", help="conditioning safetensors: positive[_pooled], negative[_pooled]")
+    p.add_argument("--cond", help="conditioning safetensors: positive[_pooled], negative[_pooled]; Wan I2V: "
+                                  "clip_vision (2.1), concat_latent_image and concat_mask (the start image)")
     p.add_argument("--dtype", default="fp32", help="fp32 | bf16 | fp16")
     p.add_argument("--threads", type=int, help="torch threads per rank, at most the cores (default: cores / ranks)")
     p.add_argument("--backend", default="local",

@@ -34,6 +34,11 @@ _BASE: dict[str, dict[str, dict[str, Any]]] = {
         "tiny": dict(layers=4, heads=4, head_dim=24, text_dim=32),
         "medium": dict(layers=14, heads=8, head_dim=72, text_dim=256),
     },
+    "wan": {
+        # Real Wan heads are 128 wide with rotary axes of 44/42/42; these keep every axis even and non-empty.
+        "tiny": dict(layers=2, heads=4, head_dim=24, text_dim=32, ffn_dim=128, image_dim=32),
+        "medium": dict(layers=8, heads=8, head_dim=64, text_dim=256, ffn_dim=1024, image_dim=128),
+    },
 }
 
 
@@ -71,6 +76,19 @@ def tiny_config(family: str, preset: str = "tiny", layers: Optional[int] = None,
                     num_attention_heads=heads, joint_attention_dim=p["text_dim"],
                     pooled_projection_dim=p["pooled_dim"], guidance_embeds=(variant or "dev") == "dev",
                     axes_dims_rope=axes)
+    if family == "wan":
+        # Wan's rotary table gives rows and columns 2 * (head_dim // 6) each and frames the rest.
+        if head_dim % 2 or head_dim < 12:
+            raise XDiTConfigError(f"Wan head size {head_dim} (hidden size / heads) must be even and at least 12, for "
+                                  "its three rotary axes (frames, rows, columns)")
+        variant = variant or "t2v"
+        channels = {"t2v": (16, 16), "i2v": (36, 16), "ti2v": (48, 48)}[variant]
+        clip = variant == "i2v" and p.get("clip_vision", True)
+        return dict(patch_size=[1, 2, 2], num_attention_heads=heads, attention_head_dim=head_dim,
+                    in_channels=channels[0], out_channels=channels[1], text_dim=p["text_dim"], freq_dim=32,
+                    ffn_dim=p["ffn_dim"], num_layers=p["layers"], cross_attn_norm=True, qk_norm="rms_norm_across_heads",
+                    eps=1e-6, image_dim=p["image_dim"] if clip else None,
+                    added_kv_proj_dim=heads * head_dim if clip else None, rope_max_seq_len=1024)
     if (heads * head_dim) % 4:
         raise XDiTConfigError(f"{family} hidden size {heads * head_dim} must be a multiple of 4 (its 2-D sin-cos "
                               "position embedding gives each axis half, as sin and cos)")

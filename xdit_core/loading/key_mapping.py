@@ -93,15 +93,43 @@ _PIXART_GLOBAL = {
     "adaln_single.linear": ("t_block.1", 0),
     "proj_out": ("final_layer.linear", 0), "scale_shift_table": ("final_layer.scale_shift_table", 0),
 }
+# Wan's original layout (Wan-AI's, and Comfy-Org's repackaged files) renames only: loading uses diffusers' own
+# converter (loading/wan_layout.py); this table is its inverse, for writing original files (tests, LoRA names),
+# and a test checks the two agree.
+_WAN_BLOCK = {
+    **{f"attn{i}.{ours}": (f"{attn}.{theirs}", 0) for i, attn in ((1, "self_attn"), (2, "cross_attn"))
+       for ours, theirs in (("to_q", "q"), ("to_k", "k"), ("to_v", "v"), ("to_out.0", "o"), ("norm_q", "norm_q"),
+                            ("norm_k", "norm_k"))},
+    "attn2.add_k_proj": ("cross_attn.k_img", 0), "attn2.add_v_proj": ("cross_attn.v_img", 0),
+    "attn2.norm_added_k": ("cross_attn.norm_k_img", 0),
+    "norm2": ("norm3", 0),  # the cross-attention norm (the original calls its norms 1, 3, 2)
+    "ffn.net.0.proj": ("ffn.0", 0), "ffn.net.2": ("ffn.2", 0), "scale_shift_table": ("modulation", 0),
+}
+_WAN_GLOBAL = {
+    "patch_embedding": ("patch_embedding", 0),
+    "condition_embedder.time_embedder.linear_1": ("time_embedding.0", 0),
+    "condition_embedder.time_embedder.linear_2": ("time_embedding.2", 0),
+    "condition_embedder.text_embedder.linear_1": ("text_embedding.0", 0),
+    "condition_embedder.text_embedder.linear_2": ("text_embedding.2", 0),
+    "condition_embedder.time_proj": ("time_projection.1", 0),
+    "condition_embedder.image_embedder.norm1": ("img_emb.proj.0", 0),
+    "condition_embedder.image_embedder.ff.net.0.proj": ("img_emb.proj.1", 0),
+    "condition_embedder.image_embedder.ff.net.2": ("img_emb.proj.3", 0),
+    "condition_embedder.image_embedder.norm2": ("img_emb.proj.4", 0),
+    "scale_shift_table": ("head.modulation", 0), "proj_out": ("head.head", 0),
+}
 _LAYOUTS: dict[str, tuple[dict[str, tuple[str, dict]], dict]] = {
     "flux": ({"transformer_blocks": ("double_blocks", _FLUX_DOUBLE),
               "single_transformer_blocks": ("single_blocks", _FLUX_SINGLE)}, _FLUX_GLOBAL),
     "sd3": ({"transformer_blocks": ("joint_blocks", _SD3_BLOCK)}, _SD3_GLOBAL),
     "pixart": ({"transformer_blocks": ("blocks", _PIXART_BLOCK)}, _PIXART_GLOBAL),
+    "wan": ({"blocks": ("blocks", _WAN_BLOCK)}, _WAN_GLOBAL),
 }
 # Original tensors that diffusers has no place for: PixArt's learned null caption (training's dropout).
-IGNORED_ORIGINAL = {"flux": (), "sd3": (), "pixart": ("y_embedder.y_embedding",)}
+IGNORED_ORIGINAL = {"flux": (), "sd3": (), "pixart": ("y_embedder.y_embedding",), "wan": ()}
 
+# Tables a model computes when built, which no original file stores (Wan's rotary frequencies).
+COMPUTED = {"wan": ("rope.freqs_cos", "rope.freqs_sin")}
 _BLOCK_NAME = re.compile(r"^([a-z_]+)\.(\d+)\.(.+)$")
 
 
@@ -140,7 +168,7 @@ def _translate(family: str, name: str, last_block: dict[str, int]) -> Optional[t
     else:
         found = _lookup(global_table, name)
         if found:
-            return found[0], found[1], name.startswith("norm_out.linear.")
+            return found[0], found[1], family != "wan" and name.startswith("norm_out.linear.")
     return None
 
 
@@ -155,6 +183,8 @@ def layout_rules(family: str, names: Sequence[str], skip_unknown: bool = False) 
     grouped: dict[str, dict[int, str]] = {}
     swaps: dict[str, bool] = {}
     for name in names:
+        if name in COMPUTED.get(family, ()):  # nothing to map: no file holds them
+            continue
         found = _translate(family, name, last_block)
         if found is None:
             if skip_unknown:

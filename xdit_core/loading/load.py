@@ -15,6 +15,7 @@ from typing import Any, Callable, Optional
 import torch
 
 from xdit_core.errors import XDiTConfigError, XDiTModelError
+from xdit_core.loading import wan_layout
 from xdit_core.models.families import ModelSpec, resolve_model_spec
 from xdit_core.loading.key_mapping import IGNORED_ORIGINAL, Rule, identity_rules, layout_rules, original_shape, split
 from xdit_core.loading.model_files import (PICKLE_SUFFIXES, SAFETENSORS_SUFFIXES, LoadStats, WeightFiles, folder_weight_files,
@@ -29,10 +30,11 @@ DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 # is neither a block, the input embedder nor the head is conditioning (time/text/guidance embedders),
 # which every rank loads.
 BLOCK_LISTS = {"flux": ("transformer_blocks", "single_transformer_blocks"), "sd3": ("transformer_blocks",),
-               "pixart": ("transformer_blocks",)}
-EMBED_MODULES = {"flux": ("x_embedder",), "sd3": ("pos_embed",), "pixart": ("pos_embed",)}
+               "pixart": ("transformer_blocks",), "wan": ("blocks",)}
+EMBED_MODULES = {"flux": ("x_embedder",), "sd3": ("pos_embed",), "pixart": ("pos_embed",), "wan": ("patch_embedding",)}
 HEAD_MODULES = {"flux": ("norm_out", "proj_out"), "sd3": ("norm_out", "proj_out"),
-                "pixart": ("norm_out", "proj_out", "scale_shift_table")}
+                "pixart": ("norm_out", "proj_out", "scale_shift_table"),
+                "wan": ("norm_out", "proj_out", "scale_shift_table")}
 
 __all__ = ["DTYPES", "LoadStats", "ModelParts", "block_prefixes", "load_model", "read_model_config"]
 
@@ -214,8 +216,10 @@ def _read(files: WeightFiles, name: str) -> torch.Tensor:
 
 
 def _rebuild_sincos_tables(model: torch.nn.Module, keep: Callable[[str], bool], device: torch.device) -> None:
-    """Non-persistent buffers are not in any file: PixArt's sin-cos position table is computed again."""
+    """Non-persistent buffers are not in any file: PixArt's sin-cos position table and Wan's rotary tables are
+    computed again."""
     from diffusers.models.embeddings import PatchEmbed, get_2d_sincos_pos_embed
+    from diffusers.models.transformers.transformer_wan import WanRotaryPosEmbed
 
     persistent = set(model.state_dict())
     for name, buf in list(model.named_buffers()):
@@ -223,6 +227,10 @@ def _rebuild_sincos_tables(model: torch.nn.Module, keep: Callable[[str], bool], 
             continue
         owner_name, _, attr = name.rpartition(".")
         owner = model.get_submodule(owner_name)
+        if isinstance(owner, WanRotaryPosEmbed):
+            fresh = WanRotaryPosEmbed(owner.attention_head_dim, owner.patch_size, owner.max_seq_len)
+            setattr(owner, attr, getattr(fresh, attr).to(device))
+            continue
         if not (isinstance(owner, PatchEmbed) and attr == "pos_embed"):
             raise XDiTModelError(f"cannot rebuild the buffer {name} of {type(owner).__name__} (not in weight files)")
         table = get_2d_sincos_pos_embed(buf.shape[-1], math.isqrt(buf.shape[1]), base_size=owner.base_size,
@@ -245,6 +253,9 @@ def load_model(path: str | Path, dtype: str = "fp32", family: Optional[str] = No
     shapes = {name: tuple(t.shape) for name, t in meta.items()}
     if source.layout is None:
         rules, ignored = identity_rules(list(meta)), set()
+    elif source.layout == "wan":  # renames only, as diffusers' own converter gives them
+        original = {new: old for old, new in wan_layout.diffusers_names(list(source.files.shapes)).items()}
+        rules, ignored = [Rule(original.get(name, name), (name,)) for name in meta], set()
     else:
         rules = layout_rules(spec.family, list(meta))
         tables = [n for n, _ in model.named_buffers() if n not in meta]  # rebuilt, so ignored in the file

@@ -20,11 +20,13 @@ REQUIRED = {
     "sd3": ("num_layers", "num_attention_heads", "attention_head_dim", "joint_attention_dim",
             "caption_projection_dim", "pooled_projection_dim"),
     "pixart": ("num_layers", "num_attention_heads", "attention_head_dim", "caption_channels"),
+    "wan": ("num_layers", "num_attention_heads", "attention_head_dim", "in_channels", "ffn_dim", "text_dim"),
 }
 # Counts and sizes, each a positive integer where a config states it (null: diffusers derives it).
 SIZES = ("num_layers", "num_single_layers", "num_attention_heads", "attention_head_dim", "joint_attention_dim",
          "pooled_projection_dim", "caption_projection_dim", "caption_channels", "cross_attention_dim",
-         "in_channels", "out_channels", "patch_size", "sample_size", "pos_embed_max_size")
+         "in_channels", "out_channels", "patch_size", "sample_size", "pos_embed_max_size", "ffn_dim", "text_dim",
+         "image_dim", "added_kv_proj_dim")
 # Some 80 times FLUX.1 (12e9): no real model comes near, and a config beyond it is a typo, refused before
 # anything is built. Every block of the three families holds at least 12 width² weights (attention 4,
 # MLP 8; Flux's and SD3's joint blocks about 36, PixArt's 16); with the embedders' inputs and the position
@@ -68,6 +70,12 @@ def check_config(config: dict[str, Any], where: str) -> None:
                              "(diffusers' defaults would build another model)")
     for key in SIZES:
         value = config.get(key)
+        if key == "patch_size" and family == "wan":  # (frames, rows, columns)
+            if value is not None and not (isinstance(value, list) and len(value) == 3 and
+                                          all(isinstance(v, int) and not isinstance(v, bool) and v > 0 for v in value)):
+                raise XDiTModelError(f"{where}: patch_size is {json.dumps(value)}; Wan's is three positive integers "
+                                     "(frames, rows, columns), [1, 2, 2] in every released model")
+            continue
         if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
             raise XDiTModelError(f"{where}: {key} is {json.dumps(value)}; it must be a positive integer")
     heads, head_dim = config["num_attention_heads"], config["attention_head_dim"]
@@ -90,8 +98,9 @@ def check_config(config: dict[str, Any], where: str) -> None:
                              "it gives height, width and aspect ratio a third each")
     blocks = config["num_layers"] + (config.get("num_single_layers") or 0)
     inputs = sum(config.get(k) or 0 for k in ("in_channels", "joint_attention_dim", "pooled_projection_dim",
-                                               "caption_channels"))
-    side = config.get("pos_embed_max_size") or (config.get("sample_size") or 0) // (config.get("patch_size") or 2)
+                                               "caption_channels", "text_dim"))
+    patch = 2 if family == "wan" else config.get("patch_size") or 2
+    side = config.get("pos_embed_max_size") or (config.get("sample_size") or 0) // patch
     at_least = BLOCK_WEIGHTS_PER_WIDTH_SQUARED * width ** 2 * blocks + width * (inputs + side ** 2)
     if at_least > MAX_PARAMETERS:
         raise XDiTModelError(f"{where}: {blocks} blocks {width} wide make a model of at least {at_least:.2g} "

@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any, Callable, Mapping, Optional, Sequence
 
 from xdit_core.errors import XDiTModelError
+from xdit_core.loading import wan_layout
 from xdit_core.loading.key_mapping import diffusers_name, original_shapes
 from xdit_core.loading.model_config import check_config, read_config_file
 from xdit_core.models.families import CLASS_NAMES, size_conditioned
@@ -35,16 +36,19 @@ MARKERS = {
     "flux": ("double_blocks.0.img_attn.qkv.weight", "vector_in.in_layer.weight"),
     "sd3": ("joint_blocks.0.x_block.attn.qkv.weight", "y_embedder.mlp.0.weight"),
     "pixart": ("blocks.0.attn.qkv.weight", "t_block.1.weight"),
+    "wan": wan_layout.ORIGINAL_MARKERS,
 }
 # Keys (all present) that identify a diffusers transformer's weight file (bare): its embedders.
 DIFFUSERS_MARKERS = {
     "flux": ("x_embedder.weight", "time_text_embed.text_embedder.linear_1.weight"),
     "sd3": ("pos_embed.proj.weight", "time_text_embed.text_embedder.linear_1.weight"),
     "pixart": ("pos_embed.proj.weight", "adaln_single.linear.weight"),
+    "wan": wan_layout.DIFFUSERS_MARKERS,
 }
 LAYOUT_NAMES = ("Flux.1 dev/schnell (BFL: double_blocks, single_blocks)",
                 "SD3/SD3.5 medium/large (Stability MMDiT: joint_blocks)",
-                "PixArt-alpha/Sigma (PixArt: blocks, t_block)")
+                "PixArt-alpha/Sigma (PixArt: blocks, t_block)",
+                "Wan 2.1/2.2 (Wan-AI's and Comfy-Org's repackaged files: blocks, head.modulation)")
 CLASS_OF = {family: class_name for class_name, family in CLASS_NAMES.items()}
 FLUX_ROPE_AXES = [16, 56, 56]  # FLUX.1's rotary split of its 128-wide heads (time, rows, columns)
 PIXART_HEAD_DIM = 72  # PixArt-XL: 1152 = 16 heads of 72
@@ -71,7 +75,7 @@ def unknown_layout_message(path: Path) -> str:
     """The error for a file in no known layout, listing the supported ones."""
     return (f"{path} holds no diffusion transformer in a known layout; supported single files: "
             f"{'; '.join(LAYOUT_NAMES)}, bare or under 'model.diffusion_model.' (all-in-one checkpoints); "
-            "a diffusers transformer's weight file (Flux, SD3, PixArt), its config.json beside it or not; "
+            "a diffusers transformer's weight file (Flux, SD3, PixArt, Wan), its config.json beside it or not; "
             "or a diffusers model folder (config.json + safetensors)")
 
 
@@ -99,7 +103,10 @@ def derive_config(family: str, shapes: Mapping[str, Sequence[int]]) -> tuple[dic
 
     Depth comes from the block counts and widths from tensor shapes; head counts from the q/k norm
     size where the layout has one, otherwise from the family's rule (SD3: one head per block as in
-    MMDiT; PixArt: 72-wide heads as PixArt-XL, else one per block)."""
+    MMDiT; PixArt: 72-wide heads as PixArt-XL, else one per block; Wan: 128-wide as ComfyUI's)."""
+    if family == "wan":
+        names = wan_layout.diffusers_names(list(shapes))
+        return wan_layout.derive_config({names[k]: v for k, v in shapes.items()})
     if family == "flux":
         hidden, in_channels = shapes["img_in.weight"]
         head_dim = shapes["double_blocks.0.img_attn.norm.query_norm.scale"][0]
@@ -213,7 +220,14 @@ def diffusers_file_config(path: Path, family: str, shapes: Mapping[str, Sequence
     in every real model as MMDiT makes them; PixArt: 72 wide as PixArt-XL, else one per block). PixArt's
     sample size shows only in its sin-cos table, which diffusers does not save: 128 (the 1024 models) is
     assumed, and other sizes (512, 2K) need their config beside the file."""
-    derived, visible = _derive(family, original_shapes(family, shapes), str(path), lambda k: diffusers_name(family, k))
+    if family == "wan":  # derived from the diffusers names directly
+        try:
+            derived, visible = wan_layout.derive_config(shapes)
+        except KeyError as e:
+            raise XDiTModelError(f"{path} lacks {e.args[0]!r}, which every wan model has") from None
+    else:
+        derived, visible = _derive(family, original_shapes(family, shapes), str(path),
+                                   lambda k: diffusers_name(family, k))
     beside = config_beside(path)
     if beside is None:
         config = match_config(family, derived, visible)

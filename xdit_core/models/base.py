@@ -11,12 +11,24 @@ from xdit_core.models.families import ModelSpec
 
 @dataclass
 class BranchCond:
-    """One CFG branch's conditioning: text states [B, L, D], for Flux and SD3 pooled [B, P], and Flux dev's
-    guidance (per branch, as ComfyUI's: a negative without FluxGuidance runs at 3.5, not at the positive's)."""
+    """One CFG branch's conditioning: text states [B, L, D], for Flux and SD3 pooled [B, P], Flux dev's
+    guidance (per branch, as ComfyUI's: a negative without FluxGuidance runs at 3.5, not at the positive's),
+    and for Wan I2V the CLIP vision states [B, 257, 1280] (2.1 only) and the extra input channels (the start
+    image's latent and mask, model space, [B, 20, frames, h, w]) ComfyUI concatenates to the model's input."""
 
     text: torch.Tensor
     pooled: Optional[torch.Tensor] = None
     guidance: Optional[float] = None
+    image: Optional[torch.Tensor] = None
+    concat: Optional[torch.Tensor] = None
+
+    def to(self, device: torch.device) -> "BranchCond":
+        """A copy with every tensor on `device`."""
+        def move(t: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
+            return None if t is None else t.to(device)
+
+        return replace(self, text=self.text.to(device), pooled=move(self.pooled), image=move(self.image),
+                       concat=move(self.concat))
 
 
 @dataclass
@@ -55,7 +67,8 @@ class ModelAdapter:
 
     def embed(self, x: torch.Tensor, timestep: torch.Tensor, cond: BranchCond,
               guidance: Optional[float]) -> Tokens:
-        """Latent [B, C, h, w] (model dtype) and timestep [B] -> tokens, with every table the blocks need."""
+        """Latent [B, C, h, w] ([B, C, frames, h, w] for video; model dtype) and timestep [B] ([B, frames] for
+        per-frame timesteps) -> tokens, with every table the blocks need."""
         raise NotImplementedError
 
     def blocks(self) -> list[tuple[torch.nn.Module, Callable[[torch.nn.Module, Tokens], Tokens]]]:

@@ -1,16 +1,19 @@
 """The conditioning file contract (`--cond`) and the seeded stand-in conditioning used without one."""
 from __future__ import annotations
 
+from dataclasses import replace
 from pathlib import Path
-from typing import Optional
+from typing import Optional, Sequence
 
 import torch
 
 from xdit_core.errors import XDiTConditioningError, XDiTConfigError, XDiTNumericError
 from xdit_core.models.families import ModelSpec
+from xdit_core.models import wan
 from xdit_core.models.base import BranchCond
 
 RANDOM_TEXT_LENGTH = 32
+CLIP_VISION_TOKENS = 257  # CLIP ViT-H/14's penultimate states at 224 px: 16 x 16 patches and the class token
 MAX_SEED = 0xffffffffffffffff  # ComfyUI's seed range is 0..MAX_SEED, which is what torch's generators take
 
 
@@ -50,9 +53,11 @@ def check_shape(name: str, tensor: torch.Tensor, batch: int, width: int, text: b
     return tensor.float().expand(batch, *tensor.shape[1:]).contiguous()
 
 
-def load_cond_file(path: str | Path, spec: ModelSpec, batch: int,
-                   with_negative: bool) -> tuple[BranchCond, Optional[BranchCond]]:
-    """Read and validate a conditioning safetensors file; returns (positive, negative or None)."""
+def load_cond_file(path: str | Path, spec: ModelSpec, batch: int, with_negative: bool,
+                   shape: Optional[Sequence[int]] = None) -> tuple[BranchCond, Optional[BranchCond]]:
+    """Read and validate a conditioning safetensors file; returns (positive, negative or None). A Wan I2V
+    model's image inputs, shared by both branches as WanImageToVideo sets them, are `clip_vision` (Wan 2.1) and
+    `concat_latent_image` / `concat_mask` (LATENT space, for the latent of `shape`)."""
     from safetensors import SafetensorError
     from safetensors.torch import load_file
 
@@ -75,20 +80,55 @@ def load_cond_file(path: str | Path, spec: ModelSpec, batch: int,
         if spec.pooled_dim is not None:
             pooled = check_shape(f"{branch}_pooled", tensors[f"{branch}_pooled"], batch, spec.pooled_dim, False)
         branches.append(BranchCond(text, pooled))
+    if spec.family == "wan":
+        image = tensors.get("clip_vision")
+        if image is not None:
+            image = check_shape("clip_vision", image, batch, spec.image_dim or image.shape[-1], text=True)
+        concat = None
+        if "concat_latent_image" in tensors and shape is not None:
+            concat = wan.image_concat(spec, shape, tensors["concat_latent_image"], tensors.get("concat_mask"))
+        branches = [replace(b, image=image, concat=concat) for b in branches]
     return branches[0], (branches[1] if with_negative else None)
 
 
-def random_cond(spec: ModelSpec, batch: int, seed: int,
-                with_negative: bool) -> tuple[BranchCond, Optional[BranchCond]]:
+def prepare_branch(spec: ModelSpec, cond: Optional[BranchCond], shape: Sequence[int],
+                   branch: str) -> Optional[BranchCond]:
+    """A branch checked against the model and the latent of `shape` (finite values, the family's extra inputs),
+    with what ComfyUI fills in where the workflow gives nothing (a Wan I2V model without a start image: zeros)."""
+    if cond is None:
+        return None
+    check_finite(f"{branch} conditioning", cond.text)
+    if cond.pooled is not None:
+        check_finite(f"{branch} pooled conditioning", cond.pooled)
+    if spec.family != "wan":
+        if cond.image is not None or cond.concat is not None:
+            raise XDiTConditioningError(f"{branch}: image conditioning (CLIP vision, a start image) reaches a "
+                                        f"{spec.family} model, which takes none")
+        return cond
+    if spec.concat_channels and cond.concat is None:
+        cond = replace(cond, concat=wan.image_concat(spec, shape, None, None))
+    for name in ("image", "concat"):
+        if getattr(cond, name) is not None:
+            check_finite(f"{branch} {name} conditioning", getattr(cond, name))
+    wan.check_branch(spec, cond, shape, branch)
+    return cond
+
+
+def random_cond(spec: ModelSpec, batch: int, seed: int, with_negative: bool,
+                shape: Optional[Sequence[int]] = None) -> tuple[BranchCond, Optional[BranchCond]]:
     """Stand-in conditioning of the right shapes from a generator seeded with `seed + 1`.
 
     Its own generator keeps the noise exactly ComfyUI's for `seed`. Both branches are always drawn,
-    so the positive branch does not depend on the CFG scale.
+    so the positive branch does not depend on the CFG scale. A Wan 2.1 I2V model gets 512 text tokens (as
+    ComfyUI's umT5 pads them) and CLIP vision states; an I2V model no start image (`shape`: the latent's).
     """
     gen = torch.Generator().manual_seed((seed + 1) % (MAX_SEED + 1))  # seed MAX_SEED wraps to 0
+    text_len = wan.I2V_TEXT_TOKENS if spec.image_dim else RANDOM_TEXT_LENGTH
     branches = []
     for _ in range(2):
-        text = torch.randn(batch, RANDOM_TEXT_LENGTH, spec.text_dim, generator=gen)
+        text = torch.randn(batch, text_len, spec.text_dim, generator=gen)
         pooled = torch.randn(batch, spec.pooled_dim, generator=gen) if spec.pooled_dim is not None else None
-        branches.append(BranchCond(text, pooled))
+        image = torch.randn(batch, CLIP_VISION_TOKENS, spec.image_dim, generator=gen) if spec.image_dim else None
+        concat = wan.image_concat(spec, shape, None, None) if shape is not None and spec.concat_channels else None
+        branches.append(BranchCond(text, pooled, image=image, concat=concat))
     return branches[0], (branches[1] if with_negative else None)

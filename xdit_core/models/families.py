@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Mapping, Optional
+from typing import Any, Mapping, Optional, Sequence
 
 import torch
 
@@ -11,14 +11,19 @@ from xdit_core.errors import XDiTConfigError, XDiTModelError
 from xdit_core.models.latent_formats import LatentFormat
 from xdit_core.models.model_sampling import DiscreteEpsSampling, DiscreteFlowSampling, FluxSampling, ModelSampling, flux_auto_shift
 
-FAMILIES = ("flux", "sd3", "pixart")
+FAMILIES = ("flux", "sd3", "pixart", "wan")
 CLASS_NAMES = {
     "FluxTransformer2DModel": "flux",
     "SD3Transformer2DModel": "sd3",
     "PixArtTransformer2DModel": "pixart",
+    "WanTransformer3DModel": "wan",
 }
-VARIANTS = {"flux": ("dev", "schnell"), "sd3": ("sd3",), "pixart": ("alpha", "sigma")}
-# Latent side must be even for the 2x2 patch embedding: pixels multiple of 8 * 2.
+# Wan: t2v = Wan 2.1 T2V and the Wan 2.2 A14B T2V experts; i2v = Wan 2.1 I2V (CLIP vision) and the Wan 2.2 A14B
+# I2V experts (none), which take the start image's latent and mask as 20 extra input channels; ti2v = Wan 2.2
+# TI2V 5B (48-channel latents, the start image inside the latent, per-frame timesteps).
+VARIANTS = {"flux": ("dev", "schnell"), "sd3": ("sd3",), "pixart": ("alpha", "sigma"), "wan": ("t2v", "i2v", "ti2v")}
+# Latent side must be even for the 2x2 patch embedding: pixels multiple of 8 * 2 (the image families'; see
+# ModelSpec.pixel_multiple, 32 for Wan 2.2 5B's 16x VAE).
 PIXEL_MULTIPLE = 16
 
 
@@ -36,10 +41,40 @@ class ModelSpec:
     pooled_dim: Optional[int]  # None: the family takes no pooled projection (PixArt)
     num_heads: int
     num_blocks: int = 0  # transformer blocks in PipeFusion's order (Flux: double then single)
+    image_dim: Optional[int] = None  # Wan 2.1 I2V: the CLIP vision states' width, which it requires
+    concat_channels: int = 0  # Wan I2V: input channels beyond the latent's (the start image's latent and mask)
 
     @property
     def latent_channels(self) -> int:
         return self.latent_format.channels
+
+    @property
+    def pixel_multiple(self) -> int:
+        """Image sizes must be multiples of this: the latent is patched 2x2 after the VAE's downscale."""
+        return 2 * self.latent_format.spatial_scale
+
+    def pixel_size(self, shape: Sequence[int]) -> tuple[int, int]:
+        """(height, width) in pixels of a latent of `shape` (its last two dims are rows and columns)."""
+        scale = self.latent_format.spatial_scale
+        return shape[-2] * scale, shape[-1] * scale
+
+    @property
+    def is_video(self) -> bool:
+        """Latents are [B, C, frames, h, w] (ComfyUI's latent_dimensions 3)."""
+        return self.latent_format.dims == 3
+
+    @property
+    def frame_timesteps(self) -> bool:
+        """The model takes a timestep per latent frame from the noise_mask (ComfyUI's WAN22.process_timestep)."""
+        return self.family == "wan" and self.variant == "ti2v"
+
+    def model_timestep(self, timestep: torch.Tensor, noise_mask: Optional[torch.Tensor]) -> torch.Tensor:
+        """The timestep the model takes ([B]): per latent frame ([B, frames]) for Wan 2.2 5B with a noise_mask,
+        the mask's mean over each frame times the timestep, so its clean start frames run at 0."""
+        if noise_mask is None or not self.frame_timesteps:
+            return timestep
+        share = noise_mask.mean(dim=(1, 3, 4), keepdim=True)
+        return (share * timestep.view(-1, 1, 1, 1, 1)).reshape(timestep.shape[0], -1)
 
     def model_sampling(self, shift: Optional[float | str] = None, width: int = 1024,
                        height: int = 1024) -> ModelSampling:
@@ -51,7 +86,7 @@ class ModelSpec:
         value = self.default_shift if shift is None else float(shift)
         if self.family == "flux":
             return FluxSampling(value) if self.variant == "dev" else DiscreteFlowSampling(value, multiplier=1.0)
-        if self.family == "sd3":
+        if self.family in ("sd3", "wan"):
             return DiscreteFlowSampling(value, multiplier=1000.0)
         return DiscreteEpsSampling()
 
@@ -59,6 +94,8 @@ class ModelSpec:
                              latent: torch.Tensor) -> torch.Tensor:
         """The input latent at `sigma`, pinned outside a noise_mask (ComfyUI's BaseModel.scale_latent_inpaint;
         a family whose ComfyUI model overrides it, such as Wan 2.2 5B, overrides this)."""
+        if self.frame_timesteps:  # WAN22: the region outside the mask is the clean latent, at timestep 0
+            return latent
         return ms.noise_scaling(sigma, noise, latent, False)
 
 
@@ -86,6 +123,10 @@ def detect_variant(family: str, config: Mapping[str, Any]) -> str:
         # PixArt-alpha (1024) derives use_additional_conditions=True from sample_size 128;
         # PixArt-Sigma's config sets it to False explicitly.
         return "sigma" if config.get("use_additional_conditions") is False else "alpha"
+    if family == "wan":  # as ComfyUI's detection: 48 output channels make Wan 2.2 5B, 36 inputs an I2V model
+        if (config.get("out_channels") or config.get("in_channels")) == 48:
+            return "ti2v"
+        return "i2v" if config.get("in_channels", 16) != 16 else "t2v"
     return "sd3"
 
 
@@ -113,6 +154,10 @@ def resolve_model_spec(config: Mapping[str, Any], family: Optional[str] = None,
         has = "has a guidance embedder" if detected_variant == "dev" else "has no guidance embedder"
         raise XDiTConfigError(f"variant {variant!r} contradicts the model: it {has} (guidance_embeds), so it is "
                               f"Flux {detected_variant}; pass {detected_variant!r} or leave the variant to detection")
+    if family == "wan" and variant != detected_variant:
+        raise XDiTConfigError(f"variant {variant!r} contradicts the model: its channels (in_channels "
+                              f"{config.get('in_channels', 16)}, out_channels {config.get('out_channels')}) make a Wan "
+                              f"{detected_variant} model; pass {detected_variant!r} or leave the variant to detection")
     if family == "pixart" and variant == "sigma" and size_conditioned(config):
         raise XDiTConfigError("variant 'sigma' contradicts the model: it takes size conditioning "
                               "(use_additional_conditions), which only PixArt-alpha has; pass 'alpha' or leave the "
@@ -126,6 +171,12 @@ def resolve_model_spec(config: Mapping[str, Any], family: Optional[str] = None,
     if family == "sd3":
         return ModelSpec("sd3", variant, latent_formats.SD3, 4.5, None, 3.0, int(config["joint_attention_dim"]),
                          int(config["pooled_projection_dim"]), heads, blocks)
+    if family == "wan":
+        # ComfyUI's WAN21/WAN22 model sampling: discrete flow, shift 8; templates run cfg 5 to 6.
+        fmt = latent_formats.WAN22 if variant == "ti2v" else latent_formats.WAN21
+        in_channels = int(config.get("in_channels", 16))
+        return ModelSpec("wan", variant, fmt, 5.0, None, 8.0, int(config.get("text_dim", 4096)), None, heads, blocks,
+                         image_dim=config.get("image_dim"), concat_channels=in_channels - fmt.channels)
     fmt = latent_formats.SDXL if variant == "sigma" else latent_formats.SD15
     return ModelSpec("pixart", variant, fmt, 4.5, None, 1.0, int(config["caption_channels"]), None, heads, blocks)
 
@@ -135,4 +186,4 @@ def model_class(family: str):
     import diffusers
 
     return {"flux": diffusers.FluxTransformer2DModel, "sd3": diffusers.SD3Transformer2DModel,
-            "pixart": diffusers.PixArtTransformer2DModel}[family]
+            "pixart": diffusers.PixArtTransformer2DModel, "wan": diffusers.WanTransformer3DModel}[family]

@@ -94,7 +94,7 @@ def _divisors(n: int) -> list[int]:
 def validate_parallel_config(config: ParallelConfig, *, world_size: Optional[int] = None,
                              num_heads: Optional[int] = None, cfg: Optional[float] = None,
                              num_blocks: Optional[int] = None, steps: Optional[int] = None,
-                             latent_height: Optional[int] = None) -> None:
+                             latent_height: Optional[int] = None, video: bool = False) -> None:
     """Raise XDiTConfigError for an impossible mesh, saying what would be valid. No process is started."""
     for name, value in (("ulysses_degree", config.ulysses_degree), ("ring_degree", config.ring_degree),
                         ("pipefusion_parallel_degree", config.pipefusion_parallel_degree)):
@@ -120,6 +120,10 @@ def validate_parallel_config(config: ParallelConfig, *, world_size: Optional[int
             f"ulysses_degree {config.ulysses_degree} does not divide the model's {num_heads} attention heads; "
             f"valid ulysses degrees: {valid} (use ring_degree for the rest)")
     if config.pipefusion_parallel_degree > 1:
+        if video:
+            raise XDiTConfigError(f"pipefusion_parallel_degree {config.pipefusion_parallel_degree}: PipeFusion does "
+                                  "not run video models (its patches are latent rows of one image); split a video "
+                                  "with ulysses_degree and ring_degree (and use_cfg_parallel) instead")
         if num_blocks is not None and config.pipefusion_parallel_degree > num_blocks:
             raise XDiTConfigError(f"pipefusion_parallel_degree {config.pipefusion_parallel_degree} is larger than "
                                   f"the model's {num_blocks} blocks; use at most {num_blocks} stages")

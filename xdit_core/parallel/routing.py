@@ -15,8 +15,8 @@ process, in the globals it looks it up in, by a pass-through that hands the call
   only (not the whole block), catching F.scaled_dot_product_attention however it is called.
 With no router active the originals run unchanged; a call through a replaced name while a router is
 active but outside every routed module is an error.
-Every routed module must make exactly one attention call, and every module of the blocks that ran must
-have been called, or XDiTWorkerError says which layer escaped and why. Hooks exist only inside `with`, and
+Every routed module must make exactly one attention call (a "cross" module at least one: Wan 2.1 I2V attends
+to its CLIP states and its text separately), and every module of the blocks that ran must have been called, or XDiTWorkerError says which layer escaped and why. Hooks exist only inside `with`, and
 the routing state is per thread (the pool's actors are threaded).
 """
 from __future__ import annotations
@@ -174,9 +174,9 @@ class AttentionRouter:
     def route(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: Optional[float]) -> torch.Tensor:
         """The current module's attention call: one per module forward."""
         self._calls += 1
-        if self._calls > 1:
+        if self._calls > 1 and self.kinds[self.current] != "cross":
             raise XDiTWorkerError(f"attention layer {self.layer_name()} made a second attention call in one "
-                                  "forward; the router supports one per module")
+                                  "forward; the router supports one per module (several for cross-attention)")
         return self.attend(self.current, self.kinds[self.current], q, k, v, scale)
 
     def _pre(self, module: torch.nn.Module, args) -> None:
@@ -188,7 +188,7 @@ class AttentionRouter:
     def _post(self, module: torch.nn.Module, args, output) -> None:
         # always_call: runs when the forward raised an Exception too (torch then only warns about ours).
         self._stop_catching()
-        if self._calls != 1:
+        if self._calls == 0:
             via = " or ".join(_KERNEL_NAMES[e] for e in self.entries[module])
             raise XDiTWorkerError(
                 f"attention layer {self.names.get(module, '?')} ({type(module.processor).__name__}) ran without "

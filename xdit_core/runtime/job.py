@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import os
 import time
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from functools import partial
 from typing import Any, Callable, Optional, Sequence
 
@@ -79,6 +79,7 @@ def make_denoiser(adapter: ModelAdapter, ms: ModelSampling, request: SampleReque
     def denoise(x: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
         nonlocal checked
         timestep = ms.timestep(sigma.reshape(1).cpu()).float().to(x.device).expand(x.shape[0])
+        timestep = adapter.spec.model_timestep(timestep, request.noise_mask)
         # cfg == 1: request.negative is None, and the negative branch is not evaluated at all
         cond, uncond = outputs(ms.calculate_input(sigma, x), timestep, request.positive, request.negative)
         out = ms.calculate_denoised(sigma, cond, x)
@@ -254,9 +255,7 @@ class RankJob:
         device = self.ctx.device if self.ctx is not None else next(self.adapter.model.parameters()).device
 
         def to_device(c: Optional[BranchCond]) -> Optional[BranchCond]:
-            if c is None:
-                return None
-            return replace(c, text=c.text.to(device), pooled=None if c.pooled is None else c.pooled.to(device))
+            return None if c is None else c.to(device)
 
         handle = self.loras(loras)
         if self.ctx is not None:

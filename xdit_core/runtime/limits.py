@@ -148,13 +148,14 @@ def estimate_rank_bytes(latent_shape: Sequence[int], *, hidden_size: int, dtype_
                         branches: int = 1, text_tokens: int = 0, kv_layers: int = 0) -> int:
     """Peak bytes one rank needs for a request besides its weights.
 
-    latent_shape: [B, C, h, w]; branches: conditionings one rank evaluates per step (2 with CFG unless
-    cfg-parallel); text_tokens: joint text length (counted whole on every rank); kv_layers: attention layers
-    whose full-sequence K/V a PipeFusion stage keeps (0 without PipeFusion).
+    latent_shape: [B, C, h, w] or [B, C, frames, h, w]; branches: conditionings one rank evaluates per step (2
+    with CFG unless cfg-parallel); text_tokens: joint text length (counted whole on every rank); kv_layers:
+    attention layers whose full-sequence K/V a PipeFusion stage keeps (0 without PipeFusion).
     """
-    batch, channels, height, width = (int(n) for n in latent_shape)
-    latent_bytes = batch * channels * height * width * FLOAT32_BYTES
-    image_tokens = math.ceil((height // 2) * (width // 2) / sp_degree)  # 2x2 patches, split over SP ranks
+    batch, channels, *frames, height, width = (int(n) for n in latent_shape)
+    latent_bytes = batch * channels * math.prod(frames) * height * width * FLOAT32_BYTES
+    # 2x2 patches (per frame), split over SP ranks
+    image_tokens = math.ceil(math.prod(frames) * (height // 2) * (width // 2) / sp_degree)
     rows = batch * branches
     activations = rows * (image_tokens + text_tokens) * hidden_size * dtype_bytes * ACTIVATION_FACTOR
     kv_buffers = 2 * rows * image_tokens * hidden_size * dtype_bytes * kv_layers

@@ -22,16 +22,26 @@ InpaintScaling = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tens
 
 
 def prepare_mask(mask: torch.Tensor, shape: Sequence[int]) -> torch.Tensor:
-    """A LATENT's noise_mask ([H, W], [B, H, W] or [B, 1, H, W], any resolution) as ComfyUI's prepare_mask
-    makes it: bilinearly resized to the latent's size, repeated over channels and to the batch."""
-    if mask.ndim < 2 or mask.ndim > 4 or (mask.ndim == 4 and mask.shape[1] != 1) or 0 in mask.shape:
-        raise XDiTConfigError(f"noise_mask has shape {list(mask.shape)}; expected [H, W], [B, H, W] or [B, 1, H, W]")
+    """A LATENT's noise_mask as ComfyUI's prepare_mask (reshape_mask) makes it for a latent of `shape`: images
+    ([H, W], [B, H, W] or [B, 1, H, W], any resolution) bilinearly resized; video ([B, 1, frames, H, W], or
+    a stack of per-frame masks) trilinearly; then repeated over channels and to the batch."""
+    video = len(shape) == 5
+    if mask.ndim < 2 or mask.ndim > (5 if video else 4) or (mask.ndim >= 4 and mask.shape[1] != 1) or 0 in mask.shape:
+        expected = "[H, W], [frames, H, W] or [B, 1, frames, H, W]" if video else "[H, W], [B, H, W] or [B, 1, H, W]"
+        raise XDiTConfigError(f"noise_mask has shape {list(mask.shape)}; expected {expected}")
     check_finite("noise_mask", mask)
     b, c = shape[0], shape[1]
-    mask = mask.float().reshape(-1, 1, mask.shape[-2], mask.shape[-1])
-    mask = F.interpolate(mask, size=tuple(shape[2:]), mode="bilinear").repeat(1, c, 1, 1)[:, :c]
+    mask = mask.float()
+    if video:
+        if mask.ndim < 5:
+            mask = mask.reshape(1, 1, -1, mask.shape[-2], mask.shape[-1])
+        mask = F.interpolate(mask, size=tuple(shape[2:]), mode="trilinear")
+    else:
+        mask = F.interpolate(mask.reshape(-1, 1, mask.shape[-2], mask.shape[-1]), size=tuple(shape[2:]),
+                             mode="bilinear")
+    mask = mask.repeat(1, c, *[1] * (mask.ndim - 2))[:, :c]
     if mask.shape[0] < b:
-        mask = mask.repeat(math.ceil(b / mask.shape[0]), 1, 1, 1)
+        mask = mask.repeat(math.ceil(b / mask.shape[0]), *[1] * (mask.ndim - 1))
     return mask[:b].contiguous()
 
 

@@ -14,9 +14,9 @@ from typing import Optional, Sequence
 import torch
 
 from xdit_core.errors import XDiTConfigError, XDiTNumericError
-from xdit_core.models.families import PIXEL_MULTIPLE, ModelSpec
+from xdit_core.models.families import ModelSpec
 from xdit_core.models.base import BranchCond
-from xdit_core.models.conditioning import MAX_SEED, check_finite
+from xdit_core.models.conditioning import MAX_SEED, check_finite, prepare_branch
 from xdit_core.sampling.samplers import MAX_STEPS, calculate_sigmas, fix_empty_latent_channels, prepare_noise, validate_sampler_settings
 from xdit_core.sampling.inpaint import ddim_inpaint_noise, prepare_mask
 
@@ -42,8 +42,8 @@ class LoraRef:
 class SampleRequest:
     """One prompt's work; tensors in the model's latent space, float32, on CPU."""
 
-    noise: torch.Tensor  # [B, C, h, w], comfy.sample.prepare_noise for the seed
-    latent_image: torch.Tensor  # [B, C, h, w], latent format applied (zeros for an empty latent)
+    noise: torch.Tensor  # [B, C, h, w] ([B, C, frames, h, w] for video), comfy.sample.prepare_noise for the seed
+    latent_image: torch.Tensor  # as noise, latent format applied (zeros for an empty latent)
     sigmas: torch.Tensor  # [steps + 1]
     positive: BranchCond
     negative: Optional[BranchCond]  # None when cfg == 1: ComfyUI evaluates no negative branch
@@ -53,7 +53,7 @@ class SampleRequest:
     shift: Optional[float | str]  # model-sampling shift override; None = the family's default
     height: int  # pixels
     width: int
-    noise_mask: Optional[torch.Tensor] = None  # [B, C, h, w] (prepare_mask): 1 where the latent is denoised
+    noise_mask: Optional[torch.Tensor] = None  # as noise (prepare_mask): 1 where the latent is denoised
     inpaint_noise: Optional[torch.Tensor] = None  # what pins the unmasked region when it is not `noise` (ddim)
     unsampled: Optional[torch.Tensor] = None  # an empty step range: the LATENT ComfyUI returns as it is
     loras: tuple[LoraRef, ...] = ()  # applied in order on every rank, to the weights it holds
@@ -71,9 +71,7 @@ class SampleRequest:
     def to(self, device: torch.device) -> "SampleRequest":
         """A copy with every tensor on `device`."""
         def move(c: Optional[BranchCond]) -> Optional[BranchCond]:
-            if c is None:
-                return None
-            return replace(c, text=c.text.to(device), pooled=None if c.pooled is None else c.pooled.to(device))
+            return None if c is None else c.to(device)
 
         def opt(t: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
             return None if t is None else t.to(device)
@@ -84,16 +82,17 @@ class SampleRequest:
 
 
 def validate_size(spec: ModelSpec, height: int, width: int) -> None:
-    """Raise XDiTConfigError unless H and W are multiples of the family's pixel multiple in 16..MAX_RESOLUTION."""
+    """Raise XDiTConfigError unless H and W are multiples of the family's pixel multiple in range."""
+    multiple = spec.pixel_multiple
     for name, value in (("height", height), ("width", width)):
-        if not PIXEL_MULTIPLE <= value <= MAX_RESOLUTION:
-            raise XDiTConfigError(f"{name} {value} is out of range; use {PIXEL_MULTIPLE} to {MAX_RESOLUTION} "
+        if not multiple <= value <= MAX_RESOLUTION:
+            raise XDiTConfigError(f"{name} {value} is out of range; use {multiple} to {MAX_RESOLUTION} "
                                   f"pixels (ComfyUI's MAX_RESOLUTION)")
-        if value % PIXEL_MULTIPLE:
-            lower = max(PIXEL_MULTIPLE, value // PIXEL_MULTIPLE * PIXEL_MULTIPLE)
+        if value % multiple:
+            lower = max(multiple, value // multiple * multiple)
             raise XDiTConfigError(
-                f"{name} {value} is not a multiple of {PIXEL_MULTIPLE} ({spec.family} latents are patched 2x2 "
-                f"after the VAE's 8x); try {lower} or {lower + PIXEL_MULTIPLE}")
+                f"{name} {value} is not a multiple of {multiple} ({spec.family} latents are patched 2x2 "
+                f"after the VAE's {spec.latent_format.spatial_scale}x); try {lower} or {lower + multiple}")
 
 
 def validate_seed(seed: int) -> None:
@@ -124,15 +123,26 @@ def validate_shift(spec: ModelSpec, shift: Optional[float | str]) -> None:
     validate_number("shift", float(shift), 0.0, MAX_SHIFT, low_inclusive=False)
 
 
+def latent_layout(spec: ModelSpec) -> str:
+    """A LATENT's dims as the family's messages name them."""
+    scale = spec.latent_format.spatial_scale
+    frames = "frames, " if spec.is_video else ""
+    return f"[B, {spec.latent_channels}, {frames}H/{scale}, W/{scale}]"
+
+
 def validate_latent_shape(spec: ModelSpec, shape: Sequence[int], source: str = "latent") -> None:
-    """Raise XDiTConfigError unless `shape` is a ComfyUI LATENT [B, C, H/8, W/8] with 1..MAX_BATCH images of a
-    valid size (channels are checked after an empty latent's are fixed)."""
-    if len(shape) != 4:
-        raise XDiTConfigError(f"{source} has shape {list(shape)}, expected 4 dims [B, {spec.latent_channels}, "
-                              f"H/8, W/8] for {spec.family}")
+    """Raise XDiTConfigError unless `shape` is a ComfyUI LATENT [B, C, H/8, W/8] (video: [B, C, frames, H/8,
+    W/8], or a 4-D image latent, taken as one frame) with 1..MAX_BATCH items of a valid size (channels are
+    checked after an empty latent's are fixed)."""
+    dims = (4, 5) if spec.is_video else (4,)
+    if len(shape) not in dims:
+        raise XDiTConfigError(f"{source} has shape {list(shape)}, expected {' or '.join(map(str, dims))} "
+                              f"dims {latent_layout(spec)} for {spec.family}")
     if not 1 <= shape[0] <= MAX_BATCH:
         raise XDiTConfigError(f"{source} batch must be 1..{MAX_BATCH} (ComfyUI's batch limit), got {shape[0]}")
-    validate_size(spec, shape[2] * 8, shape[3] * 8)
+    if len(shape) == 5 and shape[2] < 1:
+        raise XDiTConfigError(f"{source} has {shape[2]} frames; a video latent needs at least 1")
+    validate_size(spec, *spec.pixel_size(shape))
 
 
 def validate_batch_index(batch_index: Sequence[int], batch: int) -> list[int]:
@@ -187,9 +197,31 @@ def with_guidance(spec: ModelSpec, cond: Optional[BranchCond], value: Optional[f
     return replace(cond, guidance=spec.default_guidance if value is None else float(value))
 
 
-def empty_latent(spec: ModelSpec, batch: int, height: int, width: int) -> torch.Tensor:
-    """An empty LATENT of the family's channels, as EmptyLatentImage / EmptySD3LatentImage make it."""
-    return torch.zeros(batch, spec.latent_channels, height // 8, width // 8)
+def video_frames(spec: ModelSpec, length: Optional[int]) -> int:
+    """Latent frames for `length` video frames, as ComfyUI's Wan nodes count them ((length - 1) // 4 + 1: the
+    VAE keeps the first frame and packs the others by 4); 1 for an image model (`length` must be unset or 1)."""
+    if length is None:
+        return 1
+    if isinstance(length, bool) or not isinstance(length, numbers.Integral) or not 1 <= length <= MAX_RESOLUTION:
+        raise XDiTConfigError(f"length must be a whole number of video frames in 1..{MAX_RESOLUTION}, got {length!r}")
+    if not spec.is_video:
+        if length != 1:
+            raise XDiTConfigError(f"length {length}: a {spec.family} model makes images; leave the length unset")
+        return 1
+    return (length - 1) // 4 + 1
+
+
+def latent_shape(spec: ModelSpec, batch: int, height: int, width: int, frames: int = 1) -> list[int]:
+    """The LATENT shape of `batch` images (video: of `frames` latent frames) of height x width pixels."""
+    scale = spec.latent_format.spatial_scale
+    video = [frames] if spec.is_video else []
+    return [batch, spec.latent_channels, *video, height // scale, width // scale]
+
+
+def empty_latent(spec: ModelSpec, batch: int, height: int, width: int, frames: int = 1) -> torch.Tensor:
+    """An empty LATENT of the family's channels, as EmptyLatentImage / EmptySD3LatentImage make it; for video
+    `frames` latent frames, as EmptyHunyuanLatentVideo / Wan22ImageToVideoLatent make them."""
+    return torch.zeros(latent_shape(spec, batch, height, width, frames))
 
 
 def build_request(spec: ModelSpec, latent: torch.Tensor, *, seed: int, steps: int, cfg: float,
@@ -216,21 +248,19 @@ def build_request(spec: ModelSpec, latent: torch.Tensor, *, seed: int, steps: in
     validate_latent_shape(spec, latent.shape)
     check_finite("latent", latent)
     latent = fix_empty_latent_channels(latent.float(), spec.latent_channels)
+    if spec.is_video and latent.ndim == 4:  # as ComfyUI: an image latent is one frame of a video model's
+        latent = latent.unsqueeze(2)
     if latent.shape[1] != spec.latent_channels:
         raise XDiTConfigError(
-            f"latent has shape {list(latent.shape)}, expected [B, {spec.latent_channels}, H/8, W/8] "
-            f"for {spec.family}")
-    height, width = latent.shape[2] * 8, latent.shape[3] * 8
+            f"latent has shape {list(latent.shape)}, expected {latent_layout(spec)} for {spec.family}")
+    height, width = spec.pixel_size(latent.shape)
     if batch_index is not None:
         batch_index = validate_batch_index(batch_index, latent.shape[0])
     with_negative = not math.isclose(cfg, 1.0)
     if with_negative and negative is None:
         raise XDiTConfigError(f"cfg {cfg} needs negative conditioning (or set cfg to 1.0)")
-    for branch, cond in (("positive", positive), ("negative", negative if with_negative else None)):
-        if cond is not None:
-            check_finite(f"{branch} conditioning", cond.text)
-            if cond.pooled is not None:
-                check_finite(f"{branch} pooled conditioning", cond.pooled)
+    positive = prepare_branch(spec, positive, latent.shape, "positive")
+    negative = prepare_branch(spec, negative if with_negative else None, latent.shape, "negative")
     mask = None if noise_mask is None else prepare_mask(noise_mask, latent.shape)
     ms = spec.model_sampling(shift, width=width, height=height)
     sigmas = calculate_sigmas(ms, scheduler, steps, denoise, sampler)
@@ -242,6 +272,7 @@ def build_request(spec: ModelSpec, latent: torch.Tensor, *, seed: int, steps: in
     latent_image = spec.latent_format.process_in(latent) if torch.count_nonzero(latent) > 0 else latent
     return SampleRequest(
         noise=noise, latent_image=latent_image, sigmas=sigmas, positive=positive,
-        negative=negative if with_negative else None, cfg=float(cfg), sampler=sampler, seed=seed, shift=shift, height=height, width=width, noise_mask=mask,
+        negative=negative, cfg=float(cfg), sampler=sampler, seed=seed, shift=shift, height=height, width=width,
+        noise_mask=mask,
         inpaint_noise=ddim_inpaint_noise(seed, latent.shape) if mask is not None and sampler == "ddim" else None,
         unsampled=latent if len(sigmas) < 2 else None, loras=tuple(lora for lora in loras if lora.strength != 0))
