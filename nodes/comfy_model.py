@@ -15,6 +15,9 @@ COMFY_CONFIGS = {
     ("sd3", "sd3"): ("SD3", "FLOW"),
     ("pixart", "alpha"): ("PixArtAlpha", "EPS"),
     ("pixart", "sigma"): ("PixArtSigma", "EPS"),
+    ("wan", "t2v"): ("WAN21_T2V", "FLOW"),
+    ("wan", "i2v"): ("WAN21_I2V", "FLOW"),
+    ("wan", "ti2v"): ("WAN22_T2V", "FLOW"),
 }
 
 

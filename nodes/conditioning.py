@@ -10,10 +10,13 @@ from __future__ import annotations
 import math
 
 # Keys ComfyUI's model for the family reads and the engine applies ("guidance": Flux dev's distilled guidance).
-APPLIED = {"flux": {"pooled_output", "guidance"}, "sd3": {"pooled_output"}, "pixart": set()}
-# Keys ComfyUI's model for the family never reads (so neither do we): the T5-only PixArt's empty pooled output,
-# FluxGuidance on a model without a guidance embedder.
-IGNORED = {"flux": set(), "sd3": {"guidance"}, "pixart": {"pooled_output", "guidance"}}
+# Wan: WanImageToVideo's CLIP vision output (Wan 2.1 I2V) and start image latent and mask (I2V).
+APPLIED = {"flux": {"pooled_output", "guidance"}, "sd3": {"pooled_output"}, "pixart": set(),
+           "wan": {"clip_vision_output", "concat_latent_image", "concat_mask"}}
+# Keys ComfyUI's model for the family never reads (so neither do we): the T5-only PixArt's and Wan's empty
+# pooled output, FluxGuidance on a model without a guidance embedder.
+IGNORED = {"flux": set(), "sd3": {"guidance"}, "pixart": {"pooled_output", "guidance"},
+           "wan": {"pooled_output", "guidance"}}
 # Keys that change nothing at these values (a Conditioning Set Timestep Range of 0..1, strength 1).
 NO_OP = {"start_percent": 0.0, "end_percent": 1.0, "strength": 1.0}
 # What to use instead of a key the engine does not apply yet.
@@ -26,6 +29,9 @@ ADVICE = {
     "strength": "conditioning strength is not supported yet; leave it at 1.0",
     "reference_latents": "reference latents (Kontext and edit models) are not supported yet",
     "concat_latent_image": "inpainting-model conditioning is not supported yet; use a LATENT noise_mask",
+    "concat_mask_index": "Wan Fun / camera models' mask placement is not supported; use a Wan I2V model",
+    "time_dim_concat": "Wan frame-extension conditioning is not supported yet",
+    "clip_vision_output": "CLIP vision conditioning reaches only Wan 2.1 I2V models",
     "attention_mask": "text attention masks are not supported; load the text encoder without the T5 attention mask",
     "hooks": "conditioning hooks (scheduled LoRA) are not supported; use the xDiT LoRA node",
     "gligen": "GLIGEN is not supported",
@@ -63,11 +69,14 @@ def _listing(family: str) -> str:
     return ", ".join(keys) if keys else "no keys"
 
 
-def branch_from_conditioning(spec, conditioning, batch: int, name: str, height: int, width: int):
-    """ComfyUI CONDITIONING ([[tensor, dict]]) -> (BranchCond, guidance or None) for the model's family;
-    `height`, `width`: the image's size in pixels."""
+def branch_from_conditioning(spec, conditioning, shape, name: str, noise_mask=None):
+    """ComfyUI CONDITIONING ([[tensor, dict]]) -> (BranchCond, guidance or None) for the model's family and a
+    latent of `shape` (the model's: see sampler.model_shape) with the LATENT's `noise_mask`."""
     from xdit_core.api import BranchCond, XDiTConditioningError
     from xdit_core.api import check_conditioning_shape as check_shape
+
+    batch = shape[0]
+    height, width = spec.pixel_size(shape)
 
     if not conditioning:
         raise XDiTConditioningError(f"{name} conditioning is empty")
@@ -92,4 +101,21 @@ def branch_from_conditioning(spec, conditioning, batch: int, name: str, height: 
     if spec.default_guidance is not None and "guidance" in extra and guidance is None:
         raise XDiTConditioningError(f"{name} conditioning turns Flux's guidance embedding off (FluxDisableGuidance), "
                                     "which the xDiT samplers do not support yet; remove that node or use FluxGuidance")
-    return BranchCond(text, pooled), guidance
+    image = concat = None
+    if spec.family == "wan":
+        image, concat = _wan_image_inputs(spec, extra, shape, name, noise_mask)
+    return BranchCond(text, pooled, image=image, concat=concat), guidance
+
+
+def _wan_image_inputs(spec, extra: dict, shape, name: str, noise_mask):
+    """(CLIP vision states, extra input channels) from WanImageToVideo's keys, as ComfyUI's WAN21 reads them."""
+    from xdit_core.api import XDiTConditioningError, image_concat
+
+    clip = extra.get("clip_vision_output")
+    image = None if clip is None else clip.penultimate_hidden_states
+    latent, mask = extra.get("concat_latent_image"), extra.get("concat_mask")
+    if latent is not None and mask is None and noise_mask is not None:
+        # ComfyUI would take the LATENT's noise_mask as the start image mask here; WanImageToVideo sets both keys.
+        raise XDiTConditioningError(f"{name} conditioning has a concat_latent_image without a concat_mask, and the "
+                                    "LATENT has a noise_mask; the xDiT samplers take the mask from WanImageToVideo")
+    return image, image_concat(spec, shape, latent, mask)

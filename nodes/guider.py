@@ -20,9 +20,10 @@ from .types import XDiTMesh, XDiTModel
 class SamplingView:
     """What ComfyUI's sampler objects read from the guider's `inner_model`, with the patched model sampling."""
 
-    def __init__(self, patcher):
+    def __init__(self, patcher, spec):
         self.model_sampling = patcher.get_model_object("model_sampling")
         self.latent_format = patcher.get_model_object("latent_format")
+        self.spec = spec  # the engine's ModelSpec of the model
 
     def process_latent_in(self, latent):
         return self.latent_format.process_in(latent)
@@ -36,7 +37,10 @@ class SamplingView:
                              "sampling (SkipLayerGuidanceDiT and the like) cannot reach the xDiT workers")
 
     def scale_latent_inpaint(self, sigma, noise, latent_image, **kwargs):
-        """ComfyUI's BaseModel.scale_latent_inpaint for our families: the input latent noised to sigma."""
+        """ComfyUI's BaseModel.scale_latent_inpaint for our families: the input latent noised to sigma (Wan 2.2
+        5B's WAN22: the clean input latent)."""
+        if self.spec.frame_timesteps:
+            return latent_image
         return self.model_sampling.noise_scaling(sigma.reshape([sigma.shape[0]] + [1] * (len(noise.shape) - 1)),
                                                  noise, latent_image)
 
@@ -76,7 +80,7 @@ def guider_class():
         def __init__(self, model_patcher, mesh: XDiTMesh):
             super().__init__(model_patcher)
             self.mesh = mesh
-            self.evaluate = None
+            self.evaluate = self.denoise_mask = None
             self.raw_conds: dict = {}
 
         def inner_set_conds(self, conds):
@@ -92,11 +96,12 @@ def guider_class():
             if patches:
                 raise RuntimeError(f"xDiT Guider: the MODEL carries {'; '.join(patches)}, which the xDiT workers "
                                    "do not apply; remove those nodes between the xDiT model and the guider")
-            key, positive, negative, loras = prepare(xdit, self.mesh, self.raw_conds, self.cfg, noise.shape,
-                                              sigmas.shape[-1] - 1)
-            self.inner_model = SamplingView(self.model_patcher)
+            key, positive, negative, loras, spec = prepare(xdit, self.mesh, self.raw_conds, self.cfg, noise.shape,
+                                                    sigmas.shape[-1] - 1, denoise_mask)
+            self.inner_model = SamplingView(self.model_patcher, spec)
             if denoise_mask is not None:
                 denoise_mask = comfy.sampler_helpers.prepare_mask(denoise_mask, noise.shape, noise.device)
+            self.denoise_mask = denoise_mask  # Wan 2.2 5B takes its timestep per frame from it
             if torch.count_nonzero(latent_image) > 0:  # as CFGGuider: the empty latent is not shifted
                 latent_image = self.inner_model.process_latent_in(latent_image)
             options = comfy.model_patcher.create_model_options_clone(self.model_options)
@@ -122,8 +127,8 @@ def guider_class():
             # a sampler (the CFG++ ones) asks for it.
             skip_negative = math.isclose(self.cfg, 1.0) and not model_options.get("disable_cfg1_optimization", False)
             with_negative = not skip_negative and "negative" in self.original_conds
-            cond_out, uncond_out = self.evaluate(ms.calculate_input(timestep, x), ms.timestep(timestep).float(),
-                                                 with_negative)
+            model_timestep = self.inner_model.spec.model_timestep(ms.timestep(timestep).float(), self.denoise_mask)
+            cond_out, uncond_out = self.evaluate(ms.calculate_input(timestep, x), model_timestep, with_negative)
             cond_pred = ms.calculate_denoised(timestep, cond_out.to(x.device), x)
             uncond_pred = (ms.calculate_denoised(timestep, uncond_out.to(x.device), x) if with_negative
                            else torch.zeros_like(x))
@@ -143,18 +148,17 @@ def guider_class():
 _XDiTCFGGuider = None
 
 
-def prepare(xdit: XDiTModel, mesh: XDiTMesh, conds: dict, cfg: float, shape, steps: int):
+def prepare(xdit: XDiTModel, mesh: XDiTMesh, conds: dict, cfg: float, shape, steps: int, noise_mask=None):
     """Every check before a worker is asked (the conditioning as the engine takes it, the mesh, the memory);
-    returns (pool key, positive, negative or None, LoRAs)."""
+    returns (pool key, positive, negative or None, LoRAs, the model's spec)."""
     from xdit_core import api
 
     try:
         spec = api.describe_model(xdit.path, xdit.family, xdit.variant)
         api.validate_latent_shape(spec, shape, "noise")
-        batch, size = shape[0], (shape[2] * 8, shape[3] * 8)
 
         def branch(name: str):
-            cond, guidance = branch_from_conditioning(spec, conds[name], batch, name, *size)
+            cond, guidance = branch_from_conditioning(spec, conds[name], shape, name, noise_mask)
             return api.with_guidance(spec, cond, guidance, "guidance" if name == "positive" else "negative guidance")
 
         positive = branch("positive")
@@ -168,7 +172,7 @@ def prepare(xdit: XDiTModel, mesh: XDiTMesh, conds: dict, cfg: float, shape, ste
         raise RuntimeError(f"xDiT Guider: {e}") from None
     if host.visible_gpus():
         host.free_comfy_gpu_memory()
-    return key, positive, negative, loras
+    return key, positive, negative, loras, spec
 
 
 class XDiTGuider:

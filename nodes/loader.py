@@ -5,8 +5,8 @@ from . import host
 from .types import XDiTModel
 
 DTYPES = ["default", "bf16", "fp16", "fp32"]
-FAMILIES = ["auto", "flux", "sd3", "pixart"]
-VARIANTS = ["auto", "dev", "schnell", "sd3", "alpha", "sigma"]
+FAMILIES = ["auto", "flux", "sd3", "pixart", "wan"]
+VARIANTS = ["auto", "dev", "schnell", "sd3", "alpha", "sigma", "t2v", "i2v", "ti2v"]
 
 
 def default_dtype() -> str:

@@ -7,7 +7,7 @@ from . import host
 from .types import XDiTMesh, XDiTModel
 
 BACKENDS = ["auto", "flash", "sdpa"]
-FAMILY_DEFAULT_CFG = {"flux": 1.0, "sd3": 4.5, "pixart": 4.5}
+FAMILY_DEFAULT_CFG = {"flux": 1.0, "sd3": 4.5, "pixart": 4.5, "wan": 5.0}
 
 
 def worker_count(mesh: XDiTMesh) -> int:
@@ -107,13 +107,14 @@ class XDiTParallelMesh:
         return (mesh, summary)
 
 
-def check_against_model(mesh: XDiTMesh, model: XDiTModel, cfg: float, steps: int, latent_height: int):
+def check_against_model(mesh: XDiTMesh, model: XDiTModel, cfg: float, steps: int, latent_height: int,
+                        video: bool = False):
     """The ParallelConfig to run, after the checks that need the model and cfg (before any GPU work)."""
     from xdit_core.api import XDiTConfigError, validate_parallel_config
 
     parallel, _ = summarize(mesh, model, cfg)
     validate_parallel_config(parallel, num_heads=model.num_heads, cfg=cfg, num_blocks=model.num_blocks,
-                             steps=steps, latent_height=latent_height)
+                             steps=steps, latent_height=latent_height, video=video)
     gpus = host.visible_gpus()
     if gpus:
         usable = (mesh.gpu_count or gpus) - mesh.reserve_gpus

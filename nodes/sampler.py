@@ -16,6 +16,13 @@ SCHEDULERS = ["simple", "normal", "karras", "exponential", "sgm_uniform", "beta"
               "kl_optimal"]
 
 
+def model_shape(spec, shape) -> list[int]:
+    """The latent shape the model samples: the model's channels (an empty latent's are fixed), and for a video
+    model an image latent as one frame (ComfyUI's fix_empty_latent_channels)."""
+    shape = [shape[0], spec.latent_channels, *shape[2:]]
+    return shape[:2] + [1] + shape[2:] if spec.is_video and len(shape) == 4 else shape
+
+
 def lora_refs(model: XDiTModel) -> tuple:
     """The model's LoRAs for a request, each checked against the model again (cached while the file is unchanged)."""
     from xdit_core import api
@@ -30,7 +37,7 @@ def plan_run(model: XDiTModel, mesh: XDiTMesh, shape, cfg: float, steps: int, po
     cfg, the LoRAs, the machine's limits for a latent of `shape`); returns (pool key, LoRA refs)."""
     from xdit_core import api
 
-    parallel = check_against_model(mesh, model, cfg, steps, shape[2])
+    parallel = check_against_model(mesh, model, cfg, steps, shape[-2], video=len(shape) == 5)
     loras = lora_refs(model)
     api.check_request_fits(
         model.path, list(shape), parallel, backend="ray", remote=api.uses_cluster(mesh.ray_address),
@@ -51,18 +58,19 @@ def run_sampler(model: XDiTModel, mesh: XDiTMesh, positive, negative, latent_ima
         spec = api.describe_model(model.path, model.family, model.variant)
         samples = latent_image["samples"]
         api.validate_latent_shape(spec, samples.shape)
-        batch, size = samples.shape[0], (samples.shape[2] * 8, samples.shape[3] * 8)
-        pos, guidance = branch_from_conditioning(spec, positive, batch, "positive", *size)
+        shape = model_shape(spec, samples.shape)
+        noise_mask = latent_image.get("noise_mask")
+        pos, guidance = branch_from_conditioning(spec, positive, shape, "positive", noise_mask)
         neg = neg_guidance = None
         if not math.isclose(cfg, 1.0):  # at cfg 1 ComfyUI evaluates no negative branch
-            neg, neg_guidance = branch_from_conditioning(spec, negative, batch, "negative", *size)
-        key, loras = plan_run(model, mesh, [batch, spec.latent_channels, *samples.shape[2:]], cfg, steps, pos, neg)
+            neg, neg_guidance = branch_from_conditioning(spec, negative, shape, "negative", noise_mask)
+        key, loras = plan_run(model, mesh, shape, cfg, steps, pos, neg)
         request = api.build_request(spec, samples, seed=seed, steps=steps, cfg=cfg, sampler=sampler_name,
                                     scheduler=scheduler, denoise=denoise, positive=pos, negative=neg,
                                     guidance=guidance, negative_guidance=neg_guidance,
                                     shift=None if shift == 0 else shift,
                                     batch_index=latent_image.get("batch_index"),
-                                    noise_mask=latent_image.get("noise_mask"),
+                                    noise_mask=noise_mask,
                                     steps_range=steps_range or api.StepRange(), loras=loras)
         result = dict(latent_image)
         if request.unsampled is not None:  # an empty step range: KSamplerAdvanced returns the latent as it is
@@ -83,7 +91,8 @@ def run_sampler(model: XDiTModel, mesh: XDiTMesh, positive, negative, latent_ima
 
 
 SHIFT = ("FLOAT", {"default": 0.0, "min": 0.0, "max": 100.0, "step": 0.01,
-                   "tooltip": "model-sampling shift; 0: the family's default (Flux dev 1.15, schnell 1.0, SD3 3.0)"})
+                   "tooltip": "model-sampling shift; 0: the family's default (Flux dev 1.15, schnell 1.0, SD3 3.0, "
+                              "Wan 8.0)"})
 
 
 class XDiTSampler:

@@ -214,8 +214,8 @@ def test_host_callback_exception_stops_every_rank_before_it_propagates(tiny_mode
         from nodes.conditioning import branch_from_conditioning
 
         spec = resolve_model_spec(read_model_config(model.path))
-        pos, _ = branch_from_conditioning(spec, args["positive"], 1, "positive", 64, 48)
-        neg, _ = branch_from_conditioning(spec, args["negative"], 1, "negative", 64, 48)
+        pos, _ = branch_from_conditioning(spec, args["positive"], [1, spec.latent_channels, 8, 6], "positive")
+        neg, _ = branch_from_conditioning(spec, args["negative"], [1, spec.latent_channels, 8, 6], "negative")
         request = build_request(spec, args["latent_image"]["samples"], seed=1, steps=200, cfg=2.0, sampler="euler",
                                 scheduler="simple", denoise=1.0, positive=pos, negative=neg)
         with pytest.raises(HostInterrupt):

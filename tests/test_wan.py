@@ -218,3 +218,64 @@ def test_wan_22_5b_sizes_follow_its_16x_vae():
     with pytest.raises(XDiTConfigError, match="not a multiple of 32"):
         build_request(spec, torch.zeros(1, 48, 2, 3, 6), seed=0, steps=2, cfg=1.0, sampler="euler",
                       scheduler="simple", denoise=1.0, positive=BranchCond(torch.randn(1, 3, 8)), negative=None)
+
+
+class ClipVisionOutput:
+    """What ComfyUI's CLIP Vision Encode gives WanImageToVideo (the engine reads the penultimate states)."""
+
+    def __init__(self, states):
+        self.penultimate_hidden_states = states
+
+
+def test_two_expert_i2v_on_the_warm_pool_equals_the_engine(tmp_path, monkeypatch):
+    """Wan 2.2 A14B I2V as ComfyUI's template runs it: WanImageToVideo's conditioning and LATENT into two xDiT
+    Sampler (Advanced) nodes, the high-noise expert for steps 0-2 with leftover noise, then the low-noise expert
+    for 2-4, both resident on one Ulysses-2 pool; equal to the engine run serially with the same experts."""
+    import ray
+
+    from nodes.loader import XDiTLoadModel
+    from nodes.mesh import XDiTParallelMesh
+    from nodes.sampler import XDiTSamplerAdvanced
+    from xdit_core.runtime import pool
+    from xdit_core.sampling.request import StepRange
+
+    monkeypatch.setenv("XDIT_ALLOW_ABSOLUTE_MODEL_PATHS", "1")
+    experts = []
+    for name, seed in (("high", 1), ("low", 2)):
+        build_tiny("wan", seed=seed, weight_std=0.1, variant="i2v", clip_vision=False).save_pretrained(tmp_path / name)
+        experts.append(XDiTLoadModel().load(str(tmp_path / name), "fp32", "auto", "auto")[0])
+    gen = torch.Generator().manual_seed(3)
+    image_latent = torch.randn(1, 16, FRAMES, ROWS, COLS, generator=gen)
+    mask = torch.ones(1, 1, FRAMES, ROWS, COLS)
+    mask[:, :, 0] = 0.0
+    keys = {"pooled_output": None, "concat_latent_image": image_latent, "concat_mask": mask}
+    texts = [torch.randn(1, 9, 32, generator=gen) for _ in range(2)]
+    positive, negative = ([[t, dict(keys)]] for t in texts)
+    latent = {"samples": torch.zeros(1, 16, FRAMES, ROWS, COLS)}
+    mesh = XDiTParallelMesh().build("manual", 2, 1, 1, False, 0, 1, 0)[0]
+    common = dict(mesh=mesh, noise_seed=5, steps=4, cfg=3.5, sampler_name="euler", scheduler="simple",
+                  positive=positive, negative=negative, shift=0.0)
+    try:
+        (first,) = XDiTSamplerAdvanced().sample(model=experts[0], add_noise="enable", latent_image=latent,
+                                                start_at_step=0, end_at_step=2, return_with_leftover_noise="enable",
+                                                **common)
+        (second,) = XDiTSamplerAdvanced().sample(model=experts[1], add_noise="disable", latent_image=first,
+                                                 start_at_step=2, end_at_step=10000,
+                                                 return_with_leftover_noise="disable", **common)
+    finally:
+        pool.unload()
+        ray.shutdown()
+
+    out = latent["samples"]
+    for expert, steps_range in ((experts[0], StepRange(True, 0, 2, True)), (experts[1], StepRange(False, 2))):
+        adapter = make_adapter(*load_model(expert.path))
+        spec = adapter.spec
+        concat = image_concat(spec, out.shape, image_latent, mask)
+        request = build_request(spec, out, seed=5, steps=4, cfg=3.5, sampler="euler", scheduler="simple",
+                                denoise=1.0, positive=BranchCond(texts[0], concat=concat),
+                                negative=BranchCond(texts[1], concat=concat), steps_range=steps_range)
+        out = spec.latent_format.process_out(run_request(adapter, request))
+    assert second["samples"].shape == (1, 16, FRAMES, ROWS, COLS)
+    err = rel_err(second["samples"], out)
+    print(f"wan two-expert I2V on the pool (Ulysses 2) vs the engine serially: {err:.2e}")
+    assert err <= TOL

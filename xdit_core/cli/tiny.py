@@ -43,9 +43,11 @@ _BASE: dict[str, dict[str, dict[str, Any]]] = {
 
 
 def tiny_config(family: str, preset: str = "tiny", layers: Optional[int] = None, heads: Optional[int] = None,
-                hidden_size: Optional[int] = None, variant: Optional[str] = None) -> dict[str, Any]:
+                hidden_size: Optional[int] = None, variant: Optional[str] = None,
+                clip_vision: bool = True) -> dict[str, Any]:
     """The diffusers config (init kwargs) of a small model of `family`; XDiTConfigError for a variant or size
-    that would make a model the engine cannot run."""
+    that would make a model the engine cannot run. `clip_vision`: a Wan I2V model with Wan 2.1's CLIP image
+    embedder (False: a Wan 2.2 A14B I2V expert's layout)."""
     if family not in _BASE:
         raise XDiTConfigError(f"unknown family {family!r}; valid families: {', '.join(_BASE)}")
     if preset not in PRESETS:
@@ -83,7 +85,7 @@ def tiny_config(family: str, preset: str = "tiny", layers: Optional[int] = None,
                                   "its three rotary axes (frames, rows, columns)")
         variant = variant or "t2v"
         channels = {"t2v": (16, 16), "i2v": (36, 16), "ti2v": (48, 48)}[variant]
-        clip = variant == "i2v" and p.get("clip_vision", True)
+        clip = variant == "i2v" and clip_vision
         return dict(patch_size=[1, 2, 2], num_attention_heads=heads, attention_head_dim=head_dim,
                     in_channels=channels[0], out_channels=channels[1], text_dim=p["text_dim"], freq_dim=32,
                     ffn_dim=p["ffn_dim"], num_layers=p["layers"], cross_attn_norm=True, qk_norm="rms_norm_across_heads",

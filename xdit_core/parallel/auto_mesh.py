@@ -19,6 +19,12 @@ def choose_mesh(family: str, num_heads: int, ranks: int, cfg: float,
     if ranks <= 1:
         return ParallelConfig(), "1 rank: serial"
     negative = not math.isclose(cfg, 1.0)
+    if family == "wan":  # video: sequence parallel (PipeFusion splits image rows), CFG parallel with a negative
+        cfg_ranks = 2 if negative and ranks % 2 == 0 else 1
+        u, r = _split_sp(ranks // cfg_ranks, num_heads)
+        return (ParallelConfig(ulysses_degree=u, ring_degree=r, use_cfg_parallel=cfg_ranks == 2),
+                f"wan video{f' with cfg {cfg:g}: CFG parallel 2 x' if cfg_ranks == 2 else ':'} Ulysses {u} x Ring "
+                f"{r} (Ulysses as far as the {num_heads} heads divide; PipeFusion does not run video)")
     if family != "flux" and negative and ranks % 2 == 0:
         stages = ranks // 2
         if stages == 1 or stages <= num_blocks:
