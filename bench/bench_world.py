@@ -5,11 +5,13 @@ from __future__ import annotations
 
 import statistics
 import time
+from functools import partial
 from typing import Any, Callable, Optional
 
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from bench.common import proc_status_kb
 from xdit_core.runtime.job import run_request
@@ -17,6 +19,7 @@ from xdit_core.loading.load import load_model
 from xdit_core.parallel.mesh import Mesh, ParallelConfig
 from xdit_core.models import make_adapter
 from xdit_core.models.base import ModelAdapter
+from xdit_core.models.model_sampling import ModelSampling
 from xdit_core.parallel.context import RankContext
 from xdit_core.sampling.request import SampleRequest
 from xdit_core.sampling.samplers import is_max_denoise
@@ -355,3 +358,103 @@ def memory_world(rank: int, device: torch.device, payload: tuple[str, ParallelCo
         "rss_end_kb": proc_status_kb("VmRSS"),
         "param_bytes": _param_bytes(adapter),
     }
+
+
+# ---------------------------------------------------------------------------------------------------
+# Video: our configs and diffusers' own context parallelism on one Wan request
+# ---------------------------------------------------------------------------------------------------
+def video_world(rank: int, device: torch.device, payload: dict[str, Any]) -> dict[str, Any]:
+    """Run every config of ours (payload "configs": name -> ParallelConfig) and of diffusers (payload "peers":
+    name -> Ulysses degree over the whole world, 1: a plain loop on rank 0) on one request: once untimed (the
+    first call's allocations; bytes sent and final latents taken there), then `repeats` times timed, interleaved
+    (the order reversed every other repeat); a rank outside a run waits.
+
+    Returns this rank's seconds per run, bytes it sent over one run by kind (ours: the engine's counters;
+    diffusers': its functional collectives, counted the same way) and, on rank 0, each run's final latent."""
+    from diffusers.models._modeling_parallel import ContextParallelConfig
+
+    path, request = payload["path"], payload["request"]
+    adapter = make_adapter(*load_model(path))
+    ms = adapter.spec.model_sampling(request.shift, width=request.width, height=request.height)
+    runs: dict[str, Optional[Callable[[bool], tuple[torch.Tensor, dict[str, int]]]]] = {}
+    for name, cfg in payload["configs"].items():
+        mesh = Mesh(cfg, list(range(cfg.world_size)))
+        runs[name] = partial(_engine_run, adapter, request, mesh, device) if mesh.is_member else None
+    for name, degree in payload["peers"].items():
+        if degree == 1:
+            runs[name] = partial(_diffusers_run, adapter.model, request, ms) if rank == 0 else None
+        else:  # a model of its own: enable_parallelism hooks every block of the model it is given
+            model = load_model(path)[0]
+            model.enable_parallelism(config=ContextParallelConfig(ulysses_degree=degree))
+            runs[name] = partial(_diffusers_run, model, request, ms)
+    out: dict[str, Any] = {"times": {n: [] for n in runs}, "bytes": {}, "latents": {}}
+    for rep in range(-1, payload["repeats"]):  # -1: the untimed run
+        for name in list(runs) if rep % 2 == 0 else list(reversed(runs)):
+            dist.barrier()
+            if runs[name] is not None:
+                t0 = time.perf_counter()
+                latent, sent = runs[name](rep < 0)
+                if rep < 0:
+                    out["bytes"][name] = sent
+                    if rank == 0:
+                        out["latents"][name] = latent
+                else:
+                    out["times"][name].append(time.perf_counter() - t0)
+            dist.barrier()
+    return out
+
+
+def _engine_run(adapter: ModelAdapter, request: SampleRequest, mesh: Mesh, device: torch.device,
+                count: bool) -> tuple[torch.Tensor, dict[str, int]]:
+    """run_request; the engine's counters cost nothing, so they always count."""
+    ctx = RankContext(mesh, device) if mesh.config.world_size > 1 else None
+    return run_request(adapter, request, ctx=ctx), _sent(ctx)
+
+
+def _diffusers_run(model: torch.nn.Module, request: SampleRequest, ms: ModelSampling,
+                   count: bool) -> tuple[torch.Tensor, dict[str, int]]:
+    """plain_wan_loop; with `count`, under the dispatch mode that counts diffusers' collectives (untimed: the mode
+    sees every op)."""
+    if not count:
+        return plain_wan_loop(model, request, ms), {}
+    with _CollectiveBytes() as counter:
+        latent = plain_wan_loop(model, request, ms)
+    return latent, counter.sent
+
+
+@torch.no_grad()
+def plain_wan_loop(model: torch.nn.Module, request: SampleRequest, ms: ModelSampling) -> torch.Tensor:
+    """Euler sampling with diffusers' WanTransformer3DModel.forward and nothing of ours but the request's noise,
+    sigmas and the family's timestep scale: x += v(x, sigma) * (sigma_next - sigma), from the noised latent."""
+    sigmas = request.sigmas
+    x = ms.noise_scaling(sigmas[0], request.noise, request.latent_image, is_max_denoise(ms, sigmas))
+    text = request.positive.text
+    for i in range(len(sigmas) - 1):
+        timestep = ms.timestep(sigmas[i]).reshape(1).expand(x.shape[0])
+        v = model(hidden_states=x, timestep=timestep, encoder_hidden_states=text, return_dict=False)[0]
+        x = x + v.float() * (sigmas[i + 1] - sigmas[i])
+    return ms.inverse_noise_scaling(sigmas[-1], x)
+
+
+class _CollectiveBytes(TorchDispatchMode):
+    """Bytes this rank sends through torch's functional collectives (diffusers' context parallelism), by the
+    engine's convention (xdit_core/parallel/comm.py): an all-to-all sends (n - 1) / n of its input, an all-gather
+    n - 1 copies; n is the world (diffusers' mesh spans it). Any other collective is an error, not a silent 0."""
+
+    COUNTED = ("all_to_all_single", "all_gather_into_tensor")
+    FREE = ("wait_tensor", "_wrap_tensor_autograd")  # no transfer of their own
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.n = dist.get_world_size()
+        self.sent: dict[str, int] = {}
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        name = func.overloadpacket.__name__
+        if func.namespace in ("_c10d_functional", "c10d") and name not in self.FREE:
+            if name not in self.COUNTED:
+                raise NotImplementedError(f"diffusers sent through {func}, which the byte count does not know")
+            nbytes = args[0].numel() * args[0].element_size()
+            self.sent[name] = self.sent.get(name, 0) + (
+                nbytes * (self.n - 1) // self.n if name == "all_to_all_single" else nbytes * (self.n - 1))
+        return func(*args, **(kwargs or {}))

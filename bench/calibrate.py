@@ -74,6 +74,8 @@ def model_shape(adapter: Any, request: Any) -> dict[str, Any]:
 
     model = adapter.model
     latent = tuple(request.noise.shape)
+    if len(latent) == 5:  # video [B, C, frames, h, w]: frames stacked as rows, as the model's latent is 4-D
+        latent = (latent[0], latent[1], latent[2] * latent[3], latent[4])
     return {
         "family": adapter.spec.family,
         "heads": adapter.spec.num_heads,
@@ -81,7 +83,7 @@ def model_shape(adapter: Any, request: Any) -> dict[str, Any]:
         "img_tokens": latent[2] // 2 * latent[3] // 2,
         "txt_tokens": int(request.positive.text.shape[1]),
         "joint_text": bool(adapter.TEXT_IS_JOINT),
-        "cross_text": adapter.spec.family == "pixart",
+        "cross_text": not adapter.TEXT_IS_JOINT,
         "latent": list(latent),
         "branches": 1 if request.negative is None else 2,
         "act_bytes": next(model.parameters()).element_size(),

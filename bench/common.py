@@ -21,9 +21,11 @@ DOCS = ROOT / "docs"
 
 
 def make_request(
-    spec: ModelSpec, size: int, steps: int, cfg: float = 1.0, seed: int = 0, text_len: Optional[int] = None
+    spec: ModelSpec, size: int, steps: int, cfg: float = 1.0, seed: int = 0, text_len: Optional[int] = None,
+    frames: int = 1,
 ) -> SampleRequest:
-    """A square euler/simple request with stand-in conditioning (a negative branch when cfg != 1)."""
+    """A square euler/simple request with stand-in conditioning (a negative branch when cfg != 1); for a video
+    model, `frames` latent frames."""
     negative = cfg != 1.0
     pos, neg = random_cond(spec, 1, seed, with_negative=negative)
     if text_len is not None:
@@ -31,7 +33,7 @@ def make_request(
             c.text = c.text[:, :text_len]
     return build_request(
         spec,
-        empty_latent(spec, 1, size, size),
+        empty_latent(spec, 1, size, size, frames),
         seed=seed,
         steps=steps,
         cfg=cfg,

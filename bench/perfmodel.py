@@ -78,6 +78,8 @@ def uniform_link(name: str, bandwidth: float, latency: float, overlap: float = 1
 LINKS: dict[str, Link] = {
     "pcie": uniform_link("PCIe 4.0 x16", 20e9, 15e-6),  # 32 GB/s peak; peer traffic through the root complex
     "nvlink": uniform_link("NVLink 4 (H100 SXM)", 350e9, 10e-6),  # 450 GB/s peak per direction
+    # H800 and A800 (the export parts): 200 GB/s peak per direction, at the H100 preset's share of its peak.
+    "nvlink400": uniform_link("NVLink 400 GB/s (H800, A800)", 350e9 * 200 / 450, 10e-6),
     "eth25": uniform_link("25 GbE", 2.8e9, 50e-6),  # 3.125 GB/s line rate, NCCL over sockets
 }
 
@@ -488,7 +490,7 @@ class Architecture:
     """A DiT's shape: blocks of two kinds (dual-stream / single-stream, or one kind), text tokens."""
 
     name: str
-    family: str  # engine family whose attention layout it follows ("flux": joint text; "pixart": cross)
+    family: str  # engine family whose attention layout it follows ("flux", "sd3": joint text; "pixart", "wan": cross)
     double_blocks: int
     single_blocks: int
     heads: int
@@ -502,14 +504,28 @@ class Architecture:
     def hidden(self) -> int:
         return self.heads * self.head_dim
 
+    @property
+    def cross_text(self) -> bool:
+        """Text enters by cross-attention: replicated on every rank, never exchanged (PixArt, Wan)."""
+        return self.family in ("pixart", "wan")
+
     def linear_flops_per_token(self) -> float:
-        """FLOPs of a block's token-wise linear layers per token: q, k, v, out (4 h^2) and MLP (2 r h^2)."""
-        return 2.0 * (4 + 2 * self.mlp_ratio) * self.hidden**2
+        """FLOPs of a block's token-wise linear layers per image/video token: q, k, v, out (4 h^2), MLP (2 r h^2)
+        and, with cross-attention, its query and output projections (2 h^2)."""
+        return 2.0 * (4 + 2 * self.mlp_ratio + (2 if self.cross_text else 0)) * self.hidden**2
+
+    def text_kv_flops(self) -> float:
+        """FLOPs of a block's cross-attention key and value projections of the text, per evaluation: every
+        sequence-parallel rank computes them in full (0 for joint text, whose projections are per token)."""
+        return 2.0 * 2 * self.hidden**2 * self.txt_tokens if self.cross_text else 0.0
 
     def block_param_bytes(self) -> tuple[int, ...]:
-        """Parameter bytes per block: token-wise weights plus adaLN modulation (6 h^2 per stream, 3 h^2 single)."""
+        """Parameter bytes per block: token-wise weights plus adaLN modulation (6 h^2 per stream, 3 h^2 single);
+        cross-attention blocks add its q, k, v, out (4 h^2) and share one modulation projection (none per block)."""
         h2 = self.hidden**2
         token_wise = (4 + 2 * self.mlp_ratio) * h2
+        if self.cross_text:
+            return (int((token_wise + 4 * h2) * self.dtype_bytes),) * (self.double_blocks + self.single_blocks)
         double = int((2 * token_wise + 12 * h2) * self.dtype_bytes)
         single = int((token_wise + 3 * h2) * self.dtype_bytes)
         return (double,) * self.double_blocks + (single,) * self.single_blocks
@@ -518,6 +534,8 @@ class Architecture:
 FLUX_DEV = Architecture("FLUX.1-dev", "flux", 19, 38, 24, 128, 512)
 HUNYUAN_VIDEO = Architecture("HunyuanVideo", "flux", 20, 40, 24, 128, 256)
 SD35_LARGE = Architecture("SD3.5 Large", "sd3", 38, 0, 38, 64, 333)  # 77 CLIP + 256 T5 tokens
+# xdit_core/loading/configs/wan2.1-t2v-14b.json: dim 5120, FFN 13824, 512 umT5 tokens by cross-attention.
+WAN21_T2V_14B = Architecture("Wan2.1 T2V 14B", "wan", 40, 0, 40, 128, 512, mlp_ratio=13824 / 5120)
 
 
 def flop_workload(
@@ -536,14 +554,18 @@ def flop_workload(
     kernels reach a lower fraction of peak than GEMMs), plus `attn_call_s` of device time per attention
     kernel call (what a ring hop costs beyond its FLOPs). `host_per_block`: (double, single) dispatch
     seconds; `ring_hop_host`: dispatch seconds of one extra ring hop.
-    Video: `frames` pixel frames, 4x temporal compression (129 frames -> 33 latent frames)."""
+    Video: `frames` pixel frames, 4x temporal compression (129 frames -> 33 latent frames), 2x2 patches; the
+    latent's frames are stacked as rows ([B, C, frames x h, w]: the bytes of the CFG gather).
+    Cross-attention text (PixArt, Wan): a second attention call per block of the local queries against all text
+    tokens, and the text's key/value projections as each block's fixed cost (replicated on every rank)."""
     latent_frames = 1 if frames == 1 else (frames - 1) // 4 + 1
     h, w = height // 8, width // 8
     img = latent_frames * (h // 2) * (w // 2)
     lin = arch.linear_flops_per_token() * s_per_flop
     attn = 4.0 * arch.head_dim * arch.heads * s_per_flop * attn_slowdown
-    double = BlockCost(0.0, lin, attn_call_s, attn, host_per_block[0])
-    single = BlockCost(0.0, lin, attn_call_s, attn, host_per_block[1])
+    kv = arch.text_kv_flops() * s_per_flop
+    double = BlockCost(kv, lin, attn_call_s, attn, host_per_block[0])
+    single = BlockCost(kv, lin, attn_call_s, attn, host_per_block[1])
     return Workload(
         f"{arch.name} {width}x{height}" + (f"x{frames}" if frames > 1 else ""),
         (double,) * arch.double_blocks + (single,) * arch.single_blocks,
@@ -552,10 +574,11 @@ def flop_workload(
         arch.head_dim,
         img,
         arch.txt_tokens,
-        True,
+        not arch.cross_text,
         (1, arch.latent_channels, h * latent_frames, w),
         branches=branches,
         act_bytes=arch.dtype_bytes,
+        cross_text=arch.cross_text,
         ring_hop_host=ring_hop_host,
     )
 

@@ -1,5 +1,6 @@
 """The performance model against published multi-GPU results, the predicted scaling of every method over
-PCIe, NVLink and two nodes on 25 GbE, and whether xdit_core's `auto` mesh picks what the model would.
+PCIe, NVLink and two nodes on 25 GbE, and whether xdit_core's `auto` mesh picks what the model would; the
+predicted seconds per step of Wan2.1 T2V 14B at 720p on 1-8 GPUs per method.
 
 Fitted numbers, each on one published row that is then marked as a calibration row, not a prediction:
 - per table, the device's seconds per FLOP, so that the 1-GPU prediction equals the published 1-GPU time;
@@ -27,6 +28,7 @@ from bench.perfmodel import (
     HUNYUAN_VIDEO,
     LINKS,
     SD35_LARGE,
+    WAN21_T2V_14B,
     Architecture,
     Cluster,
     Workload,
@@ -58,12 +60,13 @@ class PublishedTable:
     cluster: Cluster
     entries: tuple[tuple[str, ParallelConfig, float], ...]  # (label, mesh, published seconds); first: 1 GPU
     frames: int = 1
+    branches: int = 1  # evaluations per step (2: a negative branch, cfg != 1)
     note: str = ""
     fit: tuple[str, str] | None = None  # (parameter, label of the row it is fitted on)
 
 
 def tables() -> list[PublishedTable]:
-    """xDiT's and ParaAttention's published numbers (seconds, as published)."""
+    """xDiT's, ParaAttention's and Wan's published numbers (seconds, as published)."""
     nvlink = LINKS["nvlink"]
     eager = Cluster("4x H100 SXM, NVLink, PyTorch eager", nvlink, host_bound=True)
     compiled = Cluster("4x H100 SXM, NVLink, torch.compile", nvlink)
@@ -140,6 +143,41 @@ def tables() -> list[PublishedTable]:
             "FP8 are not our methods, so the model starts from their 1-GPU 7.56 s and predicts "
             "only the context-parallel step (ParaAttention's mesh: ring <= 2, rest Ulysses)",
         ),
+        *wan_tables(),
+    ]
+
+
+# The Wan team's table (Wan-Video/Wan2.1 README, "Computational Efficiency on Different GPUs", an image:
+# assets/comp_effic.png): total seconds of generate.py for T2V-14B at 720P (1280x720, 81 frames, 50 steps,
+# guide scale 5: two evaluations per step); on N GPUs `--dit_fsdp --t5_fsdp --ulysses_size N` (the README's
+# multi-GPU command), on 1 GPU `--offload_model True`. The rows say "H800/H100" and "A800/A100": the model takes
+# the export parts' slower NVLink (400 GB/s); H20 has H100's NVLink 4.
+WAN_SOURCE = "Wan2.1 README, Computational Efficiency (assets/comp_effic.png), T2V-14B 720P"
+WAN_PUBLISHED = (
+    ("H800/H100", "nvlink400", (1837.9, 945.1, 497.0, 287.9)),
+    ("A800/A100", "nvlink400", (3342.6, 1722.0, 886.1, 469.9)),
+    ("H20", "nvlink", (6935.5, 3488.4, 1775.8, 980.5)),
+)
+
+
+def wan_tables() -> list[PublishedTable]:
+    meshes = (("1 GPU", pc()), *((f"Ulysses-{n}", pc(ulysses_degree=n)) for n in (2, 4, 8)))
+    return [
+        PublishedTable(
+            f"Wan2.1 T2V-14B 1280x720x81, 50 steps, cfg 5, {gpu}",
+            WAN_SOURCE,
+            WAN21_T2V_14B,
+            720,
+            1280,
+            50,
+            Cluster(f"8x {gpu}, {LINKS[link].name}, PyTorch eager", LINKS[link], host_bound=True),
+            tuple((label, cfg, t) for (label, cfg), t in zip(meshes, times)),
+            frames=81,
+            branches=2,
+            note="published: the whole generate.py run, with the umT5 encoder and the VAE decode (on one GPU "
+            "whatever N) and FSDP's weight all-gathers; predicted: the transformer's 50 x 2 evaluations only",
+        )
+        for gpu, link, times in WAN_PUBLISHED
     ]
 
 
@@ -228,7 +266,7 @@ class _Fitter:
         per_block = tuple(self.host[k]["host_s"] / host_speed if eager else 0.0 for k in ("double", "single"))
         hop = self.host["ring hop"]["host_s"] / host_speed if eager else 0.0
         return lambda s: flop_workload(
-            t.arch, t.height, t.width, t.frames, 1, s, ATTN_SLOWDOWN, per_block, attn_call_s, hop
+            t.arch, t.height, t.width, t.frames, t.branches, s, ATTN_SLOWDOWN, per_block, attn_call_s, hop
         )
 
     def workload(self, t: PublishedTable, attn_call_s: float, host_speed: float) -> Workload:
@@ -374,11 +412,44 @@ def stage_balance(s_per_flop: float, attn_call_s: float) -> list[dict[str, Any]]
     return out
 
 
+WAN_METHODS = ("Ulysses", "Ring", "Ulysses x Ring", "CFG x Ulysses", "auto")
+
+
+def wan_scaling(s_per_flop: float, attn_call_s: float, ranks: tuple[int, ...] = (1, 2, 4, 8)) -> list[dict[str, Any]]:
+    """Wan2.1 T2V 14B at 1280x720x81 (75,600 video tokens; 512 text tokens by cross-attention, replicated), cfg 5
+    (two evaluations per step): predicted seconds per step per method on one node with PCIe and one with NVLink,
+    and the mesh xdit_core's `auto` picks (PipeFusion is left out: the engine refuses it for video)."""
+    w = flop_workload(WAN21_T2V_14B, 720, 1280, 81, 2, s_per_flop, ATTN_SLOWDOWN, attn_call_s=attn_call_s)
+    out = []
+    for link in ("pcie", "nvlink"):
+        cluster = Cluster(LINKS[link].name, LINKS[link])
+        serial = predict(w, pc(), cluster, 1)
+        for n in ranks:
+            half = n // 2
+            methods = {
+                "Ulysses": pc(ulysses_degree=n),
+                "Ring": pc(ring_degree=n),
+                "Ulysses x Ring": pc(ulysses_degree=half, ring_degree=2) if n >= 4 else None,
+                "CFG x Ulysses": pc(use_cfg_parallel=True, ulysses_degree=half) if n >= 2 else None,
+                "auto": choose_mesh(WAN21_T2V_14B.family, WAN21_T2V_14B.heads, n, 5.0, len(w.blocks))[0],
+            }
+            cells = {}
+            for name, cfg in methods.items():
+                if cfg is None or (n == 1 and name != "Ulysses"):
+                    continue
+                p = predict(w, cfg, cluster, 1)
+                cells[name] = {"mesh": describe(cfg), "per_step": p.per_step, "comm": p.breakdown["comm"],
+                               "speedup": serial.per_step / p.per_step}
+            out.append({"link": LINKS[link].name, "ranks": n, "methods": cells})
+    return out
+
+
 def run() -> dict[str, Any]:
     host = measure_host_dispatch()
     comparison, fits = compare(host)
     compiled = next(c for c in comparison if c["name"].endswith("torch.compile"))
     s = compiled["s_per_flop"]
+    wan = next(c for c in comparison if c["name"].startswith("Wan2.1") and WAN_PUBLISHED[0][0] in c["name"])
     return {
         "host": host,
         "launch_s": LAUNCH_S,
@@ -387,6 +458,8 @@ def run() -> dict[str, Any]:
         "fits": fits,
         "scaling": scaling_curves(s, fits["attn_call_s"]),
         "stage_balance": stage_balance(s, fits["attn_call_s"]),
+        "wan": {"fitted_on": wan["name"], "tflops_effective": wan["tflops_effective"],
+                "rows": wan_scaling(wan["s_per_flop"], fits["attn_call_s"])},
         "links": {
             k: {"bandwidth": v.p2p.bandwidth, "latency": v.p2p.latency, "overlap": v.overlap} for k, v in LINKS.items()
         },
@@ -467,6 +540,25 @@ def report(result: dict[str, Any]) -> str:
             ["link", "stages", "blocks per stage (by bytes)", "by bytes", "by block count"],
             [[b["link"], b["stages"], ", ".join(map(str, b["blocks_per_stage"])), f"{b['bytes_balanced']:.2f}x",
               f"{b['block_balanced']:.2f}x"] for b in result["stage_balance"]],
+        )
+    )
+    wan = result["wan"]
+
+    def cell(m: Optional[dict[str, Any]]) -> str:
+        return "-" if m is None else f"{m['per_step']:.2f} s ({m['speedup']:.2f}x; {m['comm']:.2f} s comm)"
+
+    parts.append(
+        format_table(
+            "Predicted: Wan2.1 T2V 14B, 1280x720x81 (75,600 video tokens; 512 text tokens by cross-attention, "
+            f"replicated), cfg 5: seconds per step (2 evaluations), speedup and communication, at the "
+            f"{wan['tflops_effective']:.0f} TFLOP/s fitted on the 1-GPU row of {wan['fitted_on']}",
+            ["link", "GPUs", *WAN_METHODS[:-1], "auto mesh", "auto"],
+            [
+                [r["link"], r["ranks"], *(cell(r["methods"].get(m)) for m in WAN_METHODS[:-1]),
+                 r["methods"]["auto"]["mesh"] if "auto" in r["methods"] else "serial",
+                 cell(r["methods"].get("auto"))]
+                for r in wan["rows"]
+            ],
         )
     )
     return "\n\n".join(parts)

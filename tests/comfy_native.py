@@ -101,7 +101,34 @@ def _pixart(config: dict[str, Any]) -> dict[str, Any]:
                 pred_sigma=config["out_channels"] == 2 * config["in_channels"])
 
 
-UNET_CONFIGS: dict[str, Callable[[dict[str, Any]], dict[str, Any]]] = {"flux": _flux, "sd3": _sd3, "pixart": _pixart}
+# What ComfyUI's WanModel fixes rather than reads from a checkpoint: 128-wide heads (detection: dim // 128),
+# umT5's 4096-wide states, 256 sinusoidal timestep features, CLIP vision states 1280 wide (Wan 2.1 I2V).
+WAN_FIXED = {"attention_head_dim": 128, "text_dim": 4096, "freq_dim": 256, "patch_size": [1, 2, 2],
+             "qk_norm": "rms_norm_across_heads", "cross_attn_norm": True, "eps": 1e-6}
+WAN_CLIP_VISION_DIM = 1280
+
+
+def _wan(config: dict[str, Any]) -> dict[str, Any]:
+    # As ComfyUI's detection of a Wan checkpoint (head.modulation): the image embedder (img_emb) makes it "i2v",
+    # its absence "t2v" (Wan 2.2 A14B I2V experts too); out_dim 48 then picks Wan 2.2 5B's config.
+    wrong = {k: config.get(k) for k, v in WAN_FIXED.items() if (list(config[k]) if isinstance(v, list) else
+                                                               config.get(k)) != v}
+    if config.get("image_dim") not in (None, WAN_CLIP_VISION_DIM):
+        wrong["image_dim"] = config["image_dim"]
+    if wrong:
+        raise ValueError(f"ComfyUI's WanModel fixes {WAN_FIXED} (and image_dim {WAN_CLIP_VISION_DIM}); this Wan has "
+                         f"{wrong} and cannot be built there (write the tiny model with those sizes)")
+    if config.get("pos_embed_seq_len"):
+        raise ValueError("Wan first-last-frame models (pos_embed_seq_len) are not built here")
+    dim = config["num_attention_heads"] * config["attention_head_dim"]
+    return dict(image_model="wan2.1", dim=dim, out_dim=config.get("out_channels") or config["in_channels"],
+                num_heads=dim // 128, ffn_dim=config["ffn_dim"], num_layers=config["num_layers"], patch_size=(1, 2, 2),
+                freq_dim=256, window_size=(-1, -1), qk_norm=True, cross_attn_norm=True, eps=1e-6,
+                in_dim=config["in_channels"], model_type="i2v" if config.get("image_dim") else "t2v")
+
+
+UNET_CONFIGS: dict[str, Callable[[dict[str, Any]], dict[str, Any]]] = {"flux": _flux, "sd3": _sd3, "pixart": _pixart,
+                                                                      "wan": _wan}
 
 
 def read_diffusers(folder: str | Path) -> tuple[str, dict[str, Any], dict[str, torch.Tensor]]:
@@ -126,7 +153,8 @@ def load_strict(model: torch.nn.Module, state: dict[str, torch.Tensor], unused: 
 
 
 def comfy_model(folder: str | Path) -> comfy.model_patcher.ModelPatcher:
-    """ComfyUI's own model of a diffusers folder (Flux dev/schnell, SD3, PixArt alpha/sigma), fp32 on the CPU."""
+    """ComfyUI's own model of a diffusers folder (Flux dev/schnell, SD3, PixArt alpha/sigma, Wan 2.1 T2V/I2V and
+    2.2 TI2V 5B at ComfyUI's fixed widths: see WAN_FIXED), fp32 on the CPU."""
     family, config, tensors = read_diffusers(folder)
     model_config = comfy.model_detection.model_config_from_unet_config(UNET_CONFIGS[family](config))
     if model_config is None:
@@ -148,12 +176,14 @@ def conditioning(text: torch.Tensor, pooled: Optional[torch.Tensor] = None,
 
 
 def ksampler(patcher: comfy.model_patcher.ModelPatcher, latent: torch.Tensor, *, seed: int, steps: int, cfg: float,
-             sampler_name: str, scheduler: str, positive: list, negative: list, denoise: float = 1.0) -> torch.Tensor:
-    """ComfyUI's KSampler node (nodes.common_ksampler, without previews): a LATENT tensor in, the sampled one out."""
+             sampler_name: str, scheduler: str, positive: list, negative: list, denoise: float = 1.0,
+             noise_mask: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """ComfyUI's KSampler node (nodes.common_ksampler, without previews): a LATENT's tensor (and noise_mask) in,
+    the sampled one out."""
     latent = comfy.sample.fix_empty_latent_channels(patcher, latent)
     noise = comfy.sample.prepare_noise(latent, seed)
     return comfy.sample.sample(patcher, noise, steps, cfg, sampler_name, scheduler, positive, negative, latent,
-                               denoise=denoise, disable_pbar=True, seed=seed)
+                               denoise=denoise, noise_mask=noise_mask, disable_pbar=True, seed=seed)
 
 
 def _branch(spec: dict[str, Any]) -> list:
@@ -282,12 +312,84 @@ def custom_sampler_case(patcher: comfy.model_patcher.ModelPatcher, case: dict[st
     return {"samples": out["samples"], "denoised": denoised["samples"], "sigmas": sigmas}
 
 
+class StandInVAE:
+    """A VAE for ComfyUI's Wan latent nodes where no real one exists: `encode` checks the pixels it is given
+    ([frames, height, width, 3], as the node prepares them) and returns the fixed `latent`."""
+
+    def __init__(self, latent: torch.Tensor, pixels: tuple[int, ...]):
+        self.latent, self.pixels = latent, tuple(pixels)
+
+    def encode(self, pixels: torch.Tensor) -> torch.Tensor:
+        if tuple(pixels.shape) != self.pixels:
+            raise ValueError(f"the node encoded pixels of shape {list(pixels.shape)}, expected {list(self.pixels)}")
+        return self.latent.clone()
+
+
+class ClipVisionOutput:
+    """CLIP Vision Encode's output as ComfyUI's Wan 2.1 I2V model reads it (the penultimate hidden states)."""
+
+    def __init__(self, penultimate_hidden_states: torch.Tensor):
+        self.penultimate_hidden_states = penultimate_hidden_states
+
+
+def wan_inputs(case: dict[str, Any]) -> tuple[list, list, dict]:
+    """(positive, negative, LATENT) from ComfyUI's own Wan nodes. Case keys: positive and negative {"text"};
+    "node": EmptyHunyuanLatentVideo (T2V), WanImageToVideo (I2V: "vae_latent" [1, 16, frames, h, w] the VAE
+    stand-in's encoding of the start image, optional "clip_vision" [1, 257, 1280]) or Wan22ImageToVideoLatent
+    (TI2V 5B: "vae_latent" [1, 48, 1, h, w]); width, height, length (pixels, frames) and "start_image"
+    [1, height, width, 3] for the image nodes."""
+    from comfy_extras.nodes_hunyuan import EmptyHunyuanLatentVideo
+    from comfy_extras.nodes_wan import Wan22ImageToVideoLatent, WanImageToVideo
+
+    positive, negative = _branch(case["positive"]), _branch(case["negative"])
+    size = dict(width=case["width"], height=case["height"], length=case["length"], batch_size=1)
+    if case["node"] == "EmptyHunyuanLatentVideo":
+        (latent,) = EmptyHunyuanLatentVideo().generate(**size)
+    elif case["node"] == "WanImageToVideo":
+        vae = StandInVAE(case["vae_latent"], (case["length"], case["height"], case["width"], 3))
+        clip = case.get("clip_vision")
+        positive, negative, latent = WanImageToVideo.execute(
+            positive, negative, vae, start_image=case["start_image"],
+            clip_vision_output=None if clip is None else ClipVisionOutput(clip), **size).args
+    elif case["node"] == "Wan22ImageToVideoLatent":
+        vae = StandInVAE(case["vae_latent"], tuple(case["start_image"].shape))
+        (latent,) = Wan22ImageToVideoLatent.execute(vae, start_image=case["start_image"], **size).args
+    else:
+        raise ValueError(f"unknown Wan latent node {case['node']!r}")
+    return positive, negative, latent
+
+
+def wan_video_case(patcher: comfy.model_patcher.ModelPatcher, case: dict[str, Any]) -> dict[str, torch.Tensor]:
+    """ComfyUI's Wan nodes (wan_inputs) give the conditioning and LATENT; then "sampler": "comfy" (KSampler on
+    ComfyUI's model) or {"mesh": {...}} (our xDiT Sampler node on our model folder), with seed, steps, cfg,
+    sampler_name, scheduler. Outputs the samples and what the nodes made: the LATENT ("latent", "noise_mask")
+    and the positive's start image keys ("concat_latent_image", "concat_mask")."""
+    positive, negative, latent = wan_inputs(case)
+    if case["sampler"] == "comfy":
+        samples = ksampler(patcher, latent["samples"], seed=case["seed"], steps=case["steps"], cfg=case["cfg"],
+                           sampler_name=case["sampler_name"], scheduler=case["scheduler"], positive=positive,
+                           negative=negative, noise_mask=latent.get("noise_mask"))
+    else:
+        nodes = plugin().nodes
+        xdit = nodes.loader.XDiTLoadModel().load(str(case["model"]), "fp32", "auto", "auto")[0]
+        mesh = nodes.types.XDiTMesh("manual", **case["sampler"]["mesh"])
+        samples = nodes.sampler.XDiTSampler().sample(xdit, mesh, positive, negative, latent, case["seed"],
+                                                     case["steps"], case["cfg"], case["sampler_name"],
+                                                     case["scheduler"], 1.0)[0]["samples"]
+    out = {"samples": samples, "latent": latent["samples"]}
+    if latent.get("noise_mask") is not None:
+        out["noise_mask"] = latent["noise_mask"]
+    out.update({k: positive[0][1][k] for k in ("concat_latent_image", "concat_mask") if k in positive[0][1]})
+    return out
+
+
 CASE_KINDS: dict[str, Callable[[comfy.model_patcher.ModelPatcher, dict[str, Any]], dict[str, torch.Tensor]]] = {
     "ksampler": ksampler_case,
     "custom_sampler": custom_sampler_case,
     "ksampler_advanced": ksampler_advanced_case,
     "xdit_advanced": xdit_advanced_case,
     "ksampler_on_weightless": ksampler_on_weightless_case,
+    "wan_video": wan_video_case,
 }
 
 

@@ -279,3 +279,94 @@ def test_two_expert_i2v_on_the_warm_pool_equals_the_engine(tmp_path, monkeypatch
     err = rel_err(second["samples"], out)
     print(f"wan two-expert I2V on the pool (Ulysses 2) vs the engine serially: {err:.2e}")
     assert err <= TOL
+
+
+AIO = "model.diffusion_model."
+
+
+@pytest.fixture(scope="module")
+def i2v_folder(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("wan_i2v")
+    # 128-wide heads: an original file's heads are its width // 128, as ComfyUI's detection has them
+    build_tiny("wan", seed=4, variant="i2v", heads=2, hidden_size=256).save_pretrained(folder)
+    return folder
+
+
+def test_original_layout_files_load_to_the_folders_parameters(i2v_folder, tmp_path):
+    """Wan-AI's names (as Comfy-Org's repackaged files keep them), bare and under ComfyUI's checkpoint prefix, in
+    bf16: equal to the folder's parameters cast to bf16; the config is inferred from the shapes."""
+    from safetensors.torch import save_file
+
+    from xdit_core.loading.key_mapping import model_tensors, to_original
+
+    reference, spec = load_model(i2v_folder, "bf16")
+    original = to_original("wan", model_tensors(load_model(i2v_folder)[0]))
+    assert "blocks.0.cross_attn.k_img.weight" in original and "head.modulation" in original
+    for prefix in ("", AIO):
+        path = tmp_path / f"wan{len(prefix)}.safetensors"
+        save_file({prefix + k: v.to(torch.bfloat16).contiguous() for k, v in original.items()}, str(path))
+        model, file_spec = load_model(path, "bf16")
+        assert file_spec == spec
+        ours, theirs = model_tensors(model), model_tensors(reference)
+        assert ours.keys() == theirs.keys() and all(torch.equal(ours[k], theirs[k]) for k in theirs)
+
+
+def test_scaled_fp8_file_loads_to_the_dequantised_weights(i2v_folder, tmp_path):
+    """ComfyUI's scaled fp8 (Comfy-Org's *_fp8_scaled.safetensors): each fp8 weight times its scale_weight."""
+    from safetensors.torch import save_file
+
+    from xdit_core.loading.key_mapping import model_tensors, to_original
+
+    original = to_original("wan", model_tensors(load_model(i2v_folder)[0]))
+    stored, expected = {AIO + "scaled_fp8": torch.zeros(0, dtype=torch.float8_e4m3fn)}, {}
+    for k, v in original.items():
+        if v.dim() == 2:
+            scale = v.abs().max() / 448
+            q = (v / scale).to(torch.float8_e4m3fn)
+            stored[AIO + k], stored[AIO + k[: -len("weight")] + "scale_weight"] = q, scale.reshape(())
+            expected[k] = q.float() * scale
+        else:
+            stored[AIO + k] = expected[k] = v
+    save_file({k: v.contiguous() for k, v in stored.items()}, str(tmp_path / "fp8.safetensors"))
+    model, _ = load_model(tmp_path / "fp8.safetensors")
+    loaded = to_original("wan", model_tensors(model))
+    assert loaded.keys() == expected.keys() and all(torch.equal(loaded[k], expected[k]) for k in expected)
+
+
+def test_our_reverse_names_are_diffusers_converters_inverse():
+    """Loading follows diffusers' convert_wan_transformer_to_diffusers; our reverse table (for writing files)
+    must be its exact inverse on every real model's tensors."""
+    from xdit_core.loading.key_mapping import COMPUTED, model_tensors, to_original
+    from xdit_core.loading.original_layout import shipped_configs
+    from xdit_core.loading.wan_layout import diffusers_names
+    from xdit_core.models.families import model_class
+
+    for stem, config in shipped_configs().items():
+        if config["_class_name"] != "WanTransformer3DModel":
+            continue
+        with torch.device("meta"):
+            tensors = {k: v for k, v in model_tensors(model_class("wan").from_config(config)).items()
+                       if k not in COMPUTED["wan"]}
+        names = diffusers_names(list(to_original("wan", tensors)))
+        assert sorted(names.values()) == sorted(tensors), stem
+
+
+@pytest.mark.parametrize("layout", ["comfyui", "kohya", "peft"])
+def test_wan_lora_hooked_at_run_time_equals_it_merged(i2v_folder, tmp_path, layout):
+    """Wan LoRAs as trainers and ComfyUI write them (original names under diffusion_model., kohya's, PEFT's)."""
+    from lora_files import make_lora, save_lora, write_merged
+    from xdit_core.loading.lora import load_lora
+    from xdit_core.models.lora import apply_loras
+
+    base, spec = load_model(i2v_folder)
+    lora = make_lora("wan", base, layout, seed=1)
+    weights = load_lora(str(save_lora(lora, tmp_path / "lora.safetensors")), "wan", base.state_dict())
+    latent, mask, positive, _ = wan_inputs(spec)
+    x = torch.randn(1, 16, FRAMES, ROWS, COLS)
+    with torch.no_grad():
+        with apply_loras(base, [(weights, 0.8)]):
+            ours = make_adapter(base, spec).predict(x, torch.tensor([500.0]), positive, None)
+        merged = make_adapter(*load_model(write_merged(tmp_path / "merged.safetensors", "wan", base, [(lora, 0.8)])))
+        reference = merged.predict(x, torch.tensor([500.0]), positive, None)
+    assert rel_err(ours, reference) <= TOL and rel_err(ours, make_adapter(base, spec).predict(
+        x, torch.tensor([500.0]), positive, None)) > 100 * TOL

@@ -36,7 +36,8 @@ def run_demo(family: str, out_dir: Path, steps: int, size: int, seed: int) -> No
     write_tiny(family, model_dir, seed=0, force=True)  # the demo's own folder
     spec = api.describe_model(str(model_dir))
     print(f"made a random-weight tiny {family} model in {model_dir}")
-    serial_opts = GenerateOptions(model=str(model_dir), height=size, width=size, steps=steps, seed=seed, threads=1)
+    serial_opts = GenerateOptions(model=str(model_dir), height=size, width=size, steps=steps, seed=seed, threads=1,
+                                  length=9 if spec.is_video else None)  # video: 3 latent frames
     serial, serial_report = generate(serial_opts)
     mesh = demo_mesh(spec.default_cfg)
     pool_opts = replace(serial_opts, backend="ray", **mesh)

@@ -74,7 +74,7 @@ def _add_generate(sub) -> None:
 
 def _add_tiny(sub) -> None:
     p = sub.add_parser("tiny", help="write a random-weight diffusers model")
-    p.add_argument("--family", required=True, help="flux | sd3 | pixart")
+    p.add_argument("--family", required=True, help="flux | sd3 | pixart | wan")
     p.add_argument("--out", required=True, help="the model folder to write: new or empty (written aside, then "
                                                 "renamed into place)")
     p.add_argument("--force", action="store_true", help="replace a non-empty --out folder (never a file)")
@@ -91,7 +91,7 @@ def _add_tiny(sub) -> None:
 
 def _add_demo(sub) -> None:
     p = sub.add_parser("demo", help="make a tiny model, generate, print a table and write a PNG preview")
-    p.add_argument("--family", default="flux", help="flux | sd3 | pixart")
+    p.add_argument("--family", default="flux", help="flux | sd3 | pixart | wan")
     p.add_argument("--out-dir", default="xdit_demo_out", dest="out_dir")
     p.add_argument("--steps", type=int, default=8)
     p.add_argument("--size", type=int, default=256, help="height and width in pixels")

@@ -9,10 +9,13 @@ import torch
 
 
 def latent_to_rgb(latent: torch.Tensor) -> torch.Tensor:
-    """[C, h, w] -> uint8 [h, w, 3]: a fixed projection of the channels, each colour stretched to 0..255.
+    """[C, h, w] -> uint8 [h, w, 3] (video [C, frames, h, w]: the frames side by side): a fixed projection of
+    the channels, each colour stretched to 0..255.
 
     Not a VAE decode: it shows the latent's structure, which is all a random-weight model has.
     """
+    if latent.ndim == 4:
+        latent = torch.cat(latent.unbind(1), dim=-1)
     c = latent.shape[0]
     gen = torch.Generator().manual_seed(0)
     proj = torch.randn(3, c, generator=gen)
