@@ -58,6 +58,21 @@ STAGES = [dict(add_noise="enable", start_at_step=0, end_at_step=2, return_with_l
 # key of a bare diffusers-named PixArt LoRA, "lora key not loaded" for each, so it is not compared here.)
 LORAS = {"flux_dev": [("kohya", 1, 0.8), ("peft", 2, -0.5)], "sd3": [("comfyui", 3, 1.0)],
          "pixart_sigma": [("kohya", 4, 1.2)]}
+# Wan 2.1 / 2.2 through ComfyUI's own Wan nodes: the LATENT and conditioning from EmptyHunyuanLatentVideo (T2V),
+# WanImageToVideo (Wan 2.1 I2V, with a CLIP vision output) or Wan22ImageToVideoLatent (TI2V 5B: a noise_mask and
+# per-frame timesteps), a VAE stand-in's fixed latent for the start image; KSampler on ComfyUI's model against our
+# engine serially and our xDiT Sampler node on the workers (WAN_MESH). ComfyUI's WanModel fixes 128-wide heads,
+# 4096-wide text and 1280-wide CLIP vision states (comfy_native.WAN_FIXED), so these tiny Wans are 2 heads of 128.
+# name: (variant, ComfyUI's latent node, ComfyUI's model config class, sampler, scheduler, text tokens); I2V with
+# CLIP vision takes ComfyUI's umT5 length, 512.
+WAN = {
+    "wan21_t2v": ("t2v", "EmptyHunyuanLatentVideo", "WAN21_T2V", "euler", "simple", 9),
+    "wan21_i2v": ("i2v", "WanImageToVideo", "WAN21_I2V", "uni_pc", "simple", 512),
+    "wan22_ti2v": ("ti2v", "Wan22ImageToVideoLatent", "WAN22_T2V", "dpmpp_2m", "simple", 9),
+}
+# 3 latent frames of 6 x 10: 45 tokens after the 2x2 patches, which Ulysses 2 pads.
+WAN_FRAMES, WAN_ROWS, WAN_COLS = 3, 6, 10
+WAN_STEPS, WAN_CFG, WAN_STD, WAN_MESH = 4, 5.0, 0.05, {"ulysses_degree": 2}
 CFG, GUIDANCE, SEED = 2.0, 2.5, 11
 # max |ours - ComfyUI's| / max |ComfyUI's|; measured: at most 5e-7 for every family (torch 2.13 here, ComfyUI's
 # own torch there). Running the negative at the positive's guidance (2.5) instead of ComfyUI's 3.5 is 3.6e-4.
@@ -98,6 +113,61 @@ def branch(name: str, which: str, tensors: dict) -> dict:
     if name == "flux_dev" and which == "positive":
         out["guidance"] = GUIDANCE
     return out
+
+
+def write_comfy_wan(out: Path, variant: str, seed: int) -> Path:
+    """A tiny Wan of `variant` that ComfyUI's WanModel can hold (comfy_native.WAN_FIXED): 2 heads of 128, 2
+    layers, a 64-wide FFN, umT5's 4096-wide text, 256 timestep features, 1280-wide CLIP vision states for I2V;
+    random weights as write_tiny's (norm scales near 1)."""
+    import diffusers
+
+    from xdit_core.cli.tiny import tiny_config
+
+    config = tiny_config("wan", layers=2, heads=2, hidden_size=256, variant=variant)
+    config.update(text_dim=4096, freq_dim=256, ffn_dim=64)
+    if config["image_dim"] is not None:
+        config["image_dim"] = 1280
+    model = diffusers.WanTransformer3DModel(**config)
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            noise = torch.randn(param.shape, generator=gen)
+            if param.dim() == 1:
+                param.copy_(noise * 0.01 + (1.0 if name.endswith(".weight") else 0.0))
+            else:
+                param.copy_(noise * WAN_STD)
+    model.save_pretrained(out)
+    return out
+
+
+def wan_inputs(name: str) -> dict[str, torch.Tensor]:
+    """Both branches' text states and, for the image variants, the start image, the VAE stand-in's latent of it
+    and (Wan 2.1 I2V) the CLIP vision states."""
+    variant, node, _, _, _, tokens = WAN[name]
+    gen = torch.Generator().manual_seed(7)
+    out = {f"{b}_text": torch.randn(1, tokens, 4096, generator=gen) for b in ("positive", "negative")}
+    if node == "WanImageToVideo":
+        out["start_image"] = torch.rand(1, WAN_ROWS * 8, WAN_COLS * 8, 3, generator=gen)
+        out["vae_latent"] = torch.randn(1, 16, WAN_FRAMES, WAN_ROWS, WAN_COLS, generator=gen)
+        out["clip_vision"] = torch.randn(1, 257, 1280, generator=gen)
+    elif node == "Wan22ImageToVideoLatent":
+        out["start_image"] = torch.rand(1, WAN_ROWS * 16, WAN_COLS * 16, 3, generator=gen)
+        out["vae_latent"] = torch.randn(1, 48, 1, WAN_ROWS, WAN_COLS, generator=gen)
+    return {f"wan/{name}/{k}": v for k, v in out.items()}
+
+
+def wan_cases(name: str, model: Path, tensors: dict) -> list[dict]:
+    """KSampler on ComfyUI's model and our xDiT Sampler node, from the same ComfyUI Wan node's outputs."""
+    variant, node, _, sampler, scheduler, _ = WAN[name]
+    scale = 16 if variant == "ti2v" else 8
+    case = {"kind": "wan_video", "model": str(model), "node": node, "width": WAN_COLS * scale,
+            "height": WAN_ROWS * scale, "length": 4 * (WAN_FRAMES - 1) + 1, "seed": SEED, "steps": WAN_STEPS,
+            "cfg": WAN_CFG, "sampler_name": sampler, "scheduler": scheduler,
+            **{b: {"text": {"tensor": f"wan/{name}/{b}_text"}} for b in ("positive", "negative")},
+            **{k: {"tensor": f"wan/{name}/{k}"} for k in ("start_image", "vae_latent", "clip_vision")
+               if f"wan/{name}/{k}" in tensors}}
+    return [dict(case, name=f"wan/{name}/comfy", sampler="comfy"),
+            dict(case, name=f"wan/{name}/xdit", sampler={"mesh": WAN_MESH})]
 
 
 @pytest.fixture(scope="module")
@@ -155,6 +225,10 @@ def comfy(tmp_path_factory):
                        for layout, seed, strength in stack]
         case = dict(comfy_case(name, "euler"), name=f"lora/{name}", loras=loras[name])
         cases.append(case)
+    for seed, (name, (variant, *_)) in enumerate(WAN.items(), start=21):
+        models[name] = write_comfy_wan(root / name, variant, seed)
+        tensors.update(wan_inputs(name))
+        cases += wan_cases(name, models[name], tensors)
     save_file(tensors, str(root / "inputs.safetensors"))
     (root / "cases.json").write_text(json.dumps({"tensors": str(root / "inputs.safetensors"), "cases": cases}))
     out = root / "outputs.safetensors"
@@ -290,3 +364,76 @@ def test_two_chained_xdit_advanced_nodes_equal_comfyuis_two(comfy, name):
 
 def test_comfyuis_ksampler_on_the_weightless_model_says_what_to_use(comfy):
     assert "its weights are on the xDiT workers; sample it with the xDiT Guider" in comfy["errors"]["weightless_ksampler"]
+
+
+@pytest.mark.parametrize("name", WAN)
+def test_comfyui_builds_its_own_wan_model(comfy, name):
+    assert comfy["classes"][str(comfy["models"][name])] == WAN[name][2]
+
+
+def wan_made(comfy, name: str) -> dict[str, Optional[torch.Tensor]]:
+    """What ComfyUI's Wan node made for the KSampler case: the LATENT (and noise_mask), the start image keys."""
+    key = f"wan/{name}/comfy"
+    assert key not in comfy["errors"], comfy["errors"][key]
+    return {k: comfy["outputs"].get(f"{key}/{k}") for k in ("samples", "latent", "noise_mask", "concat_latent_image",
+                                                           "concat_mask")}
+
+
+def ours_wan(comfy, name: str) -> torch.Tensor:
+    """Our engine's serial run from what ComfyUI's Wan node made: its LATENT and noise_mask, and our own reading
+    of its conditioning (image_concat of concat_latent_image and concat_mask, the CLIP vision states)."""
+    from xdit_core.loading.load import load_model
+    from xdit_core.models import make_adapter
+    from xdit_core.models.base import BranchCond
+    from xdit_core.models.wan import image_concat
+    from xdit_core.runtime.job import run_request
+    from xdit_core.sampling.request import build_request
+
+    case, t, made = comfy["cases"][f"wan/{name}/comfy"], comfy["inputs"], wan_made(comfy, name)
+    model, spec = load_model(comfy["models"][name])
+    latent = made["latent"]
+    concat = image_concat(spec, latent.shape, made["concat_latent_image"], made["concat_mask"])
+    image = t.get(f"wan/{name}/clip_vision")
+
+    def cond(which):
+        return BranchCond(t[f"wan/{name}/{which}_text"], image=image, concat=concat)
+
+    request = build_request(spec, latent, seed=case["seed"], steps=case["steps"], cfg=case["cfg"],
+                            sampler=case["sampler_name"], scheduler=case["scheduler"], denoise=1.0,
+                            positive=cond("positive"), negative=cond("negative"), noise_mask=made["noise_mask"])
+    return spec.latent_format.process_out(run_request(make_adapter(model, spec), request))
+
+
+@pytest.mark.parametrize("name", WAN)
+def test_ksampler_on_comfyuis_wan_equals_our_engine(comfy, name):
+    """KSampler on ComfyUI's Wan model, from ComfyUI's Wan node's LATENT and conditioning, against our engine's
+    serial run of the same: 5-D latents, WAN21.concat_cond (I2V), CLIP vision states, WAN22's per-frame
+    timesteps and clean start frame (TI2V 5B)."""
+    variant, node = WAN[name][:2]
+    made = wan_made(comfy, name)
+    theirs, latent = made["samples"], made["latent"]
+    channels = 48 if variant == "ti2v" else 16
+    assert latent.shape == theirs.shape == (1, channels, WAN_FRAMES, WAN_ROWS, WAN_COLS)
+    assert (made["concat_latent_image"] is not None) == (node == "WanImageToVideo")
+    assert (made["noise_mask"] is not None) == (node == "Wan22ImageToVideoLatent")
+    assert torch.isfinite(theirs).all() and (theirs - latent).abs().max() > 0.1  # it sampled
+    if variant == "ti2v":  # the encoded start frame is kept (noise_mask 0 there)
+        assert torch.allclose(theirs[:, :, 0], latent[:, :, 0], atol=1e-5)
+    mine = ours_wan(comfy, name)
+    error = ((mine - theirs).abs().max() / theirs.abs().max()).item()
+    print(f"wan {name} engine vs ComfyUI's KSampler: relative error {error:.2e}")
+    assert error < TOLERANCE, f"{name}: relative error {error:.2e}"
+
+
+@pytest.mark.parametrize("name", WAN)
+def test_xdit_sampler_node_equals_comfyuis_ksampler_on_wan(comfy, name):
+    """Our xDiT Sampler node on the workers (Ulysses 2, 45 tokens: padded) from ComfyUI's Wan node's LATENT and
+    conditioning, against KSampler on ComfyUI's model from the same node's outputs."""
+    key = f"wan/{name}/xdit"
+    assert key not in comfy["errors"], comfy["errors"][key]
+    theirs, mine = wan_made(comfy, name)["samples"], comfy["outputs"][f"{key}/samples"]
+    assert torch.equal(comfy["outputs"][f"{key}/latent"], wan_made(comfy, name)["latent"])
+    assert mine.shape == theirs.shape
+    error = ((mine - theirs).abs().max() / theirs.abs().max()).item()
+    print(f"wan {name} xDiT Sampler (ulysses 2) vs ComfyUI's KSampler: relative error {error:.2e}")
+    assert error < TOLERANCE, f"{name}: relative error {error:.2e}"

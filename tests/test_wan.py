@@ -204,6 +204,9 @@ def test_wan_requests_check_their_inputs():
                             **args)  # an image latent is one frame; no start image: zero extra channels
     assert request.noise.shape == (1, 16, 1, 4, 4) and not request.positive.concat.any()
     assert request.positive.concat.shape == (1, 20, 1, 4, 4)
+    batch = build_request(spec, torch.zeros(2, 16, 2, 4, 4), positive=BranchCond(text.expand(2, -1, -1),
+                                                                                image=torch.randn(1, 3, 4)), **args)
+    assert batch.positive.image.shape == (2, 3, 4) and batch.positive.concat.shape == (2, 20, 2, 4, 4)
     with pytest.raises(XDiTConfigError, match="PipeFusion does not run video models"):
         validate_parallel_config(ParallelConfig(pipefusion_parallel_degree=2), video=True)
 

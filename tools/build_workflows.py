@@ -40,8 +40,22 @@ CORE = {
     "RandomNoise": ([], [("NOISE", "NOISE")], ["noise_seed"]),
     "SamplerCustomAdvanced": ([("noise", "NOISE"), ("guider", "GUIDER"), ("sampler", "SAMPLER"), ("sigmas", "SIGMAS"),
                                ("latent_image", "LATENT")], [("output", "LATENT"), ("denoised_output", "LATENT")], []),
+    # Video (Wan). V3 nodes (io.Schema) list their required inputs, then their optional ones; an unconnected
+    # optional socket is still a socket (the frontend shows it, the templates save it with link null).
+    "EmptyHunyuanLatentVideo": ([], [("LATENT", "LATENT")], ["width", "height", "length", "batch_size"]),
+    "WanImageToVideo": ([("positive", "CONDITIONING"), ("negative", "CONDITIONING"), ("vae", "VAE"),
+                         ("clip_vision_output", "CLIP_VISION_OUTPUT"), ("start_image", "IMAGE")],
+                        [("positive", "CONDITIONING"), ("negative", "CONDITIONING"), ("latent", "LATENT")],
+                        ["width", "height", "length", "batch_size"]),
+    "Wan22ImageToVideoLatent": ([("vae", "VAE"), ("start_image", "IMAGE")], [("LATENT", "LATENT")],
+                                ["width", "height", "length", "batch_size"]),
+    "LoadImage": ([], [("IMAGE", "IMAGE"), ("MASK", "MASK")], ["image"]),
+    "CreateVideo": ([("images", "IMAGE"), ("audio", "AUDIO")], [("VIDEO", "VIDEO")], ["fps"]),
+    "SaveVideo": ([("video", "VIDEO")], [], ["filename_prefix", "format", "codec"]),
 }
-CORE_CONTROL = {"RandomNoise": {"noise_seed"}}  # widgets followed by a control_after_generate value
+# Widgets the frontend saves with one more value after theirs: control_after_generate (its default here; a node
+# may set another) and LoadImage's upload button ("image").
+CORE_EXTRA = {"RandomNoise": {"noise_seed": "randomize"}, "LoadImage": {"image": "image"}}
 SIZES = {
     "XDiTLoadModel": (360, 130), "XDiTParallelMesh": (360, 320), "XDiTSampler": (320, 334),
     "DualCLIPLoader": (360, 130), "TripleCLIPLoader": (360, 106), "CLIPLoader": (360, 106),
@@ -50,29 +64,31 @@ SIZES = {
     "VAEDecode": (210, 46), "SaveImage": (520, 560), "XDiTSamplingModel": (320, 46), "XDiTGuider": (320, 122),
     "XDiTLoRA": (360, 82), "XDiTSamplerAdvanced": (320, 400), "ModelSamplingFlux": (320, 130),
     "BasicScheduler": (320, 106), "KSamplerSelect": (320, 58), "RandomNoise": (320, 82),
-    "SamplerCustomAdvanced": (320, 110),
+    "SamplerCustomAdvanced": (320, 110), "EmptyHunyuanLatentVideo": (320, 130), "WanImageToVideo": (320, 230),
+    "Wan22ImageToVideoLatent": (320, 150), "LoadImage": (320, 326), "CreateVideo": (270, 78),
+    "SaveVideo": (520, 480),
 }
 
 
 def signature(node_type: str):
-    """(socket inputs, outputs, widget names, widgets followed by a control_after_generate value)."""
+    """(socket inputs, outputs, widget names, {widget: the extra value the frontend saves after it})."""
     if node_type in CORE:
         sockets, outputs, widgets = CORE[node_type]
-        return sockets, outputs, widgets, CORE_CONTROL.get(node_type, set())
+        return sockets, outputs, widgets, CORE_EXTRA.get(node_type, {})
     cls = NODE_CLASS_MAPPINGS[node_type]
     spec = cls.INPUT_TYPES()
-    sockets, widgets, control = [], [], set()
+    sockets, widgets, extra = [], [], {}
     for section in ("required", "optional"):
         for name, entry in spec.get(section, {}).items():
             kind, opts = entry[0], entry[1] if len(entry) > 1 else {}
             if isinstance(kind, list) or kind in WIDGET_TYPES:
                 widgets.append(name)
                 if opts.get("control_after_generate"):
-                    control.add(name)
+                    extra[name] = "randomize"
             else:
                 sockets.append((name, kind))
     names = getattr(cls, "RETURN_NAMES", None) or cls.RETURN_TYPES
-    return sockets, list(zip(names, cls.RETURN_TYPES)), widgets, control
+    return sockets, list(zip(names, cls.RETURN_TYPES)), widgets, extra
 
 
 @dataclass
@@ -91,6 +107,7 @@ class Node:
     color: tuple | None = None
     size: tuple | None = None
     note: str | None = None
+    control: str | None = None  # control_after_generate other than "randomize" ("fixed", ...)
 
     def out(self, name: str) -> Out:
         outputs = signature(self.type)[1]
@@ -101,8 +118,8 @@ class Node:
 class Graph:
     nodes: list = field(default_factory=list)
 
-    def add(self, node_type, pos, title=None, color=None, **values) -> Node:
-        node = Node(len(self.nodes) + 1, node_type, pos, values, title, color)
+    def add(self, node_type, pos, title=None, color=None, control=None, **values) -> Node:
+        node = Node(len(self.nodes) + 1, node_type, pos, values, title, color, control=control)
         self.nodes.append(node)
         return node
 
@@ -156,7 +173,7 @@ def ui_format(graph: Graph) -> dict:
 
 
 def widget_values(node: Node, ui: bool):
-    _, _, widgets, control = signature(node.type)
+    _, _, widgets, extra = signature(node.type)
     sockets = {n for n, _ in signature(node.type)[0]}
     unknown = set(node.values) - set(widgets) - sockets
     missing = set(widgets) - set(node.values)
@@ -166,8 +183,8 @@ def widget_values(node: Node, ui: bool):
     values = []
     for w in widgets:
         values.append(node.values[w])
-        if w in control:
-            values.append("randomize")
+        if w in extra:
+            values.append(node.control if node.control and extra[w] == "randomize" else extra[w])
     return values
 
 

@@ -107,6 +107,8 @@ def prepare_branch(spec: ModelSpec, cond: Optional[BranchCond], shape: Sequence[
         return cond
     if spec.concat_channels and cond.concat is None:
         cond = replace(cond, concat=wan.image_concat(spec, shape, None, None))
+    if cond.image is not None and cond.image.ndim == 3 and cond.image.shape[0] == 1 < shape[0]:
+        cond = replace(cond, image=cond.image.expand(shape[0], -1, -1))  # one start image for the whole batch
     for name in ("image", "concat"):
         if getattr(cond, name) is not None:
             check_finite(f"{branch} {name} conditioning", getattr(cond, name))

@@ -16,8 +16,9 @@ process, in the globals it looks it up in, by a pass-through that hands the call
 With no router active the originals run unchanged; a call through a replaced name while a router is
 active but outside every routed module is an error.
 Every routed module must make exactly one attention call (a "cross" module at least one: Wan 2.1 I2V attends
-to its CLIP states and its text separately), and every module of the blocks that ran must have been called, or XDiTWorkerError says which layer escaped and why. Hooks exist only inside `with`, and
-the routing state is per thread (the pool's actors are threaded).
+to its CLIP states and its text separately), and every module of the blocks that ran must have been called,
+or XDiTWorkerError says which layer escaped and why. Hooks exist only inside `with`, and the routing state is
+per thread (the pool's actors are threaded).
 """
 from __future__ import annotations
 
