@@ -290,6 +290,7 @@ def server(tmp_path_factory):
         pytest.skip("no Python with ComfyUI's and comfyui-xdit's requirements (set COMFYUI_PYTHON)")
     if not (Path(COMFYUI) / "main.py").is_file():
         pytest.skip(f"COMFYUI_PATH={COMFYUI} has no main.py")
+    from xdit_core.cli.preview import write_png
     from xdit_core.cli.tiny import write_tiny
 
     base = tmp_path_factory.mktemp("comfy_base")
@@ -312,6 +313,11 @@ def server(tmp_path_factory):
                 files = [stub]
             elif n["class_type"] == "XDiTLoRA":
                 files = [base / "models" / "loras" / inputs["lora_name"]]
+            elif n["class_type"] == "LoadImage":  # a real picture (8x8 grey PNG): LoadImage opens it
+                image = base / "input" / inputs["image"]
+                image.parent.mkdir(parents=True, exist_ok=True)
+                write_png(image, torch.full((8, 8, 3), 128, dtype=torch.uint8), scale=1)
+                continue
             else:
                 folder = "vae" if n["class_type"] == "VAELoader" else "text_encoders"
                 files = [base / "models" / folder / v for k, v in inputs.items()

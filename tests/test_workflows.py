@@ -20,13 +20,17 @@ from nodes.types import XDiTModel
 ROOT = Path(__file__).resolve().parent.parent
 WORKFLOWS = ROOT / "workflows"
 UI_FILES = sorted(WORKFLOWS.glob("*.json"))
-EXPECTED = {"flux1_ulysses", "sd35_cfg_parallel", "pixart_sigma_hybrid", "flux1_guider_custom_sampler", "flux1_lora"}
+EXPECTED = {"flux1_ulysses", "sd35_cfg_parallel", "pixart_sigma_hybrid", "flux1_guider_custom_sampler", "flux1_lora",
+            "wan21_t2v_14b", "wan22_i2v_a14b", "wan22_ti2v_5b"}
 WIDGET_TYPES = {"INT", "FLOAT", "STRING", "BOOLEAN", "COMBO"}
 CONTROL_VALUES = {"fixed", "increment", "decrement", "randomize"}
 
-# Core nodes (ComfyUI 0.3.64): socket inputs and outputs in slot order, widgets in widget order.
-# Widget specs: ("FILE", folder): a file from that models folder; ("COMBO", [...]): values our workflows may
-# use (each must be one of ComfyUI's options); ("INT", min, step); ("FLOAT", min, max); ("STRING",).
+# Core nodes (ComfyUI 0.3.64): socket inputs and outputs in slot order, widgets in widget order; "optional":
+# sockets a prompt may leave unconnected (V3 nodes list them after the required inputs).
+# Widget specs: ("FILE", folder): a file from that models folder (or from ComfyUI's input folder: an image);
+# ("COMBO", [...]): values our workflows may use (each must be one of ComfyUI's options); ("INT", min, step):
+# min + a multiple of step; ("FLOAT", min, max); ("STRING",). "control": widgets followed by a
+# control_after_generate value; "upload": widgets followed by their upload button's value.
 CORE_NODES = {
     "DualCLIPLoader": {"inputs": [], "outputs": ["CLIP"], "widgets": {
         "clip_name1": ("FILE", "text_encoders"), "clip_name2": ("FILE", "text_encoders"),
@@ -35,7 +39,7 @@ CORE_NODES = {
         "clip_name1": ("FILE", "text_encoders"), "clip_name2": ("FILE", "text_encoders"),
         "clip_name3": ("FILE", "text_encoders")}},
     "CLIPLoader": {"inputs": [], "outputs": ["CLIP"], "widgets": {
-        "clip_name": ("FILE", "text_encoders"), "type": ("COMBO", ["pixart", "sd3"]),
+        "clip_name": ("FILE", "text_encoders"), "type": ("COMBO", ["pixart", "sd3", "wan"]),
         "device": ("COMBO", ["default", "cpu"])}},
     "CLIPTextEncode": {"inputs": [("clip", "CLIP")], "outputs": ["CONDITIONING"], "widgets": {"text": ("STRING",)}},
     "FluxGuidance": {"inputs": [("conditioning", "CONDITIONING")], "outputs": ["CONDITIONING"],
@@ -60,11 +64,33 @@ CORE_NODES = {
     "SamplerCustomAdvanced": {"inputs": [("noise", "NOISE"), ("guider", "GUIDER"), ("sampler", "SAMPLER"),
                                          ("sigmas", "SIGMAS"), ("latent_image", "LATENT")],
                               "outputs": ["LATENT", "LATENT"], "widgets": {}},
+    "EmptyHunyuanLatentVideo": {"inputs": [], "outputs": ["LATENT"], "widgets": {
+        "width": ("INT", 16, 16), "height": ("INT", 16, 16), "length": ("INT", 1, 4), "batch_size": ("INT", 1, 1)}},
+    "WanImageToVideo": {"inputs": [("positive", "CONDITIONING"), ("negative", "CONDITIONING"), ("vae", "VAE"),
+                                   ("clip_vision_output", "CLIP_VISION_OUTPUT"), ("start_image", "IMAGE")],
+                        "optional": {"clip_vision_output", "start_image"},
+                        "outputs": ["CONDITIONING", "CONDITIONING", "LATENT"], "widgets": {
+                            "width": ("INT", 16, 16), "height": ("INT", 16, 16), "length": ("INT", 1, 4),
+                            "batch_size": ("INT", 1, 1)}},
+    "Wan22ImageToVideoLatent": {"inputs": [("vae", "VAE"), ("start_image", "IMAGE")], "optional": {"start_image"},
+                                "outputs": ["LATENT"], "widgets": {
+                                    "width": ("INT", 32, 32), "height": ("INT", 32, 32), "length": ("INT", 1, 4),
+                                    "batch_size": ("INT", 1, 1)}},
+    "LoadImage": {"inputs": [], "outputs": ["IMAGE", "MASK"], "widgets": {"image": ("FILE", "input")},
+                  "upload": {"image"}},
+    "CreateVideo": {"inputs": [("images", "IMAGE"), ("audio", "AUDIO")], "optional": {"audio"}, "outputs": ["VIDEO"],
+                    "widgets": {"fps": ("FLOAT", 1.0, 120.0)}},
+    "SaveVideo": {"inputs": [("video", "VIDEO")], "outputs": [], "widgets": {
+        "filename_prefix": ("STRING",), "format": ("COMBO", ["auto"]), "codec": ("COMBO", ["auto"])}},
 }
+# The latent's downscaling (pixels per latent row) of the nodes that make a workflow's latent.
+LATENT_SCALE = {"EmptySD3LatentImage": 8, "EmptyLatentImage": 8, "EmptyHunyuanLatentVideo": 8, "WanImageToVideo": 8,
+                "Wan22ImageToVideoLatent": 16}
 # The model each workflow is for: family, variant, attention heads and transformer blocks of the real checkpoint.
 MODELS = {"flux1_ulysses": ("flux", "dev", 24, 19 + 38), "sd35_cfg_parallel": ("sd3", "sd3", 38, 38),
           "pixart_sigma_hybrid": ("pixart", "sigma", 16, 28), "flux1_guider_custom_sampler": ("flux", "dev", 24, 19 + 38),
-          "flux1_lora": ("flux", "dev", 24, 19 + 38)}
+          "flux1_lora": ("flux", "dev", 24, 19 + 38), "wan21_t2v_14b": ("wan", "t2v", 40, 40),
+          "wan22_i2v_a14b": ("wan", "i2v", 40, 40), "wan22_ti2v_5b": ("wan", "ti2v", 24, 30)}
 
 
 def our_signature(node_type):
@@ -82,24 +108,27 @@ def our_signature(node_type):
 
 
 def signature(node_type):
-    """(sockets, outputs, widget names, names followed by a control_after_generate value)."""
+    """(sockets, outputs, widget names, {widget: the values allowed for the extra entry the frontend saves after
+    it (control_after_generate, an upload button)})."""
     if node_type in NODE_CLASS_MAPPINGS:
         sockets, outputs, widgets = our_signature(node_type)
-        return sockets, outputs, list(widgets), {n for n, (_, o) in widgets.items() if o.get("control_after_generate")}
+        return sockets, outputs, list(widgets), {n: CONTROL_VALUES for n, (_, o) in widgets.items()
+                                                 if o.get("control_after_generate")}
     core = CORE_NODES[node_type]
-    return core["inputs"], core["outputs"], list(core["widgets"]), core.get("control", set())
+    extra = {**{n: CONTROL_VALUES for n in core.get("control", ())}, **{n: {"image"} for n in core.get("upload", ())}}
+    return core["inputs"], core["outputs"], list(core["widgets"]), extra
 
 
 def named_widgets(node):
-    """{widget name: value} of a UI node, dropping the control_after_generate entries."""
-    _, _, names, control = signature(node["type"])
+    """{widget name: value} of a UI node, dropping the control_after_generate and upload entries."""
+    _, _, names, extra = signature(node["type"])
     values = list(node["widgets_values"])
     out = {}
     for name in names:
         assert values, f"node {node['id']} ({node['type']}) has too few widgets_values"
         out[name] = values.pop(0)
-        if name in control:
-            assert values and values.pop(0) in CONTROL_VALUES, f"node {node['id']}: {name}'s control value"
+        if name in extra:
+            assert values and values.pop(0) in extra[name], f"node {node['id']}: {name}'s extra value"
     assert not values, f"node {node['id']} ({node['type']}) has extra widgets_values {values}"
     return out
 
@@ -185,8 +214,8 @@ def test_nodes_are_known_with_their_sockets_and_valid_widgets(path):
         else:
             check_core_widgets(n["type"], values)
         # ComfyUI refuses a prompt whose required socket is unconnected.
-        required = NODE_CLASS_MAPPINGS[n["type"]].INPUT_TYPES().get("required", {}) \
-            if n["type"] in NODE_CLASS_MAPPINGS else dict(sockets)
+        required = NODE_CLASS_MAPPINGS[n["type"]].INPUT_TYPES().get("required", {}) if n["type"] in NODE_CLASS_MAPPINGS \
+            else {s for s, _ in sockets} - CORE_NODES[n["type"]].get("optional", set())
         for i in n["inputs"]:
             if i["name"] in required:
                 assert i["link"] is not None, (n["id"], i["name"])
@@ -222,11 +251,12 @@ def check_core_widgets(node_type, values):
     for name, value in values.items():
         spec = CORE_NODES[node_type]["widgets"][name]
         if spec[0] == "FILE":
-            assert isinstance(value, str) and value.endswith(".safetensors"), (name, value)
+            suffixes = (".png", ".jpg", ".jpeg", ".webp") if spec[1] == "input" else (".safetensors",)
+            assert isinstance(value, str) and value.lower().endswith(suffixes), (name, value)
         elif spec[0] == "COMBO":
             assert value in spec[1], (name, value)
         elif spec[0] == "INT":
-            assert isinstance(value, int) and value >= spec[1] and value % spec[2] == 0, (name, value)
+            assert isinstance(value, int) and value >= spec[1] and (value - spec[1]) % spec[2] == 0, (name, value)
         elif spec[0] == "FLOAT":
             assert isinstance(value, (int, float)) and spec[1] <= value <= spec[2], (name, value)
         else:
@@ -247,33 +277,70 @@ def source(ui, node, input_name):
 @pytest.mark.parametrize("path", UI_FILES, ids=ids)
 def test_mesh_runs_today_on_the_real_model(path):
     """The mesh passes the sampler's own checks for the real model, cfg, steps and size (ulysses divides the
-    heads, cfg parallel only with a negative branch, ...), with one rank per given GPU."""
+    heads, cfg parallel only with a negative branch, no PipeFusion for video, ...), with one rank per given GPU;
+    for every sampler of the workflow (Wan 2.2's two experts)."""
     family, variant, heads, blocks = MODELS[path.stem]
     ui = load(path)
-    (sampler,) = nodes_of(ui, "XDiTSampler") or nodes_of(ui, "XDiTGuider")
-    mesh_node = source(ui, sampler, "mesh")
-    values = named_widgets(mesh_node)
-    mesh, summary = XDiTParallelMesh().build(**values)
-    settings = named_widgets(sampler)
-    if sampler["type"] == "XDiTGuider":  # steps from the scheduler, the latent from SamplerCustomAdvanced
-        (custom,) = nodes_of(ui, "SamplerCustomAdvanced")
-        steps, latent = named_widgets(source(ui, custom, "sigmas"))["steps"], source(ui, custom, "latent_image")
-        loader = source(ui, source(ui, source(ui, sampler, "model"), "model"), "model")
-    else:
-        steps, latent, loader = settings["steps"], source(ui, sampler, "latent_image"), source(ui, sampler, "model")
-    while loader["type"] == "XDiTLoRA":
-        loader = source(ui, loader, "model")
-    cfg, latent_height = settings["cfg"], named_widgets(latent)["height"] // 8
-    model = XDiTModel("unused", "bf16", family, variant, heads, blocks)
-    parallel = check_against_model(mesh, model, cfg, steps, latent_height)
-    assert parallel.world_size == mesh.gpu_count > 1 and mesh.layout == "manual", summary
-    assert named_widgets(loader)["family"] in ("auto", family)
-    if family == "flux":
-        assert cfg == 1.0 and not mesh.use_cfg_parallel and parallel.ulysses_degree == mesh.gpu_count
-        assert source(ui, sampler, "positive")["type"] == "FluxGuidance"
-    else:
-        assert cfg != 1.0 and mesh.use_cfg_parallel
-        assert source(ui, sampler, "negative")["type"] == "CLIPTextEncode"
+    samplers = nodes_of(ui, "XDiTSampler") + nodes_of(ui, "XDiTSamplerAdvanced") or nodes_of(ui, "XDiTGuider")
+    assert samplers
+    for sampler in samplers:
+        mesh_node = source(ui, sampler, "mesh")
+        values = named_widgets(mesh_node)
+        mesh, summary = XDiTParallelMesh().build(**values)
+        settings = named_widgets(sampler)
+        if sampler["type"] == "XDiTGuider":  # steps from the scheduler, the latent from SamplerCustomAdvanced
+            (custom,) = nodes_of(ui, "SamplerCustomAdvanced")
+            steps, latent = named_widgets(source(ui, custom, "sigmas"))["steps"], source(ui, custom, "latent_image")
+            loader = source(ui, source(ui, source(ui, sampler, "model"), "model"), "model")
+        else:
+            steps, latent, loader = settings["steps"], source(ui, sampler, "latent_image"), source(ui, sampler, "model")
+        while latent["type"] in ("XDiTSampler", "XDiTSamplerAdvanced"):  # a second expert's: the first's latent
+            latent = source(ui, latent, "latent_image")
+        while loader["type"] == "XDiTLoRA":
+            loader = source(ui, loader, "model")
+        cfg = settings["cfg"]
+        latent_height = named_widgets(latent)["height"] // LATENT_SCALE[latent["type"]]
+        model = XDiTModel("unused", "bf16", family, variant, heads, blocks)
+        parallel = check_against_model(mesh, model, cfg, steps, latent_height, video=family == "wan")
+        assert parallel.world_size == mesh.gpu_count > 1 and mesh.layout == "manual", summary
+        assert named_widgets(loader)["family"] in ("auto", family)
+        negative = source(ui, sampler, "negative")
+        if negative["type"] == "WanImageToVideo":  # the I2V conditioning wraps the prompts
+            negative = source(ui, negative, "negative")
+        if family == "flux":
+            assert cfg == 1.0 and not mesh.use_cfg_parallel and parallel.ulysses_degree == mesh.gpu_count
+            assert source(ui, sampler, "positive")["type"] == "FluxGuidance"
+        else:
+            assert cfg != 1.0 and mesh.use_cfg_parallel
+            assert negative["type"] == "CLIPTextEncode"
+        if family == "wan":
+            assert parallel.pipefusion_parallel_degree == 1 and named_widgets(sampler)["shift"] == 8.0
+
+
+def test_wan22_experts_chain_as_comfyui_template():
+    """Wan 2.2 I2V A14B: as the template's two KSamplerAdvanced, the high-noise expert adds the noise and hands
+    its latent with the leftover noise at step 10 to the low-noise expert, which adds none and runs to the end;
+    same steps, cfg, sampler, conditioning and mesh for both, each its own model file."""
+    ui = load(WORKFLOWS / "wan22_i2v_a14b.json")
+    high, low = sorted(nodes_of(ui, "XDiTSamplerAdvanced"), key=lambda n: named_widgets(n)["start_at_step"])
+    h, lo = named_widgets(high), named_widgets(low)
+    assert (h["add_noise"], h["start_at_step"], h["end_at_step"], h["return_with_leftover_noise"]) == \
+        ("enable", 0, 10, "enable")
+    assert (lo["add_noise"], lo["start_at_step"], lo["end_at_step"], lo["return_with_leftover_noise"]) == \
+        ("disable", 10, 10000, "disable")
+    for key in ("steps", "cfg", "sampler_name", "scheduler", "shift"):
+        assert h[key] == lo[key], key
+    assert (h["steps"], h["cfg"], h["sampler_name"], h["scheduler"]) == (20, 3.5, "euler", "simple")
+    assert source(ui, low, "latent_image")["id"] == high["id"]
+    assert source(ui, high, "latent_image")["type"] == "WanImageToVideo"
+    for name in ("mesh", "positive", "negative"):
+        assert source(ui, high, name)["id"] == source(ui, low, name)["id"], name
+    assert source(ui, source(ui, high, "positive"), "positive")["type"] == "CLIPTextEncode"
+    files = [named_widgets(source(ui, n, "model"))["model_name"] for n in (high, low)]
+    assert files == ["diffusion_models/wan2.2_i2v_high_noise_14B_fp8_scaled.safetensors",
+                     "diffusion_models/wan2.2_i2v_low_noise_14B_fp8_scaled.safetensors"]
+    (i2v,) = nodes_of(ui, "WanImageToVideo")
+    assert source(ui, i2v, "start_image")["type"] == "LoadImage"
 
 
 @pytest.mark.parametrize("path", UI_FILES, ids=ids)

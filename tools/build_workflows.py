@@ -413,9 +413,178 @@ def flux1_lora() -> Graph:
     return g
 
 
+# ---- Wan 2.1 / 2.2 video: ComfyUI's own templates, with UNETLoader + ModelSamplingSD3 + KSampler(Advanced)
+# replaced by our loader, one mesh and our samplers (ModelSamplingSD3's shift in the sampler's `shift`).
+
+WAN_NEGATIVE = ("色调艳丽，过曝，静态，细节模糊不清，字幕，风格，作品，画作，画面，静止，整体发灰，最差质量，低质量，JPEG压缩残留，"
+                "丑陋的，残缺的，多余的手指，画得不好的手部，画得不好的脸部，畸形的，毁容的，形态畸形的肢体，手指融合，"
+                "静止不动的画面，杂乱的背景，三条腿，背景人很多，倒着走")  # ComfyUI's Wan templates' negative prompt
+WAN_T2V_PROMPT = "a fox moving quickly in a beautiful winter scenery nature trees mountains daytime tracking camera"
+WAN_I2V_PROMPT = ("The white dragon warrior stands still, eyes full of determination and strength. The camera slowly "
+                  "moves closer or circles around the warrior, highlighting the powerful presence and heroic spirit "
+                  "of the character.")
+WAN_TI2V_PROMPT = ("Low contrast. In a retro 1970s-style subway station, a street musician plays in dim colors and "
+                   "rough textures. He wears an old jacket, playing guitar with focus. Commuters hurry by, and a small "
+                   "crowd gathers to listen. The camera slowly moves right, capturing the blend of music and city "
+                   "noise, with old subway signs and mottled walls in the background.")
+WAN21_T2V_14B = "diffusion_models/wan2.1_t2v_14B_fp8_scaled.safetensors"
+WAN22_I2V_HIGH = "diffusion_models/wan2.2_i2v_high_noise_14B_fp8_scaled.safetensors"
+WAN22_I2V_LOW = "diffusion_models/wan2.2_i2v_low_noise_14B_fp8_scaled.safetensors"
+WAN22_TI2V_5B = "diffusion_models/wan2.2_ti2v_5B_fp16.safetensors"
+UMT5 = "umt5_xxl_fp8_e4m3fn_scaled.safetensors"
+START_IMAGE = "example.png"  # the picture ComfyUI ships in its input folder
+
+
+def wan_meshes(heads: int, shipped: int) -> str:
+    """The Wan notes' mesh advice for 2, 4 and 8 GPUs (CFG parallel x Ulysses, what layout auto picks at
+    cfg != 1), marking the workflow's own."""
+    valid = ", ".join(str(d) for d in range(1, 9) if heads % d == 0)
+    ring = next(d for d in range(3, 9) if heads % d)  # the smallest degree Ulysses cannot take
+    rows = {2: ("use_cfg_parallel, ulysses_degree 1", "ulysses_degree 2"),
+            4: ("use_cfg_parallel, ulysses_degree 2", "ulysses_degree 4"),
+            8: ("use_cfg_parallel, ulysses_degree 4", "ulysses_degree 8")}
+    lines = [f"- {n} GPUs: {mesh_}" + (" (as set here)" if n == shipped else "") + f"; without CFG parallel: {alt}"
+             for n, (mesh_, alt) in rows.items()]
+    return ("Mesh (xDiT Parallel Mesh, layout manual, gpu_count = GPUs for the workers; layout auto picks the same):\n"
+            + "\n".join(lines) + "\n"
+            f"The model has {heads} attention heads, so ulysses_degree must divide {heads} (up to 8: {valid}); put "
+            f"the rest on ring_degree (e.g. {2 * ring} GPUs: use_cfg_parallel, ring_degree {ring}). use_cfg_parallel "
+            "runs the positive and the negative prompt on two halves of the GPUs: it doubles the ranks (2 x ulysses "
+            "x ring = gpu_count) and needs cfg != 1. PipeFusion does not run video: keep "
+            "pipefusion_parallel_degree 1.\n")
+
+
+WAN_SHARED = ("Weights are not sharded over the ranks (not implemented yet): every rank holds the whole model. In "
+              "this version fp8 files are upcast at load to the weight dtype (bf16 by default on GPUs), so they take "
+              "as much GPU memory as bf16 files. The text encoder and VAE run in ComfyUI itself, which shares the "
+              "first GPU with a worker; if ComfyUI runs short of memory, give it a GPU of its own: reserve_gpus 1 "
+              "and gpu_count one more than the ranks.")
+
+WAN21_T2V_NOTE = """xDiT: Wan 2.1 T2V 14B (text to video) with CFG parallel x Ulysses
+
+ComfyUI's Wan 2.1 text-to-video template, with UNETLoader + ModelSamplingSD3 (shift 8) + KSampler replaced by xDiT Load Diffusion Model + xDiT Parallel Mesh + xDiT Sampler (shift 8).
+
+Files, under ComfyUI/models/ (Comfy-Org/Wan_2.1_ComfyUI_repackaged, split_files/):
+- diffusion_models/wan2.1_t2v_14B_fp8_scaled.safetensors (picked in "xDiT Load Diffusion Model"; the fp16/bf16 files of the same model load too)
+- text_encoders/umt5_xxl_fp8_e4m3fn_scaled.safetensors (CLIPLoader type wan)
+- vae/wan_2.1_vae.safetensors
+- clip_vision/: nothing (text to video takes no CLIP vision)
+
+""" + wan_meshes(40, shipped=4) + """The 1.3B (diffusion_models/wan2.1_t2v_1.3B_fp16.safetensors) runs in the same graph; it has 12 heads (ulysses_degree 1, 2, 3, 4, 6).
+
+Memory: the 14B takes about 28.6 GB of weights per rank in bf16, plus activations (832x480, 81 frames: 32760 tokens, split over ulysses x ring). """ + WAN_SHARED + """ Width and height must be multiples of 16; length 4n+1 frames (16 fps)."""
+
+WAN22_I2V_NOTE = """xDiT: Wan 2.2 I2V A14B (image to video, two experts) with CFG parallel x Ulysses
+
+ComfyUI's Wan 2.2 14B image-to-video template (its 20-step fp8_scaled group), with the two UNETLoader + ModelSamplingSD3 (shift 8) + KSamplerAdvanced chains replaced by two xDiT Load Diffusion Model and two xDiT Sampler (Advanced) nodes (shift 8) on one xDiT Parallel Mesh: the high-noise expert samples steps 0-10 and returns the latent with its leftover noise, the low-noise expert finishes steps 10-20 without adding noise.
+
+Files, under ComfyUI/models/ (Comfy-Org/Wan_2.2_ComfyUI_Repackaged, split_files/; the text encoder from Comfy-Org/Wan_2.1_ComfyUI_repackaged):
+- diffusion_models/wan2.2_i2v_high_noise_14B_fp8_scaled.safetensors and diffusion_models/wan2.2_i2v_low_noise_14B_fp8_scaled.safetensors (the two experts, each picked in its "xDiT Load Diffusion Model")
+- text_encoders/umt5_xxl_fp8_e4m3fn_scaled.safetensors (CLIPLoader type wan)
+- vae/wan_2.1_vae.safetensors (the 14B experts use the Wan 2.1 VAE)
+- clip_vision/: nothing (Wan 2.2 takes no CLIP vision; only Wan 2.1 I2V 14B does: CLIPVisionLoader with clip_vision/clip_vision_h.safetensors -> CLIPVisionEncode -> WanImageToVideo's clip_vision_output)
+- the start image: Load Image (an upload lands in ComfyUI/input/; input/example.png is the picture ComfyUI ships there). Describe it in the prompt.
+
+""" + wan_meshes(40, shipped=4) + """Both samplers take the one mesh node: the two experts run on the same workers.
+
+Memory: both experts stay resident on every worker rank, so going from the high- to the low-noise expert loads nothing. """ + WAN_SHARED + """ The fp8 files are about 14 GB each (2 x 14 GB per rank if they stayed fp8, which this version does not do); upcast to bf16 the pair takes about 2 x 28.6 GB = 57 GB of weights per rank, plus activations (640x640, 81 frames: 33600 tokens, split over ulysses x ring): use 80 GB GPUs. The workers keep at most XDIT_RESIDENT_GB of weights per rank (default 70% of the GPU's memory); below the pair, every switch reloads the other expert. Width and height must be multiples of 16; length 4n+1 frames (16 fps)."""
+
+WAN22_TI2V_NOTE = """xDiT: Wan 2.2 TI2V 5B (text and image to video) with CFG parallel
+
+ComfyUI's Wan 2.2 5B template with its start image connected, with UNETLoader + ModelSamplingSD3 (shift 8) + KSampler replaced by xDiT Load Diffusion Model + xDiT Parallel Mesh + xDiT Sampler (shift 8). Wan22ImageToVideoLatent encodes the start image into the first latent frame and sets a noise_mask that keeps it; disconnect Load Image from start_image for text to video.
+
+Files, under ComfyUI/models/ (Comfy-Org/Wan_2.2_ComfyUI_Repackaged, split_files/; the text encoder from Comfy-Org/Wan_2.1_ComfyUI_repackaged):
+- diffusion_models/wan2.2_ti2v_5B_fp16.safetensors (picked in "xDiT Load Diffusion Model")
+- text_encoders/umt5_xxl_fp8_e4m3fn_scaled.safetensors (CLIPLoader type wan)
+- vae/wan2.2_vae.safetensors (the 5B's own VAE, 16x downscaling; not wan_2.1_vae)
+- clip_vision/: nothing (the 5B takes no CLIP vision)
+- the start image: Load Image (an upload lands in ComfyUI/input/; input/example.png is the picture ComfyUI ships there)
+
+""" + wan_meshes(24, shipped=2) + """
+Memory: the 5B takes about 10 GB of weights per rank in bf16, plus activations (1280x704, 121 frames: 27280 tokens, split over ulysses x ring). """ + WAN_SHARED + """ Width and height must be multiples of 32; length 4n+1 frames (24 fps)."""
+
+
+def wan_text(g: Graph, clip: Node, prompt: str) -> tuple[Node, Node]:
+    pos = g.add("CLIPTextEncode", (400, 60), title="Positive prompt", color=POSITIVE, text=prompt,
+                clip=clip.out("CLIP"))
+    neg = g.add("CLIPTextEncode", (400, 280), title="Negative prompt", color=NEGATIVE, text=WAN_NEGATIVE,
+                clip=clip.out("CLIP"))
+    return pos, neg
+
+
+def decode_and_save_video(graph, latent: Out, vae, fps, prefix):
+    decode = graph.add("VAEDecode", (1240, 60), samples=latent, vae=vae.out("VAE"))
+    video = graph.add("CreateVideo", (1240, 150), images=decode.out("IMAGE"), fps=fps)
+    graph.add("SaveVideo", (1240, 270), video=video.out("VIDEO"), filename_prefix=prefix, format="auto",
+              codec="auto")
+
+
+def wan21_t2v_14b() -> Graph:
+    g = Graph()
+    g.note((-460, 60), (420, 760), WAN21_T2V_NOTE)
+    model = g.add("XDiTLoadModel", (0, 60), model_name=WAN21_T2V_14B, weight_dtype="default", family="auto",
+                  variant="auto")
+    clip = g.add("CLIPLoader", (0, 230), clip_name=UMT5, type="wan", device="default")
+    vae = g.add("VAELoader", (0, 380), vae_name="wan_2.1_vae.safetensors")
+    latent = g.add("EmptyHunyuanLatentVideo", (0, 480), width=832, height=480, length=81, batch_size=1)
+    pos, neg = wan_text(g, clip, WAN_T2V_PROMPT)
+    m = mesh(g, (400, 500), model, ulysses=2, cfg_parallel=True, gpus=4)
+    s = g.add("XDiTSampler", (880, 60), model=model.out("model"), mesh=m.out("mesh"), positive=pos.out("CONDITIONING"),
+              negative=neg.out("CONDITIONING"), latent_image=latent.out("LATENT"), seed=42, steps=30, cfg=6.0,
+              sampler_name="uni_pc", scheduler="simple", denoise=1.0, shift=8.0)
+    decode_and_save_video(g, s.out("LATENT"), vae, 16.0, "video/xdit_wan21_t2v_14b")
+    return g
+
+
+def wan22_i2v_a14b() -> Graph:
+    g = Graph()
+    g.note((-460, 60), (420, 1030), WAN22_I2V_NOTE)
+    high = g.add("XDiTLoadModel", (0, 60), title="High-noise expert", model_name=WAN22_I2V_HIGH,
+                 weight_dtype="default", family="auto", variant="auto")
+    low = g.add("XDiTLoadModel", (0, 230), title="Low-noise expert", model_name=WAN22_I2V_LOW,
+                weight_dtype="default", family="auto", variant="auto")
+    clip = g.add("CLIPLoader", (0, 400), clip_name=UMT5, type="wan", device="default")
+    vae = g.add("VAELoader", (0, 550), vae_name="wan_2.1_vae.safetensors")
+    image = g.add("LoadImage", (0, 650), title="Start image", image=START_IMAGE)
+    pos, neg = wan_text(g, clip, WAN_I2V_PROMPT)
+    i2v = g.add("WanImageToVideo", (400, 500), positive=pos.out("CONDITIONING"), negative=neg.out("CONDITIONING"),
+                vae=vae.out("VAE"), start_image=image.out("IMAGE"), width=640, height=640, length=81, batch_size=1)
+    m = mesh(g, (400, 770), high, ulysses=2, cfg_parallel=True, gpus=4)
+    common = dict(mesh=m.out("mesh"), steps=20, cfg=3.5, sampler_name="euler", scheduler="simple",
+                  positive=i2v.out("positive"), negative=i2v.out("negative"), shift=8.0)
+    first = g.add("XDiTSamplerAdvanced", (880, 60), title="High-noise expert: steps 0-10", model=high.out("model"),
+                  add_noise="enable", noise_seed=42, latent_image=i2v.out("latent"), start_at_step=0, end_at_step=10,
+                  return_with_leftover_noise="enable", **common)
+    second = g.add("XDiTSamplerAdvanced", (880, 500), title="Low-noise expert: steps 10-end", control="fixed",
+                   model=low.out("model"), add_noise="disable", noise_seed=0, latent_image=first.out("LATENT"),
+                   start_at_step=10, end_at_step=10000, return_with_leftover_noise="disable", **common)
+    decode_and_save_video(g, second.out("LATENT"), vae, 16.0, "video/xdit_wan22_i2v_a14b")
+    return g
+
+
+def wan22_ti2v_5b() -> Graph:
+    g = Graph()
+    g.note((-460, 60), (420, 900), WAN22_TI2V_NOTE)
+    model = g.add("XDiTLoadModel", (0, 60), model_name=WAN22_TI2V_5B, weight_dtype="default", family="auto",
+                  variant="auto")
+    clip = g.add("CLIPLoader", (0, 230), clip_name=UMT5, type="wan", device="default")
+    vae = g.add("VAELoader", (0, 380), vae_name="wan2.2_vae.safetensors")
+    image = g.add("LoadImage", (0, 480), title="Start image", image=START_IMAGE)
+    pos, neg = wan_text(g, clip, WAN_TI2V_PROMPT)
+    latent = g.add("Wan22ImageToVideoLatent", (400, 500), vae=vae.out("VAE"), start_image=image.out("IMAGE"),
+                   width=1280, height=704, length=121, batch_size=1)
+    m = mesh(g, (400, 690), model, cfg_parallel=True, gpus=2)
+    s = g.add("XDiTSampler", (880, 60), model=model.out("model"), mesh=m.out("mesh"), positive=pos.out("CONDITIONING"),
+              negative=neg.out("CONDITIONING"), latent_image=latent.out("LATENT"), seed=42, steps=20, cfg=5.0,
+              sampler_name="uni_pc", scheduler="simple", denoise=1.0, shift=8.0)
+    decode_and_save_video(g, s.out("LATENT"), vae, 24.0, "video/xdit_wan22_ti2v_5b")
+    return g
+
+
 WORKFLOWS = {"flux1_ulysses": flux1_ulysses, "sd35_cfg_parallel": sd35_cfg_parallel,
              "pixart_sigma_hybrid": pixart_sigma_hybrid, "flux1_guider_custom_sampler": flux1_guider_custom_sampler,
-             "flux1_lora": flux1_lora}
+             "flux1_lora": flux1_lora, "wan21_t2v_14b": wan21_t2v_14b, "wan22_i2v_a14b": wan22_i2v_a14b,
+             "wan22_ti2v_5b": wan22_ti2v_5b}
 
 
 def render() -> dict[Path, str]:
