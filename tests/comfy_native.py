@@ -111,8 +111,8 @@ WAN_CLIP_VISION_DIM = 1280
 def _wan(config: dict[str, Any]) -> dict[str, Any]:
     # As ComfyUI's detection of a Wan checkpoint (head.modulation): the image embedder (img_emb) makes it "i2v",
     # its absence "t2v" (Wan 2.2 A14B I2V experts too); out_dim 48 then picks Wan 2.2 5B's config.
-    wrong = {k: config.get(k) for k, v in WAN_FIXED.items() if (list(config[k]) if isinstance(v, list) else
-                                                               config.get(k)) != v}
+    have = {k: list(config[k]) if isinstance(v, list) else config.get(k) for k, v in WAN_FIXED.items()}
+    wrong = {k: value for k, value in have.items() if value != WAN_FIXED[k]}
     if config.get("image_dim") not in (None, WAN_CLIP_VISION_DIM):
         wrong["image_dim"] = config["image_dim"]
     if wrong:

@@ -1,5 +1,6 @@
 """ComfyUI's own model and KSampler against our engine on the same weights: for each family, ComfyUI's code
-(tests/comfy_native.py, run once in ComfyUI's Python for every case) and our serial run give the same latent.
+(tests/comfy_native.py, run once in ComfyUI's Python for every case) and our serial run give the same latent;
+for Wan 2.1 / 2.2 from ComfyUI's own Wan latent and conditioning nodes, our xDiT Sampler node too.
 
 Runs only with COMFYUI_PATH (a ComfyUI checkout); ComfyUI's Python as in test_comfyui_integration.py.
 """
@@ -379,9 +380,10 @@ def wan_made(comfy, name: str) -> dict[str, Optional[torch.Tensor]]:
                                                            "concat_mask")}
 
 
-def ours_wan(comfy, name: str) -> torch.Tensor:
+def ours_wan(comfy, name: str, drop: Optional[str] = None) -> torch.Tensor:
     """Our engine's serial run from what ComfyUI's Wan node made: its LATENT and noise_mask, and our own reading
-    of its conditioning (image_concat of concat_latent_image and concat_mask, the CLIP vision states)."""
+    of its conditioning (image_concat of concat_latent_image and concat_mask, the CLIP vision states). `drop`
+    (a control): "clip_vision" or "concat" zeroed, or the "noise_mask" left out."""
     from xdit_core.loading.load import load_model
     from xdit_core.models import make_adapter
     from xdit_core.models.base import BranchCond
@@ -394,13 +396,18 @@ def ours_wan(comfy, name: str) -> torch.Tensor:
     latent = made["latent"]
     concat = image_concat(spec, latent.shape, made["concat_latent_image"], made["concat_mask"])
     image = t.get(f"wan/{name}/clip_vision")
+    if drop == "clip_vision":
+        image = torch.zeros_like(image)
+    elif drop == "concat":
+        concat = torch.zeros_like(concat)
 
     def cond(which):
         return BranchCond(t[f"wan/{name}/{which}_text"], image=image, concat=concat)
 
     request = build_request(spec, latent, seed=case["seed"], steps=case["steps"], cfg=case["cfg"],
                             sampler=case["sampler_name"], scheduler=case["scheduler"], denoise=1.0,
-                            positive=cond("positive"), negative=cond("negative"), noise_mask=made["noise_mask"])
+                            positive=cond("positive"), negative=cond("negative"),
+                            noise_mask=None if drop == "noise_mask" else made["noise_mask"])
     return spec.latent_format.process_out(run_request(make_adapter(model, spec), request))
 
 
@@ -423,6 +430,16 @@ def test_ksampler_on_comfyuis_wan_equals_our_engine(comfy, name):
     error = ((mine - theirs).abs().max() / theirs.abs().max()).item()
     print(f"wan {name} engine vs ComfyUI's KSampler: relative error {error:.2e}")
     assert error < TOLERANCE, f"{name}: relative error {error:.2e}"
+
+
+@pytest.mark.parametrize("name,drop", [("wan21_i2v", "clip_vision"), ("wan21_i2v", "concat"),
+                                       ("wan22_ti2v", "noise_mask")])
+def test_wan_image_conditioning_is_compared(comfy, name, drop):
+    """Control: without the CLIP vision states, the start image's channels or the 5B's noise_mask our run is far
+    from ComfyUI's (measured 0.28, 0.15, 0.80), so the comparisons above check each at TOLERANCE."""
+    theirs = wan_made(comfy, name)["samples"]
+    error = ((ours_wan(comfy, name, drop) - theirs).abs().max() / theirs.abs().max()).item()
+    assert error > 100 * TOLERANCE, f"{name} without {drop}: relative error {error:.2e}"
 
 
 @pytest.mark.parametrize("name", WAN)
