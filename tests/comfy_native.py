@@ -291,9 +291,6 @@ def custom_sampler_case(patcher: comfy.model_patcher.ModelPatcher, case: dict[st
     """SamplerCustomAdvanced with RandomNoise, KSamplerSelect and BasicScheduler (on the guider's MODEL). Case keys:
     latent, seed, steps, cfg, sampler_name, scheduler, positive, negative, optional shift and noise_mask, and
     "guider": "comfy" (CFGGuider on ComfyUI's model) or {"mesh": {...}} (the xDiT Guider on our model folder)."""
-    from comfy_extras.nodes_custom_sampler import (BasicScheduler, KSamplerSelect, Noise_RandomNoise,
-                                                   SamplerCustomAdvanced)
-
     positive, negative = _branch(case["positive"]), _branch(case["negative"])
     if case["guider"] == "comfy":
         model = patcher if case.get("shift") is None else shifted(patcher, case["shift"])
@@ -303,11 +300,21 @@ def custom_sampler_case(patcher: comfy.model_patcher.ModelPatcher, case: dict[st
     else:
         guider, model = xdit_guider(case["model"], case["guider"]["mesh"], positive, negative, case["cfg"],
                                     case.get("shift"))
-    sigmas = BasicScheduler().get_sigmas(model, case["scheduler"], case["steps"], 1.0)[0]
-    sampler = KSamplerSelect().get_sampler(case["sampler_name"])[0]
     latent = {"samples": case["latent"]}
     if case.get("noise_mask") is not None:
         latent["noise_mask"] = case["noise_mask"]
+    return sampler_custom_advanced(guider, model, case, latent)
+
+
+def sampler_custom_advanced(guider, model: comfy.model_patcher.ModelPatcher, case: dict[str, Any],
+                            latent: dict) -> dict[str, torch.Tensor]:
+    """SamplerCustomAdvanced with RandomNoise(seed), KSamplerSelect(sampler_name) and BasicScheduler(scheduler,
+    steps) on `model`: {"samples", "denoised", "sigmas"}."""
+    from comfy_extras.nodes_custom_sampler import (BasicScheduler, KSamplerSelect, Noise_RandomNoise,
+                                                   SamplerCustomAdvanced)
+
+    sigmas = BasicScheduler().get_sigmas(model, case["scheduler"], case["steps"], 1.0)[0]
+    sampler = KSamplerSelect().get_sampler(case["sampler_name"])[0]
     out, denoised = SamplerCustomAdvanced().sample(Noise_RandomNoise(case["seed"]), guider, sampler, sigmas, latent)
     return {"samples": out["samples"], "denoised": denoised["samples"], "sigmas": sigmas}
 
@@ -361,14 +368,24 @@ def wan_inputs(case: dict[str, Any]) -> tuple[list, list, dict]:
 
 def wan_video_case(patcher: comfy.model_patcher.ModelPatcher, case: dict[str, Any]) -> dict[str, torch.Tensor]:
     """ComfyUI's Wan nodes (wan_inputs) give the conditioning and LATENT; then "sampler": "comfy" (KSampler on
-    ComfyUI's model) or {"mesh": {...}} (our xDiT Sampler node on our model folder), with seed, steps, cfg,
-    sampler_name, scheduler. Outputs the samples and what the nodes made: the LATENT ("latent", "noise_mask")
+    ComfyUI's model), {"mesh": {...}} (our xDiT Sampler node on our model folder), "comfy_guider" (CFGGuider on
+    ComfyUI's model) or {"guider_mesh": {...}} (the xDiT Guider), the last two through SamplerCustomAdvanced;
+    with seed, steps, cfg, sampler_name, scheduler. Outputs the samples and what the nodes made: the LATENT ("latent", "noise_mask")
     and the positive's start image keys ("concat_latent_image", "concat_mask")."""
     positive, negative, latent = wan_inputs(case)
     if case["sampler"] == "comfy":
         samples = ksampler(patcher, latent["samples"], seed=case["seed"], steps=case["steps"], cfg=case["cfg"],
                            sampler_name=case["sampler_name"], scheduler=case["scheduler"], positive=positive,
                            negative=negative, noise_mask=latent.get("noise_mask"))
+    elif case["sampler"] == "comfy_guider":  # CFGGuider on ComfyUI's model through SamplerCustomAdvanced
+        guider = comfy.samplers.CFGGuider(patcher)
+        guider.set_conds(positive, negative)
+        guider.set_cfg(case["cfg"])
+        samples = sampler_custom_advanced(guider, patcher, case, latent)["samples"]
+    elif "guider_mesh" in case["sampler"]:  # the xDiT Guider on the workers, the same way
+        guider, model = xdit_guider(case["model"], case["sampler"]["guider_mesh"], positive, negative, case["cfg"],
+                                    None)
+        samples = sampler_custom_advanced(guider, model, case, latent)["samples"]
     else:
         nodes = plugin().nodes
         xdit = nodes.loader.XDiTLoadModel().load(str(case["model"]), "fp32", "auto", "auto")[0]

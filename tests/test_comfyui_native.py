@@ -74,6 +74,9 @@ WAN = {
 # 3 latent frames of 6 x 10: 45 tokens after the 2x2 patches, which Ulysses 2 pads.
 WAN_FRAMES, WAN_ROWS, WAN_COLS = 3, 6, 10
 WAN_STEPS, WAN_CFG, WAN_STD, WAN_MESH = 4, 5.0, 0.05, {"ulysses_degree": 2}
+# Through SamplerCustomAdvanced too: the xDiT Guider against CFGGuider on ComfyUI's model (I2V's image inputs;
+# the 5B's per-frame timesteps and clean start frame, which the Guider applies from ComfyUI's denoise mask).
+WAN_GUIDED = ("wan21_i2v", "wan22_ti2v")
 CFG, GUIDANCE, SEED = 2.0, 2.5, 11
 # max |ours - ComfyUI's| / max |ComfyUI's|; measured: at most 5e-7 for every family (torch 2.13 here, ComfyUI's
 # own torch there). Running the negative at the positive's guidance (2.5) instead of ComfyUI's 3.5 is 3.6e-4.
@@ -167,8 +170,12 @@ def wan_cases(name: str, model: Path, tensors: dict) -> list[dict]:
             **{b: {"text": {"tensor": f"wan/{name}/{b}_text"}} for b in ("positive", "negative")},
             **{k: {"tensor": f"wan/{name}/{k}"} for k in ("start_image", "vae_latent", "clip_vision")
                if f"wan/{name}/{k}" in tensors}}
-    return [dict(case, name=f"wan/{name}/comfy", sampler="comfy"),
-            dict(case, name=f"wan/{name}/xdit", sampler={"mesh": WAN_MESH})]
+    cases = [dict(case, name=f"wan/{name}/comfy", sampler="comfy"),
+             dict(case, name=f"wan/{name}/xdit", sampler={"mesh": WAN_MESH})]
+    if name in WAN_GUIDED:
+        cases += [dict(case, name=f"wan/{name}/comfy_guider", sampler="comfy_guider"),
+                  dict(case, name=f"wan/{name}/xdit_guider", sampler={"guider_mesh": WAN_MESH})]
+    return cases
 
 
 @pytest.fixture(scope="module")
@@ -453,4 +460,18 @@ def test_xdit_sampler_node_equals_comfyuis_ksampler_on_wan(comfy, name):
     assert mine.shape == theirs.shape
     error = ((mine - theirs).abs().max() / theirs.abs().max()).item()
     print(f"wan {name} xDiT Sampler (ulysses 2) vs ComfyUI's KSampler: relative error {error:.2e}")
+    assert error < TOLERANCE, f"{name}: relative error {error:.2e}"
+
+
+@pytest.mark.parametrize("name", WAN_GUIDED)
+def test_xdit_guider_equals_comfyuis_cfg_guider_on_wan(comfy, name):
+    """SamplerCustomAdvanced with the xDiT Guider (Ulysses 2) against CFGGuider on ComfyUI's model, from the same
+    Wan node's LATENT and conditioning: the I2V inputs, and the 5B's per-frame timesteps and clean start frame,
+    which the Guider takes from ComfyUI's denoise mask."""
+    keys = [f"wan/{name}/{kind}" for kind in ("comfy_guider", "xdit_guider")]
+    for key in keys:
+        assert key not in comfy["errors"], comfy["errors"][key]
+    theirs, mine = (comfy["outputs"][f"{key}/samples"] for key in keys)
+    error = ((mine - theirs).abs().max() / theirs.abs().max()).item()
+    print(f"wan {name} xDiT Guider (ulysses 2) vs ComfyUI's CFGGuider: relative error {error:.2e}")
     assert error < TOLERANCE, f"{name}: relative error {error:.2e}"
