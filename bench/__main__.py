@@ -5,7 +5,7 @@ soak, model.
 Prints one table (or a few) per benchmark, writes bench/results/<name>.json, bench/results/tables.md and
 PNG plots into bench/results/. `--publish` also copies the plots into docs/ and writes the model's test
 fixture (tests/fixtures/perf_cpu.json) from the cpu_scaling run. `--quick` shrinks every size for a
-smoke run (about 4 minutes); the default sizes take about 8 minutes on 2 cores.
+smoke run (about 4 minutes); the default sizes take about 9 minutes on 2 cores (video: about 1).
 """
 
 from __future__ import annotations
@@ -33,7 +33,7 @@ SIZES = {  # option: (default, --quick)
     "calibration_repeats": (3, 2),
     "video_size": (256, 192),  # Wan medium: 256x256x17 frames = 1280 video tokens; --quick 192x192x9 = 432
     "video_length": (17, 9),
-    "video_steps": (3, 2),
+    "video_steps": (2, 2),
     "video_repeats": (3, 2),
     "mem_size": (256, 128),
     "ovh_size": (256, 128),

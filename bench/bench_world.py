@@ -367,10 +367,12 @@ def video_world(rank: int, device: torch.device, payload: dict[str, Any]) -> dic
     """Run every config of ours (payload "configs": name -> ParallelConfig) and of diffusers (payload "peers":
     name -> Ulysses degree over the whole world, 1: a plain loop on rank 0) on one request: once untimed (the
     first call's allocations; bytes sent and final latents taken there), then `repeats` times timed, interleaved
-    (the order reversed every other repeat); a rank outside a run waits.
+    (the order reversed every other repeat), each repeat after a probe of how much slower two ranks compute than
+    one (`_contention`); a rank outside a run waits.
 
     Returns this rank's seconds per run, bytes it sent over one run by kind (ours: the engine's counters;
-    diffusers': its functional collectives, counted the same way) and, on rank 0, each run's final latent."""
+    diffusers': its functional collectives, counted the same way), the probes and, on rank 0, each run's final
+    latent."""
     from diffusers.models._modeling_parallel import ContextParallelConfig
 
     path, request = payload["path"], payload["request"]
@@ -387,8 +389,11 @@ def video_world(rank: int, device: torch.device, payload: dict[str, Any]) -> dic
             model = load_model(path)[0]
             model.enable_parallelism(config=ContextParallelConfig(ulysses_degree=degree))
             runs[name] = partial(_diffusers_run, model, request, ms)
-    out: dict[str, Any] = {"times": {n: [] for n in runs}, "bytes": {}, "latents": {}}
+    out: dict[str, Any] = {"times": {n: [] for n in runs}, "bytes": {}, "latents": {}, "contention": []}
+    probe = _evaluation(adapter, request)
     for rep in range(-1, payload["repeats"]):  # -1: the untimed run
+        if rep >= 0:
+            out["contention"].append(_contention(rank, probe))
         for name in list(runs) if rep % 2 == 0 else list(reversed(runs)):
             dist.barrier()
             if runs[name] is not None:

@@ -8,6 +8,7 @@ workload, the gloo link and every config's measured times and bytes); regenerati
 
 import itertools
 import json
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -18,6 +19,7 @@ from bench.perfmodel import (
     FLUX_DEV,
     LINKS,
     PAPER_METHODS,
+    WAN21_T2V_14B,
     BlockCost,
     Cluster,
     Workload,
@@ -207,6 +209,49 @@ def test_free_links_give_ideal_sequence_parallel_speedup():
     serial = predict(w, pc(), free, 28).total
     for n in (2, 4, 8):
         assert predict(w, pc(ulysses_degree=n), free, 28).total == pytest.approx(serial / n, rel=1e-9)
+
+
+# --------------------------------------------------------------------------------------------------
+# Video with cross-attention text: Wan2.1 T2V 14B at 720p
+# --------------------------------------------------------------------------------------------------
+def _wan_720p(arch=WAN21_T2V_14B, s_per_flop: float = 2e-15) -> Workload:
+    return flop_workload(arch, 720, 1280, frames=81, branches=2, s_per_flop=s_per_flop)
+
+
+def test_wan_720p_81_frames_is_75600_video_tokens_with_cross_attention_text():
+    w = _wan_720p()
+    assert w.img_tokens == 21 * (720 // 16) * (1280 // 16) == 75_600
+    assert (w.joint_text, w.cross_text, w.txt_tokens) == (False, True, 512)
+    assert w.latent == (1, 16, 21 * 90, 160)  # 21 latent frames stacked as rows: the CFG gather's bytes
+    assert sum(WAN21_T2V_14B.block_param_bytes()) / 2 == pytest.approx(14.05e9, rel=1e-3)  # the "14B", bf16
+
+
+@pytest.mark.parametrize("config", [pc(ulysses_degree=8), pc(ring_degree=8), pc(ulysses_degree=4, ring_degree=2),
+                                    pc(use_cfg_parallel=True, ulysses_degree=4)])
+def test_wan_cross_attention_text_is_never_exchanged(config):
+    """The 512 text tokens are replicated on every rank: no byte of theirs moves (the same bytes without any
+    text), and Ulysses moves exactly the video tokens' Q, K, V and output, per branch."""
+    with_text, no_text = _wan_720p(), _wan_720p(replace(WAN21_T2V_14B, txt_tokens=0))
+    for rank in range(config.world_size):
+        assert message_bytes(with_text, config, rank, 50) == message_bytes(no_text, config, rank, 50)
+    uly = message_bytes(with_text, pc(ulysses_degree=8))
+    shape = dict(p=75_600, hs=5120, L=40, N=8)
+    assert uly["ulysses_all_to_all"] == 2 * exact_comm_elements("ulysses", **shape) * 2  # 2 branches, bf16
+    assert uly["ulysses_all_gather"] == 0
+
+
+@pytest.mark.parametrize("config", [pc(ulysses_degree=4), pc(ring_degree=4)])
+def test_wan_text_projections_are_replicated_not_split(config):
+    """Over free links, sequence parallelism divides everything by N except the text's cross-attention key and
+    value projections, which every rank computes in full."""
+    free = Cluster("free", uniform_link("free", float("inf"), 0.0))
+    s_per_flop = 2e-15
+    w = _wan_720p(s_per_flop=s_per_flop)
+    serial = predict(w, pc(), free, 1).per_step
+    kv = w.branches * len(w.blocks) * WAN21_T2V_14B.text_kv_flops() * s_per_flop
+    assert kv > 0
+    n = config.world_size
+    assert predict(w, config, free, 1).per_step == pytest.approx(serial / n + (1 - 1 / n) * kv, rel=1e-12)
 
 
 # --------------------------------------------------------------------------------------------------
