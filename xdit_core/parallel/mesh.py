@@ -31,6 +31,9 @@ class ParallelConfig:
     use_cfg_parallel: bool = False
     num_pipeline_patch: Optional[int] = None
     warmup_steps: int = 1
+    # FSDP-style weight sharding over the ranks that hold the same blocks (a stage's Ulysses x Ring x CFG ranks):
+    # each keeps 1/N of every block and gathers a block just before it runs.
+    shard_weights: bool = False
 
     @property
     def cfg_degree(self) -> int:
@@ -83,8 +86,10 @@ class ParallelConfig:
 
     def describe(self) -> str:
         """One line: the degrees and the world size."""
+        sharded = f", weights sharded over {self.world_size // self.pipefusion_parallel_degree}" \
+            if self.shard_weights and self.world_size > self.pipefusion_parallel_degree else ""
         return (f"cfg {self.cfg_degree} x pipefusion {self.pipefusion_parallel_degree} x ring {self.ring_degree} "
-                f"x ulysses {self.ulysses_degree} = {self.world_size} ranks")
+                f"x ulysses {self.ulysses_degree} = {self.world_size} ranks{sharded}")
 
 
 def _divisors(n: int) -> list[int]:
