@@ -19,18 +19,20 @@ def tiny_models(tmp_path_factory):
 @pytest.fixture(scope="session")
 def spawned_world(tmp_path_factory):
     """The suite's one spawned world of 8 gloo ranks (spawning costs seconds per process here). The parity
-    cases of test_parallel.py and test_wan.py, then the point-to-point cases of test_nccl_semantics.py, run in
+    cases of test_parallel.py, test_wan.py and test_sharding.py, then the point-to-point cases of test_nccl_semantics.py, run in
     it in turn;
     smaller meshes use the first ranks."""
     import parallel_world
     from test_nccl_semantics import world_payload as nccl_payload
+    from test_parallel import PATHS
     from test_parallel import world_payload as parallel_payload
+    from test_sharding import world_payload as sharding_payload
     from test_wan import world_payload as wan_payload
     from xdit_core.runtime.launch import spawn_world
 
     cases, refs, shapes = parallel_payload(tmp_path_factory.mktemp("par"))
     wan_cases, wan_refs = wan_payload(tmp_path_factory.mktemp("wan"))
-    cases, refs = cases + wan_cases, {**refs, **wan_refs}
+    cases, refs = cases + wan_cases + sharding_payload(PATHS), {**refs, **wan_refs}
     payload = {"parallel": cases, "nccl": nccl_payload(tmp_path_factory.mktemp("nccl"))}
     # The ranks start with diffusers' attention backend set to flex (the serial references used native SDPA):
     # the dispatcher families (Flux) must then be routed at the dispatcher, not at the SDPA call that the

@@ -14,6 +14,8 @@ from xdit_core.parallel.mesh import Mesh
 from xdit_core.models import make_adapter
 from xdit_core.models.wan import WanAdapter
 from xdit_core.parallel.context import RankContext
+from xdit_core.parallel import sharding
+from xdit_core.parallel.stages import pipefusion_parts
 from xdit_core.sampling.inpaint import Inpaint
 
 
@@ -29,31 +31,44 @@ def run_cases(rank: int, device: torch.device, cases: list) -> dict:
         if not mesh.is_member:
             continue
         mutation, dtype = case_options(name)
-        if config.pipefusion_parallel_degree > 1:  # PipeFusion frees the other stages' blocks: fresh model
-            adapter = make_adapter(*load_model(path, dtype))
-        else:
-            if (path, dtype) not in adapters:
-                adapters[(path, dtype)] = make_adapter(*load_model(path, dtype))
-            adapter = adapters[(path, dtype)]
         ctx = RankContext(mesh, device, ring_impl=ring_impl)
+        hooks_of_sharding = 0
         with MUTATIONS[mutation]() if mutation else contextlib.nullcontext():
+            if config.pipefusion_parallel_degree > 1 or config.shard_weights:
+                # PipeFusion frees the other stages' blocks, sharding replaces the blocks' weights: a fresh model
+                # (a sharded stage loads only its blocks, as RankJob does: the others' must not be sharded)
+                parts = pipefusion_parts(path, None, None, config, mesh.rank) if config.shard_weights else None
+                model, spec = load_model(path, dtype, parts=parts)
+                adapter = make_adapter(model, spec)
+                if config.shard_weights:
+                    sharding.shard_blocks(adapter, ctx)
+                    hooks_of_sharding = _hooks(adapter.model)  # FSDP's own and the gather count's, by design
+            else:
+                if (path, dtype) not in adapters:
+                    adapters[(path, dtype)] = make_adapter(*load_model(path, dtype))
+                adapter = adapters[(path, dtype)]
             out = run_request(adapter, request, ctx=ctx)
         results[name] = {
             "out": out if rank == 0 else None, "total": dict(ctx.counter.total), "per_step": ctx.counter.per_step,
-            "param_bytes": sum(p.numel() * p.element_size() for p in adapter.model.parameters() if not p.is_meta),
+            "param_bytes": sharding.local_param_bytes(adapter.model),
             "effective_patches": ctx.effective_patches, "coords": mesh.coords,
             # What the routing left behind (models are reused across cases: warm requests must leave nothing):
             # hooks on the model, active routers, torch function modes.
-            "left_behind": sum(len(m._forward_pre_hooks) + len(m._forward_hooks) for m in adapter.model.modules())
-            + len(routing.active_routers()) + torch._C._len_torch_function_stack(),
+            "left_behind": _hooks(adapter.model) - hooks_of_sharding + len(routing.active_routers())
+            + torch._C._len_torch_function_stack(),
         }
     return results
 
 
+def _hooks(model: torch.nn.Module) -> int:
+    return sum(len(m._forward_pre_hooks) + len(m._forward_hooks) for m in model.modules())
+
+
 def case_options(name: str) -> tuple:
-    """(mutation or None, dtype) of a case named "family/size/config[@option[+option]]" (e.g. "@bf16+ring_skip")."""
+    """(mutation or None, dtype) of a case named "family/size/config[@option[+option]]" (e.g. "@bf16+ring_skip");
+    "shard" only names a case whose config shards its weights."""
     options = [o for o in name.partition("@")[2].split("+") if o]
-    unknown = [o for o in options if o not in MUTATIONS and o not in DTYPES]
+    unknown = [o for o in options if o not in MUTATIONS and o not in DTYPES and o != "shard"]
     if unknown:
         raise ValueError(f"case {name}: unknown options {unknown}; valid: {sorted(MUTATIONS) + sorted(DTYPES)}")
     mutations, dtypes = [o for o in options if o in MUTATIONS], [o for o in options if o in DTYPES]
@@ -138,8 +153,26 @@ def _timestep_shard():
     return mock.patch.object(WanAdapter, "shard_extras", shard_extras)
 
 
+def _shard_roll():
+    """Weight sharding: every block's first weight shard is rolled by one row on each rank, so the gathered
+    weight is a wrong permutation of the real one."""
+    original = sharding.shard_blocks
+
+    def shard_blocks(adapter, ctx):
+        count = original(adapter, ctx)
+        with torch.no_grad():
+            for block, _ in adapter.blocks():
+                weight = next(p for p in block.parameters() if p.dim() == 2)
+                local = weight.to_local()
+                local.copy_(local.roll(1, 0))
+        return count
+
+    return mock.patch.object(sharding, "shard_blocks", shard_blocks)
+
+
 MUTATIONS = {"ring_skip": _ring_skip, "a2a_roll": _a2a_roll, "unmasked_padding": _unmasked_padding,
-             "stale_kv": _stale_kv, "mask_rows": _mask_rows, "timestep_shard": _timestep_shard}
+             "stale_kv": _stale_kv, "mask_rows": _mask_rows, "timestep_shard": _timestep_shard,
+             "shard_roll": _shard_roll}
 
 
 def run_mismatched(rank: int, device: torch.device, payload) -> None:

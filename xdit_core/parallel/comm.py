@@ -16,7 +16,7 @@ import torch.distributed as dist
 from xdit_core.parallel.p2p import P2PChannel, P2POp
 
 COMM_KINDS = ("ulysses_all_to_all", "ulysses_all_gather", "ring_p2p", "ring_all_gather", "sp_gather",
-              "cfg_gather", "pipefusion_p2p", "control")  # control: tiny consistency checks
+              "cfg_gather", "pipefusion_p2p", "shard_gather", "control")  # control: tiny consistency checks
 
 
 class CommCounter:

@@ -124,6 +124,9 @@ def validate_parallel_config(config: ParallelConfig, *, world_size: Optional[int
         raise XDiTConfigError(
             f"ulysses_degree {config.ulysses_degree} does not divide the model's {num_heads} attention heads; "
             f"valid ulysses degrees: {valid} (use ring_degree for the rest)")
+    if config.shard_weights and config.world_size == config.pipefusion_parallel_degree:
+        raise XDiTConfigError("shard_weights needs ranks that hold the same blocks to shard over: a ulysses, ring or "
+                              "cfg degree above 1 (PipeFusion stages already split the blocks); turn it off or add one")
     if config.pipefusion_parallel_degree > 1:
         if video:
             raise XDiTConfigError(f"pipefusion_parallel_degree {config.pipefusion_parallel_degree}: PipeFusion does "
@@ -166,8 +169,11 @@ class Mesh:
         self.coords = config.coords(self.rank) if self.is_member else {}
         self._groups: dict[str, object] = {}
         self._group_members: dict[str, list[int]] = {}
-        for name, dims in (("ulysses", "ulysses"), ("ring", "ring"), ("sp", ("ulysses", "ring")),
-                           ("pipefusion", "pipefusion"), ("cfg", "cfg")):
+        names = [("ulysses", "ulysses"), ("ring", "ring"), ("sp", ("ulysses", "ring")), ("pipefusion", "pipefusion"),
+                 ("cfg", "cfg")]
+        if config.shard_weights:  # the ranks that hold the same blocks (weight sharding: parallel/sharding.py)
+            names.append(("shard", ("ulysses", "ring", "cfg")))
+        for name, dims in names:
             for members in config.group_ranks(dims):
                 global_members = [self.ranks[r] for r in members]
                 group = dist.new_group(global_members, timeout=timeout) if len(members) > 1 else None
@@ -187,7 +193,8 @@ class Mesh:
                         self._edges[(src, dst)] = group
 
     def group(self, name: str):
-        """The process group of this rank along `name` (ulysses, ring, sp, pipefusion, cfg); None if size 1."""
+        """The process group of this rank along `name` (ulysses, ring, sp, pipefusion, cfg, and shard with
+        shard_weights); None if size 1."""
         return self._groups.get(name)
 
     def members(self, name: str) -> list[int]:

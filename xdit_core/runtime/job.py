@@ -24,6 +24,7 @@ from xdit_core.parallel.context import RankContext
 from xdit_core.parallel.mesh import Mesh, ParallelConfig
 from xdit_core.parallel.pipefusion import PipeFusionRunner
 from xdit_core.parallel.sequence_parallel import SequenceParallelRunner
+from xdit_core.parallel.sharding import local_param_bytes, shard_blocks
 from xdit_core.parallel.stages import pipefusion_parts
 from xdit_core.runtime.report import rank_report
 from xdit_core.sampling.finite import check_first_prediction
@@ -205,6 +206,7 @@ class ModelRef:
     dtype: str = "fp32"
     family: Optional[str] = None
     variant: Optional[str] = None
+    keep_fp8: bool = True  # fp8 Linear weights stay fp8 on the device (False: upcast to `dtype` at load)
 
 
 class RankJob:
@@ -220,14 +222,17 @@ class RankJob:
         """`ctx`: the rank's context when it already has one (a worker holding several models shares it)."""
         t0 = time.perf_counter()
         parts = pipefusion_parts(model.path, model.family, model.variant, parallel, rank)
-        net, self.spec = load_model(model.path, model.dtype, model.family, model.variant, device=device, parts=parts)
+        net, self.spec = load_model(model.path, model.dtype, model.family, model.variant, device=device, parts=parts,
+                                    keep_fp8=model.keep_fp8)
         self.load_s = time.perf_counter() - t0
         self.rank, self.parallel = rank, parallel
         self.adapter = make_adapter(net, self.spec)
-        self.param_bytes = sum(p.numel() * p.element_size() for p in net.parameters() if not p.is_meta)
         if ctx is None and parallel.world_size > 1:
             ctx = RankContext(Mesh(parallel), device, attention_backend)
         self.ctx = ctx
+        if parallel.shard_weights and ctx is not None:
+            shard_blocks(self.adapter, ctx)
+        self.param_bytes = local_param_bytes(net)
         self._loras: dict[str, tuple[tuple[int, int], LoraWeights]] = {}  # path -> (mtime and size, weights)
 
     def loras(self, refs: Sequence[LoraRef]) -> LoraHandle:

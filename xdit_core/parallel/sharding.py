@@ -1,0 +1,46 @@
+"""Weight sharding (FSDP2) over the ranks that hold the same blocks: a PipeFusion stage's Ulysses x Ring x CFG
+ranks. Each keeps 1/N of every block it runs and all-gathers a block's full weights just before the block runs,
+freeing them after (`reshard_after_forward`); embedders and the head stay whole on every rank. The gathered
+weights are the exact ones, so results equal the unsharded run's; the price is (N - 1)/N of the block bytes
+received per block forward, counted here as "shard_gather" (what each rank sends: its shard, N - 1 times).
+"""
+from __future__ import annotations
+
+import torch
+
+from xdit_core.models.base import ModelAdapter
+from xdit_core.parallel.context import RankContext
+
+
+def shard_blocks(adapter: ModelAdapter, ctx: RankContext) -> int:
+    """fully_shard every block this rank holds (PipeFusion: its stage's) over its "shard" group; returns the
+    number of blocks sharded (0 when the group is this rank alone)."""
+    from torch.distributed.device_mesh import DeviceMesh
+    from torch.distributed.fsdp import fully_shard
+
+    group, size = ctx.mesh.group("shard"), ctx.mesh.size("shard")
+    if group is None:
+        return 0
+    device_mesh = DeviceMesh.from_group(group, ctx.device.type)
+    blocks = [block for block, _ in adapter.blocks()
+              if not any(p.is_meta for p in block.parameters())]  # the other stages' blocks stay on meta
+    for block in blocks:
+        fully_shard(block, mesh=device_mesh, reshard_after_forward=True)
+        sent = (size - 1) * local_param_bytes(block)
+
+        def count(module: torch.nn.Module, args, sent: int = sent) -> None:
+            ctx.counter.add("shard_gather", sent)  # the run's counter (RankJob replaces it per request)
+
+        block.register_forward_pre_hook(count)
+    return len(blocks)
+
+
+def local_param_bytes(module: torch.nn.Module) -> int:
+    """Bytes of the parameters this rank holds: a sharded parameter's local shard, not its global size."""
+    total = 0
+    for p in module.parameters():
+        if p.is_meta:
+            continue
+        local = p.to_local() if hasattr(p, "to_local") else p
+        total += local.numel() * local.element_size()
+    return total
