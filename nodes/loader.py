@@ -7,6 +7,7 @@ from .types import XDiTModel
 DTYPES = ["default", "bf16", "fp16", "fp32"]
 FAMILIES = ["auto", "flux", "sd3", "pixart", "wan"]
 VARIANTS = ["auto", "dev", "schnell", "sd3", "alpha", "sigma", "t2v", "i2v", "ti2v"]
+FP8_WEIGHTS = ["keep", "upcast"]
 
 
 def default_dtype() -> str:
@@ -32,6 +33,10 @@ class XDiTLoadModel:
             "weight_dtype": (DTYPES, {"default": "default"}),
             "family": (FAMILIES, {"default": "auto"}),
             "variant": (VARIANTS, {"default": "auto"}),
+            "fp8_weights": (FP8_WEIGHTS, {"default": "keep",
+                                          "tooltip": "a file's fp8 weights: keep them fp8 on the workers (upcast per "
+                                                     "layer as used, the same results) or upcast them at load "
+                                                     "(twice the memory at bf16)"}),
         }}
 
     @classmethod
@@ -39,7 +44,7 @@ class XDiTLoadModel:
         """A listed model, or an absolute path where the server allows them (host.resolve_model_file)."""
         return host.validate_choice(host.resolve_model_file, model_name)
 
-    def load(self, model_name: str, weight_dtype: str, family: str, variant: str):
+    def load(self, model_name: str, weight_dtype: str, family: str, variant: str, fp8_weights: str = "keep"):
         from xdit_core import api
 
         try:
@@ -49,4 +54,5 @@ class XDiTLoadModel:
         except (api.XDiTError, host.ModelChoiceError) as e:
             raise ValueError(f"xDiT Load Diffusion Model: {e}") from None
         dtype = default_dtype() if weight_dtype == "default" else weight_dtype
-        return (XDiTModel(path, dtype, spec.family, spec.variant, spec.num_heads, spec.num_blocks),)
+        return (XDiTModel(path, dtype, spec.family, spec.variant, spec.num_heads, spec.num_blocks,
+                          keep_fp8=fp8_weights == "keep"),)

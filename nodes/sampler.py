@@ -45,7 +45,7 @@ def plan_run(model: XDiTModel, mesh: XDiTMesh, shape, cfg: float, steps: int, po
         with_negative=negative is not None,
         text_tokens=max(c.text.shape[1] for c in (positive, negative) if c is not None), threads=1)
     key = api.PoolKey(model.path, model.dtype, model.family, model.variant, parallel, mesh.attention_backend,
-                      threads=1)
+                      threads=1, keep_fp8=model.keep_fp8)
     return key, loras
 
 

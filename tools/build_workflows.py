@@ -291,7 +291,7 @@ PixArt-Sigma has 16 attention heads, so ulysses_degree must divide 16. use_cfg_p
 def flux_loaders(g: Graph) -> tuple[Node, Node, Node, Node]:
     """Flux.1 dev's model, text encoders, VAE and a 1024x1024 empty latent, down the first column."""
     model = g.add("XDiTLoadModel", (0, 60), model_name=FLUX_MODEL, weight_dtype="default", family="auto",
-                  variant="auto")
+                  variant="auto", fp8_weights="keep")
     clip = g.add("DualCLIPLoader", (0, 230), clip_name1="clip_l.safetensors", clip_name2="t5xxl_fp16.safetensors",
                  type="flux", device="default")
     vae = g.add("VAELoader", (0, 400), vae_name="ae.safetensors")
@@ -324,7 +324,7 @@ def sd35_cfg_parallel() -> Graph:
     g = Graph()
     g.note((-460, 60), (420, 620), SD35_NOTE)
     model = g.add("XDiTLoadModel", (0, 60), model_name=SD35_MODEL, weight_dtype="default", family="auto",
-                  variant="auto")
+                  variant="auto", fp8_weights="keep")
     clip = g.add("TripleCLIPLoader", (0, 230), clip_name1="clip_l.safetensors", clip_name2="clip_g.safetensors",
                  clip_name3="t5xxl_fp16.safetensors")
     vae = g.add("VAELoader", (0, 380), vae_name="sd3.5_vae.safetensors")
@@ -344,7 +344,7 @@ def pixart_sigma_hybrid() -> Graph:
     g = Graph()
     g.note((-460, 60), (420, 620), PIXART_NOTE)
     model = g.add("XDiTLoadModel", (0, 60), model_name=PIXART_MODEL, weight_dtype="default", family="auto",
-                  variant="auto")
+                  variant="auto", fp8_weights="keep")
     clip = g.add("CLIPLoader", (0, 230), clip_name="t5xxl_fp16.safetensors", type="pixart", device="default")
     vae = g.add("VAELoader", (0, 380), vae_name="sdxl_vae.safetensors")
     latent = g.add("EmptyLatentImage", (0, 480), width=1024, height=1024, batch_size=1)
@@ -523,7 +523,7 @@ def wan21_t2v_14b() -> Graph:
     g = Graph()
     g.note((-460, 60), (420, 760), WAN21_T2V_NOTE)
     model = g.add("XDiTLoadModel", (0, 60), model_name=WAN21_T2V_14B, weight_dtype="default", family="auto",
-                  variant="auto")
+                  variant="auto", fp8_weights="keep")
     clip = g.add("CLIPLoader", (0, 230), clip_name=UMT5, type="wan", device="default")
     vae = g.add("VAELoader", (0, 380), vae_name="wan_2.1_vae.safetensors")
     latent = g.add("EmptyHunyuanLatentVideo", (0, 480), width=832, height=480, length=81, batch_size=1)
@@ -540,9 +540,9 @@ def wan22_i2v_a14b() -> Graph:
     g = Graph()
     g.note((-460, 60), (420, 1030), WAN22_I2V_NOTE)
     high = g.add("XDiTLoadModel", (0, 60), title="High-noise expert", model_name=WAN22_I2V_HIGH,
-                 weight_dtype="default", family="auto", variant="auto")
+                 weight_dtype="default", family="auto", variant="auto", fp8_weights="keep")
     low = g.add("XDiTLoadModel", (0, 230), title="Low-noise expert", model_name=WAN22_I2V_LOW,
-                weight_dtype="default", family="auto", variant="auto")
+                weight_dtype="default", family="auto", variant="auto", fp8_weights="keep")
     clip = g.add("CLIPLoader", (0, 400), clip_name=UMT5, type="wan", device="default")
     vae = g.add("VAELoader", (0, 550), vae_name="wan_2.1_vae.safetensors")
     image = g.add("LoadImage", (0, 650), title="Start image", image=START_IMAGE)
@@ -566,7 +566,7 @@ def wan22_ti2v_5b() -> Graph:
     g = Graph()
     g.note((-460, 60), (420, 900), WAN22_TI2V_NOTE)
     model = g.add("XDiTLoadModel", (0, 60), model_name=WAN22_TI2V_5B, weight_dtype="default", family="auto",
-                  variant="auto")
+                  variant="auto", fp8_weights="keep")
     clip = g.add("CLIPLoader", (0, 230), clip_name=UMT5, type="wan", device="default")
     vae = g.add("VAELoader", (0, 380), vae_name="wan2.2_vae.safetensors")
     image = g.add("LoadImage", (0, 480), title="Start image", image=START_IMAGE)

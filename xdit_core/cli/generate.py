@@ -18,6 +18,8 @@ from xdit_core.api import (ATTENTION_BACKENDS, BACKENDS, DTYPES, ModelRef, Paral
                            random_cond, validate_parallel_config, validate_sampler_settings, validate_size,
                            video_frames)
 
+FP8_MODES = ("keep", "upcast")
+
 
 @dataclass
 class GenerateOptions:
@@ -42,6 +44,7 @@ class GenerateOptions:
     latent: Optional[str] = None
     cond: Optional[str] = None
     dtype: str = "fp32"
+    fp8: str = "keep"  # the file's fp8 weights: "keep" them fp8 (upcast per layer when used) or "upcast" at load
     threads: Optional[int] = None
     backend: str = "local"
     out: Optional[str] = None
@@ -58,7 +61,7 @@ class GenerateOptions:
 
     @property
     def model_ref(self) -> ModelRef:
-        return ModelRef(str(self.model), self.dtype, self.family, self.variant)
+        return ModelRef(str(self.model), self.dtype, self.family, self.variant, keep_fp8=self.fp8 == "keep")
 
     @property
     def parallel(self) -> ParallelConfig:
@@ -241,6 +244,8 @@ def prepare(opts: GenerateOptions) -> tuple[SampleRequest, Any, float]:
         raise XDiTConfigError(f"unknown backend {opts.backend!r}; valid: {', '.join(BACKENDS)}")
     if opts.dtype not in DTYPES:
         raise XDiTConfigError(f"unknown dtype {opts.dtype!r}; valid: {', '.join(DTYPES)}")
+    if opts.fp8 not in FP8_MODES:
+        raise XDiTConfigError(f"unknown --fp8 mode {opts.fp8!r}; valid: {', '.join(FP8_MODES)}")
     if opts.attention_backend not in ATTENTION_BACKENDS:
         raise XDiTConfigError(f"unknown attention backend {opts.attention_backend!r}; "
                               f"valid: {', '.join(ATTENTION_BACKENDS)}")

@@ -53,6 +53,8 @@ def _add_generate(sub) -> None:
     p.add_argument("--cond", help="conditioning safetensors: positive[_pooled], negative[_pooled]; Wan I2V: "
                                   "clip_vision (2.1), concat_latent_image and concat_mask (the start image)")
     p.add_argument("--dtype", default="fp32", help="fp32 | bf16 | fp16")
+    p.add_argument("--fp8", default="keep", help="a file's fp8 weights: keep (fp8 on the device, upcast to --dtype "
+                   "per layer as used; the same results) | upcast (to --dtype at load: twice the memory at bf16)")
     p.add_argument("--threads", type=int, help="torch threads per rank, at most the cores (default: cores / ranks)")
     p.add_argument("--backend", default="local",
                    help="local (processes spawned here) | ray (the worker pool) | env (a rank under torchrun)")

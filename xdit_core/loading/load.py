@@ -24,6 +24,7 @@ from xdit_core.loading.model_config import check_config, read_config_file
 from xdit_core.loading.original_layout import (config_from_shapes, detect_diffusers_family, detect_layout,
                                                diffusers_file_config, unknown_layout_message)
 from xdit_core.models.families import model_class
+from xdit_core.models.fp8 import FP8_DTYPES, Fp8Weight
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 # The diffusers modules of each family by role. Block lists are in the adapters' flat order; whatever
@@ -206,13 +207,22 @@ def _check_weights(path: Path, family: str, files: WeightFiles, rules: list[Rule
     raise XDiTModelError(f"{path}: the weights do not match the {family} model config: {'; '.join(problems)}")
 
 
-def _read(files: WeightFiles, name: str) -> torch.Tensor:
-    """A stored tensor; a scaled-fp8 weight is multiplied by its scale (in float32)."""
+def _read(files: WeightFiles, name: str) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
+    """A stored tensor as stored, and the float32 `scale_weight` of a scaled-fp8 weight (else None)."""
     tensor = files.read(name)
     scale = name[: -len("weight")] + "scale_weight" if name.endswith(".weight") else None
     if scale is not None and scale in files:
-        return tensor.to(torch.float32) * files.read(scale).to(torch.float32)
-    return tensor
+        return tensor, files.read(scale).to(torch.float32)
+    return tensor, None
+
+
+def _kept_fp8(tensor: torch.Tensor, scale: Optional[torch.Tensor], parts: tuple[str, ...],
+              linear_weights: set[str]) -> bool:
+    """Whether a stored tensor stays fp8 on the device: an fp8 weight of Linear layers only (other fp8 tensors, such
+    as the patch embedders' convolutions, are tiny and upcast at load) with one scale for the whole tensor (a
+    per-row scale would have to be split with a fused tensor's pieces)."""
+    return (tensor.dtype in FP8_DTYPES and all(p in linear_weights for p in parts)
+            and (scale is None or scale.numel() == 1))
 
 
 def _rebuild_sincos_tables(model: torch.nn.Module, keep: Callable[[str], bool], device: torch.device) -> None:
@@ -240,9 +250,11 @@ def _rebuild_sincos_tables(model: torch.nn.Module, keep: Callable[[str], bool], 
 
 def load_model(path: str | Path, dtype: str = "fp32", family: Optional[str] = None, variant: Optional[str] = None,
                *, parts: Optional[ModelParts] = None, device: str | torch.device = "cpu",
-               stats: Optional[LoadStats] = None) -> tuple[torch.nn.Module, ModelSpec]:
+               stats: Optional[LoadStats] = None, keep_fp8: bool = True) -> tuple[torch.nn.Module, ModelSpec]:
     """Load a model in `dtype` onto `device`, whole or only `parts` (the rest stays on meta); returns
-    (model, spec). `stats`, when given, counts what was read."""
+    (model, spec). `stats`, when given, counts what was read. `keep_fp8`: the file's fp8 Linear weights stay fp8 on
+    the device, upcast to `dtype` per layer as they are used (models/fp8.py), with results equal to upcasting
+    them at load, which False does."""
     if dtype not in DTYPES:
         raise XDiTModelError(f"unknown dtype {dtype!r}; valid: {', '.join(DTYPES)}")
     stats = LoadStats() if stats is None else stats
@@ -263,13 +275,22 @@ def load_model(path: str | Path, dtype: str = "fp32", family: Optional[str] = No
     _check_weights(Path(path), spec.family, source.files, rules, shapes, ignored)
     keep = _selector(model, spec.family, parts)
     device = torch.device(device)
+    linear_weights = {f"{n}.weight" for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)}
     state = {}
     for rule in rules:
-        if any(keep(p) for p in rule.parts):
-            for name, piece in split(rule, _read(source.files, rule.original), shapes).items():
-                # A copy in its own allocation: tensors read from a file sit wherever the file's layout puts
-                # them, and misaligned memory takes other CPU kernels (results would depend on the file).
-                state[name] = piece.to(device=device, dtype=meta[name].dtype, copy=True)
+        if not any(keep(p) for p in rule.parts):
+            continue
+        tensor, scale = _read(source.files, rule.original)
+        fp8 = keep_fp8 and _kept_fp8(tensor, scale, rule.parts, linear_weights)
+        if fp8:
+            scale = None if scale is None else scale.to(device)  # one scale shared by a fused tensor's pieces
+        elif scale is not None:
+            tensor = tensor.to(torch.float32) * scale
+        for name, piece in split(rule, tensor, shapes).items():
+            # A copy in its own allocation: tensors read from a file sit wherever the file's layout puts
+            # them, and misaligned memory takes other CPU kernels (results would depend on the file).
+            piece = piece.to(device=device, dtype=None if fp8 else meta[name].dtype, copy=True)
+            state[name] = Fp8Weight(piece, scale, meta[name].dtype) if fp8 else piece
     model.load_state_dict(state, strict=False, assign=True)
     _rebuild_sincos_tables(model, keep, device)
     return model.eval().requires_grad_(False), spec

@@ -13,7 +13,8 @@ from xdit_core.errors import XDiTModelError
 
 PICKLE_SUFFIXES = (".bin", ".ckpt", ".pt", ".pth", ".pkl")
 SAFETENSORS_SUFFIXES = (".safetensors", ".sft")
-# Stored dtypes a weight may have (safetensors' names); fp8 is upcast to the compute dtype at load.
+# Stored dtypes a weight may have (safetensors' names); fp8 Linear weights stay fp8 (models/fp8.py) unless the
+# load asks for them upcast to the compute dtype.
 STORED_DTYPES = ("F32", "F16", "BF16", "F8_E4M3", "F8_E5M2")
 INDEX_FILE = "diffusion_pytorch_model.safetensors.index.json"
 WEIGHTS_FILE = "diffusion_pytorch_model.safetensors"

@@ -9,6 +9,7 @@ from __future__ import annotations
 import torch
 
 from xdit_core.models.base import ModelAdapter
+from xdit_core.models.fp8 import Fp8Weight
 from xdit_core.parallel.context import RankContext
 
 
@@ -36,11 +37,12 @@ def shard_blocks(adapter: ModelAdapter, ctx: RankContext) -> int:
 
 
 def local_param_bytes(module: torch.nn.Module) -> int:
-    """Bytes of the parameters this rank holds: a sharded parameter's local shard, not its global size."""
-    total = 0
+    """Bytes of the parameters this rank holds: a sharded parameter's local shard, not its global size; an fp8
+    weight kept in fp8 its fp8 tensor and scale (a scale shared by the pieces of a fused tensor once)."""
+    held: dict[int, torch.Tensor] = {}
     for p in module.parameters():
-        if p.is_meta:
-            continue
         local = p.to_local() if hasattr(p, "to_local") else p
-        total += local.numel() * local.element_size()
-    return total
+        for part in (local.fp8, local.scale) if isinstance(local, Fp8Weight) else (local,):
+            if part is not None and not part.is_meta:
+                held[id(part)] = part
+    return sum(t.numel() * t.element_size() for t in held.values())

@@ -69,7 +69,7 @@ def run(backend: str, model: ModelRef, parallel: ParallelConfig, request: Sample
     "ray": the warm pool)."""
     if backend == "ray":
         workers = pool.get_pool(pool.PoolKey(model.path, model.dtype, model.family, model.variant, parallel,
-                                             attention_backend, threads), ray_address)
+                                             attention_backend, threads, model.keep_fp8), ray_address)
         samples = workers.sample(request)
         return RunResult(samples, workers.stats.load_s, workers.stats.last_reports)
     if backend == "env":
