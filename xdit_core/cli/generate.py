@@ -56,6 +56,7 @@ class GenerateOptions:
     use_cfg_parallel: bool = False
     num_pipeline_patch: Optional[int] = None
     warmup_steps: int = 1
+    shard_weights: bool = False
     attention_backend: str = "auto"
     oversubscribe: bool = False  # lift the cap on ranks and threads per machine
 
@@ -66,7 +67,7 @@ class GenerateOptions:
     @property
     def parallel(self) -> ParallelConfig:
         return ParallelConfig(self.ulysses_degree, self.ring_degree, self.pipefusion_parallel_degree,
-                              self.use_cfg_parallel, self.num_pipeline_patch, self.warmup_steps)
+                              self.use_cfg_parallel, self.num_pipeline_patch, self.warmup_steps, self.shard_weights)
 
 
 def default_threads(ranks: int) -> int:

@@ -71,6 +71,9 @@ def _add_generate(sub) -> None:
     par.add_argument("--use_cfg_parallel", action="store_true", help="negative and positive on two ranks")
     par.add_argument("--num_pipeline_patch", type=int, help="PipeFusion patches (default: the stage count)")
     par.add_argument("--warmup_steps", type=int, default=1, help="PipeFusion synchronous warmup steps")
+    par.add_argument("--shard_weights", action="store_true",
+                     help="FSDP: each rank keeps 1/N of every block (N: the ulysses x ring x cfg ranks of a stage) "
+                          "and gathers a block just before it runs")
     par.add_argument("--attention_backend", default="auto", help="auto | flash | sdpa")
 
 
