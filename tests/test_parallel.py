@@ -299,7 +299,8 @@ def test_counters_grow_linearly_with_depth(world, config, kind):
     assert results["sd3/even/u2"]["total"]["sp_gather"] == results["sd3_deep/even/u2"]["total"]["sp_gather"]
 
 
-@pytest.mark.parametrize("flags", [["--ulysses_degree", "2"], ["--use_cfg_parallel"]])
+@pytest.mark.parametrize("flags", [["--ulysses_degree", "2"], ["--use_cfg_parallel"],
+                                   ["--use_cfg_parallel", "--shard_weights"]])
 def test_cli_local_backend_equals_serial_cli(tiny_models, tmp_path, flags):
     from safetensors.torch import load_file
 
@@ -319,6 +320,8 @@ def test_cli_local_backend_equals_serial_cli(tiny_models, tmp_path, flags):
     assert report["world_size"] == 2 and len(report["per_rank"]) == 2
     kind = "ulysses_all_to_all" if "--ulysses_degree" in flags else "cfg_gather"
     assert all(r["comm_bytes"][kind] > 0 for r in report["per_rank"])
+    # RankJob shards its blocks: each rank gathers the other's shards on every forward
+    assert all((r["comm_bytes"]["shard_gather"] > 0) == ("--shard_weights" in flags) for r in report["per_rank"])
 
 
 @pytest.mark.parametrize("family,config", [(f, c) for f in FAMILIES for c in PF_EXACT])
