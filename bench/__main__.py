@@ -35,7 +35,8 @@ SIZES = {  # option: (default, --quick)
     "video_length": (17, 9),
     "video_steps": (2, 2),
     "video_repeats": (3, 2),
-    "mem_size": (256, 128),
+    "mem_size": (512, 256),  # memory: Flux medium at 512x512 (the plan predicts >= 300 MB per serial rank)
+    "mem_steps": (2, 2),  # 2: PipeFusion runs a pipelined step after its warmup step
     "ovh_size": (256, 128),
     "ovh_steps": (4, 2),
     "route_size": (512, 256),

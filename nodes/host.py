@@ -164,19 +164,118 @@ def raise_interrupted() -> None:
     raise mm.InterruptProcessingException()
 
 
+# CUDA_VISIBLE_DEVICES as the user started ComfyUI with it, read at plugin import (before anything else can).
+# ComfyUI's --cuda-device and --default-device rewrite it in os.environ before torch starts; /proc/self/environ
+# keeps the environment the process was started with (os.environ changes do not touch it).
+def _launch_environment() -> dict[str, str]:
+    try:
+        raw = Path("/proc/self/environ").read_bytes()
+    except OSError:
+        return {}
+    pairs = (item.split(b"=", 1) for item in raw.split(b"\0") if b"=" in item)
+    return {k.decode(errors="replace"): v.decode(errors="replace") for k, v in pairs
+            if k in (b"CUDA_VISIBLE_DEVICES", b"CUDA_DEVICE_ORDER")}
+
+
+_LAUNCH_ENV = _launch_environment()
+
+
+def comfy_gpu_view() -> dict:
+    """How ComfyUI's process sees the GPUs, as `api.plan_placement` takes it: the CUDA_VISIBLE_DEVICES the user
+    gave it (`user_visible`; None: unset), the one in the process now (`comfy_visible`, after ComfyUI's
+    `--cuda-device`/`--default-device`, named in `comfy_flag`), ComfyUI's CUDA device index in that view
+    (`comfy_device`; None when it computes on the CPU or runs without ComfyUI) and that device's UUID."""
+    now = os.environ.get("CUDA_VISIBLE_DEVICES")
+    flag = ""
+    try:
+        from comfy.cli_args import args
+    except ImportError:
+        args = None
+    if getattr(args, "cuda_device", None) is not None:
+        flag = f"--cuda-device {args.cuda_device}"
+    elif getattr(args, "default_device", None) is not None:
+        flag = f"--default-device {args.default_device}"
+    # When ComfyUI rewrote the variable, the user's own restriction is the one the process started with.
+    user = _LAUNCH_ENV.get("CUDA_VISIBLE_DEVICES") if flag else now
+    device = uuid = None
+    try:
+        import comfy.model_management as mm
+    except ImportError:
+        mm = None
+    if mm is not None:
+        dev = mm.get_torch_device()
+        if getattr(dev, "type", None) == "cuda":
+            import torch
+
+            device = dev.index if dev.index is not None else torch.cuda.current_device()
+            uuid = str(getattr(torch.cuda.get_device_properties(device), "uuid", "") or "") or None
+    return {"user_visible": user, "comfy_visible": now, "comfy_device": device, "comfy_uuid": uuid,
+            "comfy_flag": flag}
+
+
+def plan_placement(gpu_count: int, reserve_gpus: int, world_size: int):
+    """The physical GPUs a local pool of `world_size` ranks takes beside ComfyUI (`api.Placement`: the GPUs,
+    rank by rank, and a note), or None where NVML sees no GPU (CPU machines: Ray's own detection, as before).
+    Raises api.XDiTConfigError when the mesh does not fit."""
+    from xdit_core import api
+
+    inventory = api.gpu_inventory()
+    if not len(inventory):
+        return None
+    return api.plan_placement(inventory, world_size=world_size, gpu_count=gpu_count, reserve_gpus=reserve_gpus,
+                              **comfy_gpu_view())
+
+
 def free_comfy_gpu_memory() -> None:
-    """Release ComfyUI's cached models before our workers take the GPUs."""
+    """Before the workers run: make room on ComfyUI's GPU only when a worker runs there, and only as much as
+    they add (`api.comfy_gpu_bytes_needed()`: their weights unless already resident there, a CUDA context when
+    the pool starts) plus ComfyUI's own inference reserve. ComfyUI's `free_memory` unloads its models on that
+    device, least recently used first, until that much is free; the others stay loaded."""
     try:
         import comfy.model_management as mm
     except ImportError:
         return
-    mm.unload_all_models()
-    mm.soft_empty_cache(True)
+    from xdit_core import api
+
+    need = api.comfy_gpu_bytes_needed()
+    device = mm.get_torch_device()
+    if need <= 0 or getattr(device, "type", None) != "cuda":
+        return
+    mm.free_memory(need + mm.minimum_inference_memory(), device)
 
 
 def visible_gpus() -> int:
+    """GPUs the workers may use on this machine: NVML's (all of them, whatever ComfyUI's --cuda-device left its
+    own process) less those the user's CUDA_VISIBLE_DEVICES hides; without NVML, the CUDA devices this process
+    sees. 0: CPU workers."""
+    from xdit_core import api
+
+    inventory = api.gpu_inventory()
+    if len(inventory):
+        return len(api.parse_visible(comfy_gpu_view()["user_visible"], inventory)[0])
     try:
         import torch
     except ImportError:
         return 0
     return torch.cuda.device_count() if torch.cuda.is_available() else 0
+
+
+GIB = 2 ** 30
+
+
+def describe_workers(reports: list[dict], mesh: str | None) -> str:
+    """One line on the running workers' memory: per rank its GPU and the bytes torch reserved there (allocated
+    in brackets), or the process's RSS on the CPU; '' without workers."""
+    if not reports:
+        return ""
+    parts, total = [], 0
+    for r in reports:
+        if "reserved_bytes" in r:
+            total += r["reserved_bytes"]
+            parts.append(f"rank {r['rank']} → GPU {r.get('gpu', '?')} {r['reserved_bytes'] / GIB:.2f} GiB "
+                         f"({r['allocated_bytes'] / GIB:.2f} allocated)")
+        else:
+            total += r["rss_bytes"]
+            where = f" → GPU {r['gpu']}" if r.get("gpu") is not None else ""
+            parts.append(f"rank {r['rank']}{where} {r['rss_bytes'] / GIB:.2f} GiB RSS")
+    return f"workers up ({mesh or 'mesh unknown'}): {', '.join(parts)}; {total / GIB:.2f} GiB in all"

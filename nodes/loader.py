@@ -33,6 +33,7 @@ class XDiTLoadModel:
             "weight_dtype": (DTYPES, {"default": "default"}),
             "family": (FAMILIES, {"default": "auto"}),
             "variant": (VARIANTS, {"default": "auto"}),
+        }, "optional": {  # optional: workflows saved before it still load and validate
             "fp8_weights": (FP8_WEIGHTS, {"default": "keep",
                                           "tooltip": "a file's fp8 weights: keep them fp8 on the workers (upcast per "
                                                      "layer as used, the same results) or upcast them at load "

@@ -18,20 +18,47 @@ def worker_count(mesh: XDiTMesh) -> int:
     return (mesh.gpu_count or visible) - mesh.reserve_gpus
 
 
-def summarize(mesh: XDiTMesh, model: Optional[XDiTModel], cfg: Optional[float] = None):
-    """(ParallelConfig or None, one-line summary). Auto needs the model; manual is taken as given."""
+def choose(mesh: XDiTMesh, model: Optional[XDiTModel], cfg: Optional[float] = None):
+    """(ParallelConfig or None, what was chosen and why). Auto needs the model; manual is taken as given."""
     from xdit_core.api import ParallelConfig, choose_mesh
 
-    where = f"{host.visible_gpus()} GPUs visible" if host.visible_gpus() else "CPU workers (no GPU visible)"
     if mesh.layout == "manual":
         pc = ParallelConfig(mesh.ulysses_degree, mesh.ring_degree, mesh.pipefusion_parallel_degree,
                             mesh.use_cfg_parallel, mesh.num_pipeline_patch or None, mesh.warmup_steps)
-        return pc, f"manual: {pc.describe()}; {where}"
+        return pc, f"manual: {pc.describe()}"
     if model is None:
-        return None, f"auto: chosen for the model at sampling time; {where}"
+        return None, "auto: chosen for the model at sampling time"
     cfg = FAMILY_DEFAULT_CFG[model.family] if cfg is None else cfg
     pc, why = choose_mesh(model.family, model.num_heads, worker_count(mesh), cfg, model.num_blocks)
-    return pc, f"auto: {pc.describe()} — {why}; {where}"
+    return pc, f"auto: {pc.describe()} — {why}"
+
+
+def where(mesh: XDiTMesh, parallel) -> str:
+    """Where the ranks run: CPU workers, the GPUs visible, or (a local pool on a machine whose GPUs NVML sees)
+    which physical GPU each rank takes and whether ComfyUI's GPU is among them."""
+    from xdit_core.api import XDiTConfigError, uses_cluster
+
+    gpus = host.visible_gpus()
+    if not gpus:
+        return "CPU workers (no GPU visible)"
+    if parallel is None or uses_cluster(mesh.ray_address):
+        return f"{gpus} GPUs visible"
+    try:
+        placement = host.plan_placement(mesh.gpu_count, mesh.reserve_gpus, parallel.world_size)
+    except XDiTConfigError as e:
+        return f"{gpus} GPUs visible; will not run here: {e}"
+    return f"{gpus} GPUs visible" if placement is None else placement.note
+
+
+def summarize(mesh: XDiTMesh, model: Optional[XDiTModel], cfg: Optional[float] = None):
+    """(ParallelConfig or None, one-line summary: the layout, where its ranks run and, when a worker pool is
+    up, the memory its ranks hold)."""
+    from xdit_core import api
+
+    pc, chosen = choose(mesh, model, cfg)
+    summary = f"{chosen}; {where(mesh, pc)}"
+    workers = host.describe_workers(api.workers_memory(), api.running_mesh())
+    return pc, f"{summary}; {workers}" if workers else summary
 
 
 class XDiTParallelMesh:
@@ -109,16 +136,28 @@ class XDiTParallelMesh:
 
 def check_against_model(mesh: XDiTMesh, model: XDiTModel, cfg: float, steps: int, latent_height: int,
                         video: bool = False):
-    """The ParallelConfig to run, after the checks that need the model and cfg (before any GPU work)."""
-    from xdit_core.api import XDiTConfigError, validate_parallel_config
+    """The ParallelConfig to run, after the checks that need the model and cfg (before any GPU work). For a
+    local pool it also places the workers: the physical GPUs their ranks take (ComfyUI's GPU only when the mesh
+    needs every GPU) and what they will add on ComfyUI's GPU (see host.free_comfy_gpu_memory)."""
+    from xdit_core.api import XDiTConfigError, place_workers, uses_cluster, validate_parallel_config
 
-    parallel, _ = summarize(mesh, model, cfg)
+    parallel, _ = choose(mesh, model, cfg)
     validate_parallel_config(parallel, num_heads=model.num_heads, cfg=cfg, num_blocks=model.num_blocks,
                              steps=steps, latent_height=latent_height, video=video)
-    gpus = host.visible_gpus()
+    if uses_cluster(mesh.ray_address):
+        place_workers(None)
+        return parallel
+    placement = host.plan_placement(mesh.gpu_count, mesh.reserve_gpus, parallel.world_size)
+    if placement is not None:
+        place_workers(placement, model.path, model.dtype, parallel)
+        return parallel
+    gpus = host.visible_gpus()  # no NVML: the GPUs this process sees, all of them Ray's
     if gpus:
         usable = (mesh.gpu_count or gpus) - mesh.reserve_gpus
-        if parallel.world_size > usable and not mesh.ray_address:
+        if parallel.world_size > usable:
             raise XDiTConfigError(f"the mesh needs {parallel.world_size} GPUs ({parallel.describe()}) but "
                                   f"{usable} are available here ({gpus} visible, {mesh.reserve_gpus} reserved)")
+    # Ray hands its GPUs out from the first, which is ComfyUI's (unless ComfyUI computes on the CPU).
+    place_workers(None, model.path, model.dtype, parallel,
+                  shares_host_gpu=gpus > 0 and host.comfy_gpu_view()["comfy_device"] is not None)
     return parallel

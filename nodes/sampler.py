@@ -39,11 +39,14 @@ def plan_run(model: XDiTModel, mesh: XDiTMesh, shape, cfg: float, steps: int, po
 
     parallel = check_against_model(mesh, model, cfg, steps, shape[-2], video=len(shape) == 5)
     loras = lora_refs(model)
+    remote = api.uses_cluster(mesh.ray_address)
+    placement = None if remote else api.local_placement()  # the GPUs check_against_model gave the workers
     api.check_request_fits(
-        model.path, list(shape), parallel, backend="ray", remote=api.uses_cluster(mesh.ray_address),
-        dtype=api.DTYPES[model.dtype], attention_backend=mesh.attention_backend, num_blocks=model.num_blocks,
-        with_negative=negative is not None,
-        text_tokens=max(c.text.shape[1] for c in (positive, negative) if c is not None), threads=1)
+        model.path, list(shape), parallel, backend="ray", remote=remote, dtype=api.DTYPES[model.dtype],
+        attention_backend=mesh.attention_backend, num_blocks=model.num_blocks, with_negative=negative is not None,
+        text_tokens=max(c.text.shape[1] for c in (positive, negative) if c is not None), threads=1,
+        family=model.family, variant=model.variant, keep_fp8=model.keep_fp8,
+        worker_gpus=None if placement is None else [g.total_bytes for g in placement.gpus])
     key = api.PoolKey(model.path, model.dtype, model.family, model.variant, parallel, mesh.attention_backend,
                       threads=1, keep_fp8=model.keep_fp8)
     return key, loras

@@ -16,6 +16,7 @@ class XDiTModel:
     num_heads: int
     num_blocks: int = 0
     loras: tuple[tuple[str, float], ...] = ()  # (file, strength) in the order the xDiT LoRA nodes add them
+    keep_fp8: bool = True  # fp8 weights stay fp8 on the workers (False: upcast to `dtype` at load)
 
 
 @dataclass(frozen=True)

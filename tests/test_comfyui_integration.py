@@ -532,6 +532,24 @@ def test_live_previews_arrive_over_the_websocket(server, first_run):
         assert b"\xff\xd8\xff" in payload[4:64], payload[:16]  # a JPEG
 
 
+def test_comfyui_free_memory_request_unloads_the_workers(server, first_run):
+    """ComfyUI's "Unload Models" button (POST /free) frees the xDiT workers too (the plugin's hook on the prompt
+    queue's flags, see nodes/unload.py); the next prompt starts them again."""
+    before = server.rank_workers()
+    assert len(before) == 2
+    server.post("/free", {"unload_models": True})
+    deadline = time.monotonic() + 15
+    while server.rank_workers() and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert server.rank_workers() == [], server.log_text()[-3000:]
+    log = server.log_text()
+    assert "xDiT: ComfyUI was asked to free memory (/free): freed the workers (cfg 1 x pipefusion 1 x ring 1 x " \
+           "ulysses 2 = 2 ranks): rank 0 " in log and "GiB in all" in log, log[-3000:]
+    run_ok(server, sampling_prompt(seed=31, steps=STEPS))
+    after = server.rank_workers()
+    assert len(after) == 2 and not set(after) & set(before)  # fresh workers
+
+
 def test_stopping_the_server_ends_every_process_it_started(server, first_run):
     assert server.rank_workers()
     assert server.stop() == []

@@ -23,7 +23,9 @@ from xdit_core.parallel.mesh import ParallelConfig, validate_parallel_config
 from xdit_core.runtime import pool
 from xdit_core.runtime.backends import BACKENDS, RunResult, run
 from xdit_core.runtime.job import ModelRef
-from xdit_core.runtime.limits import check_request_fits
+from xdit_core.runtime.limits import RANK_OVERHEAD_BYTES, check_request_fits, estimate_weight_bytes
+from xdit_core.runtime.placement import (GpuInventory, PhysicalGpu, Placement, parse_visible, plan_placement,
+                                         read_inventory)
 from xdit_core.runtime.pool import PoolKey, parse_ray_address, ray_address_from_env
 from xdit_core.loading.lora import check_lora
 from xdit_core.models.wan import image_concat
@@ -37,6 +39,8 @@ __all__ = ["ATTENTION_BACKENDS", "BACKENDS", "BranchCond", "DTYPES", "LoraRef", 
            "XDiTWorkerError", "build_request", "check_conditioning_shape", "check_lora", "check_request_fits",
            "choose_mesh", "describe_model", "empty_latent", "evaluations", "image_concat", "latent_shape",
            "load_cond_file", "pool_stats", "random_cond", "run", "sample", "unload", "uses_cluster", "validate_latent_shape",
+           "GpuInventory", "PhysicalGpu", "Placement", "gpu_inventory", "parse_visible", "plan_placement",
+           "place_workers", "local_placement", "comfy_gpu_bytes_needed", "workers_memory", "running_mesh",
            "validate_parallel_config", "validate_ray_address", "validate_sampler_settings", "validate_size",
            "video_frames", "with_guidance"]
 
@@ -82,3 +86,59 @@ def pool_stats(key: PoolKey, ray_address: Optional[str] = None) -> pool.PoolStat
 def unload() -> None:
     """Stop the worker pool and free every weight it holds."""
     pool.unload()
+
+
+def gpu_inventory(refresh: bool = False) -> GpuInventory:
+    """This machine's NVIDIA GPUs from NVML, whatever CUDA_VISIBLE_DEVICES says (none without NVML or a driver)."""
+    return read_inventory(refresh)
+
+
+_COMFY_GPU_NEED = 0  # bytes the next run's workers add on the host's GPU (see place_workers)
+
+
+def place_workers(placement: Optional[Placement], model_path: Optional[str] = None, dtype: Optional[str] = None,
+                  parallel: Optional[ParallelConfig] = None, shares_host_gpu: Optional[bool] = None) -> int:
+    """Give the local pool `placement`'s GPUs from the next request on (None: the GPUs Ray detects) and return
+    the bytes that request's workers will add on the host's compute GPU: 0 unless a worker runs there (the
+    placement says; without one, `shares_host_gpu` does), else the model's weights per rank unless the running
+    pool already holds them there, plus a rank's CUDA context when the pool starts. `comfy_gpu_bytes_needed()`
+    repeats the figure until the next call."""
+    global _COMFY_GPU_NEED
+    pool.place_local_workers(placement)
+    shares = placement.shares_comfy_gpu if shares_host_gpu is None and placement is not None else bool(shares_host_gpu)
+    need = 0
+    if shares and model_path is not None:
+        running = pool.running_pool()
+        same_gpus = running is not None and (running.placement.gpus if running.placement else None) == \
+            (placement.gpus if placement else None)
+        warm = same_gpus and running.address is None and running.key.parallel == parallel
+        resident = warm and any((m.path, m.dtype) == (model_path, dtype) for m in running.resident)
+        need = (0 if resident else estimate_weight_bytes(model_path, dtype, parallel)) + \
+            (0 if warm else RANK_OVERHEAD_BYTES)
+    _COMFY_GPU_NEED = need
+    return need
+
+
+def local_placement() -> Optional[Placement]:
+    """The GPUs the local pool's workers take from the next request on (the last `place_workers`), or None."""
+    return pool.local_placement()
+
+
+def comfy_gpu_bytes_needed() -> int:
+    """What the last `place_workers` said the next run's workers add on the host's compute GPU."""
+    return _COMFY_GPU_NEED
+
+
+def workers_memory() -> list[dict]:
+    """Each rank's memory when a pool is up (rank, gpu: physical index or None on the CPU, rss_bytes, and on a
+    GPU allocated_bytes, reserved_bytes, device_used_bytes, device_total_bytes); [] without one."""
+    return pool.workers_memory()
+
+
+def running_mesh() -> Optional[str]:
+    """The running pool's mesh (ParallelConfig.describe()) and where its ranks run, or None; starts nothing."""
+    running = pool.running_pool()
+    if running is None:
+        return None
+    where = f" on a Ray cluster ({running.address})" if running.address else ""
+    return running.key.parallel.describe() + where

@@ -288,7 +288,7 @@ def prepare(opts: GenerateOptions) -> tuple[SampleRequest, Any, float]:
         remote=opts.backend == "ray" and api.uses_cluster(opts.ray_address),
         dtype=DTYPES[opts.dtype], attention_backend=opts.attention_backend, num_blocks=spec.num_blocks,
         with_negative=with_negative, text_tokens=_cond_text_tokens(opts.cond), threads=opts.threads,
-        oversubscribe=opts.oversubscribe)
+        oversubscribe=opts.oversubscribe, family=spec.family, variant=spec.variant, keep_fp8=opts.fp8 == "keep")
 
     batch_index = None
     if opts.latent is not None:

@@ -1,9 +1,11 @@
 """What one machine can be asked to run: a cap on ranks and threads, and a memory budget for a request.
 
 Every check here runs on the host before any rank starts or any weight is read, so that an absurd request
-fails in a second with the numbers instead of swapping, hanging or being killed. The estimate counts what
-grows with the request (latents, activations, PipeFusion's K/V buffers, each rank's process), not the
-weights: their share per rank is the loader's to report.
+fails in a second with the numbers instead of swapping, hanging or being killed. On GPUs the check is the
+memory plan's (runtime/memory_plan.py: each rank's weights, gathered block, K/V buffers, activations and
+buffers, from the model's config on the meta device) against each GPU's memory. On CPU workers, whose ranks
+share the machine's RAM, the estimate counts what grows with the request (latents, activations, PipeFusion's
+K/V buffers, each rank's process), not the weights.
 """
 from __future__ import annotations
 
@@ -14,9 +16,14 @@ from typing import Optional, Sequence
 import torch
 
 from xdit_core.errors import XDiTConfigError, XDiTModelError
-from xdit_core.loading.load import DTYPES, parameter_count, read_model_config
+from xdit_core.loading.load import read_model_config
 from xdit_core.parallel.attention import FLASH_DTYPES, _flash_attn_available
 from xdit_core.parallel.mesh import ParallelConfig
+# The memory terms are the memory plan's; GIB, FLOAT32_BYTES, LATENT_COPIES, ACTIVATION_FACTOR and
+# RANK_OVERHEAD_BYTES stay importable from here.
+from xdit_core.runtime.memory_plan import (ACTIVATION_FACTOR, FLOAT32_BYTES, GIB, LATENT_COPIES,  # noqa: F401
+                                           RANK_OVERHEAD_BYTES, activation_term, image_tokens, kv_buffer_term,
+                                           latents_term, plan_memory)
 
 # Without --oversubscribe: on CPU at most max(MIN_CPU_RANKS, CPU_RANKS_PER_CORE x cores) ranks (the demo's
 # 4-rank and the tests' 8-rank worlds fit a 2-core machine); on GPUs one rank per visible GPU.
@@ -25,21 +32,7 @@ CPU_RANKS_PER_CORE = 4
 MAX_THREADS = 1024  # torch threads per rank, even with --oversubscribe: no machine has more cores than this
 
 MEMORY_BUDGET_ENV = "XDIT_MEMORY_BUDGET_GB"  # GiB; overrides the physical (CPU) or GPU memory
-GIB = 2 ** 30
 RESIDENT_BUDGET_ENV = "XDIT_RESIDENT_GB"  # GiB of weights each rank keeps for its resident models
-FLOAT32_BYTES = 4  # latents, noise and the sampler's state are float32 whatever the model's dtype
-# Latent-sized float32 tensors one rank holds at once: the request's latent_image and noise, the sampler's
-# x, denoised, derivative, previous denoised and ancestral draw, and the output (8); uni_pc's history holds
-# about 5 more (three x0 predictions, the corrector's base and residual); a noise_mask and its noise 2 more.
-LATENT_COPIES = 15
-# Peak live activations of one transformer block, in units of tokens x hidden size (Flux's single block:
-# input, norm, q/k/v, their rotary copies, attention output, 4x MLP projection and its GELU, the 5x concat).
-# Every attention kernel the engine selects (PyTorch's flash kernel on CPU, memory-efficient SDPA or
-# flash-attn on CUDA) is fused, so no [tokens x tokens] score matrix is materialised and none is counted.
-ACTIVATION_FACTOR = 20
-# A rank's fixed cost: the interpreter with torch and diffusers imported (about 314 MiB RSS measured on CPU),
-# or a CUDA context on a GPU.
-RANK_OVERHEAD_BYTES = 512 * 2 ** 20
 
 
 def max_ranks(cpu_count: int, gpu_count: int) -> int:
@@ -152,14 +145,11 @@ def estimate_rank_bytes(latent_shape: Sequence[int], *, hidden_size: int, dtype_
     with CFG unless cfg-parallel); text_tokens: joint text length (counted whole on every rank); kv_layers:
     attention layers whose full-sequence K/V a PipeFusion stage keeps (0 without PipeFusion).
     """
-    batch, channels, *frames, height, width = (int(n) for n in latent_shape)
-    latent_bytes = batch * channels * math.prod(frames) * height * width * FLOAT32_BYTES
-    # 2x2 patches (per frame), split over SP ranks
-    image_tokens = math.ceil(math.prod(frames) * (height // 2) * (width // 2) / sp_degree)
-    rows = batch * branches
-    activations = rows * (image_tokens + text_tokens) * hidden_size * dtype_bytes * ACTIVATION_FACTOR
-    kv_buffers = 2 * rows * image_tokens * hidden_size * dtype_bytes * kv_layers
-    return RANK_OVERHEAD_BYTES + LATENT_COPIES * latent_bytes + activations + kv_buffers
+    image = math.ceil(image_tokens(latent_shape) / sp_degree)  # 2x2 patches (per frame), split over SP ranks
+    rows = int(latent_shape[0]) * branches
+    return (RANK_OVERHEAD_BYTES + latents_term(latent_shape)
+            + activation_term(rows, image + text_tokens, hidden_size, dtype_bytes)
+            + kv_buffer_term(rows, image, hidden_size, dtype_bytes, kv_layers))
 
 
 def check_memory(latent_shape: Sequence[int], per_rank: int, ranks_sharing: int,
@@ -184,16 +174,23 @@ def check_memory(latent_shape: Sequence[int], per_rank: int, ranks_sharing: int,
 def check_request_fits(model_path: str, latent_shape: Sequence[int], parallel: ParallelConfig, *, backend: str,
                        remote: bool, dtype: torch.dtype, attention_backend: str, num_blocks: int,
                        with_negative: bool, text_tokens: int, threads: Optional[int] = None,
-                       oversubscribe: bool = False) -> None:
+                       oversubscribe: bool = False, family: Optional[str] = None,
+                       variant: Optional[str] = None, keep_fp8: bool = True,
+                       worker_gpus: Optional[Sequence[int]] = None) -> None:
     """Every machine limit for one request, as runtime/backends.py will place its ranks (the CLI and the
     nodes call this before any rank starts): the rank cap, threads, the attention backend, the memory budget.
 
     remote: the ranks run on a Ray cluster's machines, about which this one's cores, GPUs and memory say
-    nothing; backend "env": torchrun has started the ranks already.
+    nothing; backend "env": torchrun has started the ranks already. On local GPUs the memory check is the
+    memory plan's peak per GPU (weights included, fp8 as the file stores it) against the smallest GPU's memory
+    (or $XDIT_MEMORY_BUDGET_GB); a plan that does not fit is refused with its numbers and the nearest mesh that
+    fits, before any weight is read. `worker_gpus`: the memory (bytes) of each GPU the local pool's workers
+    were placed on (runtime/placement.py), where that differs from what this process sees (ComfyUI's
+    --cuda-device); `keep_fp8`: the load keeps a file's fp8 weights fp8.
     """
     world = parallel.world_size
     cores = os.cpu_count() or 1
-    gpus = visible_gpu_count()
+    gpus = visible_gpu_count() if worker_gpus is None else len(worker_gpus)
     # A local mesh of one runs in this process on CPU; spawned, torchrun and pool ranks take a GPU each.
     on_gpu = gpus > 0 and not (backend == "local" and world == 1)
     if not remote and backend != "env":
@@ -202,14 +199,25 @@ def check_request_fits(model_path: str, latent_shape: Sequence[int], parallel: P
         check_threads(threads, cpu_count=cores, oversubscribe=oversubscribe or remote)
     if not remote:
         check_attention_backend(attention_backend, dtype, on_gpu)
+    budget = memory_budget(on_gpu, remote)
+    if worker_gpus and budget is not None and gib_from_env(MEMORY_BUDGET_ENV) is None:
+        budget = min(worker_gpus), "the smallest worker GPU's memory"
+    if on_gpu and not remote:
+        if budget is not None:
+            # Kept fp8: the plan reads from the header which Linear weights the file stores in fp8.
+            plan = plan_memory(model_path, dtype, parallel, latent_shape, fp8_kept=keep_fp8, text_tokens=text_tokens,
+                               with_negative=with_negative, ranks_per_device=math.ceil(world / gpus),
+                               family=family, variant=variant)
+            plan.fits(budget[0], budget[1])
+        return
     stages = parallel.pipefusion_parallel_degree
     per_rank = estimate_rank_bytes(
         latent_shape, hidden_size=transformer_width(model_path), dtype_bytes=dtype.itemsize,
         sp_degree=parallel.sp_degree, branches=2 if with_negative and not parallel.use_cfg_parallel else 1,
         text_tokens=text_tokens, kv_layers=math.ceil(num_blocks / stages) if stages > 1 else 0)
-    # Processes on one budget: the ranks of a GPU, or every local rank plus the host beside a spawned world.
-    sharing = 1 if remote else math.ceil(world / gpus) if on_gpu else world + (world > 1)
-    check_memory(latent_shape, per_rank, sharing, memory_budget(on_gpu, remote))
+    # Processes on one budget: every local CPU rank plus the host beside a spawned world (remote: one rank).
+    sharing = 1 if remote else world + (world > 1)
+    check_memory(latent_shape, per_rank, sharing, budget)
 
 
 def resident_budget(world_size: int, on_gpu: bool) -> Optional[int]:
@@ -226,6 +234,8 @@ def resident_budget(world_size: int, on_gpu: bool) -> Optional[int]:
 
 
 def estimate_weight_bytes(model_path: str, dtype: str, parallel: ParallelConfig) -> int:
-    """One rank's share of a model's weights in `dtype`, from its headers: a PipeFusion stage holds about
-    1/stages of them, every other rank all of them."""
-    return parameter_count(model_path) * DTYPES[dtype].itemsize // parallel.pipefusion_parallel_degree
+    """The largest rank's share of a model's weights in `dtype`, from the memory plan (config and header only):
+    its PipeFusion stage's blocks and the modules every rank holds, each block 1/N of itself when sharded over N
+    ranks, the file's fp8 Linear weights at 1 byte (and a scale) as the loader keeps them."""
+    plan = plan_memory(model_path, dtype, parallel, [1, 1, 2, 2], fp8_kept=True)
+    return max(r.weights for r in plan.ranks)

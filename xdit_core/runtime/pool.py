@@ -21,6 +21,7 @@ import tempfile
 import time
 import uuid
 from collections import OrderedDict
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any, Callable, Optional
 
@@ -34,6 +35,7 @@ from xdit_core.models.base import BranchCond
 from xdit_core.runtime.job import ModelRef
 from xdit_core.runtime.launch import Rendezvous
 from xdit_core.runtime.limits import estimate_weight_bytes, resident_budget
+from xdit_core.runtime.placement import Placement
 from xdit_core.sampling.request import LoraRef, SampleRequest
 
 log = logging.getLogger("xdit")
@@ -53,10 +55,11 @@ class PoolKey:
     parallel: ParallelConfig
     attention_backend: str = "auto"
     threads: int = 1
+    keep_fp8: bool = True
 
     @property
     def model(self) -> ModelRef:
-        return ModelRef(self.model_path, self.dtype, self.family, self.variant)
+        return ModelRef(self.model_path, self.dtype, self.family, self.variant, self.keep_fp8)
 
     @property
     def mesh(self) -> tuple[ParallelConfig, str, int]:
@@ -165,20 +168,43 @@ def _write_private_token() -> None:
         f.write(secrets.token_hex(32))  # 256 bits, as Ray's own generator
 
 
-_RAY_FOR: Optional[str] = None  # the address this process's Ray was started for ("" : the private local one)
+# What this process's Ray was started for: (address, the local GPUs' CUDA_VISIBLE_DEVICES or None), with
+# address "" for the private local one; None: not started here.
+_RAY_FOR: Optional[tuple[str, Optional[str]]] = None
 
 
-def ensure_ray(address: Optional[str], num_cpus: Optional[int] = None) -> float:
+@contextmanager
+def _environment(values: dict[str, str]):
+    """`values` in os.environ for the duration (the local Ray's raylet and workers inherit the driver's
+    environment when ray.init starts them), then ComfyUI's own values back."""
+    saved = {k: os.environ.get(k) for k in values}
+    os.environ.update(values)
+    try:
+        yield
+    finally:
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+
+
+def ensure_ray(address: Optional[str], num_cpus: Optional[int] = None,
+               placement: Optional[Placement] = None) -> float:
     """Connect to the Ray cluster at `address`, or start a private local Ray (token authentication on,
     dashboard off); returns the seconds it took.
 
-    A Ray already running in this process is reused only if it was started here for the same address; one
-    started by someone else (another plugin) is reused for a local pool only with token authentication on."""
+    A local Ray with a `placement` gets exactly its GPUs: `num_gpus` and CUDA_VISIBLE_DEVICES (physical
+    indices, CUDA_DEVICE_ORDER=PCI_BUS_ID) for the raylet, which hands each GPU actor one of them; without one,
+    Ray detects the GPUs this process sees, as before. A Ray already running in this process is reused only if
+    it was started here for the same address and GPUs (another GPU set restarts it); one started by someone else
+    (another plugin) is reused for a local pool only with token authentication on."""
     global _RAY_FOR
     import ray
 
     t0 = time.perf_counter()
-    wanted = address or ""
+    gpu_env = placement.ray_env if placement is not None and not address else None
+    wanted = (address or "", None if gpu_env is None else gpu_env["CUDA_VISIBLE_DEVICES"])
     if ray.is_initialized():
         if _RAY_FOR == wanted:
             return 0.0
@@ -187,17 +213,27 @@ def ensure_ray(address: Optional[str], num_cpus: Optional[int] = None) -> float:
                                   "(started by another plugin?), so a local worker pool would accept work from the "
                                   "network; start ComfyUI with RAY_AUTH_MODE=token, or give a cluster address")
         if _RAY_FOR is None:
+            if gpu_env is not None:
+                log.warning("xDiT: reusing a Ray started by someone else in this process: its GPUs, not %s",
+                            placement.note)
             return 0.0
-        ray.shutdown()  # ours, for another address: its ranks would run in the wrong place
+        ray.shutdown()  # ours, for another address or other GPUs: its ranks would run in the wrong place
     env = {"env_vars": {"PYTHONPATH": worker_pythonpath()}}
     if address:
         check_ray_address(address)
         ray.init(address=address, runtime_env=env, logging_level=logging.WARNING, log_to_driver=False)
     else:
         _require_token_auth()
+        gpus = {}
+        if gpu_env is not None:
+            gpus = {"num_gpus": len(placement.gpus)}
+            env["env_vars"]["CUDA_DEVICE_ORDER"] = gpu_env["CUDA_DEVICE_ORDER"]
+            log.info("xDiT: local Ray with CUDA_VISIBLE_DEVICES=%s: %s", gpu_env["CUDA_VISIBLE_DEVICES"] or "''",
+                     placement.note)
         # address="local": always a fresh, private instance, never some other cluster found on the machine.
-        ray.init(address="local", num_cpus=num_cpus or max(os.cpu_count() or 1, 8), include_dashboard=False,
-                 runtime_env=env, logging_level=logging.WARNING, log_to_driver=False)
+        with _environment(gpu_env or {}):
+            ray.init(address="local", num_cpus=num_cpus or max(os.cpu_count() or 1, 8), include_dashboard=False,
+                     runtime_env=env, logging_level=logging.WARNING, log_to_driver=False, **gpus)
     _RAY_FOR = wanted
     return time.perf_counter() - t0
 
@@ -222,10 +258,12 @@ def check_resources(parallel: ParallelConfig, use_gpu: bool) -> None:
 class WorkerPool:
     """A warm set of rank actors for one PoolKey."""
 
-    def __init__(self, key: PoolKey, ray_address: Optional[str] = None):
+    def __init__(self, key: PoolKey, ray_address: Optional[str] = None, placement: Optional[Placement] = None):
         validate_parallel_config(key.parallel)
         self.key = key
         self.address = ray_address_from_env(ray_address)
+        # The local workers' physical GPUs (None: those Ray detects; ignored for a cluster address).
+        self.placement = placement if self.address is None else None
         self.stats = PoolStats()
         self.workers: list = []
         self.placement_groups: list = []
@@ -246,8 +284,8 @@ class WorkerPool:
         from xdit_core.runtime.worker import RankWorker
 
         self.broken = True  # until every rank is set up: a start that fails is rebuilt by the next request
-        self.stats.ray_start_s = ensure_ray(self.address)
-        use_gpu = torch.cuda.is_available()
+        self.stats.ray_start_s = ensure_ray(self.address, placement=self.placement)
+        use_gpu = bool(self.placement.gpus) if self.placement is not None else torch.cuda.is_available()
         parallel = self.key.parallel
         check_resources(parallel, use_gpu)
         t0 = time.perf_counter()
@@ -322,6 +360,19 @@ class WorkerPool:
         if self._rendezvous_dir is not None:
             shutil.rmtree(self._rendezvous_dir, ignore_errors=True)
             self._rendezvous_dir = None
+
+    def memory_report(self, timeout_s: float = 10.0) -> list[dict[str, Any]]:
+        """Each rank's memory (`RankWorker.memory`: bytes torch holds on its GPU, or the process's RSS on the
+        CPU), with `gpu`, the physical GPU index it runs on (None on the CPU or where unknown)."""
+        import ray
+
+        reports = ray.get([w.memory.remote() for w in self.workers], timeout=timeout_s)
+        for report in reports:
+            gpu = self.placement.gpu_of(report.get("cuda_visible_devices")) if self.placement else None
+            report["gpu"] = None if gpu is None else gpu.index
+            if gpu is None and report.get("device", "cpu") != "cpu":
+                report["gpu"] = report.get("cuda_visible_devices")  # Ray's own id (no placement: its detection)
+        return reports
 
     def worker_stats(self) -> list[dict[str, Any]]:
         """Each rank's load counter and load time."""
@@ -560,21 +611,58 @@ def _short(error: Exception) -> str:
 
 
 _POOL: Optional[WorkerPool] = None
+_LOCAL_PLACEMENT: Optional[Placement] = None
+
+
+def place_local_workers(placement: Optional[Placement]) -> None:
+    """The GPUs a local pool's workers take from the next request on (None: the GPUs Ray detects, as the CLI
+    does). A running local pool on other GPUs is rebuilt by that request."""
+    global _LOCAL_PLACEMENT
+    _LOCAL_PLACEMENT = placement
+
+
+def local_placement() -> Optional[Placement]:
+    return _LOCAL_PLACEMENT
+
+
+def _gpus(placement: Optional[Placement]):
+    return None if placement is None else placement.gpus
 
 
 def get_pool(key: PoolKey, ray_address: Optional[str] = None) -> WorkerPool:
     """The process's pool for `key`'s mesh, running `key`'s model (loaded unless resident); a pool for another
-    mesh or address is shut down first."""
+    mesh, address or set of local GPUs is shut down first."""
     global _POOL
-    if _POOL is not None and (_POOL.key.mesh != key.mesh or _POOL.address != ray_address_from_env(ray_address)):
+    address = ray_address_from_env(ray_address)
+    placement = _LOCAL_PLACEMENT if address is None else None
+    if _POOL is not None and (_POOL.key.mesh != key.mesh or _POOL.address != address
+                              or _gpus(_POOL.placement) != _gpus(placement)):
         _POOL.shutdown()
         _POOL = None
     if _POOL is None:
-        _POOL = WorkerPool(key, ray_address)
+        _POOL = WorkerPool(key, ray_address, placement)
         _POOL.start()
     else:
         _POOL.use(key)
     return _POOL
+
+
+def running_pool() -> Optional[WorkerPool]:
+    """The process's pool when it is up (actors started, not failed), else None; starts nothing."""
+    return _POOL if _POOL is not None and _POOL.workers and not _POOL.broken else None
+
+
+def workers_memory() -> list[dict[str, Any]]:
+    """Each rank's memory report (`WorkerPool.memory_report`) when a pool is up, else []; starts nothing. A
+    pool that does not answer within seconds reports nothing (logged), it is not failed for it."""
+    pool = running_pool()
+    if pool is None:
+        return []
+    try:
+        return pool.memory_report()
+    except Exception as e:  # noqa: BLE001 - a report is never worth a failed prompt
+        log.warning("xDiT: the workers did not report their memory: %s", _short(e))
+        return []
 
 
 def unload() -> None:

@@ -87,6 +87,28 @@ class RankWorker:
         return {"rank": self.rank, "load_count": self.load_count, "resident": list(self.jobs),
                 "load_s": sum(j.load_s for j in self.jobs.values())}
 
+    def memory(self) -> dict[str, Any]:
+        """This rank's memory, answered while a request runs: the GPU Ray gave it (its CUDA_VISIBLE_DEVICES),
+        the bytes torch has allocated and reserved there and the whole device's use, or on the CPU the process's
+        resident set (`rss_bytes`, also given on a GPU)."""
+        try:
+            with open("/proc/self/statm") as f:
+                rss = int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+        except (OSError, ValueError, IndexError, AttributeError):
+            import resource
+
+            rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # the peak, where /proc is missing
+        report = {"rank": self.rank, "pid": os.getpid(), "device": str(self.device), "rss_bytes": rss,
+                  "cuda_visible_devices": os.environ.get("CUDA_VISIBLE_DEVICES"),
+                  "models": len(self.jobs)}
+        if self.device.type == "cuda":
+            free, total = torch.cuda.mem_get_info(self.device)
+            report.update(allocated_bytes=torch.cuda.memory_allocated(self.device),
+                          reserved_bytes=torch.cuda.memory_reserved(self.device),
+                          device_used_bytes=total - free, device_total_bytes=total,
+                          uuid=str(getattr(torch.cuda.get_device_properties(self.device), "uuid", "")))
+        return report
+
     def sample(self, request: SampleRequest, job: str, model: ModelRef) -> dict[str, Any]:
         """Run one request on a resident model; every rank returns its report, rank 0 also the latent (model
         space, CPU)."""
