@@ -77,3 +77,23 @@ def test_shard_negative_control_is_caught(world, family):
     per_rank, refs = world
     err = rel_err(per_rank[0][f"{family}/even/u2@shard+shard_roll"]["out"], refs[(family, "even")])
     assert err >= MUTATION_FACTOR * TOL
+
+
+def test_the_loader_hands_over_each_block_before_reading_the_next(tiny_models):
+    """load_model's on_block (RankJob shards there): every selected block, in order, as soon as its weights are in
+    place and before a byte of the next block is read, so a sharded load holds one block whole at a time."""
+    from xdit_core.loading.load import LoadStats, ModelParts, block_prefixes
+
+    for parts, chosen in ((None, None), (ModelParts(range(2, 4)), [2, 3])):
+        stats, seen = LoadStats(), []
+        model, spec = load_model(tiny_models["flux"], parts=parts, stats=stats, on_block=lambda block: seen.append(
+            (block, all(not p.is_meta for p in block.parameters()), stats.bytes_read)))
+        prefixes = block_prefixes(model, spec.family)
+        blocks = [model.get_submodule(prefix.rstrip(".")) for prefix in prefixes]
+        indices = chosen or list(range(len(blocks)))
+        assert [b for b, _, _ in seen] == [blocks[i] for i in indices] and all(whole for _, whole, _ in seen)
+        sizes = {n: p.numel() * p.element_size() for n, p in model.named_parameters() if not p.is_meta}
+        block_bytes = [sum(v for n, v in sizes.items() if n.startswith(prefixes[i])) for i in indices]
+        outside = sum(v for n, v in sizes.items() if not n.startswith(tuple(prefixes)))
+        # read so far when block k is handed over: everything outside the blocks, then blocks 0..k, nothing more
+        assert [read for _, _, read in seen] == [outside + sum(block_bytes[:k + 1]) for k in range(len(indices))]

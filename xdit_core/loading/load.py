@@ -250,11 +250,14 @@ def _rebuild_sincos_tables(model: torch.nn.Module, keep: Callable[[str], bool], 
 
 def load_model(path: str | Path, dtype: str = "fp32", family: Optional[str] = None, variant: Optional[str] = None,
                *, parts: Optional[ModelParts] = None, device: str | torch.device = "cpu",
-               stats: Optional[LoadStats] = None, keep_fp8: bool = True) -> tuple[torch.nn.Module, ModelSpec]:
+               stats: Optional[LoadStats] = None, keep_fp8: bool = True,
+               on_block: Optional[Callable[[torch.nn.Module], None]] = None) -> tuple[torch.nn.Module, ModelSpec]:
     """Load a model in `dtype` onto `device`, whole or only `parts` (the rest stays on meta); returns
     (model, spec). `stats`, when given, counts what was read. `keep_fp8`: the file's fp8 Linear weights stay fp8 on
     the device, upcast to `dtype` per layer as they are used (models/fp8.py), with results equal to upcasting
-    them at load, which False does."""
+    them at load, which False does. `on_block`: called with each transformer block as soon as its weights are
+    in place, before the next block is read (weight sharding: so the load never holds more than one block
+    whole)."""
     if dtype not in DTYPES:
         raise XDiTModelError(f"unknown dtype {dtype!r}; valid: {', '.join(DTYPES)}")
     stats = LoadStats() if stats is None else stats
@@ -276,21 +279,28 @@ def load_model(path: str | Path, dtype: str = "fp32", family: Optional[str] = No
     keep = _selector(model, spec.family, parts)
     device = torch.device(device)
     linear_weights = {f"{n}.weight" for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)}
-    state = {}
+    prefixes = block_prefixes(model, spec.family)
+    by_block: dict[Optional[int], list[Rule]] = {}  # None: outside the blocks, loaded first
     for rule in rules:
-        if not any(keep(p) for p in rule.parts):
-            continue
-        tensor, scale = _read(source.files, rule.original)
-        fp8 = keep_fp8 and _kept_fp8(tensor, scale, rule.parts, linear_weights)
-        if fp8:
-            scale = None if scale is None else scale.to(device)  # one scale shared by a fused tensor's pieces
-        elif scale is not None:
-            tensor = tensor.to(torch.float32) * scale
-        for name, piece in split(rule, tensor, shapes).items():
-            # A copy in its own allocation: tensors read from a file sit wherever the file's layout puts
-            # them, and misaligned memory takes other CPU kernels (results would depend on the file).
-            piece = piece.to(device=device, dtype=None if fp8 else meta[name].dtype, copy=True)
-            state[name] = Fp8Weight(piece, scale, meta[name].dtype) if fp8 else piece
-    model.load_state_dict(state, strict=False, assign=True)
+        if any(keep(p) for p in rule.parts):
+            block = next((i for i, prefix in enumerate(prefixes) if rule.parts[0].startswith(prefix)), None)
+            by_block.setdefault(block, []).append(rule)
+    for block in sorted(by_block, key=lambda b: -1 if b is None else b):
+        state = {}
+        for rule in by_block[block]:
+            tensor, scale = _read(source.files, rule.original)
+            fp8 = keep_fp8 and _kept_fp8(tensor, scale, rule.parts, linear_weights)
+            if fp8:
+                scale = None if scale is None else scale.to(device)  # one scale shared by a fused tensor's pieces
+            elif scale is not None:
+                tensor = tensor.to(torch.float32) * scale
+            for name, piece in split(rule, tensor, shapes).items():
+                # A copy in its own allocation: tensors read from a file sit wherever the file's layout puts
+                # them, and misaligned memory takes other CPU kernels (results would depend on the file).
+                piece = piece.to(device=device, dtype=None if fp8 else meta[name].dtype, copy=True)
+                state[name] = Fp8Weight(piece, scale, meta[name].dtype) if fp8 else piece
+        model.load_state_dict(state, strict=False, assign=True)
+        if block is not None and on_block is not None:
+            on_block(model.get_submodule(prefixes[block].rstrip(".")))
     _rebuild_sincos_tables(model, keep, device)
     return model.eval().requires_grad_(False), spec

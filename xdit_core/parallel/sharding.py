@@ -13,26 +13,42 @@ from xdit_core.models.fp8 import Fp8Weight
 from xdit_core.parallel.context import RankContext
 
 
-def shard_blocks(adapter: ModelAdapter, ctx: RankContext) -> int:
-    """fully_shard every block this rank holds (PipeFusion: its stage's) over its "shard" group; returns the
-    number of blocks sharded (0 when the group is this rank alone)."""
-    from torch.distributed.device_mesh import DeviceMesh
-    from torch.distributed.fsdp import fully_shard
+class BlockSharder:
+    """fully_shards one block at a time over this rank's "shard" group (a no-op when the group is this rank
+    alone): the loader calls it as each block's weights arrive (load_model's `on_block`), so no rank ever holds
+    more than one block whole."""
 
-    group, size = ctx.mesh.group("shard"), ctx.mesh.size("shard")
-    if group is None:
-        return 0
-    device_mesh = DeviceMesh.from_group(group, ctx.device.type)
-    blocks = [block for block, _ in adapter.blocks()
-              if not any(p.is_meta for p in block.parameters())]  # the other stages' blocks stay on meta
-    for block in blocks:
-        fully_shard(block, mesh=device_mesh, reshard_after_forward=True)
-        sent = (size - 1) * local_param_bytes(block)
+    def __init__(self, ctx: RankContext):
+        from torch.distributed.device_mesh import DeviceMesh
 
-        def count(module: torch.nn.Module, args, sent: int = sent) -> None:
+        self.ctx, group = ctx, ctx.mesh.group("shard")
+        self.size = ctx.mesh.size("shard") if group is not None else 1
+        self.device_mesh = DeviceMesh.from_group(group, ctx.device.type) if group is not None else None
+
+    def __call__(self, block: torch.nn.Module) -> None:
+        from torch.distributed.fsdp import fully_shard
+
+        if self.device_mesh is None:
+            return
+        fully_shard(block, mesh=self.device_mesh, reshard_after_forward=True)
+        sent = (self.size - 1) * local_param_bytes(block)
+        ctx = self.ctx
+
+        def count(module: torch.nn.Module, args) -> None:
             ctx.counter.add("shard_gather", sent)  # the run's counter (RankJob replaces it per request)
 
         block.register_forward_pre_hook(count)
+
+
+def shard_blocks(adapter: ModelAdapter, ctx: RankContext) -> int:
+    """Shard every block a loaded model holds (PipeFusion: its stage's; the others stay on meta); returns how many
+    were sharded."""
+    sharder = BlockSharder(ctx)
+    if sharder.device_mesh is None:
+        return 0
+    blocks = [block for block, _ in adapter.blocks() if not any(p.is_meta for p in block.parameters())]
+    for block in blocks:
+        sharder(block)
     return len(blocks)
 
 

@@ -24,7 +24,7 @@ from xdit_core.parallel.context import RankContext
 from xdit_core.parallel.mesh import Mesh, ParallelConfig
 from xdit_core.parallel.pipefusion import PipeFusionRunner
 from xdit_core.parallel.sequence_parallel import SequenceParallelRunner
-from xdit_core.parallel.sharding import local_param_bytes, shard_blocks
+from xdit_core.parallel.sharding import BlockSharder, local_param_bytes
 from xdit_core.parallel.stages import pipefusion_parts
 from xdit_core.runtime.report import rank_report
 from xdit_core.sampling.finite import check_first_prediction
@@ -220,18 +220,18 @@ class RankJob:
     def __init__(self, rank: int, device: torch.device, model: ModelRef, parallel: ParallelConfig,
                  attention_backend: str = "auto", ctx: Optional[RankContext] = None):
         """`ctx`: the rank's context when it already has one (a worker holding several models shares it)."""
-        t0 = time.perf_counter()
-        parts = pipefusion_parts(model.path, model.family, model.variant, parallel, rank)
-        net, self.spec = load_model(model.path, model.dtype, model.family, model.variant, device=device, parts=parts,
-                                    keep_fp8=model.keep_fp8)
-        self.load_s = time.perf_counter() - t0
-        self.rank, self.parallel = rank, parallel
-        self.adapter = make_adapter(net, self.spec)
         if ctx is None and parallel.world_size > 1:
             ctx = RankContext(Mesh(parallel), device, attention_backend)
         self.ctx = ctx
-        if parallel.shard_weights and ctx is not None:
-            shard_blocks(self.adapter, ctx)
+        t0 = time.perf_counter()
+        parts = pipefusion_parts(model.path, model.family, model.variant, parallel, rank)
+        # Sharded: each block is sharded as soon as it is read, so the load peaks at one whole block.
+        sharder = BlockSharder(ctx) if parallel.shard_weights and ctx is not None else None
+        net, self.spec = load_model(model.path, model.dtype, model.family, model.variant, device=device, parts=parts,
+                                    keep_fp8=model.keep_fp8, on_block=sharder)
+        self.load_s = time.perf_counter() - t0
+        self.rank, self.parallel = rank, parallel
+        self.adapter = make_adapter(net, self.spec)
         self.param_bytes = local_param_bytes(net)
         self._loras: dict[str, tuple[tuple[int, int], LoraWeights]] = {}  # path -> (mtime and size, weights)
 

@@ -23,8 +23,8 @@ Per rank (docs/memory.md has the formulas and a table for real models):
   and PipeFusion's patch hand-offs (2 x a patch's tokens x hidden), summed.
 - **process**: the interpreter with torch, or a CUDA context (RANK_OVERHEAD_BYTES).
 
-The peak is the larger of the run (all of the above) and the load (the weights, plus, while the engine loads
-a stage's blocks whole before sharding them, the rest of those blocks: SHARDS_WHILE_LOADING). Sharding's
+The peak is the larger of the run (all of the above) and the load (the weights, plus the one block whole that
+is being read: the engine shards each block as it arrives, SHARDS_WHILE_LOADING). Sharding's
 price is traffic: each block forward gathers (N - 1) shards, so per step (N - 1) x shard bytes x the stage's
 blocks x forwards (2 with CFG unless cfg-parallel, x M patches on PipeFusion's pipelined steps), in
 `gather_bytes_per_step` and its time at `link_bytes_per_s`.
@@ -63,10 +63,10 @@ PCIE_BYTES_PER_S = 20e9
 # FSDP2 copies a block's all-gather output into the block's unsharded parameters
 # (torch.distributed.fsdp's foreach_all_gather_copy_out): both are alive for a moment.
 GATHER_COPIES = 2
-# How the engine loads a sharded model: runtime/job.py loads a stage's blocks whole on the device, then
-# fully_shard()s them (False), so the load peaks at the unsharded weights; True once blocks are sharded as
-# they are read (one block whole at a time).
-SHARDS_WHILE_LOADING = False
+# How the engine loads a sharded model: runtime/job.py has load_model fully_shard() each block as soon as it is
+# read (load_model's on_block), so one block at a time is whole on the device (False: the stage's blocks whole
+# first, then sharded; the plan can still model that).
+SHARDS_WHILE_LOADING = True
 # Modules outside the blocks, by role, for diffusers classes the engine does not run (the docs' table):
 # input embedders on every stage, the head on the last.
 _GENERIC_EMBED = ("x_embedder", "img_in", "patch_embedding", "pos_embed")
