@@ -1,6 +1,7 @@
 """xDiT Parallel Mesh: the layout of the workers (xDiT's parameter names)."""
 from __future__ import annotations
 
+from dataclasses import replace
 from typing import Optional
 
 from . import host
@@ -24,12 +25,15 @@ def choose(mesh: XDiTMesh, model: Optional[XDiTModel], cfg: Optional[float] = No
 
     if mesh.layout == "manual":
         pc = ParallelConfig(mesh.ulysses_degree, mesh.ring_degree, mesh.pipefusion_parallel_degree,
-                            mesh.use_cfg_parallel, mesh.num_pipeline_patch or None, mesh.warmup_steps)
+                            mesh.use_cfg_parallel, mesh.num_pipeline_patch or None, mesh.warmup_steps,
+                            mesh.shard_weights)
         return pc, f"manual: {pc.describe()}"
     if model is None:
         return None, "auto: chosen for the model at sampling time"
     cfg = FAMILY_DEFAULT_CFG[model.family] if cfg is None else cfg
     pc, why = choose_mesh(model.family, model.num_heads, worker_count(mesh), cfg, model.num_blocks)
+    if mesh.shard_weights and pc.world_size > pc.pipefusion_parallel_degree:
+        pc = replace(pc, shard_weights=True)
     return pc, f"auto: {pc.describe()} — {why}"
 
 
@@ -89,6 +93,11 @@ class XDiTParallelMesh:
                                          "tooltip": "GPUs left to ComfyUI (text encoders, VAE)"}),
                 "ray_address": ("STRING", {"default": "", "tooltip": "empty: local Ray or $XDIT_RAY_ADDRESS"}),
                 "attention_backend": (BACKENDS, {"default": "auto"}),
+                "shard_weights": ("BOOLEAN", {"default": False,
+                                              "tooltip": "each GPU keeps 1/N of the blocks (N: the ulysses x ring x "
+                                                         "cfg GPUs of a stage) and gathers each block as it runs: "
+                                                         "big models on small GPUs, at the price of that traffic; "
+                                                         "auto turns it on when the model does not fit otherwise"}),
             },
         }
 
@@ -126,10 +135,10 @@ class XDiTParallelMesh:
 
     def build(self, layout, ulysses_degree, ring_degree, pipefusion_parallel_degree, use_cfg_parallel,
               num_pipeline_patch, warmup_steps, gpu_count, model=None, reserve_gpus=0, ray_address="",
-              attention_backend="auto"):
+              attention_backend="auto", shard_weights=False):
         mesh = XDiTMesh(layout, ulysses_degree, ring_degree, pipefusion_parallel_degree, use_cfg_parallel,
                         num_pipeline_patch, warmup_steps, gpu_count, reserve_gpus, ray_address.strip() or None,
-                        attention_backend)
+                        attention_backend, shard_weights)
         _, summary = summarize(mesh, model)
         return (mesh, summary)
 

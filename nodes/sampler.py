@@ -41,11 +41,19 @@ def plan_run(model: XDiTModel, mesh: XDiTMesh, shape, cfg: float, steps: int, po
     loras = lora_refs(model)
     remote = api.uses_cluster(mesh.ray_address)
     placement = None if remote else api.local_placement()  # the GPUs check_against_model gave the workers
+    text_tokens = max(c.text.shape[1] for c in (positive, negative) if c is not None)
+    if mesh.layout == "auto" and placement is not None and placement.gpus:
+        # auto on local GPUs: the memory plan may move to sharded weights or PipeFusion when the model won't fit
+        spec = api.describe_model(model.path, model.family, model.variant)
+        parallel = api.fit_mesh(model.path, model.dtype, parallel, shape, spec=spec, with_negative=negative is not None,
+                                text_tokens=text_tokens, keep_fp8=model.keep_fp8,
+                                budget=min(g.total_bytes for g in placement.gpus))
+        api.validate_parallel_config(parallel, num_heads=model.num_heads, cfg=cfg, num_blocks=model.num_blocks,
+                                     steps=steps, latent_height=shape[-2], video=len(shape) == 5)
     api.check_request_fits(
         model.path, list(shape), parallel, backend="ray", remote=remote, dtype=api.DTYPES[model.dtype],
         attention_backend=mesh.attention_backend, num_blocks=model.num_blocks, with_negative=negative is not None,
-        text_tokens=max(c.text.shape[1] for c in (positive, negative) if c is not None), threads=1,
-        family=model.family, variant=model.variant, keep_fp8=model.keep_fp8,
+        text_tokens=text_tokens, threads=1, family=model.family, variant=model.variant, keep_fp8=model.keep_fp8,
         worker_gpus=None if placement is None else [g.total_bytes for g in placement.gpus])
     key = api.PoolKey(model.path, model.dtype, model.family, model.variant, parallel, mesh.attention_backend,
                       threads=1, keep_fp8=model.keep_fp8)

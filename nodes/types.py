@@ -34,3 +34,4 @@ class XDiTMesh:
     reserve_gpus: int = 0
     ray_address: Optional[str] = None
     attention_backend: str = "auto"
+    shard_weights: bool = False  # FSDP: each rank keeps 1/N of the blocks its stage's ranks share

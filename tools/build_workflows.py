@@ -228,7 +228,7 @@ def mesh(graph, pos, model, ulysses=1, ring=1, cfg_parallel=False, gpus=0, pipef
     return graph.add("XDiTParallelMesh", pos, layout="manual", ulysses_degree=ulysses, ring_degree=ring,
                      pipefusion_parallel_degree=pipefusion, use_cfg_parallel=cfg_parallel, num_pipeline_patch=0,
                      warmup_steps=warmup, gpu_count=gpus, model=model.out("model"), reserve_gpus=0, ray_address="",
-                     attention_backend="auto")
+                     attention_backend="auto", shard_weights=False)
 
 
 def sampler(graph, pos, model, mesh_node, positive, negative, latent, steps, cfg, sampler_name, scheduler):

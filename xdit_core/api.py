@@ -6,7 +6,7 @@ warm worker pool), unload.
 """
 from __future__ import annotations
 
-from typing import Callable, Optional
+from typing import Any, Callable, Mapping, Optional, Sequence
 
 import torch
 
@@ -24,6 +24,7 @@ from xdit_core.runtime import pool
 from xdit_core.runtime.backends import BACKENDS, RunResult, run
 from xdit_core.runtime.job import ModelRef
 from xdit_core.runtime.limits import RANK_OVERHEAD_BYTES, check_request_fits, estimate_weight_bytes
+from xdit_core.runtime.memory_plan import cheapest_fitting_mesh, mesh_candidates, plan_memory
 from xdit_core.runtime.placement import (GpuInventory, PhysicalGpu, Placement, parse_visible, plan_placement,
                                          read_inventory)
 from xdit_core.runtime.pool import PoolKey, parse_ray_address, ray_address_from_env
@@ -37,7 +38,7 @@ __all__ = ["ATTENTION_BACKENDS", "BACKENDS", "BranchCond", "DTYPES", "LoraRef", 
            "ParallelConfig", "PoolKey", "RANDOM_TEXT_LENGTH", "RunResult", "SAMPLERS", "SCHEDULERS", "SampleRequest",
            "StepRange", "XDiTCancelled", "XDiTConditioningError", "XDiTConfigError", "XDiTError", "XDiTNumericError",
            "XDiTWorkerError", "build_request", "check_conditioning_shape", "check_lora", "check_request_fits",
-           "choose_mesh", "describe_model", "empty_latent", "evaluations", "image_concat", "latent_shape",
+           "choose_mesh", "describe_model", "fit_mesh", "empty_latent", "evaluations", "image_concat", "latent_shape",
            "load_cond_file", "pool_stats", "random_cond", "run", "sample", "unload", "uses_cluster", "validate_latent_shape",
            "GpuInventory", "PhysicalGpu", "Placement", "gpu_inventory", "parse_visible", "plan_placement",
            "place_workers", "local_placement", "comfy_gpu_bytes_needed", "workers_memory", "running_mesh",
@@ -142,3 +143,16 @@ def running_mesh() -> Optional[str]:
         return None
     where = f" on a Ray cluster ({running.address})" if running.address else ""
     return running.key.parallel.describe() + where
+
+
+def fit_mesh(model: str | Mapping[str, Any], dtype: str, parallel: ParallelConfig, latent_shape: Sequence[int], *,
+             spec: ModelSpec, with_negative: bool, text_tokens: int, keep_fp8: bool, budget: int) -> ParallelConfig:
+    """The mesh layout `auto` runs on GPUs of `budget` bytes: `parallel` when its memory plan fits, else the
+    cheapest of as many ranks that does (weights sharded, or split by PipeFusion stages: memory_plan's
+    candidates, PipeFusion first as it moves no weights per step); the plan's one-line refusal when none fits."""
+    candidates = mesh_candidates(parallel, heads=spec.num_heads, num_blocks=spec.num_blocks, video=spec.is_video)
+    chosen, _ = cheapest_fitting_mesh(
+        candidates, lambda p: plan_memory(model, dtype, p, latent_shape, fp8_kept=keep_fp8, text_tokens=text_tokens,
+                                          with_negative=with_negative, family=spec.family, variant=spec.variant),
+        budget, source="the workers' smallest GPU")
+    return chosen
