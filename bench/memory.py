@@ -10,7 +10,7 @@ the request and reads its peak again. The plan's tensor bytes for the run are co
 (peak RSS - RSS before loading); the load's peak of anonymous memory (sampled every 2 ms: the file's pages left
 out) with the plan's load.
 
-`python -m bench.memory table [--write]`: the plan's per-GPU table for FLUX.1-dev (bf16 and fp8 kept),
+`python -m bench.memory table [--write]`: the plan's per-GPU table for FLUX.1-dev and Wan 2.2 (bf16 and fp8 kept),
 Qwen-Image, Wan 2.2 A14B (both experts resident) and FLUX.2 dev on 2, 4 and 8 GPUs of 24 GiB, from their real
 configs on the meta device; `--write` puts it into docs/memory.md.
 """
@@ -281,6 +281,9 @@ def _table_models() -> list[dict[str, Any]]:
         dict(name="Wan 2.2 I2V A14B, both experts", config=wan, weights="bf16", fp8=False,
              latent=[1, 16, 21, 90, 160], negative=True, mesh=cfg_ulysses, resident=1,
              note="1280x720, 81 frames, cfg 3.5"),
+        dict(name="Wan 2.2 I2V A14B, both experts", config=wan, weights="fp8 kept", fp8=True,
+             latent=[1, 16, 21, 90, 160], negative=True, mesh=cfg_ulysses, resident=1,
+             note="the template's fp8_scaled files, kept fp8"),
         dict(name="FLUX.2 dev", config=FLUX2_DEV, weights="bf16", fp8=False, latent=[1, 32, 128, 128],
              negative=False, mesh=ulysses, note="1024², cfg 1 (guidance-distilled)"),
     ]

@@ -67,6 +67,9 @@ GATHER_COPIES = 2
 # read (load_model's on_block), so one block at a time is whole on the device (False: the stage's blocks whole
 # first, then sharded; the plan can still model that).
 SHARDS_WHILE_LOADING = True
+# FSDP2 shards an fp8-kept weight's upcast values (models/fp8.py's Fp8Weight upcasts on every op, chunking
+# included): sharded blocks hold compute-dtype shards, and only unsharded blocks keep the fp8 saving.
+SHARDS_KEEP_FP8 = False
 # Modules outside the blocks, by role, for diffusers classes the engine does not run (the docs' table):
 # input embedders on every stage, the head on the last.
 _GENERIC_EMBED = ("x_embedder", "img_in", "patch_embedding", "pos_embed")
@@ -539,7 +542,8 @@ def _held(mm: ModelMemory, parallel: ParallelConfig, stage: int, db: int, fp8: b
     n = parallel.world_size // P if parallel.shard_weights else 1
     blocks = [mm.blocks[i] for i in mm.stage_ranges(P)[stage]]
     outside = mm.other.held(db, fp8) + mm.embed.held(db, fp8) + (mm.head.held(db, fp8) if stage == P - 1 else 0)
-    return outside + sum(b.shard(n, db, fp8) for b in blocks), blocks, n
+    return outside + sum(b.shard(n, db, fp8 and SHARDS_KEEP_FP8) if n > 1 else b.held(db, fp8) for b in blocks), \
+        blocks, n
 
 
 def _rank_memory(rank: int, mm: ModelMemory, others: tuple[ModelMemory, ...], db: int, fp8: bool,
@@ -549,16 +553,17 @@ def _rank_memory(rank: int, mm: ModelMemory, others: tuple[ModelMemory, ...], db
     stage, P, U, R = coords["pipefusion"], p.pipefusion_parallel_degree, p.ulysses_degree, p.ring_degree
     S, batch, hidden = p.sp_degree, shape[0], mm.hidden_size
     weights, blocks, n = _held(mm, p, stage, db, fp8)
+    bfp8 = fp8 and (n == 1 or SHARDS_KEEP_FP8)  # whether this rank's blocks hold fp8
     other_models = sum(_held(o, p, stage, db, fp8)[0] for o in others)
     branches = 2 if with_negative and not p.use_cfg_parallel else 1
     n_img = image_tokens(shape)
     patches = max(1, min(p.num_pipeline_patch or P, shape[-2] // 2)) if P > 1 else 1
     local_img = -(-n_img // S)
     text = 0 if not mm.joint_text else text_tokens // S if text_tokens % S == 0 else text_tokens
-    gathered = max((GATHER_COPIES * b.held(db, fp8) + b.shard(n, db, fp8) for b in blocks), default=0) \
+    gathered = max((GATHER_COPIES * b.held(db, bfp8) + b.shard(n, db, bfp8) for b in blocks), default=0) \
         if n > 1 else 0
-    upcast = max([b.upcast(db) for b in blocks] + [mm.embed.upcast(db), mm.head.upcast(db), mm.other.upcast(db)]) \
-        if fp8 else 0
+    upcast = max([b.upcast(db) for b in blocks if bfp8] + [mm.embed.upcast(db), mm.head.upcast(db),
+                                                            mm.other.upcast(db)]) if fp8 else 0
     kv = kv_buffer_term(batch * branches, n_img, hidden // U, db, sum(b.attention_layers for b in blocks)) \
         if P > 1 else 0
     comm = ((4 * batch * (local_img + text) * hidden * db if U > 1 else 0)
@@ -566,12 +571,12 @@ def _rank_memory(rank: int, mm: ModelMemory, others: tuple[ModelMemory, ...], db
             + (2 * batch * local_img * S * hidden * db if S > 1 else 0)
             + (2 * batch * -(-n_img // patches) * hidden * db if P > 1 else 0))
     if n > 1 and not shard_on_load:
-        load_extra = sum(b.held(db, fp8) - b.shard(n, db, fp8) for b in blocks)
+        load_extra = sum(b.held(db, bfp8) - b.shard(n, db, bfp8) for b in blocks)
     elif n > 1:
-        load_extra = max(b.held(db, fp8) for b in blocks)
+        load_extra = max(b.held(db, bfp8) for b in blocks)
     else:
         load_extra = 0
-    gather = (n - 1) * sum(b.shard(n, db, fp8) for b in blocks) * branches * patches if n > 1 else 0
+    gather = (n - 1) * sum(b.shard(n, db, bfp8) for b in blocks) * branches * patches if n > 1 else 0
     return RankMemory(rank=rank, stage=stage, blocks=len(blocks), weights=weights, other_models=other_models,
                       buffers=mm.buffers + sum(o.buffers for o in others), gathered_block=gathered,
                       upcast_layer=upcast, kv_buffers=kv,
