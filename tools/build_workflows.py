@@ -454,11 +454,12 @@ def wan_meshes(heads: int, shipped: int) -> str:
             "pipefusion_parallel_degree 1.\n")
 
 
-WAN_SHARED = ("Weights are not sharded over the ranks (not implemented yet): every rank holds the whole model. In "
-              "this version fp8 files are upcast at load to the weight dtype (bf16 by default on GPUs), so they take "
-              "as much GPU memory as bf16 files. The text encoder and VAE run in ComfyUI itself, which shares the "
-              "first GPU with a worker; if ComfyUI runs short of memory, give it a GPU of its own: reserve_gpus 1 "
-              "and gpu_count one more than the ranks.")
+WAN_SHARED = ("fp8 files stay fp8 on the workers (the loader's fp8_weights keep): a 14B model takes about 14 GB per "
+              "rank. shard_weights on the mesh splits the blocks over the GPUs of the mesh (FSDP; in this version "
+              "the shards hold bf16 even from an fp8 file) at the price of gathering each block on every forward; "
+              "layout auto turns it on when the memory plan says the model does not fit (docs/memory.md has the "
+              "figures). The text encoder and VAE run in ComfyUI itself, which keeps its own GPU out of the mesh "
+              "unless the mesh needs every GPU; give it one with reserve_gpus 1 if it runs short of memory.")
 
 WAN21_T2V_NOTE = """xDiT: Wan 2.1 T2V 14B (text to video) with CFG parallel x Ulysses
 
@@ -487,7 +488,7 @@ Files, under ComfyUI/models/ (Comfy-Org/Wan_2.2_ComfyUI_Repackaged, split_files/
 
 """ + wan_meshes(40, shipped=4) + """Both samplers take the one mesh node: the two experts run on the same workers.
 
-Memory: both experts stay resident on every worker rank, so going from the high- to the low-noise expert loads nothing. """ + WAN_SHARED + """ The fp8 files are about 14 GB each (2 x 14 GB per rank if they stayed fp8, which this version does not do); upcast to bf16 the pair takes about 2 x 28.6 GB = 57 GB of weights per rank, plus activations (640x640, 81 frames: 33600 tokens, split over ulysses x ring): use 80 GB GPUs. The workers keep at most XDIT_RESIDENT_GB of weights per rank (default 70% of the GPU's memory); below the pair, every switch reloads the other expert. Width and height must be multiples of 16; length 4n+1 frames (16 fps)."""
+Memory: both experts stay resident on every worker rank, so going from the high- to the low-noise expert loads nothing. """ + WAN_SHARED + """ The pair of fp8 files takes about 27 GB per rank, plus activations (640x640, 81 frames: 33600 tokens, split over ulysses x ring): 32-48 GB GPUs run it unsharded; on 24 GB cards use shard_weights on 8 GPUs, or let one expert be resident at a time (XDIT_RESIDENT_GB below the pair: every switch then reloads the other expert). Width and height must be multiples of 16; length 4n+1 frames (16 fps)."""
 
 WAN22_TI2V_NOTE = """xDiT: Wan 2.2 TI2V 5B (text and image to video) with CFG parallel
 
