@@ -125,22 +125,13 @@ def write_comfy_wan(out: Path, variant: str, seed: int) -> Path:
     random weights as write_tiny's (norm scales near 1)."""
     import diffusers
 
-    from xdit_core.cli.tiny import tiny_config
+    from xdit_core.cli.tiny import randomize, tiny_config
 
     config = tiny_config("wan", layers=2, heads=2, hidden_size=256, variant=variant)
     config.update(text_dim=4096, freq_dim=256, ffn_dim=64)
     if config["image_dim"] is not None:
         config["image_dim"] = 1280
-    model = diffusers.WanTransformer3DModel(**config)
-    gen = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, param in model.named_parameters():
-            noise = torch.randn(param.shape, generator=gen)
-            if param.dim() == 1:
-                param.copy_(noise * 0.01 + (1.0 if name.endswith(".weight") else 0.0))
-            else:
-                param.copy_(noise * WAN_STD)
-    model.save_pretrained(out)
+    randomize(diffusers.WanTransformer3DModel(**config), seed, WAN_STD).save_pretrained(out)
     return out
 
 

@@ -146,7 +146,11 @@ def build_tiny(family: str, seed: int = 0, weight_std: float = 0.02, **kwargs: A
     staleness use it); 0.02 is the usual transformer initialisation. Sizes are checked before building."""
     config = tiny_config(family, **kwargs)
     check_fits(family, config)
-    model = model_class(family)(**config)
+    return randomize(model_class(family)(**config), seed, weight_std)
+
+
+def randomize(model: torch.nn.Module, seed: int, weight_std: float = 0.02) -> torch.nn.Module:
+    """Every parameter of `model` drawn from a generator seeded with `seed` (see build_tiny); returns it in eval."""
     gen = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for name, param in model.named_parameters():
