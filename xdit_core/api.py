@@ -147,10 +147,13 @@ def running_mesh() -> Optional[str]:
 
 def fit_mesh(model: str | Mapping[str, Any], dtype: str, parallel: ParallelConfig, latent_shape: Sequence[int], *,
              spec: ModelSpec, with_negative: bool, text_tokens: int, keep_fp8: bool, budget: int) -> ParallelConfig:
-    """The mesh layout `auto` runs on GPUs of `budget` bytes: `parallel` when its memory plan fits, else the
-    cheapest of as many ranks that does (weights sharded, or split by PipeFusion stages: memory_plan's
-    candidates, PipeFusion first as it moves no weights per step); the plan's one-line refusal when none fits."""
-    candidates = mesh_candidates(parallel, heads=spec.num_heads, num_blocks=spec.num_blocks, video=spec.is_video)
+    """The mesh layout `auto` runs on GPUs of `budget` bytes: `parallel` when its memory plan fits, else the same
+    mesh with its weights sharded (exact, like `parallel`; PipeFusion would fit without per-step traffic but is
+    approximate after its warmup steps, so auto never moves to it for memory); the plan's one-line refusal, naming
+    the nearest mesh that fits, when neither does."""
+    candidates = [c for c in mesh_candidates(parallel, heads=spec.num_heads, num_blocks=spec.num_blocks,
+                                             video=spec.is_video)
+                  if c.pipefusion_parallel_degree == parallel.pipefusion_parallel_degree]
     chosen, _ = cheapest_fitting_mesh(
         candidates, lambda p: plan_memory(model, dtype, p, latent_shape, fp8_kept=keep_fp8, text_tokens=text_tokens,
                                           with_negative=with_negative, family=spec.family, variant=spec.variant),
