@@ -168,10 +168,10 @@ def prepare(xdit: XDiTModel, mesh: XDiTMesh, conds: dict, cfg: float, shape, ste
                                       "ComfyUI's samplers: use a mesh without PipeFusion with the xDiT Guider, or "
                                       "the xDiT Sampler nodes for PipeFusion")
         key, loras = plan_run(xdit, mesh, shape, cfg if negative is not None else 1.0, steps, positive, negative)
-        if key.parallel.pipefusion_parallel_degree > 1:  # layout auto moved to PipeFusion to fit the memory
-            raise api.XDiTConfigError(f"layout auto needs {key.parallel.describe()} for the model to fit these GPUs, "
-                                      "and PipeFusion cannot serve ComfyUI's samplers: turn shard_weights on in the "
-                                      "mesh, or use the xDiT Sampler nodes")
+        if key.parallel.pipefusion_parallel_degree > 1:  # layout auto's choice for SD3/PixArt with a negative
+            raise api.XDiTConfigError(f"layout auto picks {key.parallel.describe()} for {xdit.family} with a negative "
+                                      "prompt, and PipeFusion cannot serve ComfyUI's samplers: use a manual mesh of "
+                                      "Ulysses, Ring and CFG degrees with the xDiT Guider, or the xDiT Sampler nodes")
     except api.XDiTError as e:
         raise RuntimeError(f"xDiT Guider: {e}") from None
     if host.visible_gpus():

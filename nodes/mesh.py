@@ -158,7 +158,7 @@ def check_against_model(mesh: XDiTMesh, model: XDiTModel, cfg: float, steps: int
         return parallel
     placement = host.plan_placement(mesh.gpu_count, mesh.reserve_gpus, parallel.world_size)
     if placement is not None:
-        place_workers(placement, model.path, model.dtype, parallel)
+        place_workers(placement, model.path, model.dtype, parallel, keep_fp8=model.keep_fp8)
         return parallel
     gpus = host.visible_gpus()  # no NVML: the GPUs this process sees, all of them Ray's
     if gpus:
@@ -168,5 +168,6 @@ def check_against_model(mesh: XDiTMesh, model: XDiTModel, cfg: float, steps: int
                                   f"{usable} are available here ({gpus} visible, {mesh.reserve_gpus} reserved)")
     # Ray hands its GPUs out from the first, which is ComfyUI's (unless ComfyUI computes on the CPU).
     place_workers(None, model.path, model.dtype, parallel,
-                  shares_host_gpu=gpus > 0 and host.comfy_gpu_view()["comfy_device"] is not None)
+                  shares_host_gpu=gpus > 0 and host.comfy_gpu_view()["comfy_device"] is not None,
+                  keep_fp8=model.keep_fp8)
     return parallel

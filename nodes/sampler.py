@@ -46,13 +46,15 @@ def plan_run(model: XDiTModel, mesh: XDiTMesh, shape, cfg: float, steps: int, po
     if mesh.layout == "auto" and placement is not None and placement.gpus:
         # auto on local GPUs: the memory plan may move to sharded weights or PipeFusion when the model won't fit
         spec = api.describe_model(model.path, model.family, model.variant)
+        given = api.memory_budget_override()  # $XDIT_MEMORY_BUDGET_GB, as check_request_fits takes it
         chosen = api.fit_mesh(model.path, model.dtype, parallel, shape, spec=spec, with_negative=negative is not None,
                               text_tokens=text_tokens, keep_fp8=model.keep_fp8,
-                              budget=min(g.total_bytes for g in placement.gpus))
+                              budget=given if given is not None else min(g.total_bytes for g in placement.gpus))
         if chosen != parallel:
             logging.getLogger("xdit").warning("xDiT: layout auto: %s does not fit these GPUs; running %s",
                                               parallel.describe(), chosen.describe())
-        parallel = chosen
+            parallel = chosen  # and what the workers add on ComfyUI's GPU is that of the sharded mesh
+            api.place_workers(placement, model.path, model.dtype, parallel, keep_fp8=model.keep_fp8)
         api.validate_parallel_config(parallel, num_heads=model.num_heads, cfg=cfg, num_blocks=model.num_blocks,
                                      steps=steps, latent_height=shape[-2], video=len(shape) == 5)
     api.check_request_fits(

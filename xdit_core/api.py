@@ -23,7 +23,8 @@ from xdit_core.parallel.mesh import ParallelConfig, validate_parallel_config
 from xdit_core.runtime import pool
 from xdit_core.runtime.backends import BACKENDS, RunResult, run
 from xdit_core.runtime.job import ModelRef
-from xdit_core.runtime.limits import RANK_OVERHEAD_BYTES, check_request_fits, estimate_weight_bytes
+from xdit_core.runtime.limits import (MEMORY_BUDGET_ENV, RANK_OVERHEAD_BYTES, check_request_fits,
+                                      estimate_weight_bytes, gib_from_env)
 from xdit_core.runtime.memory_plan import cheapest_fitting_mesh, mesh_candidates, plan_memory
 from xdit_core.runtime.placement import (GpuInventory, PhysicalGpu, Placement, parse_visible, plan_placement,
                                          read_inventory)
@@ -98,7 +99,8 @@ _COMFY_GPU_NEED = 0  # bytes the next run's workers add on the host's GPU (see p
 
 
 def place_workers(placement: Optional[Placement], model_path: Optional[str] = None, dtype: Optional[str] = None,
-                  parallel: Optional[ParallelConfig] = None, shares_host_gpu: Optional[bool] = None) -> int:
+                  parallel: Optional[ParallelConfig] = None, shares_host_gpu: Optional[bool] = None,
+                  keep_fp8: bool = True) -> int:
     """Give the local pool `placement`'s GPUs from the next request on (None: the GPUs Ray detects) and return
     the bytes that request's workers will add on the host's compute GPU: 0 unless a worker runs there (the
     placement says; without one, `shares_host_gpu` does), else the model's weights per rank unless the running
@@ -113,8 +115,9 @@ def place_workers(placement: Optional[Placement], model_path: Optional[str] = No
         same_gpus = running is not None and (running.placement.gpus if running.placement else None) == \
             (placement.gpus if placement else None)
         warm = same_gpus and running.address is None and running.key.parallel == parallel
-        resident = warm and any((m.path, m.dtype) == (model_path, dtype) for m in running.resident)
-        need = (0 if resident else estimate_weight_bytes(model_path, dtype, parallel)) + \
+        resident = warm and any((m.path, m.dtype, m.keep_fp8) == (model_path, dtype, keep_fp8)
+                                for m in running.resident)
+        need = (0 if resident else estimate_weight_bytes(model_path, dtype, parallel, keep_fp8)) + \
             (0 if warm else RANK_OVERHEAD_BYTES)
     _COMFY_GPU_NEED = need
     return need
@@ -143,6 +146,11 @@ def running_mesh() -> Optional[str]:
         return None
     where = f" on a Ray cluster ({running.address})" if running.address else ""
     return running.key.parallel.describe() + where
+
+
+def memory_budget_override() -> Optional[int]:
+    """$XDIT_MEMORY_BUDGET_GB in bytes when set (it replaces the GPUs' memory in every memory check), else None."""
+    return gib_from_env(MEMORY_BUDGET_ENV)
 
 
 def fit_mesh(model: str | Mapping[str, Any], dtype: str, parallel: ParallelConfig, latent_shape: Sequence[int], *,

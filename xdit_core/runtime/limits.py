@@ -233,9 +233,9 @@ def resident_budget(world_size: int, on_gpu: bool) -> Optional[int]:
     return None if ram is None else ram // (2 * world_size)
 
 
-def estimate_weight_bytes(model_path: str, dtype: str, parallel: ParallelConfig) -> int:
+def estimate_weight_bytes(model_path: str, dtype: str, parallel: ParallelConfig, keep_fp8: bool = True) -> int:
     """The largest rank's share of a model's weights in `dtype`, from the memory plan (config and header only):
     its PipeFusion stage's blocks and the modules every rank holds, each block 1/N of itself when sharded over N
-    ranks, the file's fp8 Linear weights at 1 byte (and a scale) as the loader keeps them."""
-    plan = plan_memory(model_path, dtype, parallel, [1, 1, 2, 2], fp8_kept=True)
+    ranks, the file's fp8 Linear weights at 1 byte (and a scale) when the loader keeps them (`keep_fp8`)."""
+    plan = plan_memory(model_path, dtype, parallel, [1, 1, 2, 2], fp8_kept=keep_fp8)
     return max(r.weights for r in plan.ranks)

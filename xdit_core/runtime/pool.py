@@ -323,7 +323,7 @@ class WorkerPool:
             self.resident.move_to_end(model)
             return
         budget = resident_budget(key.parallel.world_size, torch.cuda.is_available())
-        need = estimate_weight_bytes(model.path, model.dtype, key.parallel)
+        need = estimate_weight_bytes(model.path, model.dtype, key.parallel, model.keep_fp8)
         evict = []
         while self.resident and budget is not None and sum(self.resident.values()) + need > budget:
             evict.append(self.resident.popitem(last=False)[0])
