@@ -56,11 +56,13 @@ def test_weights_equal_the_meta_parameters_of_each_rank(flux1, flux1_meta):
     assert sum(r.weights for r in plan.ranks) > _bytes(named.values())  # the embedders on both stages
     # Sharded over N: the blocks' 1/N (FSDP's dim-0 shards, rounded up per parameter), the rest whole.
     outside = _bytes(p for n, p in named.items() if not _is_block(n))
-    blocks = _bytes(p for n, p in named.items() if _is_block(n))
+    block_params = [p for n, p in named.items() if _is_block(n)]
     for degree in (2, 4, 8):
+        shards = sum(math.ceil(p.shape[0] / degree) * (p.numel() // p.shape[0]) * p.element_size()
+                     for p in block_params)
         plan = plan_memory(flux1, "bf16", ParallelConfig(ulysses_degree=degree, shard_weights=True), LATENT)
-        for rank in plan.ranks:
-            assert 1 <= (rank.weights - outside) / (blocks / degree) < 1.05, degree
+        assert [r.weights for r in plan.ranks] == [outside + shards] * degree
+        assert shards < 1.05 * _bytes(block_params) / degree
         assert plan.shard_group == degree
 
 
