@@ -37,6 +37,7 @@ from xdit_core.parallel.mesh import ParallelConfig
 from xdit_core.runtime.launch import spawn_world
 from xdit_core.runtime.memory_plan import (GIB, PCIE_BYTES_PER_S, MemoryPlan, describe_mesh, model_memory,
                                            plan_memory)
+from xdit_core.runtime.pool import environment
 
 CFG_SCALE = 3.5
 TOLERANCE = 0.15  # the plan's run tensor bytes vs the measured peak RSS - RSS before loading
@@ -149,20 +150,9 @@ DEFAULT_ALLOCATOR = ("serial", "ulysses 2, sharded")
 
 
 def _spawn(config: ParallelConfig, payload: Any, env: dict[str, str]) -> list[dict[str, Any]]:
-    import os
-
-    saved = {k: os.environ.get(k) for k in MMAP_ENV}
-    for k in MMAP_ENV:
-        os.environ.pop(k, None)
-    os.environ.update(env)  # the ranks inherit it at spawn (glibc reads it at process start)
-    try:
+    # the ranks inherit the environment at spawn (glibc reads MALLOC_* at process start)
+    with environment(env, unset=tuple(MMAP_ENV)):
         return spawn_world(plan_world, config.world_size, payload, threads=1, timeout_s=1800)
-    finally:
-        for k, v in saved.items():
-            if v is None:
-                os.environ.pop(k, None)
-            else:
-                os.environ[k] = v
 
 
 def run(opts: argparse.Namespace, tmp: Path) -> dict[str, Any]:

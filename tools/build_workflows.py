@@ -12,6 +12,7 @@ import json
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Optional
 
 ROOT = Path(__file__).resolve().parent.parent
 if str(ROOT) not in sys.path:
@@ -288,10 +289,16 @@ Mesh (xDiT Parallel Mesh, layout manual, gpu_count = GPUs for the workers):
 PixArt-Sigma has 16 attention heads, so ulysses_degree must divide 16. use_cfg_parallel needs cfg != 1. Width and height must be multiples of 16."""
 
 
+def loader(g: Graph, pos: tuple[int, int], model_name: str, title: Optional[str] = None) -> Node:
+    """xDiT Load Diffusion Model with the defaults every workflow ships (dtype, family and variant detected,
+    fp8 kept)."""
+    return g.add("XDiTLoadModel", pos, title=title, model_name=model_name, weight_dtype="default", family="auto",
+                 variant="auto", fp8_weights="keep")
+
+
 def flux_loaders(g: Graph) -> tuple[Node, Node, Node, Node]:
     """Flux.1 dev's model, text encoders, VAE and a 1024x1024 empty latent, down the first column."""
-    model = g.add("XDiTLoadModel", (0, 60), model_name=FLUX_MODEL, weight_dtype="default", family="auto",
-                  variant="auto", fp8_weights="keep")
+    model = loader(g, (0, 60), FLUX_MODEL)
     clip = g.add("DualCLIPLoader", (0, 230), clip_name1="clip_l.safetensors", clip_name2="t5xxl_fp16.safetensors",
                  type="flux", device="default")
     vae = g.add("VAELoader", (0, 400), vae_name="ae.safetensors")
@@ -323,8 +330,7 @@ def flux1_ulysses() -> Graph:
 def sd35_cfg_parallel() -> Graph:
     g = Graph()
     g.note((-460, 60), (420, 620), SD35_NOTE)
-    model = g.add("XDiTLoadModel", (0, 60), model_name=SD35_MODEL, weight_dtype="default", family="auto",
-                  variant="auto", fp8_weights="keep")
+    model = loader(g, (0, 60), SD35_MODEL)
     clip = g.add("TripleCLIPLoader", (0, 230), clip_name1="clip_l.safetensors", clip_name2="clip_g.safetensors",
                  clip_name3="t5xxl_fp16.safetensors")
     vae = g.add("VAELoader", (0, 380), vae_name="sd3.5_vae.safetensors")
@@ -343,8 +349,7 @@ def sd35_cfg_parallel() -> Graph:
 def pixart_sigma_hybrid() -> Graph:
     g = Graph()
     g.note((-460, 60), (420, 620), PIXART_NOTE)
-    model = g.add("XDiTLoadModel", (0, 60), model_name=PIXART_MODEL, weight_dtype="default", family="auto",
-                  variant="auto", fp8_weights="keep")
+    model = loader(g, (0, 60), PIXART_MODEL)
     clip = g.add("CLIPLoader", (0, 230), clip_name="t5xxl_fp16.safetensors", type="pixart", device="default")
     vae = g.add("VAELoader", (0, 380), vae_name="sdxl_vae.safetensors")
     latent = g.add("EmptyLatentImage", (0, 480), width=1024, height=1024, batch_size=1)
@@ -523,8 +528,7 @@ def decode_and_save_video(graph, latent: Out, vae, fps, prefix):
 def wan21_t2v_14b() -> Graph:
     g = Graph()
     g.note((-460, 60), (420, 760), WAN21_T2V_NOTE)
-    model = g.add("XDiTLoadModel", (0, 60), model_name=WAN21_T2V_14B, weight_dtype="default", family="auto",
-                  variant="auto", fp8_weights="keep")
+    model = loader(g, (0, 60), WAN21_T2V_14B)
     clip = g.add("CLIPLoader", (0, 230), clip_name=UMT5, type="wan", device="default")
     vae = g.add("VAELoader", (0, 380), vae_name="wan_2.1_vae.safetensors")
     latent = g.add("EmptyHunyuanLatentVideo", (0, 480), width=832, height=480, length=81, batch_size=1)
@@ -540,10 +544,8 @@ def wan21_t2v_14b() -> Graph:
 def wan22_i2v_a14b() -> Graph:
     g = Graph()
     g.note((-460, 60), (420, 1030), WAN22_I2V_NOTE)
-    high = g.add("XDiTLoadModel", (0, 60), title="High-noise expert", model_name=WAN22_I2V_HIGH,
-                 weight_dtype="default", family="auto", variant="auto", fp8_weights="keep")
-    low = g.add("XDiTLoadModel", (0, 230), title="Low-noise expert", model_name=WAN22_I2V_LOW,
-                weight_dtype="default", family="auto", variant="auto", fp8_weights="keep")
+    high = loader(g, (0, 60), WAN22_I2V_HIGH, title="High-noise expert")
+    low = loader(g, (0, 230), WAN22_I2V_LOW, title="Low-noise expert")
     clip = g.add("CLIPLoader", (0, 400), clip_name=UMT5, type="wan", device="default")
     vae = g.add("VAELoader", (0, 550), vae_name="wan_2.1_vae.safetensors")
     image = g.add("LoadImage", (0, 650), title="Start image", image=START_IMAGE)
@@ -566,8 +568,7 @@ def wan22_i2v_a14b() -> Graph:
 def wan22_ti2v_5b() -> Graph:
     g = Graph()
     g.note((-460, 60), (420, 900), WAN22_TI2V_NOTE)
-    model = g.add("XDiTLoadModel", (0, 60), model_name=WAN22_TI2V_5B, weight_dtype="default", family="auto",
-                  variant="auto", fp8_weights="keep")
+    model = loader(g, (0, 60), WAN22_TI2V_5B)
     clip = g.add("CLIPLoader", (0, 230), clip_name=UMT5, type="wan", device="default")
     vae = g.add("VAELoader", (0, 380), vae_name="wan2.2_vae.safetensors")
     image = g.add("LoadImage", (0, 480), title="Start image", image=START_IMAGE)

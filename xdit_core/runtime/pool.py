@@ -174,10 +174,12 @@ _RAY_FOR: Optional[tuple[str, Optional[str]]] = None
 
 
 @contextmanager
-def _environment(values: dict[str, str]):
-    """`values` in os.environ for the duration (the local Ray's raylet and workers inherit the driver's
-    environment when ray.init starts them), then ComfyUI's own values back."""
-    saved = {k: os.environ.get(k) for k in values}
+def environment(values: dict[str, str], unset: tuple[str, ...] = ()):
+    """`values` in os.environ (and `unset` out of it) for the duration, then the previous values back: what
+    processes started meanwhile inherit (the local Ray's raylet and workers at ray.init, spawned ranks)."""
+    saved = {k: os.environ.get(k) for k in (*values, *unset)}
+    for k in unset:
+        os.environ.pop(k, None)
     os.environ.update(values)
     try:
         yield
@@ -231,7 +233,7 @@ def ensure_ray(address: Optional[str], num_cpus: Optional[int] = None,
             log.info("xDiT: local Ray with CUDA_VISIBLE_DEVICES=%s: %s", gpu_env["CUDA_VISIBLE_DEVICES"] or "''",
                      placement.note)
         # address="local": always a fresh, private instance, never some other cluster found on the machine.
-        with _environment(gpu_env or {}):
+        with environment(gpu_env or {}):
             ray.init(address="local", num_cpus=num_cpus or max(os.cpu_count() or 1, 8), include_dashboard=False,
                      runtime_env=env, logging_level=logging.WARNING, log_to_driver=False, **gpus)
     _RAY_FOR = wanted
