@@ -9,7 +9,7 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from bench.perfmodel import BlockCost, Link, LinkCost, Workload
+from xdit_core.parallel.perf_model import BlockCost, Link, LinkCost, Workload
 
 # Bytes on the wire per tensor byte for a 2-rank group (the calibration measures ranks 0 and 1).
 _WIRE_2 = {"p2p": 1.0, "all_to_all": 0.5, "all_gather": 1.0}
@@ -70,7 +70,7 @@ def cpu_workload(name: str, shape: dict[str, Any], blocks: dict[str, Any]) -> Wo
 
 def model_shape(adapter: Any, request: Any) -> dict[str, Any]:
     """What the model needs to know of a loaded model and a request (JSON-ready)."""
-    from xdit_core.parallel.stages import module_bytes
+    from xdit_core.parallel.stages import block_flops
 
     model = adapter.model
     latent = tuple(request.noise.shape)
@@ -87,17 +87,17 @@ def model_shape(adapter: Any, request: Any) -> dict[str, Any]:
         "latent": list(latent),
         "branches": 1 if request.negative is None else 2,
         "act_bytes": next(model.parameters()).element_size(),
-        "block_bytes": [module_bytes(b) for b, _ in adapter.blocks()],
+        "split_costs": block_flops(model.config, adapter.spec),  # the engine's PipeFusion split weights
     }
 
 
 def shape_workload(shape: dict[str, Any]) -> Workload:
     """A workload with only the shapes of `model_shape` (zero costs): enough for `message_bytes`."""
-    blocks = tuple(BlockCost(0.0, 0.0, 0.0, 0.0) for _ in shape["block_bytes"])
+    blocks = tuple(BlockCost(0.0, 0.0, 0.0, 0.0) for _ in shape["split_costs"])
     return Workload(
         "shapes",
         blocks,
-        tuple(shape["block_bytes"]),
+        tuple(shape["split_costs"]),
         shape["heads"],
         shape["head_dim"],
         shape["img_tokens"],
@@ -118,7 +118,9 @@ def workload_from_json(d: dict[str, Any]) -> Workload:
     """Inverse of `workload_to_json`."""
     d = dict(d)
     d["blocks"] = tuple(BlockCost(**b) for b in d["blocks"])
-    for key in ("block_bytes", "latent", "embed", "head", "sp_overhead"):
+    if "block_bytes" in d:  # written before PipeFusion split by compute: that engine balanced parameter bytes
+        d["split_costs"] = d.pop("block_bytes")
+    for key in ("split_costs", "latent", "embed", "head", "sp_overhead"):
         d[key] = tuple(d[key])
     return Workload(**d)
 

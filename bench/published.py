@@ -23,24 +23,13 @@ from typing import Any, Callable, Optional
 import torch
 
 from bench.common import format_table
-from bench.perfmodel import (
-    FLUX_DEV,
-    HUNYUAN_VIDEO,
-    LINKS,
-    SD35_LARGE,
-    WAN21_T2V_14B,
-    Architecture,
-    Cluster,
-    Workload,
-    best_config,
-    calibrate_throughput,
-    describe,
-    flop_workload,
-    predict,
-)
+from bench.perfmodel import calibrate_throughput
 from xdit_core.parallel.auto_mesh import choose_mesh
 from xdit_core.parallel.mesh import ParallelConfig
-from xdit_core.parallel.stages import balance_stages
+from xdit_core.parallel.perf_model import LINKS, Cluster, Workload, predict
+from xdit_core.parallel.perf_workloads import (FLUX_DEV, HUNYUAN_VIDEO, SD35_LARGE, WAN21_T2V_14B, Architecture,
+                                               best_config, describe, flop_workload)
+from xdit_core.runtime.topology import GpuPlace, Topology
 
 LAUNCH_S = 5e-6  # seconds per CUDA kernel launch in eager PyTorch (assumed; not measured here)
 ATTN_SLOWDOWN = 2.0  # attention kernels reach half the FLOP rate of GEMMs (assumed: FlashAttention-2 vs cuBLAS)
@@ -369,7 +358,7 @@ def scaling_curves(
                     curves.setdefault(name, []).append(serial / predict(w, cfg, cluster, 28).total if cfg else None)
                 best, t_best = best_config(w, n, cluster, 28, blocks)
                 curves.setdefault("best hybrid", []).append(serial / t_best)
-                auto, why = choose_mesh(arch.family, arch.heads, n, cfg_scale, blocks)
+                auto, why = choose_mesh(arch.family, arch.heads, n, cfg_scale, blocks, cluster=cluster, workload=w)
                 t_auto = predict(w, auto, cluster, 28).total
                 advice.append(
                     {
@@ -394,21 +383,51 @@ def scaling_curves(
 
 
 def stage_balance(s_per_flop: float, attn_call_s: float) -> list[dict[str, Any]]:
-    """FLUX.1-dev 1024px PipeFusion speedups with stages balanced by parameter bytes (what xdit_core does)
-    and by block count: a double-stream block holds 2.4x the bytes of a single-stream one but about the
-    same FLOPs per token, so byte-balanced stages are compute-imbalanced."""
+    """FLUX.1-dev 1024px PipeFusion with stages split by compute (what xdit_core does: equal block counts, as a
+    double-stream block costs what a single-stream one does per token) and by parameter bytes (what it did: a
+    double block holds 2.4x the bytes), on PCIe: blocks per stage, imbalance, speedup; Ulysses and Ring beside."""
     w = flop_workload(FLUX_DEV, 1024, 1024, 1, 1, s_per_flop, ATTN_SLOWDOWN, attn_call_s=attn_call_s)
-    by_blocks = replace(w, block_bytes=(1,) * len(w.blocks))
+    by_bytes = replace(w, split_costs=FLUX_DEV.block_param_bytes())
+    cluster = Cluster("pcie", LINKS["pcie"])
+    serial = predict(w, pc(), cluster, 28).total
     out = []
-    for link in ("nvlink", "pcie"):
-        cluster = Cluster(link, LINKS[link])
-        serial = predict(w, pc(), cluster, 28).total
-        for n in (2, 4, 8):
-            cfg = pc(pipefusion_parallel_degree=n)
-            out.append({"link": LINKS[link].name, "stages": n,
-                        "blocks_per_stage": [len(r) for r in balance_stages(list(w.block_bytes), n)],
-                        "bytes_balanced": serial / predict(w, cfg, cluster, 28).total,
-                        "block_balanced": serial / predict(by_blocks, cfg, cluster, 28).total})
+    for n in (2, 4, 8):
+        cfg = pc(pipefusion_parallel_degree=n)
+        flops, nbytes = predict(w, cfg, cluster, 28), predict(by_bytes, cfg, cluster, 28)
+        out.append({"stages": n, "blocks_per_stage": [len(r) for r in w.stages(n)],
+                    "imbalance": flops.breakdown["imbalance"], "stage_ms": [1e3 * t for t in flops.stage_times],
+                    "period_ms": 1e3 * flops.breakdown["period"], "compute_split": serial / flops.total,
+                    "byte_split": serial / nbytes.total, "bytes_blocks": [len(r) for r in by_bytes.stages(n)],
+                    "ulysses": serial / predict(w, pc(ulysses_degree=n), cluster, 28).total,
+                    "ring": serial / predict(w, pc(ring_degree=n), cluster, 28).total})
+    return out
+
+
+def fake_topology(nodes: int, per_node: int, nvlink: bool) -> Topology:
+    """`per_node` GPUs on each of `nodes` nodes, all NVLink inside a node or PCIe only."""
+    gpus = tuple(GpuPlace(f"node{k}", i) for k in range(nodes) for i in range(per_node))
+    pairs = frozenset((a, b) for a in range(len(gpus)) for b in range(a + 1, len(gpus))
+                      if nvlink and gpus[a].node == gpus[b].node)
+    return Topology(gpus, pairs, "fake")
+
+
+AUTO_TOPOLOGIES = {"8x PCIe": (1, 8, False), "8x NVLink (NVSwitch)": (1, 8, True),
+                   "2 nodes x 4 NVLink, 25 GbE": (2, 4, True), "4x PCIe": (1, 4, False)}
+
+
+def auto_choices() -> list[dict[str, Any]]:
+    """What `auto` picks on the tests' fake topologies (tests/test_auto_topology.py), for FLUX.1-dev at cfg 1 and
+    SD3.5 Large at cfg 4.5 (and at cfg 1 on 4x PCIe), on the nominal workload it ranks with."""
+    from xdit_core.parallel.perf_workloads import nominal_workload
+
+    out = []
+    for name, shape in AUTO_TOPOLOGIES.items():
+        t = fake_topology(*shape)
+        cases = [(FLUX_DEV, 1.0), (SD35_LARGE, 4.5)] + ([(SD35_LARGE, 1.0)] if name == "4x PCIe" else [])
+        for arch, cfg in cases:
+            chosen, why = choose_mesh(arch.family, arch.heads, len(t.gpus), cfg, arch.blocks, cluster=t.cluster(),
+                                      workload=nominal_workload(arch, 1))
+            out.append({"topology": name, "model": arch.name, "cfg": cfg, "mesh": describe(chosen), "why": why})
     return out
 
 
@@ -431,7 +450,8 @@ def wan_scaling(s_per_flop: float, attn_call_s: float, ranks: tuple[int, ...] = 
                 "Ring": pc(ring_degree=n),
                 "Ulysses x Ring": pc(ulysses_degree=half, ring_degree=2) if n >= 4 else None,
                 "CFG x Ulysses": pc(use_cfg_parallel=True, ulysses_degree=half) if n >= 2 else None,
-                "auto": choose_mesh(WAN21_T2V_14B.family, WAN21_T2V_14B.heads, n, 5.0, len(w.blocks))[0],
+                "auto": choose_mesh(WAN21_T2V_14B.family, WAN21_T2V_14B.heads, n, 5.0, len(w.blocks), cluster=cluster,
+                                    workload=w)[0],
             }
             cells = {}
             for name, cfg in methods.items():
@@ -458,6 +478,7 @@ def run() -> dict[str, Any]:
         "fits": fits,
         "scaling": scaling_curves(s, fits["attn_call_s"]),
         "stage_balance": stage_balance(s, fits["attn_call_s"]),
+        "auto": auto_choices(),
         "wan": {"fitted_on": wan["name"], "tflops_effective": wan["tflops_effective"],
                 "rows": wan_scaling(wan["s_per_flop"], fits["attn_call_s"])},
         "links": {
@@ -535,11 +556,23 @@ def report(result: dict[str, Any]) -> str:
     )
     parts.append(
         format_table(
-            "PipeFusion stages for FLUX.1-dev 1024px (28 steps, M = stages, warmup 1): predicted speedup with "
-            "stages balanced by parameter bytes (xdit_core) vs by block count",
-            ["link", "stages", "blocks per stage (by bytes)", "by bytes", "by block count"],
-            [[b["link"], b["stages"], ", ".join(map(str, b["blocks_per_stage"])), f"{b['bytes_balanced']:.2f}x",
-              f"{b['block_balanced']:.2f}x"] for b in result["stage_balance"]],
+            "Predicted: FLUX.1-dev 1024px, 28 steps, 1 image, PCIe 4.0 x16 (compiled-H100 throughput of the first "
+            "table), PipeFusion (M = stages, warmup 1) with stages split by compute (xdit_core) and by parameter "
+            "bytes (before), Ulysses and Ring beside: speedup over 1 GPU",
+            ["GPUs", "blocks per stage (compute)", "stage imbalance", "stage ms per step", "PipeFusion",
+             "blocks per stage (bytes)", "PipeFusion by bytes", "Ulysses", "Ring"],
+            [[b["stages"], ", ".join(map(str, b["blocks_per_stage"])), f"{b['imbalance']:.2f}",
+              ", ".join(f"{t:.0f}" for t in b["stage_ms"]), f"{b['compute_split']:.2f}x",
+              ", ".join(map(str, b["bytes_blocks"])), f"{b['byte_split']:.2f}x", f"{b['ulysses']:.2f}x",
+              f"{b['ring']:.2f}x"] for b in result["stage_balance"]],
+        )
+    )
+    parts.append(
+        format_table(
+            "How auto chooses: the fake topologies of tests/test_auto_topology.py, the nominal workload (1024px, "
+            "28 steps, 400 TFLOP/s)",
+            ["topology", "model", "cfg", "auto", "why"],
+            [[a["topology"], a["model"], a["cfg"], a["mesh"], a["why"]] for a in result["auto"]],
         )
     )
     wan = result["wan"]

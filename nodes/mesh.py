@@ -19,9 +19,25 @@ def worker_count(mesh: XDiTMesh) -> int:
     return (mesh.gpu_count or visible) - mesh.reserve_gpus
 
 
-def choose(mesh: XDiTMesh, model: Optional[XDiTModel], cfg: Optional[float] = None):
-    """(ParallelConfig or None, what was chosen and why). Auto needs the model; manual is taken as given."""
-    from xdit_core.api import ParallelConfig, choose_mesh
+def topology(mesh: XDiTMesh, ranks: int):
+    """The links between the `ranks` workers' GPUs (api.Topology), or None when unknown: CPU workers, a mesh
+    that cannot be placed here, a cluster that cannot be reached or is too small."""
+    from xdit_core.api import XDiTError, cluster_topology, gpu_topology, uses_cluster
+
+    try:
+        if uses_cluster(mesh.ray_address):
+            return cluster_topology(mesh.ray_address, ranks)
+        if not host.visible_gpus():
+            return None
+        return gpu_topology(host.plan_placement(mesh.gpu_count, mesh.reserve_gpus, ranks), ranks)
+    except XDiTError:
+        return None
+
+
+def choose(mesh: XDiTMesh, model: Optional[XDiTModel], cfg: Optional[float] = None, pipefusion: bool = True):
+    """(ParallelConfig or None, what was chosen and why). Auto needs the model (and ranks the meshes on the links
+    it detects; `pipefusion` False where PipeFusion cannot run); manual is taken as given."""
+    from xdit_core.api import ParallelConfig, auto_mesh
 
     if mesh.layout == "manual":
         pc = ParallelConfig(mesh.ulysses_degree, mesh.ring_degree, mesh.pipefusion_parallel_degree,
@@ -31,7 +47,9 @@ def choose(mesh: XDiTMesh, model: Optional[XDiTModel], cfg: Optional[float] = No
     if model is None:
         return None, "auto: chosen for the model at sampling time"
     cfg = FAMILY_DEFAULT_CFG[model.family] if cfg is None else cfg
-    pc, why = choose_mesh(model.family, model.num_heads, worker_count(mesh), cfg, model.num_blocks)
+    ranks = worker_count(mesh)
+    pc, why = auto_mesh(model.path, model.family, model.variant, ranks, cfg, topology=topology(mesh, ranks),
+                        pipefusion=pipefusion)
     if mesh.shard_weights and pc.world_size > pc.pipefusion_parallel_degree:
         pc = replace(pc, shard_weights=True)
     return pc, f"auto: {pc.describe()} — {why}"
@@ -78,7 +96,8 @@ class XDiTParallelMesh:
         return {
             "required": {
                 "layout": (["manual", "auto"], {"default": "manual",
-                                                "tooltip": "auto: xDiT's advice for the model and GPU count"}),
+                                                "tooltip": "auto: the mesh the performance model predicts fastest on the "
+                                                           "links detected between the GPUs (NVLink, PCIe, nodes)"}),
                 "ulysses_degree": ("INT", {**degree, "tooltip": "must divide the model's attention heads"}),
                 "ring_degree": ("INT", degree),
                 "pipefusion_parallel_degree": ("INT", degree),
@@ -144,13 +163,14 @@ class XDiTParallelMesh:
 
 
 def check_against_model(mesh: XDiTMesh, model: XDiTModel, cfg: float, steps: int, latent_height: int,
-                        video: bool = False):
+                        video: bool = False, pipefusion: bool = True):
     """The ParallelConfig to run, after the checks that need the model and cfg (before any GPU work). For a
     local pool it also places the workers: the physical GPUs their ranks take (ComfyUI's GPU only when the mesh
-    needs every GPU) and what they will add on ComfyUI's GPU (see host.free_comfy_gpu_memory)."""
+    needs every GPU) and what they will add on ComfyUI's GPU (see host.free_comfy_gpu_memory). `pipefusion`
+    False: auto leaves PipeFusion out (host-driven sampling)."""
     from xdit_core.api import XDiTConfigError, place_workers, uses_cluster, validate_parallel_config
 
-    parallel, _ = choose(mesh, model, cfg)
+    parallel, _ = choose(mesh, model, cfg, pipefusion)
     validate_parallel_config(parallel, num_heads=model.num_heads, cfg=cfg, num_blocks=model.num_blocks,
                              steps=steps, latent_height=latent_height, video=video)
     if uses_cluster(mesh.ray_address):

@@ -29,6 +29,7 @@ from xdit_core.runtime.memory_plan import cheapest_fitting_mesh, mesh_candidates
 from xdit_core.runtime.placement import (GpuInventory, PhysicalGpu, Placement, parse_visible, plan_placement,
                                          read_inventory)
 from xdit_core.runtime.pool import PoolKey, parse_ray_address, ray_address_from_env
+from xdit_core.runtime.topology import GpuPlace, Topology, ray_topology, read_nvml_topology
 from xdit_core.loading.lora import check_lora
 from xdit_core.models.wan import image_concat
 from xdit_core.sampling.request import (LoraRef, SampleRequest, StepRange, build_request, empty_latent, latent_shape,
@@ -39,7 +40,8 @@ __all__ = ["ATTENTION_BACKENDS", "BACKENDS", "BranchCond", "DTYPES", "LoraRef", 
            "ParallelConfig", "PoolKey", "RANDOM_TEXT_LENGTH", "RunResult", "SAMPLERS", "SCHEDULERS", "SampleRequest",
            "StepRange", "XDiTCancelled", "XDiTConditioningError", "XDiTConfigError", "XDiTError", "XDiTNumericError",
            "XDiTWorkerError", "build_request", "check_conditioning_shape", "check_lora", "check_request_fits",
-           "choose_mesh", "describe_model", "fit_mesh", "empty_latent", "evaluations", "image_concat", "latent_shape",
+           "auto_mesh", "choose_mesh", "cluster_topology", "gpu_topology", "Topology",
+           "describe_model", "fit_mesh", "empty_latent", "evaluations", "image_concat", "latent_shape",
            "load_cond_file", "pool_stats", "random_cond", "run", "sample", "unload", "uses_cluster", "validate_latent_shape",
            "GpuInventory", "PhysicalGpu", "Placement", "gpu_inventory", "parse_visible", "plan_placement",
            "place_workers", "local_placement", "comfy_gpu_bytes_needed", "workers_memory", "running_mesh",
@@ -50,6 +52,41 @@ __all__ = ["ATTENTION_BACKENDS", "BACKENDS", "BranchCond", "DTYPES", "LoraRef", 
 def describe_model(path: str, family: Optional[str] = None, variant: Optional[str] = None) -> ModelSpec:
     """The family, variant and ComfyUI settings of a model file or folder (reads its header only)."""
     return resolve_model_spec(read_model_config(path), family, variant)
+
+
+def gpu_topology(placement: Optional[Placement], ranks: int) -> Topology:
+    """The links between a local pool's GPUs (NVML, by PCI bus id); without a placement (no NVML), `ranks` GPUs
+    whose links are assumed PCIe, as the topology says."""
+    if placement is None:
+        return Topology(tuple(GpuPlace("local", i) for i in range(ranks)), source="NVML sees no GPU: PCIe assumed")
+    return read_nvml_topology([g.pci_bus_id for g in placement.gpus])
+
+
+def cluster_topology(ray_address: Optional[str], ranks: int) -> Optional[Topology]:
+    """The Ray cluster's node layout for `ranks` GPU workers (connecting to it as the pool would); None when it
+    has fewer GPUs."""
+    import ray
+
+    pool.ensure_ray(ray_address)
+    return ray_topology(ray.nodes(), ranks)
+
+
+def auto_mesh(path: str, family: Optional[str], variant: Optional[str], ranks: int, cfg: float, *,
+              topology: Optional[Topology] = None, pipefusion: bool = True) -> tuple[ParallelConfig, str]:
+    """`auto`'s mesh for the model at `path` on `ranks` workers joined by `topology` (None: links unknown, xDiT's
+    advice), and why; `pipefusion` False for host-driven sampling (the Guider)."""
+    from xdit_core.parallel.perf_workloads import architecture_of, nominal_workload
+    from xdit_core.parallel.stages import block_flops
+
+    config = read_model_config(path)
+    spec = resolve_model_spec(config, family, variant)
+    workload = None
+    if topology is not None:  # PipeFusion's stage weights as the engine splits them (video never runs it)
+        split = None if spec.is_video else block_flops(config, spec)
+        workload = nominal_workload(architecture_of(config, spec), 1, split)
+    return choose_mesh(spec.family, spec.num_heads, ranks, cfg, spec.num_blocks,
+                       cluster=None if topology is None else topology.cluster(), workload=workload,
+                       pipefusion=pipefusion)
 
 
 def validate_ray_address(address: Optional[str]) -> None:
