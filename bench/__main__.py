@@ -1,7 +1,7 @@
 """Every benchmark in one go: `python -m bench [NAME ...] [--quick] [--publish]`.
 
-NAMEs (default: all, in this order): fidelity, communication, memory, cpu_scaling, video, degree1, overheads,
-soak, model.
+NAMEs (default: all, in this order): fidelity, communication, memory, cpu_scaling, pipefusion, video, degree1,
+overheads, soak, model.
 Prints one table (or a few) per benchmark, writes bench/results/<name>.json, bench/results/tables.md and
 PNG plots into bench/results/. `--publish` also copies the plots into docs/ and writes the model's test
 fixture (tests/fixtures/perf_cpu.json) from the cpu_scaling run. `--quick` shrinks every size for a
@@ -20,7 +20,8 @@ from typing import Any, Callable
 
 from bench import common, plots
 
-NAMES = ("fidelity", "communication", "memory", "cpu_scaling", "video", "degree1", "overheads", "soak", "model")
+NAMES = ("fidelity", "communication", "memory", "cpu_scaling", "pipefusion", "video", "degree1", "overheads", "soak",
+         "model")
 FIXTURE = common.ROOT / "tests" / "fixtures" / "perf_cpu.json"
 
 SIZES = {  # option: (default, --quick)
@@ -31,6 +32,10 @@ SIZES = {  # option: (default, --quick)
     "repeats": (5, 2),
     "calibration_sizes": ((128, 256, 384, 512), (64, 128, 192)),
     "calibration_repeats": (3, 2),
+    "pf_size": (768, 256),  # pipefusion: Flux medium at 768x768 = 2304 image tokens (+ 128 text)
+    "pf_steps": (20, 4),
+    "pf_warmup": (1, 1),
+    "pf_repeats": (2, 1),
     "video_size": (256, 192),  # Wan medium: 256x256x17 frames = 1280 video tokens; --quick 192x192x9 = 432
     "video_length": (17, 9),
     "video_steps": (2, 2),
@@ -76,7 +81,7 @@ def parse(argv: list[str]) -> argparse.Namespace:
 def main(argv: list[str]) -> None:
     opts = parse(argv)
     command = "python -m bench " + " ".join(argv)
-    from bench import cpu_scaling, fidelity, memory, overheads, published, soak, video
+    from bench import cpu_scaling, fidelity, memory, overheads, pipefusion, published, soak, video
 
     results: dict[str, Any] = {}
     reports: list[str] = []
@@ -117,6 +122,11 @@ def main(argv: list[str]) -> None:
             emit(cpu_scaling.report(results["cpu_scaling"]))
             made.append(plots.cpu_scaling(results["cpu_scaling"], common.RESULTS))
 
+        def do_pipefusion() -> None:
+            results["pipefusion"] = pipefusion.run(opts, tmp)
+            common.write_json("pipefusion", results["pipefusion"] | {"command": command})
+            emit(pipefusion.report(results["pipefusion"]))
+
         def do_video() -> None:
             results["video"] = video.run(opts, tmp)
             common.write_json("video", results["video"] | {"command": command})
@@ -149,6 +159,7 @@ def main(argv: list[str]) -> None:
             communication=do_communication,
             memory=do_memory,
             cpu_scaling=do_scaling,
+            pipefusion=do_pipefusion,
             video=do_video,
             degree1=do_degree1,
             overheads=do_overheads,

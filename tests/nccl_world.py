@@ -20,19 +20,19 @@ BIG = 3 * 1024 * 1024  # float32 elements: 12 MiB messages (NCCL's eager protoco
 
 
 def _run(rank, device, name, path, config, ring_impl, request, semantics, timeout_s, cancel_after=None) -> dict:
-    """One case on the first ranks; `cancel_after`: every rank stops at that step boundary (XDiTCancelled)."""
+    """One case on the first ranks; `cancel_after`: rank 0 asks to stop once it has finished that many steps
+    (the engine's cancel: every rank raises XDiTCancelled before the same step)."""
     mesh = Mesh(config, list(range(config.world_size)))  # collective: every rank builds every mesh
     if not mesh.is_member:
         return {}
     ctx = RankContext(mesh, device, ring_impl=ring_impl, p2p_semantics=semantics, p2p_timeout_s=timeout_s)
-
-    def on_step(i: int, n: int) -> None:
-        if cancel_after is not None and i == cancel_after:
-            raise XDiTCancelled(f"cancelled after step {i} of {n}")
+    finished: list[int] = []
+    should_stop = None if cancel_after is None else lambda: len(finished) >= cancel_after
 
     t0 = time.perf_counter()
     try:
-        out = run_request(make_adapter(*load_model(path)), request, on_step=on_step, ctx=ctx)
+        out = run_request(make_adapter(*load_model(path)), request, on_step=lambda i, n: finished.append(i),
+                          ctx=ctx, should_stop=should_stop)
     except (XDiTWorkerError, XDiTCancelled) as e:
         first = f" (raised while handling: {e.__context__})" if e.__context__ is not None else ""
         return {name: {"error": f"{type(e).__name__}: {e}{first}", "seconds": time.perf_counter() - t0,

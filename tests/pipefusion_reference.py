@@ -6,9 +6,10 @@ image K/V buffers. Model evaluations happen in rounds (one per sampler evaluatio
 - a warmup round (step < warmup_steps) evaluates the whole image at once: every buffer gets the whole fresh
   K/V, which is plain attention, as serial;
 - a later round evaluates the patches one after the other, m = 0..M-1: embed, run every block on patch m's
-  image tokens (and the whole text), where each attention layer writes patch m's fresh K/V into its slice of
-  the buffer and attends over the whole buffer (fresh for patches < m of this round, the previous round's
-  for patches > m), then the head on patch m's tokens.
+  image tokens, where each attention layer writes patch m's fresh K/V into its slice of the buffer and
+  attends over the whole buffer (fresh for patches < m of this round, the previous round's for patches > m),
+  then the head on patch m's tokens. Joint text (Flux, SD3) runs with patch 0 only: its K/V, kept per layer,
+  serve the later patches of the round.
 After each round every patch's sampler takes the CFG-combined prediction of its own rows.
 """
 from __future__ import annotations
@@ -31,6 +32,7 @@ class _StaleKV:
     def __init__(self, adapter: ModelAdapter, n_img: int):
         self.adapter, self.n_img = adapter, n_img
         self.buffers: dict[tuple[int, int], tuple[torch.Tensor, torch.Tensor]] = {}
+        self.text: dict[tuple[int, int], tuple[torch.Tensor, torch.Tensor]] = {}  # joint text K/V of patch 0
         self.tokens: Optional[torch.Tensor] = None  # image tokens of the current evaluation
         self.branch = 0
 
@@ -49,8 +51,13 @@ class _StaleKV:
         kb, vb = self.buffers[key]
         kb[:, :, self.tokens] = k[:, :, img]
         vb[:, :, self.tokens] = v[:, :, img]
-        keys = [kb, k[:, :, txt]] if img_first else [k[:, :, txt], kb]
-        values = [vb, v[:, :, txt]] if img_first else [v[:, :, txt], vb]
+        kt, vt = k[:, :, txt], v[:, :, txt]
+        if kind == "joint" and n_txt:
+            self.text[key] = (kt, vt)
+        elif kind == "joint":
+            kt, vt = self.text[key]
+        keys = [kb, kt] if img_first else [kt, kb]
+        values = [vb, vt] if img_first else [vt, vb]
         return F.scaled_dot_product_attention(q, torch.cat(keys, 2), torch.cat(values, 2), scale=scale)
 
 
@@ -73,8 +80,10 @@ def pipefusion_reference(adapter: ModelAdapter, request: SampleRequest, patches:
     attend = _StaleKV(adapter, n_img)
     router = AttentionRouter(adapter.model, adapter.attention_kinds(), attend)
 
-    def evaluate(latent: torch.Tensor, sigma: torch.Tensor, r0: int, r1: int) -> torch.Tensor:
-        """CFG-combined x0 prediction of latent rows r0:r1 (the only rows whose tokens run the blocks)."""
+    def evaluate(latent: torch.Tensor, sigma: torch.Tensor, r0: int, r1: int, text: bool) -> torch.Tensor:
+        """CFG-combined x0 prediction of latent rows r0:r1 (the only rows whose tokens run the blocks), with
+        the joint text or without it."""
+        drop = adapter.TEXT_IS_JOINT and not text
         tokens = torch.arange(r0 // 2 * per_row, r1 // 2 * per_row, device=latent.device)
         timestep = ms.timestep(sigma.reshape(1).cpu()).float().to(latent.device).expand(b)
         preds = []
@@ -85,7 +94,11 @@ def pipefusion_reference(adapter: ModelAdapter, request: SampleRequest, patches:
             def pick(t: torch.Tensor, dim: int = 1) -> torch.Tensor:
                 return t.index_select(dim, tokens)
 
-            local = full.with_(img=pick(full.img), extras=adapter.shard_extras(full, lambda t, dim=1: t, pick))
+            def keep_txt(t: torch.Tensor, dim: int = 1) -> torch.Tensor:
+                return t.narrow(dim, 0, 0) if drop else t
+
+            local = full.with_(img=pick(full.img), txt=keep_txt(full.txt) if full.txt is not None else None,
+                               extras=adapter.shard_extras(full, keep_txt, pick))
             attend.tokens, attend.branch = tokens, branch
             with router:
                 for block, run in adapter.blocks():
@@ -104,13 +117,13 @@ def pipefusion_reference(adapter: ModelAdapter, request: SampleRequest, patches:
             sigma = asks[0][1]
             assert all(torch.equal(s, sigma) for _, s in asks)
             if i < warmup_steps:  # synchronous: the whole image in one evaluation
-                denoised = evaluate(torch.cat([a for a, _ in asks], dim=2), sigma, 0, h)
+                denoised = evaluate(torch.cat([a for a, _ in asks], dim=2), sigma, 0, h, True)
                 preds = [denoised[:, :, r0:r1] for r0, r1 in rows]
             else:
                 preds = []
                 for m, (r0, r1) in enumerate(rows):
                     latent = torch.cat([a for a, _ in asks], dim=2)  # other rows do not reach the blocks
-                    preds.append(evaluate(latent, sigma, r0, r1))
+                    preds.append(evaluate(latent, sigma, r0, r1, m == 0))
             nxt = []
             for m, (g, pred) in enumerate(zip(gens, preds)):
                 try:

@@ -46,7 +46,8 @@ def world_payload(root):
     pf2 = CONFIGS["pf2"]
     cases = [(f"{name}/{sem}", path, config, "p2p", request, sem, TIMEOUT_S)
              for name, config in CONFIGS.items() for sem in SEMANTICS]
-    cases += [(f"pf2_cancel/{sem}", path, pf2, "p2p", request, sem, TIMEOUT_S, 2) for sem in SEMANTICS]
+    cases += [(f"{name}_cancel/{sem}", path, CONFIGS[name], "p2p", request, sem, TIMEOUT_S, 2)
+              for name in ("pf2", "pf4", "cfg_pf2") for sem in SEMANTICS]
     payload = {
         "cases": cases,
         "timeout_s": TIMEOUT_S,
@@ -73,25 +74,34 @@ def world(spawned_world):
     return per_rank
 
 
-@pytest.mark.parametrize("name", list(CONFIGS) + ["pf2_cancel"])
+CANCELS = ["pf2_cancel", "pf4_cancel", "cfg_pf2_cancel"]
+
+
+@pytest.mark.parametrize("name", list(CONFIGS) + CANCELS)
 def test_emulated_nccl_equals_native(world, name):
     """The same latent (bit for bit) and the same bytes per step on every rank, without hanging."""
-    for rank, results in enumerate(world[:CONFIGS.get(name, CONFIGS["pf2"]).world_size]):
+    for rank, results in enumerate(world[:CONFIGS[name.removesuffix("_cancel")].world_size]):
         native, nccl = results[f"{name}/native"], results[f"{name}/nccl"]
-        if name == "pf2_cancel":
+        if name in CANCELS:
             assert native["error"].startswith("XDiTCancelled") and nccl["error"].startswith("XDiTCancelled")
         else:
             assert "error" not in nccl, nccl.get("error")
         assert nccl["per_step"] == native["per_step"], f"rank {rank}"
         assert sum(s["pipefusion_p2p"] + s["ring_p2p"] for s in nccl["per_step"]) > 0 or name == "u2"
-    if name != "pf2_cancel":
+    if name not in CANCELS:
         assert torch.equal(world[0][f"{name}/nccl"]["out"], world[0][f"{name}/native"]["out"])
 
 
-def test_pipefusion_cancel_stops_at_the_step_and_drains(world):
-    """Cancelled after step 2 of 3: both stages counted 2 steps; stage 0 drained the inputs sent back."""
-    for rank in range(2):
-        assert len(world[rank]["pf2_cancel/nccl"]["per_step"]) == 2
+@pytest.mark.parametrize("name", CANCELS)
+def test_pipefusion_cancel_stops_every_rank_at_the_step_and_drains(world, name):
+    """Rank 0 asks to stop after step 2 of 3, with no collective at step boundaries: every stage (and both CFG
+    pipelines) finished exactly 2 steps and says so; stage 0 took the inputs the last stage had sent back, and
+    the in-band flag reached every stage (or its wait would time out under the NCCL semantics)."""
+    for rank in range(CONFIGS[name.removesuffix("_cancel")].world_size):
+        for sem in SEMANTICS:
+            res = world[rank][f"{name}/{sem}"]
+            assert len(res["per_step"]) == 2, (rank, sem)
+            assert "cancelled after step 2 of 3" in res["error"], (rank, sem, res["error"])
 
 
 def test_both_ranks_sending_first_passes_on_gloo_and_hangs_under_nccl_semantics(world):

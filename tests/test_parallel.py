@@ -18,7 +18,7 @@ from xdit_core.runtime.launch import spawn_world
 from xdit_core.loading.load import load_model
 from xdit_core.parallel.mesh import ParallelConfig
 from xdit_core.parallel.pipefusion import pipefusion_rounds
-from xdit_core.parallel.stages import balance_stages, module_bytes
+from xdit_core.parallel.stages import module_bytes, split_stages
 from xdit_core.models import make_adapter
 from xdit_core.sampling.request import build_request, empty_latent
 from xdit_core.cli.tiny import build_tiny
@@ -421,10 +421,10 @@ def test_bf16_parallel_equals_bf16_serial(world, family):
 
 
 def _stage_bytes(path, stages):
-    model, _ = load_model(path)
-    adapter = make_adapter(model, load_model(path)[1])
+    model, spec = load_model(path)
+    adapter = make_adapter(model, spec)
     blocks = [b for b, _ in adapter.blocks()]
-    ranges = balance_stages([module_bytes(b) for b in blocks], stages)
+    ranges = split_stages(dict(model.config), spec, stages).ranges
     block_ids = {id(p) for b in blocks for p in b.parameters()}
     shared = sum(p.numel() * p.element_size() for p in model.parameters() if id(p) not in block_ids)
     return [shared + sum(module_bytes(blocks[i]) for i in r) for r in ranges]
@@ -454,10 +454,11 @@ def test_pipefusion_p2p_bytes_per_step_equal_the_patch_hand_off(world, family):
     hidden = config.num_attention_heads * config.attention_head_dim
     joint_txt = 0 if family == "pixart" else n_txt
     patches = 2
-    # Stage 0 sends, per branch and unit, the unit's hidden states plus the text copy that rides along:
-    # the warmup step sends the whole image as one unit, the pipelined steps one unit per patch.
-    warmup = 2 * (n_img + joint_txt) * hidden * 4
-    pipelined = 2 * (n_img + patches * joint_txt) * hidden * 4
+    # Stage 0 sends, per branch and unit, the unit's hidden states and the cancel flag (one element); the joint
+    # text rides with the first unit of an evaluation only: the warmup step sends the whole image as one unit,
+    # the pipelined steps one unit per patch, so the bytes do not grow with the patches.
+    warmup = 2 * ((n_img + joint_txt) * hidden + 1) * 4
+    pipelined = 2 * ((n_img + joint_txt) * hidden + patches) * 4
     res = results[f"{family}/pipelined/pf2"]
     assert [s["pipefusion_p2p"] for s in res["per_step"]] == [warmup] + [pipelined] * (PF_STEPS - 1)
     # The last stage sends the next input of every patch back to stage 0 (not after the last step).

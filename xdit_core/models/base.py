@@ -71,6 +71,11 @@ class ModelAdapter:
         per-frame timesteps) -> tokens, with every table the blocks need."""
         raise NotImplementedError
 
+    def embed_image(self, x: torch.Tensor, rows: tuple[int, int]) -> torch.Tensor:
+        """The image tokens of latent rows [r0, r1) of the latent x [B, C, h, w] (model dtype): exactly that
+        slice of `embed(x, ...).img`, without embedding the other rows (PipeFusion embeds each patch once)."""
+        raise NotImplementedError
+
     def blocks(self) -> list[tuple[torch.nn.Module, Callable[[torch.nn.Module, Tokens], Tokens]]]:
         """The transformer blocks in order, each with the function that runs it on Tokens."""
         raise NotImplementedError

@@ -43,6 +43,9 @@ class FluxAdapter(ModelAdapter):
         ids = torch.cat([torch.zeros(cond.text.shape[1], 3, dtype=dtype), flux_image_ids(h, w, dtype)]).to(x.device)
         return Tokens(img, txt, h, w, {"temb": temb, "rotary": m.pos_embed(ids)})
 
+    def embed_image(self, x: torch.Tensor, rows: tuple[int, int]) -> torch.Tensor:
+        return self.model.x_embedder(pack_flux(x[:, :, rows[0]:rows[1]]))  # tokens are row-major 2x2 patches
+
     def blocks(self):
         m = self.model
         return [(b, _run_block) for b in list(m.transformer_blocks) + list(m.single_transformer_blocks)]

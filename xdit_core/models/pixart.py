@@ -6,7 +6,7 @@ from typing import Optional
 import torch
 
 from xdit_core.models.base import BranchCond, ModelAdapter, Tokens
-from .sd3 import unpatchify
+from .sd3 import patch_embed_rows, unpatchify
 
 
 def _run_block(block: torch.nn.Module, t: Tokens) -> Tokens:
@@ -32,6 +32,9 @@ class PixArtAdapter(ModelAdapter):
         # Unpadded T5 states without a mask, as ComfyUI passes them.
         txt = m.caption_projection(cond.text.to(x.dtype)).view(b, -1, img.shape[-1])
         return Tokens(img, txt, h, w, {"t6": t6, "embedded_t": embedded_t})
+
+    def embed_image(self, x: torch.Tensor, rows: tuple[int, int]) -> torch.Tensor:
+        return patch_embed_rows(self.model.pos_embed, x, rows)
 
     def blocks(self):
         return [(b, _run_block) for b in self.model.transformer_blocks]

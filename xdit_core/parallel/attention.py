@@ -151,12 +151,15 @@ def _merge(acc: Optional[tuple[torch.Tensor, torch.Tensor]], out: torch.Tensor, 
 
 def usp_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, segments: Sequence[Segment],
                   groups: SPGroups, scale: Optional[float] = None,
-                  kv_cache: Optional[Callable[[torch.Tensor, torch.Tensor], tuple]] = None) -> torch.Tensor:
+                  kv_cache: Optional[Callable[[torch.Tensor, torch.Tensor], tuple]] = None,
+                  text_kv: Optional[Callable[[Optional[tuple]], tuple]] = None) -> torch.Tensor:
     """Exact attention over the whole (unsharded) sequence for this rank's local queries. q, k, v: [B, H, S, D].
 
     `kv_cache(ks, vs) -> (k, v)` (PipeFusion) takes the split part's keys and values after the all-to-all
     and returns complete keys and values over every rank's tokens (a full-length buffer, which it keeps
     up to date across the ring group itself); they are then attended as one block, without a ring pass.
+    `text_kv((k, v) or None) -> (k, v)` (PipeFusion) keeps the replicated segments' keys and values (this
+    rank's heads) when the call has them, and gives the kept ones to a call whose queries carry no text.
     """
     b, heads, _, d = q.shape
     scale = 1.0 / math.sqrt(d) if scale is None else scale
@@ -176,17 +179,20 @@ def usp_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, segments: S
         x = uly.all_to_all(x, "ulysses_all_to_all")
         return x.permute(1, 2, 0, 3, 4).reshape(b, hu, U * ls, d)
 
-    qs = ks = vs = None
+    qs = ks = vs = rep_kv = None
     if has_split:
         qs, ks, vs = (to_heads(_select(t, segments, True)) for t in (q, k, v))
     if has_rep:
         qr, kr, vr = (_select(t, segments, False)[:, head_slice] for t in (q, k, v))
         query = torch.cat([qs, qr], dim=2) if has_split else qr
+        rep_kv = (kr, vr)
     else:
         query = qs
+    if text_kv is not None:
+        rep_kv = text_kv(rep_kv)
 
     split_blocks = 0 if not has_split else 1 if kv_cache is not None else ring.size
-    blocks_total = split_blocks + (1 if has_rep else 0)
+    blocks_total = split_blocks + (1 if rep_kv is not None else 0)
 
     def attend(kb: torch.Tensor, vb: torch.Tensor, acc):
         if blocks_total == 1:  # one block: no LSE needed
@@ -195,8 +201,8 @@ def usp_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, segments: S
         return _merge(acc, out, lse)
 
     acc = None
-    if has_rep:
-        acc = attend(kr, vr, acc)
+    if rep_kv is not None:
+        acc = attend(*rep_kv, acc)
     if has_split and kv_cache is not None:
         acc = attend(*kv_cache(ks, vs), acc)
     elif has_split:

@@ -81,6 +81,16 @@ class Comm:
         self._count(kind, _nbytes(x) * (self.size - 1))
         return out
 
+    def broadcast(self, x: torch.Tensor, kind: str) -> torch.Tensor:
+        """The group's first member's x on every rank (counted on that member: one copy per peer)."""
+        if self.size == 1:
+            return x
+        x = x.contiguous()
+        dist.broadcast(x, self.members[0], group=self.group)
+        if self.index == 0:
+            self._count(kind, _nbytes(x) * (self.size - 1))
+        return x
+
     def ring_exchange(self, x: torch.Tensor, kind: str) -> tuple[torch.Tensor, list]:
         """Start sending x to the next rank of the ring and receiving the previous rank's; returns (buffer, works)."""
         x = x.contiguous()

@@ -21,6 +21,7 @@ class RankContext:
     ring_impl: str = "p2p"
     counter: CommCounter = field(default_factory=CommCounter)
     effective_patches: int = 0  # PipeFusion's M after fitting it to the latent (0: no PipeFusion)
+    pipefusion_stats: Optional[dict] = None  # PipeFusion's last run on this rank: split, bubble (REPORT.json)
     # Point to point: "native" torch.distributed, or "nccl": NCCL's semantics emulated on gloo (tests; see p2p.py).
     p2p_semantics: str = field(default_factory=default_semantics)
     p2p_timeout_s: float = DEFAULT_TIMEOUT_S  # emulated mode: a wait this long would be a hang on NCCL

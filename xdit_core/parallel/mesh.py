@@ -171,8 +171,10 @@ class Mesh:
         self._group_members: dict[str, list[int]] = {}
         names = [("ulysses", "ulysses"), ("ring", "ring"), ("sp", ("ulysses", "ring")), ("pipefusion", "pipefusion"),
                  ("cfg", "cfg")]
-        if config.shard_weights:  # the ranks that hold the same blocks (weight sharding: parallel/sharding.py)
-            names.append(("shard", ("ulysses", "ring", "cfg")))
+        if config.shard_weights or config.pipefusion_parallel_degree > 1:
+            # The ranks that hold the same blocks: weight sharding's group (parallel/sharding.py), and the group
+            # in which PipeFusion's first stage agrees on a cancel.
+            names.append(("stage", ("ulysses", "ring", "cfg")))
         for name, dims in names:
             for members in config.group_ranks(dims):
                 global_members = [self.ranks[r] for r in members]
@@ -193,8 +195,8 @@ class Mesh:
                         self._edges[(src, dst)] = group
 
     def group(self, name: str):
-        """The process group of this rank along `name` (ulysses, ring, sp, pipefusion, cfg, and shard with
-        shard_weights); None if size 1."""
+        """The process group of this rank along `name` (ulysses, ring, sp, pipefusion, cfg, and stage with
+        shard_weights or PipeFusion); None if size 1."""
         return self._groups.get(name)
 
     def members(self, name: str) -> list[int]:

@@ -1,4 +1,5 @@
-"""PipeFusion: the blocks split into stages, the latent into M horizontal patches that flow through them.
+"""PipeFusion: the blocks split into stages (balanced by compute), the latent into M horizontal patches that
+flow through them.
 
 Every attention layer of a stage keeps full-length image K/V buffers (per CFG branch). A patch writes
 its fresh K/V into its slice and attends over the whole buffer: fresh for the patches already done at
@@ -9,12 +10,22 @@ the first stage. Ulysses and Ring may run inside each stage: the buffers then li
 post-all-to-all layout (this rank's heads, every image token), and the ring ranks exchange only the
 current patch's fresh K/V; joint text is replicated within a stage.
 
-Stop point: every rank ends a step when it has processed that step's last patch; cancel and progress
-are decided there (the pool broadcasts rank 0's decision), so all ranks stop at the same step.
+Work that does not grow with M: stage 0 embeds each patch's own rows only. Joint text (Flux, SD3) travels
+with the first patch of every evaluation only; the other patches attend over the text K/V that patch left in
+each layer (fresh for this evaluation, computed against partly stale image K/V, like the image's). With
+`warmup_steps = steps` every evaluation is one whole-image unit with its text: exact.
+
+One pipeline for the whole run: no rank waits for another at a step boundary, so step t+1's first patch
+enters while step t drains. Each rank reports its steps as it finishes them (the last stage's are the
+progress the host sees). A cancel travels in-band: at each step boundary stage 0's ranks agree on rank 0's
+stop flag (a one-element broadcast in their stage group), and the first hand-off of that step carries it
+(the last element of every forward hand-off) to the next stages, which pass it on and stop. So every rank
+stops before the same step, stage 0 having taken the inputs the last stage already sent back.
 """
 from __future__ import annotations
 
 import logging
+import time
 from dataclasses import dataclass, field
 from typing import Callable, Optional
 
@@ -35,7 +46,7 @@ from xdit_core.sampling.inpaint import Inpaint
 from xdit_core.sampling.preview import StepPreview
 from xdit_core.sampling.samplers import ModelSampling, Sampler, make_noise
 from xdit_core.parallel.sequence_parallel import shard_padded
-from xdit_core.parallel.stages import balance_stages, module_bytes, patch_rows
+from xdit_core.parallel.stages import patch_rows, split_stages
 
 log = logging.getLogger("xdit")
 
@@ -60,14 +71,16 @@ class PipeFusionKV:
         self.keep: list[torch.Tensor] = []
         self.gathered_index: list[torch.Tensor] = []
         self.buffers: dict[tuple[torch.nn.Module, int], tuple[torch.Tensor, torch.Tensor]] = {}
+        self.text: dict[tuple[torch.nn.Module, int], tuple[torch.Tensor, torch.Tensor]] = {}
 
     def set_unit(self, unit: Unit, txt_len: int, has_text: bool) -> None:
-        """Describe the local sequence of the unit about to run: its image shard and replicated text."""
+        """Describe the local sequence of the unit about to run: its image shard and, when it carries the
+        joint text, the replicated text (a unit without it attends over the text K/V kept in `text`)."""
         U, R = self.groups.ulysses.size, self.groups.ring.size
         n = len(unit.tokens)
         loc = -(-n // (U * R))
         img = Segment(loc, True, n)
-        self.segments = {"image": [img]}
+        self.segments = {"image": [img], "joint": [img]}
         if has_text:
             txt = Segment(txt_len, False, txt_len)
             self.segments["joint"] = [img if part == "img" else txt for part in self.joint_order]
@@ -99,12 +112,21 @@ class PipeFusionKV:
             return kb, vb
         return update
 
+    def _text_kv(self, module: torch.nn.Module):
+        def keep(kv: Optional[tuple[torch.Tensor, torch.Tensor]]):
+            slot = (module, self.unit.branch)
+            if kv is not None:  # copies: a view would keep this call's whole K and V alive
+                self.text[slot] = (kv[0].clone(), kv[1].clone())
+            return self.text[slot]
+        return keep
+
     def attend(self, module: torch.nn.Module, kind: str, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                scale: Optional[float]) -> torch.Tensor:
         """The route of every attention layer of the stage (see AttentionRouter)."""
         if kind == "cross":  # image queries against replicated text: nothing to exchange or buffer
             return F.scaled_dot_product_attention(q, k, v, scale=scale)
-        return usp_attention(q, k, v, self.segments[kind], self.groups, scale, kv_cache=self._cache(module))
+        return usp_attention(q, k, v, self.segments[kind], self.groups, scale, kv_cache=self._cache(module),
+                             text_kv=self._text_kv(module) if kind == "joint" else None)
 
 
 @dataclass
@@ -147,6 +169,14 @@ def pipefusion_rounds(sampler: str, ms: ModelSampling, sigmas: torch.Tensor) -> 
     return out
 
 
+class _Stop(Exception):
+    """A hand-off carried the cancel flag: pass `payload` on (it is the next stage's first hand-off) and stop."""
+
+    def __init__(self, payload: torch.Tensor):
+        super().__init__("cancel flag")
+        self.payload = payload
+
+
 class PipeFusionRunner:
     """One rank's share of a PipeFusion run (stage, ulysses shard, CFG branch)."""
 
@@ -156,8 +186,8 @@ class PipeFusionRunner:
         self.P = config.pipefusion_parallel_degree
         self.stage = ctx.mesh.coords["pipefusion"]
         blocks = adapter.blocks()
-        self.stage_ranges = balance_stages([module_bytes(b) for b, _ in blocks], self.P)
-        mine = self.stage_ranges[self.stage]
+        self.split = split_stages(dict(adapter.model.config), adapter.spec, self.P)  # as the loader split it
+        mine = self.split.ranges[self.stage]
         # Free the blocks of the other stages: their parameters become meta tensors.
         for i, (block, _) in enumerate(blocks):
             if i not in mine:
@@ -165,11 +195,14 @@ class PipeFusionRunner:
         self.blocks = [blocks[i] for i in mine]
         self.pp: Comm = ctx.comm("pipefusion")
         self.sp_comm: Comm = ctx.comm("sp")
+        self.stage_comm: Optional[Comm] = ctx.comm("stage") if ctx.mesh.size("stage") > 1 else None
         self.groups = SPGroups(ctx.comm("ulysses"), ctx.comm("ring"),
                                select_lse_kernel(ctx.device, ctx.attention_backend, adapter.dtype))
         self.cfg_comm: Optional[Comm] = ctx.comm("cfg") if config.cfg_degree > 1 else None
         self.effective_patches = 0
+        self.wait_s = 0.0  # time blocked on hand-offs: this stage's share of the pipeline's bubble
         self._channels: dict[tuple[int, int], P2PChannel] = {}
+        self._width = 0  # hidden size of the hand-offs, known after the first embedding
 
     @property
     def first(self) -> bool:
@@ -199,30 +232,46 @@ class PipeFusionRunner:
         self.ctx.counter.add("pipefusion_p2p", x.numel() * x.element_size())
         return rnd, self._channel(self.stage, to_stage).isend(x, self.pp.members[to_stage], tag), x
 
-    @staticmethod
-    def _wait_sends(sends: list, before_round: Optional[int] = None) -> list:
+    def _wait_sends(self, sends: list, before_round: Optional[int] = None) -> list:
         """Wait for the sends that belong to rounds before `before_round` (all if None); return the rest."""
         rest = []
+        t0 = time.perf_counter()
         for entry in sends:
             rnd, work, _ = entry
             if before_round is not None and rnd >= before_round:
                 rest.append(entry)
             else:
                 work.wait()
+        self.wait_s += time.perf_counter() - t0
         return rest
 
     def _recv(self, shape, dtype, from_stage: int, tag: int) -> torch.Tensor:
         buf = torch.empty(shape, dtype=dtype, device=self.ctx.device)
+        t0 = time.perf_counter()
         self._channel(from_stage, self.stage).irecv(buf, self.pp.members[from_stage], tag).wait()
+        self.wait_s += time.perf_counter() - t0
         return buf
+
+    def _send_forward(self, tokens: torch.Tensor, rnd: int, tag: int, sends: list, stop: bool = False) -> None:
+        """A hand-off to the next stage: the tokens, flattened, then the cancel flag."""
+        flag = torch.full((1,), 1.0 if stop else 0.0, dtype=tokens.dtype, device=tokens.device)
+        sends.append(self._send(torch.cat([tokens.reshape(-1), flag]), self.stage + 1, rnd, tag))
+
+    def _stop_agreed(self, should_stop: Optional[Callable[[], bool]]) -> bool:
+        """Stage 0: rank 0's stop flag, agreed by every rank of the stage (they hand off to their own peers)."""
+        flag = torch.tensor([1.0 if should_stop is not None and should_stop() else 0.0], device=self.ctx.device)
+        if self.stage_comm is not None:
+            flag = self.stage_comm.broadcast(flag, "control")
+        return bool(flag.item())
 
     # -- the run -----------------------------------------------------------------------------
     def run(self, request: SampleRequest, ms: ModelSampling, x: torch.Tensor,
             step_done: Callable[[int, int], None], inpaint: Optional[Inpaint] = None,
-            preview: Optional[StepPreview] = None) -> torch.Tensor:
+            preview: Optional[StepPreview] = None, should_stop: Optional[Callable[[], bool]] = None) -> torch.Tensor:
         """The whole denoising loop from x (noise-scaled), each patch's evaluations through its rows of
         `inpaint` when there is a noise_mask; returns the final x on every rank of the stage 0. The last
-        stage assembles each step's first prediction in `preview`, patch by patch."""
+        stage assembles each step's first prediction in `preview`, patch by patch. `step_done` is called
+        when this rank has finished a step; `should_stop` (read on rank 0) cancels at a step boundary."""
         self.preview = preview
         a, config = self.adapter, self.ctx.mesh.config
         b, c, h, w = x.shape
@@ -237,6 +286,7 @@ class PipeFusionRunner:
         unit_full = ((0, h), torch.arange(n_img, device=x.device))
         branches = self._branches(request)
         sigmas = request.sigmas.to(x.device)
+        steps = len(sigmas) - 1
         rounds = pipefusion_rounds(request.sampler, ms, sigmas)
         warm_rounds = sum(1 for i, _, _ in rounds if i < config.warmup_steps)
         noise = make_noise(request.sampler, request.seed, x, sigmas)  # the whole latent's, shared by the patches
@@ -254,42 +304,68 @@ class PipeFusionRunner:
         mine = {id(m) for block, _ in self.blocks for m in block.modules()}
         router = AttentionRouter(a.model, kinds, attention.attend, run=[m for m in kinds if id(m) in mine])
         # Sends in flight, as (round, work, tensor). Forward hand-offs are received within their round;
-        # the last stage's "next input" sends are received by stage 0 at the start of the next round, so
-        # a step boundary waits only for sends of earlier rounds (waiting for the current ones could
-        # deadlock against a collective that stage 0 enters first).
+        # the last stage's "next input" sends are received by stage 0 in the next round, so a step boundary
+        # waits only for sends of earlier rounds (the current ones complete as stage 0 takes them).
         sends: list = []
+        self.wait_s, started = 0.0, time.perf_counter()
         try:
             for rnd, (step, sigma, step_end) in enumerate(rounds):
-                sync = rnd < warm_rounds
-                units = [unit_full] if sync else units_pipe
-                for u, (unit_rows, tokens) in enumerate(units):
-                    if self.first and rnd > 0 and self.P > 1:
-                        for m, (r0, r1) in enumerate(rows):  # the patches this unit covers, from the last stage
-                            if r0 >= unit_rows[0] and r1 <= unit_rows[1]:
-                                x_eval[:, :, r0:r1] = self._recv((b, c, r1 - r0, w), x.dtype, self.P - 1,
-                                                                 tag=self._tag(rnd, m, 99))
-                    outs = []
-                    for k, (branch_id, cond) in enumerate(branches):
-                        unit = Unit(unit_rows, tokens, branch_id)
-                        outs.append(self._forward_unit(unit, x_eval, ms, sigma, cond, request, attention, router,
-                                                       rnd, u, k, sends))
-                    if self.last:
-                        first_of_step = rnd == 0 or rounds[rnd - 1][0] != step
-                        self._finish_unit(unit_rows, outs, drivers, rows, x_eval, ms, sigma, request, rnd,
-                                          rnd + 1 < len(rounds), sends, step if first_of_step else None)
+                units = [unit_full] if rnd < warm_rounds else units_pipe
+                step_start = rnd == 0 or rounds[rnd - 1][0] != step
+                if self.first and step_start and step > 0 and self._stop_agreed(should_stop):
+                    self._stop_pipeline(rnd, rows, units[0][1], x, branches, sends)
+                    raise XDiTCancelled(f"cancelled after step {step} of {steps}")
+                try:
+                    self._round(rnd, step, sigma, units, branches, rows, drivers, x_eval, ms, request, attention,
+                                router, rounds, sends, step_start)
+                except _Stop as stop:  # a later stage: pass the flag on, take nothing more
+                    if not self.last:
+                        sends.append(self._send(stop.payload, self.stage + 1, rnd, self._tag(rnd, 0, 0)))
+                    raise XDiTCancelled(f"cancelled after step {step} of {steps}") from None
                 if step_end:
                     sends = self._wait_sends(sends, before_round=rnd + 1)
-                    try:
-                        step_done(step + 1, len(sigmas) - 1)
-                    except XDiTCancelled:
-                        # Every rank stops here. Stage 0 takes the next inputs the last stage already sent.
-                        if self.first and rnd + 1 < len(rounds) and self.P > 1:
-                            for m, (r0, r1) in enumerate(rows):
-                                self._recv((b, c, r1 - r0, w), x.dtype, self.P - 1, tag=self._tag(rnd + 1, m, 99))
-                        raise
+                    step_done(step + 1, steps)
         finally:
             self._wait_sends(sends)
+            self.ctx.pipefusion_stats = self._stats(time.perf_counter() - started, rounds, warm_rounds)
         return self._final(drivers, x)
+
+    def _round(self, rnd, step, sigma, units, branches, rows, drivers, x_eval, ms, request, attention, router,
+               rounds, sends, step_start) -> None:
+        """One model evaluation of every patch on this stage (one whole-image unit in a warmup round)."""
+        b, c, _, w = x_eval.shape
+        bases: dict[int, Tokens] = {}  # per branch: this round's conditioning and tables (and stage 0's image)
+        for u, (unit_rows, tokens) in enumerate(units):
+            if self.first and rnd > 0 and self.P > 1:
+                for m, (r0, r1) in enumerate(rows):  # the patches this unit covers, from the last stage
+                    if r0 >= unit_rows[0] and r1 <= unit_rows[1]:
+                        x_eval[:, :, r0:r1] = self._recv((b, c, r1 - r0, w), x_eval.dtype, self.P - 1,
+                                                         tag=self._tag(rnd, m, 99))
+            outs = []
+            for k, (branch_id, cond) in enumerate(branches):
+                if k not in bases:
+                    bases[k] = self._embed(x_eval, ms, sigma, cond)
+                unit = Unit(unit_rows, tokens, branch_id)
+                # Only a step's first hand-off can carry the cancel flag: read it there alone (a device sync).
+                may_stop = step_start and step > 0 and u == 0 and k == 0
+                outs.append(self._forward_unit(unit, bases[k], u == 0, x_eval, ms, sigma, attention, router,
+                                               rnd, u, k, sends, may_stop))
+            if self.last:
+                self._finish_unit(unit_rows, outs, drivers, rows, x_eval, ms, sigma, request, rnd,
+                                  rnd + 1 < len(rounds), sends, step if step_start else None)
+
+    def _stop_pipeline(self, rnd: int, rows, tokens: torch.Tensor, x: torch.Tensor, branches, sends: list) -> None:
+        """Stage 0 stops before round `rnd`: take the inputs the last stage sent for it, then send the first
+        hand-off of the round with the cancel flag set (its tokens unused) so the next stages stop there too."""
+        b, c, _, w = x.shape
+        if self.P > 1:
+            for m, (r0, r1) in enumerate(rows):
+                self._recv((b, c, r1 - r0, w), x.dtype, self.P - 1, tag=self._tag(rnd, m, 99))
+            cond = branches[0][1]
+            n_txt = cond.text.shape[1] if self.adapter.TEXT_IS_JOINT else 0
+            loc = -(-len(tokens) // self.sp_comm.size)
+            filler = torch.zeros(b, loc + n_txt, self._width, dtype=self.adapter.dtype, device=x.device)
+            self._send_forward(filler, rnd, self._tag(rnd, 0, 0), sends, stop=True)
 
     def _check_schedule(self, rounds, rows, x, request: SampleRequest) -> None:
         """All stages must run the same schedule, or their hand-offs would wait forever: compare first."""
@@ -314,44 +390,62 @@ class PipeFusionRunner:
     def _tag(rnd: int, unit: int, branch: int) -> int:
         return (rnd * 1000 + unit) * 100 + branch
 
-    def _forward_unit(self, unit: Unit, x_eval, ms, sigma, cond, request, attention, router, rnd, u, k, sends):
+    def _embed(self, x_eval: torch.Tensor, ms: ModelSampling, sigma: torch.Tensor, cond) -> Tokens:
+        """One branch's embedding for a round: conditioning, timestep and per-token tables (and the whole image,
+        which stage 0 uses in a warmup round; a pipelined patch embeds its own rows, `_first_tokens`)."""
+        a = self.adapter
+        timestep = ms.timestep(sigma.reshape(1).cpu()).float().to(x_eval.device).expand(x_eval.shape[0])
+        base = a.embed(ms.calculate_input(sigma, x_eval).to(a.dtype), timestep, cond, cond.guidance)
+        self._width = base.img.shape[-1]
+        return base
+
+    def _forward_unit(self, unit: Unit, base: Tokens, first_unit: bool, x_eval, ms, sigma, attention, router, rnd,
+                      u, k, sends, may_stop: bool):
         """This stage's blocks on one unit; returns the model output of the unit on the last stage."""
         a = self.adapter
         S, idx = self.sp_comm.size, self.sp_comm.index
-        dtype = a.dtype
-        timestep = ms.timestep(sigma.reshape(1).cpu()).float().to(x_eval.device).expand(x_eval.shape[0])
-        full = a.embed(ms.calculate_input(sigma, x_eval).to(dtype), timestep, cond, cond.guidance)
         tokens = unit.tokens
+        whole = len(tokens) == base.img.shape[1]
+        # Joint text rides with the first unit of an evaluation only (the module docstring).
+        joint = a.TEXT_IS_JOINT and base.txt is not None
+        carries_text = joint and first_unit
 
         def shard_img(t: torch.Tensor, dim: int = 1) -> torch.Tensor:
             return shard_padded(t.index_select(dim, tokens), dim, idx, S)
 
         def keep_txt(t: torch.Tensor, dim: int = 1) -> torch.Tensor:
-            return t
+            return t if carries_text or not joint else t.narrow(dim, 0, 0)
 
-        extras = a.shard_extras(full, keep_txt, shard_img)
-        n_txt = full.txt.shape[1] if full.txt is not None else 0
+        extras = a.shard_extras(base, keep_txt, shard_img)
+        n_txt = base.txt.shape[1] if carries_text else 0
         loc = -(-len(tokens) // S)
-        joint = a.TEXT_IS_JOINT and full.txt is not None
         if self.first:
-            local = full.with_(img=shard_img(full.img), extras=extras)
+            if whole:
+                img = shard_img(base.img)
+            else:  # this patch's rows only, from the input the last stage just sent back
+                xin = ms.calculate_input(sigma, x_eval).to(a.dtype)
+                img = shard_padded(a.embed_image(xin, unit.rows), 1, idx, S)
+            local = base.with_(img=img, txt=keep_txt(base.txt) if joint else base.txt, extras=extras)
         else:
-            width = full.img.shape[-1]
-            recv = self._recv((full.img.shape[0], loc + (n_txt if joint else 0), width), dtype, self.stage - 1,
+            width = base.img.shape[-1]
+            recv = self._recv((base.img.shape[0] * (loc + n_txt) * width + 1,), a.dtype, self.stage - 1,
                               tag=self._tag(rnd, u, k))
-            local = full.with_(img=recv[:, :loc], txt=recv[:, loc:] if joint else full.txt, extras=extras)
-        attention.set_unit(unit, n_txt, joint)
+            if may_stop and recv[-1].item():
+                raise _Stop(recv)
+            recv = recv[:-1].reshape(base.img.shape[0], loc + n_txt, width)
+            local = base.with_(img=recv[:, :loc], txt=recv[:, loc:] if joint else base.txt, extras=extras)
+        attention.set_unit(unit, n_txt, carries_text)
         with router:
             for block, run in self.blocks:
                 local = run(block, local)
         if not self.last:
-            payload = torch.cat([local.img, local.txt], dim=1) if joint else local.img
-            sends.append(self._send(payload, self.stage + 1, rnd, self._tag(rnd, u, k)))
+            payload = torch.cat([local.img, local.txt], dim=1) if carries_text else local.img
+            self._send_forward(payload, rnd, self._tag(rnd, u, k), sends)
             return None
         gathered = self.sp_comm.all_gather(local.img, "sp_gather")
         img = gathered.permute(1, 0, 2, 3).reshape(local.img.shape[0], -1, local.img.shape[-1])[:, :len(tokens)]
         r0, r1 = unit.rows
-        out = a.head(Tokens(img, None, r1 - r0, x_eval.shape[-1], full.extras)).float()
+        out = a.head(Tokens(img, None, r1 - r0, x_eval.shape[-1], base.extras)).float()
         return ms.calculate_denoised(sigma, out, x_eval[:, :, r0:r1])
 
     def _finish_unit(self, unit_rows, outs, drivers, rows, x_eval, ms, sigma, request, rnd, more, sends,
@@ -394,3 +488,19 @@ class PipeFusionRunner:
             if self.last:
                 self.ctx.counter.add("pipefusion_p2p", out.numel() * out.element_size() * (self.P - 1))
         return out
+
+    def _stats(self, run_s: float, rounds, warm_rounds: int) -> dict:
+        """This rank's share of the pipeline: its blocks, the split's predicted stage costs and imbalance, and
+        the time it spent blocked on hand-offs (its bubble) against the schedule's formula."""
+        P, M = self.P, self.effective_patches
+        pipelined = len(rounds) - warm_rounds
+        # Idle fraction of a stage if stages were equal and hand-offs free: in a warmup round a stage works
+        # 1/P of the time; the pipelined rounds fill and drain once per run (P - 1 patch slots of M x rounds).
+        slots_busy = warm_rounds * M + pipelined * M
+        slots_total = warm_rounds * M * P + (pipelined * M + P - 1 if pipelined else 0)
+        return {"stage": self.stage, "blocks": [len(r) for r in self.split.ranges],
+                "stage_gflops": [round(c / 1e9, 3) for c in self.split.costs],
+                "imbalance": round(self.split.imbalance, 4), "run_s": run_s, "wait_s": self.wait_s,
+                "idle_fraction": self.wait_s / run_s if run_s else 0.0,
+                "idle_fraction_formula": 1 - slots_busy / slots_total if slots_total else 0.0,
+                "per_step_drain_formula": (P - 1) / (M + P - 1) if M else 0.0}

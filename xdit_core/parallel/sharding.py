@@ -14,15 +14,15 @@ from xdit_core.parallel.context import RankContext
 
 
 class BlockSharder:
-    """fully_shards one block at a time over this rank's "shard" group (a no-op when the group is this rank
+    """fully_shards one block at a time over this rank's "stage" group (a no-op when the group is this rank
     alone): the loader calls it as each block's weights arrive (load_model's `on_block`), so no rank ever holds
     more than one block whole."""
 
     def __init__(self, ctx: RankContext):
         from torch.distributed.device_mesh import DeviceMesh
 
-        self.ctx, group = ctx, ctx.mesh.group("shard")
-        self.size = ctx.mesh.size("shard") if group is not None else 1
+        self.ctx, group = ctx, ctx.mesh.group("stage")
+        self.size = ctx.mesh.size("stage") if group is not None else 1
         self.device_mesh = DeviceMesh.from_group(group, ctx.device.type) if group is not None else None
 
     def __call__(self, block: torch.nn.Module) -> None:

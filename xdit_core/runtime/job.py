@@ -11,7 +11,7 @@ from typing import Any, Callable, Optional, Sequence
 import torch
 import torch.distributed as dist
 
-from xdit_core.errors import XDiTConfigError
+from xdit_core.errors import XDiTCancelled, XDiTConfigError
 from xdit_core.loading.load import load_model
 from xdit_core.loading.lora import LoraWeights, load_lora
 from xdit_core.models import make_adapter
@@ -125,16 +125,28 @@ def serial_loop(request: SampleRequest, ms: ModelSampling, denoise: Denoiser, on
     return loop
 
 
+def stop_agreed(should_stop: Callable[[], bool], ctx: Optional[RankContext]) -> bool:
+    """Rank 0's stop flag, on every rank (one broadcast: every rank leaves at the same step)."""
+    flag = torch.tensor([1 if should_stop() else 0], device=ctx.device if ctx is not None else "cpu")
+    if ctx is not None and ctx.mesh.config.world_size > 1:
+        dist.broadcast(flag, src=ctx.mesh.ranks[0])
+    return bool(flag.item())
+
+
 @torch.no_grad()
 def run_request(adapter: ModelAdapter, request: SampleRequest, on_step: Optional[StepHook] = None,
                 step_seconds: Optional[list[float]] = None, ctx: Optional[RankContext] = None,
-                preview: Optional[StepPreview] = None) -> torch.Tensor:
+                preview: Optional[StepPreview] = None,
+                should_stop: Optional[Callable[[], bool]] = None) -> torch.Tensor:
     """Sample one request; returns the final latent in the model's space, float32 [B, C, h, w].
 
     Without `ctx` the run is serial; with it, this rank runs its share on an initialised process
     group (every rank of the mesh calls this with the same request) and every rank ends with the result.
-    `preview`, when given, holds each step's prediction before `on_step` is called (on the ranks that see
-    whole predictions; see ParallelConfig.preview_rank).
+    `on_step(i, n)` is called on every rank when it has finished step i (PipeFusion's stages finish a step at
+    different times). `preview`, when given, holds each step's prediction before `on_step` is called (on the
+    ranks that see whole predictions; see ParallelConfig.preview_rank). `should_stop`, read on rank 0 at each
+    step boundary, cancels: every rank raises XDiTCancelled before the same step (every rank must pass one,
+    or none).
     """
     ms = adapter.spec.model_sampling(request.shift, width=request.width, height=request.height)
     request = request.to(ctx.device if ctx is not None else next(adapter.model.parameters()).device)
@@ -152,9 +164,14 @@ def run_request(adapter: ModelAdapter, request: SampleRequest, on_step: Optional
         if preview is not None:
             preview.step_done()
 
+    def step_boundary(i: int, n: int) -> None:
+        step_done(i, n)
+        if should_stop is not None and i < n and stop_agreed(should_stop, ctx):
+            raise XDiTCancelled(f"cancelled after step {i} of {n}")
+
     def pipefusion_loop(x: torch.Tensor, inpaint: Optional[Inpaint]) -> torch.Tensor:
         runner = PipeFusionRunner(adapter, ctx)
-        out = runner.run(request, ms, x, step_done, inpaint, preview)
+        out = runner.run(request, ms, x, step_done, inpaint, preview, should_stop)  # its cancel is in-band
         ctx.effective_patches = runner.effective_patches
         return out
 
@@ -164,7 +181,7 @@ def run_request(adapter: ModelAdapter, request: SampleRequest, on_step: Optional
         if ctx is not None and ctx.mesh.config.pipefusion_parallel_degree > 1:
             loop = pipefusion_loop
         else:
-            loop = serial_loop(request, ms, make_denoiser(adapter, ms, request, ctx), step_done, preview)
+            loop = serial_loop(request, ms, make_denoiser(adapter, ms, request, ctx), step_boundary, preview)
         return denoise_latent(adapter.spec, ms, request, loop)
     finally:
         if ctx is not None:
@@ -270,15 +287,17 @@ class RankJob:
                            device, self.ctx, handle)
 
     def run(self, request: SampleRequest, on_step: Optional[StepHook] = None,
-            preview: Optional[StepPreview] = None) -> dict[str, Any]:
-        """Sample `request`; returns rank 0's latent (model space, float32, CPU; None elsewhere) and the report."""
+            preview: Optional[StepPreview] = None, should_stop: Optional[Callable[[], bool]] = None) -> dict[str, Any]:
+        """Sample `request`; returns rank 0's latent (model space, float32, CPU; None elsewhere) and the report.
+        `should_stop` cancels at a step boundary (run_request)."""
         if self.ctx is not None:
             self.ctx.counter = CommCounter()
         step_s: list[float] = []
         with self.loras(request.loras):
             out = run_request(self.adapter, request, on_step=on_step, step_seconds=step_s, ctx=self.ctx,
-                              preview=preview)
+                              preview=preview, should_stop=should_stop)
         counter = self.ctx.counter if self.ctx is not None else None
         patches = self.ctx.effective_patches if self.ctx is not None else 0
+        stats = self.ctx.pipefusion_stats if self.ctx is not None else None
         return {"samples": out.cpu() if self.rank == 0 else None, "load_s": self.load_s,
-                "report": rank_report(self.rank, self.parallel, self.param_bytes, step_s, counter, patches)}
+                "report": rank_report(self.rank, self.parallel, self.param_bytes, step_s, counter, patches, stats)}

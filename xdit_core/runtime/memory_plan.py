@@ -5,7 +5,7 @@ Per rank (docs/memory.md has the formulas and a table for real models):
 
 - **weights held**: the parameter bytes of what the rank runs: every module outside the blocks (embedders and
   conditioning on every rank, the head on PipeFusion's last stage only) and its PipeFusion stage's blocks
-  (stages.balance_stages, the loader's split). With `shard_weights` each block is split over the N ranks that
+  (stages.split_stages, the loader's split by compute). With `shard_weights` each block is split over the N ranks that
   run it (a stage's Ulysses x Ring x CFG ranks, N = world / pipefusion) as FSDP2 splits it: every parameter by
   dim 0 into N pieces of ceil(rows / N) rows. fp8 kept: the file's fp8 Linear weights at 1 byte each plus a
   float32 scale per stored tensor, every other tensor in the compute dtype.
@@ -40,7 +40,7 @@ import torch
 
 from xdit_core.errors import XDiTConfigError
 from xdit_core.parallel.mesh import ParallelConfig
-from xdit_core.parallel.stages import balance_stages
+from xdit_core.parallel.stages import balance_stages, block_flops
 
 GIB = 2 ** 30
 FLOAT32_BYTES = 4  # latents, noise and the sampler's state are float32 whatever the model's dtype
@@ -171,16 +171,18 @@ class ModelMemory:
     joint_text: bool  # text tokens join the attention sequence (Flux, SD3, Qwen) rather than cross-attention
     video: bool
     fp8_source: str  # where the fp8 flags come from: the file's header, or the assumption for a bare config
+    block_costs: tuple[float, ...] = ()  # what PipeFusion balances its stages by (stages.block_flops)
 
     @property
     def parameter_count(self) -> int:
         return sum(b.numel for b in self.blocks) + self.embed.numel + self.head.numel + self.other.numel
 
     def stage_ranges(self, stages: int) -> list[range]:
-        """PipeFusion's blocks per stage, as the loader splits them (balance_stages over float32 meta bytes)."""
+        """PipeFusion's blocks per stage, as the loader splits them (stages.split_stages: by FLOPs; a table-only
+        model without a family, by bytes)."""
         if stages == 1:
             return [range(len(self.blocks))]
-        return balance_stages([b.numel * FLOAT32_BYTES for b in self.blocks], stages)
+        return balance_stages(list(self.block_costs) or [b.numel * FLOAT32_BYTES for b in self.blocks], stages)
 
 
 _CACHE: dict[tuple, ModelMemory] = {}
@@ -224,6 +226,7 @@ def _describe(config: Optional[dict[str, Any]], family: Optional[str], variant: 
         kinds = make_adapter(model, spec).attention_kinds()
         buffered = {m for m, kind in kinds.items() if kind != "cross"}
         joint, video, heads = any(k == "joint" for k in kinds.values()), spec.is_video, spec.num_heads
+        costs = () if video else tuple(block_flops(config, spec))
     else:  # a diffusers class for the tables only: every attention module joint, ModuleLists of blocks
         cls = getattr(diffusers, str(class_name), None)
         if cls is None:
@@ -240,6 +243,7 @@ def _describe(config: Optional[dict[str, Any]], family: Optional[str], variant: 
         embed, head = _GENERIC_EMBED, _GENERIC_HEAD
         buffered = {m for m in model.modules() if isinstance(m, (Attention, AttentionModuleMixin))}
         joint, video, heads = True, False, int(config.get("num_attention_heads", 1))
+        costs = ()
     hidden = int(config.get("num_attention_heads", 1)) * int(config.get("attention_head_dim", 1))
 
     linear_weights = {f"{n}.weight" for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)}
@@ -275,7 +279,7 @@ def _describe(config: Optional[dict[str, Any]], family: Optional[str], variant: 
 
     buffers = sum(b.numel() * b.element_size() for b in model.buffers())
     return ModelMemory(name, hidden, heads, tuple(part(p) for p in prefixes), part("embed"), part("head"),
-                       part("other"), buffers, joint, video, fp8_source)
+                       part("other"), buffers, joint, video, fp8_source, costs)
 
 
 def _file_fp8(source: Any, model: torch.nn.Module, spec: Any, linear_weights: set[str]

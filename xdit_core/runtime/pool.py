@@ -407,27 +407,31 @@ class WorkerPool:
         # The rank that sees whole predictions (rank 0, or PipeFusion's last stage) reports steps and previews.
         reporter = self.workers[self.key.parallel.preview_rank]
 
-        def poll(final: bool) -> None:
+        def show(steps: list, preview: Optional[tuple[int, torch.Tensor]]) -> None:
             nonlocal seen
-            if on_progress is None and on_preview is None:
-                return
-            if final:  # every rank has returned: the reporter answers at once
-                try:
-                    steps, preview = ray.get(reporter.poll.remote(job), timeout=timeouts.liveness_timeout_s())
-                except ray.exceptions.GetTimeoutError:
-                    return
-            else:
-                if not in_flight:
-                    in_flight.append(reporter.poll.remote(job))
-                if not ray.wait(in_flight, timeout=0)[0]:
-                    return
-                steps, preview = ray.get(in_flight.pop())
             if on_preview is not None and preview is not None:
                 on_preview(*preview)
             if on_progress is not None:
                 for step, total in steps[seen:]:
                     on_progress(step, total)
             seen = max(seen, len(steps))
+
+        def poll(final: bool) -> None:
+            if on_progress is None and on_preview is None:
+                return
+            if final:  # every rank has returned: the reporter answers at once
+                calls = in_flight + [reporter.poll.remote(job)]  # a poll in flight may hold a preview it took
+                in_flight.clear()
+                for call in calls:
+                    try:
+                        show(*ray.get(call, timeout=timeouts.liveness_timeout_s()))
+                    except ray.exceptions.GetTimeoutError:
+                        return
+                return
+            if not in_flight:
+                in_flight.append(reporter.poll.remote(job))
+            if ray.wait(in_flight, timeout=0)[0]:
+                show(*ray.get(in_flight.pop()))
 
         def stop() -> None:
             self.workers[0].request_stop.remote(job)

@@ -14,8 +14,10 @@ def peak_rss_bytes() -> int:
 
 
 def rank_report(rank: int, config: ParallelConfig, param_bytes: int, step_s: list[float],
-                counter: Optional[CommCounter], effective_patches: int = 0) -> dict[str, Any]:
-    """One rank's entry of REPORT.json's `per_rank` (param_bytes: the parameters this rank holds)."""
+                counter: Optional[CommCounter], effective_patches: int = 0,
+                pipefusion: Optional[dict[str, Any]] = None) -> dict[str, Any]:
+    """One rank's entry of REPORT.json's `per_rank` (param_bytes: the parameters this rank holds; `pipefusion`:
+    the stage split, its predicted imbalance and this rank's measured bubble)."""
     zero = {k: 0 for k in COMM_KINDS}
     return {
         "rank": rank,
@@ -26,4 +28,5 @@ def rank_report(rank: int, config: ParallelConfig, param_bytes: int, step_s: lis
         "step_s": step_s,
         "comm_bytes": dict(counter.total) if counter else zero,
         "comm_bytes_per_step": list(counter.per_step) if counter else [dict(zero) for _ in step_s],
+        **({"pipefusion": pipefusion} if pipefusion is not None else {}),
     }

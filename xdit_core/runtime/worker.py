@@ -119,20 +119,16 @@ class RankWorker:
         keep_preview = request.preview and self.rank == self.parallel.preview_rank
         preview = StepPreview() if keep_preview else None
 
-        def at_step_boundary(i: int, n: int) -> None:
+        def step_finished(i: int, n: int) -> None:
             with self._lock:
                 self._progress.append((i, n))
                 if preview is not None and preview.latest is not None:
                     self._preview = (i, preview.latest)
-            # Rank 0's stop flag decides for everyone, so all ranks leave at the same step.
-            flag = torch.tensor([1 if self._stop.is_set() else 0], device=self.device)
-            if self.world_size > 1:
-                dist.broadcast(flag, src=0)
-            if flag.item() and i < n:
-                raise XDiTCancelled(f"cancelled after step {i} of {n}")
 
         try:
-            result = self.jobs[model].run(request, on_step=at_step_boundary, preview=preview)
+            # Rank 0's stop flag decides for everyone (run_request), so all ranks leave at the same step.
+            result = self.jobs[model].run(request, on_step=step_finished, preview=preview,
+                                          should_stop=self._stop.is_set)
         except XDiTCancelled as e:
             return {"cancelled": str(e), "rank": self.rank}
         finally:
