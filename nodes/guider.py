@@ -167,11 +167,9 @@ def prepare(xdit: XDiTModel, mesh: XDiTMesh, conds: dict, cfg: float, shape, ste
             raise api.XDiTConfigError("PipeFusion runs the sampling loop inside the ranks, so it cannot serve "
                                       "ComfyUI's samplers: use a mesh without PipeFusion with the xDiT Guider, or "
                                       "the xDiT Sampler nodes for PipeFusion")
-        key, loras = plan_run(xdit, mesh, shape, cfg if negative is not None else 1.0, steps, positive, negative)
-        if key.parallel.pipefusion_parallel_degree > 1:  # layout auto's choice for SD3/PixArt with a negative
-            raise api.XDiTConfigError(f"layout auto picks {key.parallel.describe()} for {xdit.family} with a negative "
-                                      "prompt, and PipeFusion cannot serve ComfyUI's samplers: use a manual mesh of "
-                                      "Ulysses, Ring and CFG degrees with the xDiT Guider, or the xDiT Sampler nodes")
+        # layout auto leaves PipeFusion out here: it cannot serve ComfyUI's samplers
+        key, loras = plan_run(xdit, mesh, shape, cfg if negative is not None else 1.0, steps, positive, negative,
+                              pipefusion=False)
     except api.XDiTError as e:
         raise RuntimeError(f"xDiT Guider: {e}") from None
     if host.visible_gpus():

@@ -33,12 +33,14 @@ def lora_refs(model: XDiTModel) -> tuple:
     return tuple(api.LoraRef(path, strength) for path, strength in model.loras)
 
 
-def plan_run(model: XDiTModel, mesh: XDiTMesh, shape, cfg: float, steps: int, positive, negative):
+def plan_run(model: XDiTModel, mesh: XDiTMesh, shape, cfg: float, steps: int, positive, negative,
+             pipefusion: bool = True):
     """The checks every run on the workers passes before any worker is asked (the mesh against the model and
-    cfg, the LoRAs, the machine's limits for a latent of `shape`); returns (pool key, LoRA refs)."""
+    cfg, the LoRAs, the machine's limits for a latent of `shape`); returns (pool key, LoRA refs). `pipefusion`
+    False: layout auto leaves PipeFusion out (host-driven sampling)."""
     from xdit_core import api
 
-    parallel = check_against_model(mesh, model, cfg, steps, shape[-2], video=len(shape) == 5)
+    parallel = check_against_model(mesh, model, cfg, steps, shape[-2], video=len(shape) == 5, pipefusion=pipefusion)
     loras = lora_refs(model)
     remote = api.uses_cluster(mesh.ray_address)
     placement = None if remote else api.local_placement()  # the GPUs check_against_model gave the workers
