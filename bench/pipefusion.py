@@ -23,10 +23,10 @@ from typing import Any, Callable, Optional
 import torch
 import torch.distributed as dist
 
+from bench.bench_world import _adapters
 from bench.common import fidelity, format_table, make_request, median_spread, model_path
 from bench.overheads import plain_flux_loop
 from xdit_core.loading.load import load_model
-from xdit_core.models import make_adapter
 from xdit_core.models.base import ModelAdapter
 from xdit_core.parallel.context import RankContext
 from xdit_core.parallel.mesh import Mesh, ParallelConfig
@@ -72,11 +72,11 @@ def pipefusion_world(rank: int, device: torch.device, payload: dict[str, Any]) -
     from diffusers.models._modeling_parallel import ContextParallelConfig
 
     path, request, warm = payload["path"], payload["request"], payload["warm_request"]
-    adapter = make_adapter(*load_model(path))
-    runs: dict[str, Optional[Callable[[SampleRequest], dict[str, Any]]]] = {}
-    for name, cfg in payload["configs"].items():
-        mesh = Mesh(cfg, list(range(cfg.world_size)))
-        runs[name] = partial(_engine_run, adapter, mesh=mesh, device=device) if mesh.is_member else None
+    meshes = {name: Mesh(cfg, list(range(cfg.world_size))) for name, cfg in payload["configs"].items()}
+    adapters = _adapters(path, payload["configs"], meshes)
+    runs: dict[str, Optional[Callable[[SampleRequest], dict[str, Any]]]] = {
+        name: partial(_engine_run, adapters[name], mesh=mesh, device=device) if mesh.is_member else None
+        for name, mesh in meshes.items()}
     peer = load_model(path)[0]  # a model of its own: enable_parallelism hooks every block of the model it is given
     peer.enable_parallelism(config=ContextParallelConfig(ulysses_degree=2))
     runs[PEER] = partial(_diffusers_run, peer)
@@ -165,7 +165,7 @@ def report(result: dict[str, Any]) -> str:
          "max rel err vs serial", "PSNR dB"],
         [[n, r["ranks"], r["per_step"]["median"], f"{r['per_step']['min']:.3f}-{r['per_step']['max']:.3f}",
           f"{r['speedup_step']:.2f}x", r["wall"]["median"], f"{r['speedup_wall']:.2f}x",
-          f"{r['fidelity']['max_rel']:.2e}", r["fidelity"]["psnr"]] for n, r in rows.items()],
+          f"{r['fidelity']['max_rel']:.2e}", r["fidelity"]["psnr_db"]] for n, r in rows.items()],
     )
     pf = [(n, r) for n, r in rows.items() if "pipefusion" in r]
     bubble = format_table(
@@ -175,7 +175,7 @@ def report(result: dict[str, Any]) -> str:
         "beside what a drain at every step would cost",
         ["config", "blocks", "imbalance predicted", "imbalance measured", "idle stage 0 / 1 measured",
          "idle formula", "per-step drain formula", "warmup step s (serial step s)"],
-        [[n, " | ".join(map(str, p["blocks"])), f"{p['imbalance_predicted']:.3f}", f"{p['imbalance_measured']:.3f}",
+        [[n, ", ".join(map(str, p["blocks"])), f"{p['imbalance_predicted']:.3f}", f"{p['imbalance_measured']:.3f}",
           " / ".join(f"{v:.3f}" for v in p["idle_measured"]), f"{p['idle_formula']:.3f}",
           f"{p['per_step_drain_formula']:.3f}",
           f"{p['warmup_step_s']:.3f} ({rows['serial']['per_step']['median']:.3f})"]

@@ -218,8 +218,9 @@ def test_terms(flux1):
     for rank in plan.ranks:
         layers = sum(flux1.blocks[i].attention_layers for i in flux1.stage_ranges(2)[rank.stage])
         assert layers == len(flux1.stage_ranges(2)[rank.stage])  # one joint attention per Flux block
-        # K and V, 2 branches, every image token (4096), this rank's 12 of 24 heads x 128, bf16
-        assert rank.kv_buffers == 2 * 2 * 4096 * 1536 * 2 * layers
+        # K and V, 2 branches, every image token (4096) and the 512 text tokens kept for the later patches, this
+        # rank's 12 of 24 heads x 128, bf16
+        assert rank.kv_buffers == 2 * 2 * (4096 + 512) * 1536 * 2 * layers
         # one forward at a time: 4096 / 2 image tokens + 512 / 2 text tokens
         assert rank.activations == (2048 + 256) * 3072 * 2 * memory_plan.ACTIVATION_FACTOR
         assert rank.latents == memory_plan.LATENT_COPIES * 16 * 128 * 128 * 4

@@ -14,7 +14,8 @@ Per rank (docs/memory.md has the formulas and a table for real models):
 - **fp8 upcast layer**: the largest fp8 weight upcast for its layer: 8 bytes per weight for a scaled one
   (`fp8.float() * scale`: two float32 copies at once), the compute dtype's size for a plain one.
 - **PipeFusion K/V buffers**: per attention layer of the stage and per branch the rank evaluates, K and V over
-  every image token for this rank's heads: 2 x batch x image tokens x hidden / ulysses x dtype.
+  every image token (and, for joint text, every text token) for this rank's heads: 2 x batch x tokens x
+  hidden / ulysses x dtype.
 - **activations**: one forward's (branches run one after the other): batch x (image tokens / SP + joint text
   tokens, split when SP divides them) x hidden x dtype x ACTIVATION_FACTOR.
 - **latents**: LATENT_COPIES float32 latent-sized tensors (the request, the sampler's state).
@@ -568,7 +569,9 @@ def _rank_memory(rank: int, mm: ModelMemory, others: tuple[ModelMemory, ...], db
         if n > 1 else 0
     upcast = max([b.upcast(db) for b in blocks if bfp8] + [mm.embed.upcast(db), mm.head.upcast(db),
                                                             mm.other.upcast(db)]) if fp8 else 0
-    kv = kv_buffer_term(batch * branches, n_img, hidden // U, db, sum(b.attention_layers for b in blocks)) \
+    # The image's K/V, and a joint model's text K/V the first patch leaves for the others (whole on every rank).
+    kv_tokens = n_img + (text_tokens if mm.joint_text else 0)
+    kv = kv_buffer_term(batch * branches, kv_tokens, hidden // U, db, sum(b.attention_layers for b in blocks)) \
         if P > 1 else 0
     comm = ((4 * batch * (local_img + text) * hidden * db if U > 1 else 0)
             + (4 * batch * (local_img + text) * (hidden // U) * db if R > 1 else 0)
