@@ -342,12 +342,15 @@ def memory_world(rank: int, device: torch.device, payload: tuple[str, ParallelCo
     """One config in fresh processes, loaded as the pool's workers load it (a PipeFusion stage reads only
     its share): resident memory before loading, after loading, peak (VmHWM) after a run, and the
     parameter bytes the rank holds."""
-    from xdit_core.parallel.stages import pipefusion_parts
+    from xdit_core.parallel.stages import stage_parts
+    from xdit_core.runtime.job import ModelRef, stage_split
 
     path, config, request = payload
     base = proc_status_kb("VmRSS")
     mesh = Mesh(config, list(range(config.world_size)))
-    adapter = make_adapter(*load_model(path, parts=pipefusion_parts(path, None, None, config, rank)))
+    P = config.pipefusion_parallel_degree
+    parts = stage_parts(stage_split(ModelRef(path), P, device), config.coords(rank)["pipefusion"]) if P > 1 else None
+    adapter = make_adapter(*load_model(path, parts=parts))
     loaded = proc_status_kb("VmRSS")
     ctx = RankContext(mesh, device) if config.world_size > 1 else None
     run_request(adapter, request, ctx=ctx)

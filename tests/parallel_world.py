@@ -15,7 +15,8 @@ from xdit_core.models import make_adapter
 from xdit_core.models.wan import WanAdapter
 from xdit_core.parallel.context import RankContext
 from xdit_core.parallel import sharding
-from xdit_core.parallel.stages import pipefusion_parts
+from xdit_core.parallel.stages import stage_parts
+from xdit_core.runtime.job import ModelRef, stage_split
 from xdit_core.sampling.inpaint import Inpaint
 
 
@@ -37,7 +38,9 @@ def run_cases(rank: int, device: torch.device, cases: list) -> dict:
             if config.pipefusion_parallel_degree > 1 or config.shard_weights:
                 # PipeFusion frees the other stages' blocks, sharding replaces the blocks' weights: a fresh model
                 # (a sharded stage loads only its blocks, as RankJob does: the others' must not be sharded)
-                parts = pipefusion_parts(path, None, None, config, mesh.rank) if config.shard_weights else None
+                parts = stage_parts(stage_split(ModelRef(path, dtype), config.pipefusion_parallel_degree, device),
+                                    mesh.coords["pipefusion"]) if config.shard_weights and config.pipefusion_parallel_degree > 1 \
+                    else None
                 model, spec = load_model(path, dtype, parts=parts)
                 adapter = make_adapter(model, spec)
                 if config.shard_weights:

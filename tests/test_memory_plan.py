@@ -14,7 +14,7 @@ from xdit_core.loading import load
 from xdit_core.loading.model_files import WeightFiles
 from xdit_core.models.families import resolve_model_spec
 from xdit_core.parallel.mesh import ParallelConfig
-from xdit_core.parallel.stages import stage_parts
+from xdit_core.parallel.stages import split_stages, stage_parts
 from xdit_core.runtime import limits, memory_plan
 from xdit_core.runtime.memory_plan import (GIB, PCIE_BYTES_PER_S, cheapest_fitting_mesh, mesh_candidates, model_memory,
                                            plan_memory)
@@ -51,7 +51,7 @@ def test_weights_equal_the_meta_parameters_of_each_rank(flux1, flux1_meta):
     spec = resolve_model_spec(FLUX1)
     plan = plan_memory(flux1, "bf16", ParallelConfig(pipefusion_parallel_degree=2), LATENT)
     for rank in plan.ranks:
-        keep = load._selector(flux1_meta, "flux", stage_parts(FLUX1, spec, 2, rank.stage))
+        keep = load._selector(flux1_meta, "flux", stage_parts(split_stages(FLUX1, spec, 2).ranges, rank.stage))
         assert rank.weights == _bytes(p for n, p in named.items() if keep(n)), rank.stage
     assert sum(r.weights for r in plan.ranks) > _bytes(named.values())  # the embedders on both stages
     # Sharded over N: the blocks' 1/N (FSDP's dim-0 shards, rounded up per parameter), the rest whole.
@@ -308,3 +308,23 @@ def test_auto_moves_to_a_mesh_that_fits_or_refuses_with_the_numbers():
         replace(u2, shard_weights=True)
     with pytest.raises(XDiTConfigError, match=r"needs about .* GiB per GPU.*budget is 4\.0 GiB"):
         api.fit_mesh(config, "bf16", u2, [1, 16, 128, 128], budget=4 * 2**30, **args)
+
+
+def test_pipefusion_stages_balance_compute_within_the_gpu():
+    """FLUX.1-dev bf16 on 2 stages: by compute 28 | 29 blocks (stage 0 holds the 19 heavy double blocks); on GPUs
+    where that stage's weights would pass STAGE_WEIGHT_SHARE of the memory, blocks move to the second stage until
+    each fits (the plan's ranks hold that split, as the workers load it); where none fits, the compute split."""
+    mm = memory_plan.model_memory(FLUX1, "flux")
+    fixed = sum(p.held(2, False) for p in (mm.other, mm.embed, mm.head))
+
+    def stage_bytes(ranges):
+        return [sum(mm.blocks[i].held(2, False) for i in r) + fixed for r in ranges]
+
+    free = mm.stage_ranges(2, 2, False)
+    assert [len(r) for r in free] == [28, 29] and mm.stage_ranges(2, 2, False, 24 * GIB) == free
+    capped = mm.stage_ranges(2, 2, False, 16 * GIB)
+    assert len(capped[0]) < 28 and max(stage_bytes(capped)) <= memory_plan.STAGE_WEIGHT_SHARE * 16 * GIB
+    assert max(stage_bytes(free)) > memory_plan.STAGE_WEIGHT_SHARE * 16 * GIB  # the cap did bind
+    plan = plan_memory(mm, "bf16", ParallelConfig(pipefusion_parallel_degree=2), LATENT, device_bytes=16 * GIB)
+    assert [r.blocks for r in plan.ranks] == [len(r) for r in capped]
+    assert mm.stage_ranges(2, 2, False, 8 * GIB) == free  # nothing fits 8 GiB: the plan's check refuses it

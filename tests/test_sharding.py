@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from xdit_core.loading.load import load_model
-from xdit_core.parallel.stages import stage_parts
+from xdit_core.parallel.stages import split_stages, stage_parts
 
 from test_parallel import CONFIGS, PF_CONFIGS, SIZES, STEPS, make_request, MUTATION_FACTOR, TOL, rel_err
 
@@ -65,7 +65,8 @@ def test_each_rank_holds_its_share_of_the_blocks(world, family, name):
     assert len(members) == config.world_size
     for rank in members:
         case = rank[f"{family}/even/{name}@shard"]
-        stage = stage_parts(read_model_config(PATHS[family]), spec, config.pipefusion_parallel_degree, case["coords"]["pipefusion"]) \
+        stage = stage_parts(split_stages(read_model_config(PATHS[family]), spec, config.pipefusion_parallel_degree).ranges,
+                            case["coords"]["pipefusion"]) \
             if config.pipefusion_parallel_degree > 1 else None
         held_blocks = sum(b for i, b in enumerate(blocks) if stage is None or i in stage.blocks)
         assert case["param_bytes"] <= 1.05 * held_blocks / n + other

@@ -201,6 +201,7 @@ def fit_mesh(model: str | Mapping[str, Any], dtype: str, parallel: ParallelConfi
                   if c.pipefusion_parallel_degree == parallel.pipefusion_parallel_degree]
     chosen, _ = cheapest_fitting_mesh(
         candidates, lambda p: plan_memory(model, dtype, p, latent_shape, fp8_kept=keep_fp8, text_tokens=text_tokens,
-                                          with_negative=with_negative, family=spec.family, variant=spec.variant),
+                                          with_negative=with_negative, family=spec.family, variant=spec.variant,
+                                          device_bytes=budget),
         budget, source="the workers' smallest GPU")
     return chosen

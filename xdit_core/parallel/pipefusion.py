@@ -180,13 +180,14 @@ class _Stop(Exception):
 class PipeFusionRunner:
     """One rank's share of a PipeFusion run (stage, ulysses shard, CFG branch)."""
 
-    def __init__(self, adapter: ModelAdapter, ctx: RankContext):
+    def __init__(self, adapter: ModelAdapter, ctx: RankContext, stage_ranges: Optional[list[range]] = None):
+        """`stage_ranges`: the split the ranks loaded (default: by compute, as split_stages makes it)."""
         config = ctx.mesh.config
         self.adapter, self.ctx = adapter, ctx
         self.P = config.pipefusion_parallel_degree
         self.stage = ctx.mesh.coords["pipefusion"]
         blocks = adapter.blocks()
-        self.split = split_stages(dict(adapter.model.config), adapter.spec, self.P)  # as the loader split it
+        self.split = split_stages(dict(adapter.model.config), adapter.spec, self.P, stage_ranges)
         mine = self.split.ranges[self.stage]
         # Free the blocks of the other stages: their parameters become meta tensors.
         for i, (block, _) in enumerate(blocks):

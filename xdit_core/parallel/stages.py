@@ -11,7 +11,6 @@ from typing import Optional, Sequence
 import torch
 
 from xdit_core.errors import XDiTConfigError
-from xdit_core.parallel.mesh import ParallelConfig
 
 # The split is made once per model, before any request: block costs are counted at one nominal size (every
 # family here is tuned for about 1024x1024, and a few hundred text tokens). Flux's double- and single-stream
@@ -106,33 +105,20 @@ class StageSplit:
         return max(self.costs) / (sum(self.costs) / len(self.costs))
 
 
-def split_stages(config: dict, spec, stages: int) -> StageSplit:
-    """The split every rank and the memory plan use: contiguous stages balanced by FLOPs."""
+def split_stages(config: dict, spec, stages: int, ranges: Optional[Sequence[range]] = None) -> StageSplit:
+    """PipeFusion's split: contiguous stages balanced by FLOPs, or the given `ranges` (a split the memory plan
+    made under a per-GPU cap, runtime/memory_plan.py) with their FLOPs."""
     flops = block_flops(config, spec)
-    ranges = balance_stages(flops, stages)
+    ranges = balance_stages(flops, stages) if ranges is None else list(ranges)
     return StageSplit(ranges, [sum(flops[i] for i in r) for r in ranges])
 
 
-def stage_parts(config: dict, spec, stages: int, stage: int):
-    """What PipeFusion stage `stage` of `stages` loads: its blocks (`split_stages`), the embedders every stage
-    runs (for the per-token tables and the conditioning), and the output head on the last stage only."""
+def stage_parts(ranges: Sequence[range], stage: int):
+    """What PipeFusion stage `stage` of the split `ranges` loads: its blocks, the embedders every stage runs (for
+    the per-token tables and the conditioning), and the output head on the last stage only."""
     from xdit_core.loading.load import ModelParts
 
-    return ModelParts(split_stages(config, spec, stages).ranges[stage], embed=True, head=stage == stages - 1)
-
-
-def pipefusion_parts(model: str, family: Optional[str], variant: Optional[str], parallel: ParallelConfig,
-                     rank: int):
-    """The ModelParts mesh rank `rank` loads from the model at path `model`: its PipeFusion stage's
-    share, or None (everything) without PipeFusion."""
-    if parallel.pipefusion_parallel_degree == 1:
-        return None
-    from xdit_core.models.families import resolve_model_spec
-    from xdit_core.loading.load import read_model_config
-
-    config = read_model_config(model)
-    return stage_parts(config, resolve_model_spec(config, family, variant), parallel.pipefusion_parallel_degree,
-                       parallel.coords(rank)["pipefusion"])
+    return ModelParts(ranges[stage], embed=True, head=stage == len(ranges) - 1)
 
 
 def patch_rows(latent_height: int, patches: int, patch_size: int) -> list[tuple[int, int]]:

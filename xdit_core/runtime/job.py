@@ -12,7 +12,7 @@ import torch
 import torch.distributed as dist
 
 from xdit_core.errors import XDiTCancelled, XDiTConfigError
-from xdit_core.loading.load import load_model
+from xdit_core.loading.load import DTYPES, load_model
 from xdit_core.loading.lora import LoraWeights, load_lora
 from xdit_core.models import make_adapter
 from xdit_core.models.base import BranchCond, ModelAdapter
@@ -25,7 +25,8 @@ from xdit_core.parallel.mesh import Mesh, ParallelConfig
 from xdit_core.parallel.pipefusion import PipeFusionRunner
 from xdit_core.parallel.sequence_parallel import SequenceParallelRunner
 from xdit_core.parallel.sharding import BlockSharder, local_param_bytes
-from xdit_core.parallel.stages import pipefusion_parts
+from xdit_core.parallel.stages import stage_parts
+from xdit_core.runtime.memory_plan import model_memory
 from xdit_core.runtime.report import rank_report
 from xdit_core.sampling.finite import check_first_prediction
 from xdit_core.sampling.inpaint import Inpaint
@@ -136,8 +137,8 @@ def stop_agreed(should_stop: Callable[[], bool], ctx: Optional[RankContext]) -> 
 @torch.no_grad()
 def run_request(adapter: ModelAdapter, request: SampleRequest, on_step: Optional[StepHook] = None,
                 step_seconds: Optional[list[float]] = None, ctx: Optional[RankContext] = None,
-                preview: Optional[StepPreview] = None,
-                should_stop: Optional[Callable[[], bool]] = None) -> torch.Tensor:
+                preview: Optional[StepPreview] = None, should_stop: Optional[Callable[[], bool]] = None,
+                stage_ranges: Optional[list[range]] = None) -> torch.Tensor:
     """Sample one request; returns the final latent in the model's space, float32 [B, C, h, w].
 
     Without `ctx` the run is serial; with it, this rank runs its share on an initialised process
@@ -146,7 +147,7 @@ def run_request(adapter: ModelAdapter, request: SampleRequest, on_step: Optional
     different times). `preview`, when given, holds each step's prediction before `on_step` is called (on the
     ranks that see whole predictions; see ParallelConfig.preview_rank). `should_stop`, read on rank 0 at each
     step boundary, cancels: every rank raises XDiTCancelled before the same step (every rank must pass one,
-    or none).
+    or none). `stage_ranges`: PipeFusion's split as the ranks loaded it (default: by compute, uncapped).
     """
     ms = adapter.spec.model_sampling(request.shift, width=request.width, height=request.height)
     request = request.to(ctx.device if ctx is not None else next(adapter.model.parameters()).device)
@@ -170,7 +171,7 @@ def run_request(adapter: ModelAdapter, request: SampleRequest, on_step: Optional
             raise XDiTCancelled(f"cancelled after step {i} of {n}")
 
     def pipefusion_loop(x: torch.Tensor, inpaint: Optional[Inpaint]) -> torch.Tensor:
-        runner = PipeFusionRunner(adapter, ctx)
+        runner = PipeFusionRunner(adapter, ctx, stage_ranges)
         out = runner.run(request, ms, x, step_done, inpaint, preview, should_stop)  # its cancel is in-band
         ctx.effective_patches = runner.effective_patches
         return out
@@ -215,6 +216,19 @@ class Evaluations:
             self.ctx.end_run()
 
 
+def stage_split(model: "ModelRef", stages: int, device: torch.device) -> list[range]:
+    """PipeFusion's blocks per stage, as the memory plan splits them (ModelMemory.stage_ranges): by compute, each
+    stage's weights within a share of the mesh's smallest GPU (agreed by every rank: one all-reduce)."""
+    device_bytes = None
+    if device.type == "cuda":
+        total = torch.tensor([torch.cuda.get_device_properties(device).total_memory], device=device)
+        if dist.is_initialized():
+            dist.all_reduce(total, op=dist.ReduceOp.MIN)
+        device_bytes = int(total.item())
+    return model_memory(model.path, model.family, model.variant).stage_ranges(
+        stages, DTYPES[model.dtype].itemsize, model.keep_fp8, device_bytes)
+
+
 @dataclass(frozen=True)
 class ModelRef:
     """Which weights a rank loads: a model file or folder and how to read it (None: detected)."""
@@ -241,7 +255,9 @@ class RankJob:
             ctx = RankContext(Mesh(parallel), device, attention_backend)
         self.ctx = ctx
         t0 = time.perf_counter()
-        parts = pipefusion_parts(model.path, model.family, model.variant, parallel, rank)
+        P = parallel.pipefusion_parallel_degree
+        self.stage_ranges = stage_split(model, P, device) if P > 1 else None
+        parts = None if self.stage_ranges is None else stage_parts(self.stage_ranges, parallel.coords(rank)["pipefusion"])
         # Sharded: each block is sharded as soon as it is read, so the load peaks at one whole block.
         sharder = BlockSharder(ctx) if parallel.shard_weights and ctx is not None else None
         net, self.spec = load_model(model.path, model.dtype, model.family, model.variant, device=device, parts=parts,
@@ -295,7 +311,7 @@ class RankJob:
         step_s: list[float] = []
         with self.loras(request.loras):
             out = run_request(self.adapter, request, on_step=on_step, step_seconds=step_s, ctx=self.ctx,
-                              preview=preview, should_stop=should_stop)
+                              preview=preview, should_stop=should_stop, stage_ranges=self.stage_ranges)
         counter = self.ctx.counter if self.ctx is not None else None
         patches = self.ctx.effective_patches if self.ctx is not None else 0
         stats = self.ctx.pipefusion_stats if self.ctx is not None else None

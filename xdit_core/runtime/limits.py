@@ -207,7 +207,8 @@ def check_request_fits(model_path: str, latent_shape: Sequence[int], parallel: P
             # Kept fp8: the plan reads from the header which Linear weights the file stores in fp8.
             plan = plan_memory(model_path, dtype, parallel, latent_shape, fp8_kept=keep_fp8, text_tokens=text_tokens,
                                with_negative=with_negative, ranks_per_device=math.ceil(world / gpus),
-                               family=family, variant=variant)
+                               family=family, variant=variant,
+                               device_bytes=min(worker_gpus) if worker_gpus else None)
             plan.fits(budget[0], budget[1])
         return
     stages = parallel.pipefusion_parallel_degree

@@ -5,7 +5,8 @@ Per rank (docs/memory.md has the formulas and a table for real models):
 
 - **weights held**: the parameter bytes of what the rank runs: every module outside the blocks (embedders and
   conditioning on every rank, the head on PipeFusion's last stage only) and its PipeFusion stage's blocks
-  (stages.split_stages, the loader's split by compute). With `shard_weights` each block is split over the N ranks that
+  (ModelMemory.stage_ranges, the workers' split: by compute, each stage's weights within STAGE_WEIGHT_SHARE of
+  the workers' smallest GPU when it is known). With `shard_weights` each block is split over the N ranks that
   run it (a stage's Ulysses x Ring x CFG ranks, N = world / pipefusion) as FSDP2 splits it: every parameter by
   dim 0 into N pieces of ceil(rows / N) rows. fp8 kept: the file's fp8 Linear weights at 1 byte each plus a
   float32 scale per stored tensor, every other tensor in the compute dtype.
@@ -178,15 +179,28 @@ class ModelMemory:
     def parameter_count(self) -> int:
         return sum(b.numel for b in self.blocks) + self.embed.numel + self.head.numel + self.other.numel
 
-    def stage_ranges(self, stages: int) -> list[range]:
-        """PipeFusion's blocks per stage, as the loader splits them (stages.split_stages: by FLOPs; a table-only
-        model without a family, by bytes)."""
+    def stage_ranges(self, stages: int, dtype_bytes: int = FLOAT32_BYTES, fp8: bool = False,
+                     device_bytes: Optional[int] = None) -> list[range]:
+        """PipeFusion's blocks per stage, as the ranks load them: balanced by FLOPs (a table-only model without a
+        family: by bytes) and, on GPUs of `device_bytes`, such that each stage's weights fit STAGE_WEIGHT_SHARE of
+        one. When no split fits, the compute split (the plan's fit check then says what would fit)."""
         if stages == 1:
             return [range(len(self.blocks))]
-        return balance_stages(list(self.block_costs) or [b.numel * FLOAT32_BYTES for b in self.blocks], stages)
+        costs = list(self.block_costs) or [b.numel * FLOAT32_BYTES for b in self.blocks]
+        if device_bytes is not None:
+            fixed = sum(part.held(dtype_bytes, fp8) for part in (self.other, self.embed, self.head))
+            try:
+                return balance_stages(costs, stages, [b.held(dtype_bytes, fp8) for b in self.blocks],
+                                      cap=int(STAGE_WEIGHT_SHARE * device_bytes) - fixed)
+            except XDiTConfigError:
+                pass
+        return balance_stages(costs, stages)
 
 
 _CACHE: dict[tuple, ModelMemory] = {}
+# PipeFusion balances its stages by compute as long as each stage's weights take at most this share of a GPU; the
+# rest is for the K/V buffers, activations and latents the plan adds per request (the split is made once, at load).
+STAGE_WEIGHT_SHARE = 0.75
 
 
 def model_memory(model: Union[str, Path, Mapping[str, Any]], family: Optional[str] = None,
@@ -402,6 +416,7 @@ class MemoryPlan:
     ranks_per_device: int
     shard_on_load: bool
     ranks: tuple[RankMemory, ...]
+    device_bytes: Optional[int] = None  # the GPU size that capped PipeFusion's stage weights (None: uncapped)
 
     @property
     def shard_group(self) -> int:
@@ -453,7 +468,7 @@ class MemoryPlan:
                            text_tokens=self.text_tokens, with_negative=self.with_negative, resident=self.resident,
                            link_bytes_per_s=self.link_bytes_per_s,
                            ranks_per_device=self.ranks_per_device if ranks_per_device is None else ranks_per_device,
-                           shard_on_load=self.shard_on_load)
+                           shard_on_load=self.shard_on_load, device_bytes=self.device_bytes)
 
     def nearest_fitting(self, budget: int) -> Optional["MemoryPlan"]:
         """The nearest mesh that fits `budget` bytes per device: the same degrees sharded; PipeFusion degrees that
@@ -520,7 +535,7 @@ def plan_memory(model: Union[str, Path, Mapping[str, Any], ModelMemory], dtype: 
                 resident: Sequence[Union[str, Path, Mapping[str, Any], ModelMemory]] = (),
                 link_bytes_per_s: float = PCIE_BYTES_PER_S, ranks_per_device: int = 1,
                 shard_on_load: Optional[bool] = None, family: Optional[str] = None,
-                variant: Optional[str] = None) -> MemoryPlan:
+                variant: Optional[str] = None, device_bytes: Optional[int] = None) -> MemoryPlan:
     """Predict every rank's peak device bytes before anything is loaded.
 
     model: a model path, a diffusers config, or a ModelMemory; dtype: the compute dtype ("bf16", torch.bfloat16);
@@ -528,24 +543,27 @@ def plan_memory(model: Union[str, Path, Mapping[str, Any], ModelMemory], dtype: 
     config: every block Linear weight taken as scaled fp8); text_tokens: the conditioning's length; with_negative:
     cfg != 1 (a negative branch); resident: models held beside it on the same mesh (Wan 2.2's other expert), their
     weights only; ranks_per_device: ranks sharing one device; shard_on_load: blocks sharded as they load
-    (default SHARDS_WHILE_LOADING, the engine's way).
+    (default SHARDS_WHILE_LOADING, the engine's way); device_bytes: the workers' smallest GPU, which caps
+    PipeFusion's stage weights as the ranks cap them (ModelMemory.stage_ranges).
     """
     mm = model if isinstance(model, ModelMemory) else model_memory(model, family, variant)
     others = tuple(r if isinstance(r, ModelMemory) else model_memory(r) for r in resident)
     torch_dtype = _torch_dtype(dtype)
     shard_on_load = SHARDS_WHILE_LOADING if shard_on_load is None else shard_on_load
     shape = tuple(int(n) for n in latent_shape)
+    ranges = mm.stage_ranges(parallel.pipefusion_parallel_degree, torch_dtype.itemsize, fp8_kept, device_bytes)
     ranks = tuple(_rank_memory(rank, mm, others, torch_dtype.itemsize, fp8_kept, parallel, shape, text_tokens,
-                               with_negative, shard_on_load) for rank in range(parallel.world_size))
+                               with_negative, shard_on_load, ranges) for rank in range(parallel.world_size))
     return MemoryPlan(mm, others, torch_dtype, fp8_kept, parallel, shape, text_tokens, with_negative,
-                      link_bytes_per_s, max(1, ranks_per_device), shard_on_load, ranks)
+                      link_bytes_per_s, max(1, ranks_per_device), shard_on_load, ranks, device_bytes)
 
 
-def _held(mm: ModelMemory, parallel: ParallelConfig, stage: int, db: int, fp8: bool) -> tuple[int, list[Part], int]:
-    """(bytes a rank of `stage` holds, its blocks, N) for model `mm`."""
+def _held(mm: ModelMemory, parallel: ParallelConfig, stage: int, db: int, fp8: bool,
+          ranges: Optional[list[range]] = None) -> tuple[int, list[Part], int]:
+    """(bytes a rank of `stage` holds, its blocks, N) for model `mm` (`ranges`: its stage split, default uncapped)."""
     P = parallel.pipefusion_parallel_degree
     n = parallel.world_size // P if parallel.shard_weights else 1
-    blocks = [mm.blocks[i] for i in mm.stage_ranges(P)[stage]]
+    blocks = [mm.blocks[i] for i in (ranges or mm.stage_ranges(P))[stage]]
     outside = mm.other.held(db, fp8) + mm.embed.held(db, fp8) + (mm.head.held(db, fp8) if stage == P - 1 else 0)
     return outside + sum(b.shard(n, db, fp8 and SHARDS_KEEP_FP8) if n > 1 else b.held(db, fp8) for b in blocks), \
         blocks, n
@@ -553,11 +571,11 @@ def _held(mm: ModelMemory, parallel: ParallelConfig, stage: int, db: int, fp8: b
 
 def _rank_memory(rank: int, mm: ModelMemory, others: tuple[ModelMemory, ...], db: int, fp8: bool,
                  p: ParallelConfig, shape: tuple[int, ...], text_tokens: int, with_negative: bool,
-                 shard_on_load: bool) -> RankMemory:
+                 shard_on_load: bool, ranges: list[range]) -> RankMemory:
     coords = p.coords(rank)
     stage, P, U, R = coords["pipefusion"], p.pipefusion_parallel_degree, p.ulysses_degree, p.ring_degree
     S, batch, hidden = p.sp_degree, shape[0], mm.hidden_size
-    weights, blocks, n = _held(mm, p, stage, db, fp8)
+    weights, blocks, n = _held(mm, p, stage, db, fp8, ranges)
     bfp8 = fp8 and (n == 1 or SHARDS_KEEP_FP8)  # whether this rank's blocks hold fp8
     other_models = sum(_held(o, p, stage, db, fp8)[0] for o in others)
     branches = 2 if with_negative and not p.use_cfg_parallel else 1
