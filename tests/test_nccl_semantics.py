@@ -28,6 +28,17 @@ CONFIGS = {  # (config, ring_impl); PipeFusion pipelined: warmup 1 of 3 steps, M
     "u2": ParallelConfig(ulysses_degree=2),
     "r2": ParallelConfig(ring_degree=2),
 }
+# Cancels: name -> (config, rank 0 asks to stop after this many steps). Right after the warmup step, inside the
+# warmup (its whole-image hand-off carries the flag), with Ulysses and CFG inside the stages, and Ulysses alone on
+# a mesh smaller than the world (its agreement runs on the mesh's own group).
+CANCELS = {
+    "pf2_cancel": (CONFIGS["pf2"], 2),
+    "pf4_cancel": (CONFIGS["pf4"], 2),
+    "cfg_pf2_cancel": (CONFIGS["cfg_pf2"], 2),
+    "pf2_u2_cancel": (CONFIGS["pf2_u2"], 1),
+    "pf2_warmup2_cancel": (ParallelConfig(pipefusion_parallel_degree=2, warmup_steps=2), 1),
+    "u2_cancel": (CONFIGS["u2"], 2),
+}
 SEMANTICS = ("native", "nccl")
 
 
@@ -46,8 +57,8 @@ def world_payload(root):
     pf2 = CONFIGS["pf2"]
     cases = [(f"{name}/{sem}", path, config, "p2p", request, sem, TIMEOUT_S)
              for name, config in CONFIGS.items() for sem in SEMANTICS]
-    cases += [(f"{name}_cancel/{sem}", path, CONFIGS[name], "p2p", request, sem, TIMEOUT_S, 2)
-              for name in ("pf2", "pf4", "cfg_pf2") for sem in SEMANTICS]
+    cases += [(f"{name}/{sem}", path, config, "p2p", request, sem, TIMEOUT_S, after)
+              for name, (config, after) in CANCELS.items() for sem in SEMANTICS]
     payload = {
         "cases": cases,
         "timeout_s": TIMEOUT_S,
@@ -74,34 +85,36 @@ def world(spawned_world):
     return per_rank
 
 
-CANCELS = ["pf2_cancel", "pf4_cancel", "cfg_pf2_cancel"]
-
-
-@pytest.mark.parametrize("name", list(CONFIGS) + CANCELS)
+@pytest.mark.parametrize("name", list(CONFIGS) + list(CANCELS))
 def test_emulated_nccl_equals_native(world, name):
     """The same latent (bit for bit) and the same bytes per step on every rank, without hanging."""
-    for rank, results in enumerate(world[:CONFIGS[name.removesuffix("_cancel")].world_size]):
+    config = CONFIGS[name] if name in CONFIGS else CANCELS[name][0]
+    for rank, results in enumerate(world[:config.world_size]):
         native, nccl = results[f"{name}/native"], results[f"{name}/nccl"]
         if name in CANCELS:
             assert native["error"].startswith("XDiTCancelled") and nccl["error"].startswith("XDiTCancelled")
         else:
             assert "error" not in nccl, nccl.get("error")
         assert nccl["per_step"] == native["per_step"], f"rank {rank}"
-        assert sum(s["pipefusion_p2p"] + s["ring_p2p"] for s in nccl["per_step"]) > 0 or name == "u2"
+        assert sum(s["pipefusion_p2p"] + s["ring_p2p"] for s in nccl["per_step"]) > 0 or config.pipefusion_parallel_degree \
+            == config.ring_degree == 1
     if name not in CANCELS:
         assert torch.equal(world[0][f"{name}/nccl"]["out"], world[0][f"{name}/native"]["out"])
 
 
-@pytest.mark.parametrize("name", CANCELS)
-def test_pipefusion_cancel_stops_every_rank_at_the_step_and_drains(world, name):
-    """Rank 0 asks to stop after step 2 of 3, with no collective at step boundaries: every stage (and both CFG
-    pipelines) finished exactly 2 steps and says so; stage 0 took the inputs the last stage had sent back, and
-    the in-band flag reached every stage (or its wait would time out under the NCCL semantics)."""
-    for rank in range(CONFIGS[name.removesuffix("_cancel")].world_size):
+@pytest.mark.parametrize("name", list(CANCELS))
+def test_cancel_stops_every_rank_at_the_same_step(world, name):
+    """Rank 0 asks to stop after step k of 3. Under PipeFusion there is no collective at step boundaries: every
+    stage (and both CFG pipelines, every Ulysses rank) finished exactly k steps and says so, stage 0 took the
+    inputs the last stage had sent back, and the in-band flag reached every stage (or a wait would time out under
+    the NCCL semantics); a later run on the same world is checked by
+    test_later_runs_are_unaffected_by_stuck_emulation_threads."""
+    config, after = CANCELS[name]
+    for rank in range(config.world_size):
         for sem in SEMANTICS:
             res = world[rank][f"{name}/{sem}"]
-            assert len(res["per_step"]) == 2, (rank, sem)
-            assert "cancelled after step 2 of 3" in res["error"], (rank, sem, res["error"])
+            assert len(res["per_step"]) == after, (rank, sem)
+            assert f"cancelled after step {after} of 3" in res["error"], (rank, sem, res["error"])
 
 
 def test_both_ranks_sending_first_passes_on_gloo_and_hangs_under_nccl_semantics(world):

@@ -18,7 +18,7 @@ from xdit_core.runtime.launch import spawn_world
 from xdit_core.loading.load import load_model
 from xdit_core.parallel.mesh import ParallelConfig
 from xdit_core.parallel.pipefusion import pipefusion_rounds
-from xdit_core.parallel.stages import module_bytes, split_stages
+from xdit_core.parallel.stages import split_stages
 from xdit_core.models import make_adapter
 from xdit_core.sampling.request import build_request, empty_latent
 from xdit_core.cli.tiny import build_tiny
@@ -418,6 +418,10 @@ def test_bf16_parallel_equals_bf16_serial(world, family):
     assert 2 * bf16_bytes == results[f"{family}/even/{BF16_CONFIG}"]["param_bytes"]  # the ranks ran bf16 weights
     assert err <= tol
     assert err_mutated >= BF16_MUTATION_FACTOR * tol
+
+
+def module_bytes(module):
+    return sum(p.numel() * p.element_size() for p in module.parameters())
 
 
 def _stage_bytes(path, stages):

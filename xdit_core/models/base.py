@@ -71,9 +71,10 @@ class ModelAdapter:
         per-frame timesteps) -> tokens, with every table the blocks need."""
         raise NotImplementedError
 
-    def embed_image(self, x: torch.Tensor, rows: tuple[int, int]) -> torch.Tensor:
-        """The image tokens of latent rows [r0, r1) of the latent x [B, C, h, w] (model dtype): exactly that
-        slice of `embed(x, ...).img`, without embedding the other rows (PipeFusion embeds each patch once)."""
+    def embed_image(self, rows: torch.Tensor, top: int, height: int) -> torch.Tensor:
+        """The image tokens of `rows` [B, C, r, w] (model dtype), latent rows top..top + r of a latent `height`
+        rows high: exactly that slice of `embed(latent, ...).img`, without the other rows (PipeFusion embeds each
+        patch once)."""
         raise NotImplementedError
 
     def blocks(self) -> list[tuple[torch.nn.Module, Callable[[torch.nn.Module, Tokens], Tokens]]]:

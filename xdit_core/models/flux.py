@@ -43,8 +43,8 @@ class FluxAdapter(ModelAdapter):
         ids = torch.cat([torch.zeros(cond.text.shape[1], 3, dtype=dtype), flux_image_ids(h, w, dtype)]).to(x.device)
         return Tokens(img, txt, h, w, {"temb": temb, "rotary": m.pos_embed(ids)})
 
-    def embed_image(self, x: torch.Tensor, rows: tuple[int, int]) -> torch.Tensor:
-        return self.model.x_embedder(pack_flux(x[:, :, rows[0]:rows[1]]))  # tokens are row-major 2x2 patches
+    def embed_image(self, rows: torch.Tensor, top: int, height: int) -> torch.Tensor:
+        return self.model.x_embedder(pack_flux(rows))  # row-major 2x2 patches; positions live in the rotary table
 
     def blocks(self):
         m = self.model

@@ -33,8 +33,8 @@ class PixArtAdapter(ModelAdapter):
         txt = m.caption_projection(cond.text.to(x.dtype)).view(b, -1, img.shape[-1])
         return Tokens(img, txt, h, w, {"t6": t6, "embedded_t": embedded_t})
 
-    def embed_image(self, x: torch.Tensor, rows: tuple[int, int]) -> torch.Tensor:
-        return patch_embed_rows(self.model.pos_embed, x, rows)
+    def embed_image(self, rows: torch.Tensor, top: int, height: int) -> torch.Tensor:
+        return patch_embed_rows(self.model.pos_embed, rows, top, height)
 
     def blocks(self):
         return [(b, _run_block) for b in self.model.transformer_blocks]

@@ -21,13 +21,15 @@ def unpatchify(tokens: torch.Tensor, h: int, w: int, patch: int, channels: int) 
     return torch.einsum("nhwpqc->nchpwq", x).reshape(b, channels, h, w)
 
 
-def patch_embed_rows(embedder: torch.nn.Module, x: torch.Tensor, rows: tuple[int, int]) -> torch.Tensor:
-    """diffusers' PatchEmbed on latent rows [r0, r1) of x only: the patch convolution of those rows plus their
-    part of the position table of the whole latent (cropped, interpolated or the stored one, as its forward)."""
+def patch_embed_rows(embedder: torch.nn.Module, rows: torch.Tensor, top: int, h: int) -> torch.Tensor:
+    """diffusers' PatchEmbed on latent rows top..top + r of a latent h rows high, given only those rows: their
+    patch convolution plus their part of the whole latent's position table (cropped, interpolated or the stored
+    one, as its forward chooses)."""
     from diffusers.models.embeddings import get_2d_sincos_pos_embed
 
-    pe, (r0, r1), (h, w) = embedder, rows, x.shape[-2:]
-    tokens = pe.proj(x[:, :, r0:r1]).flatten(2).transpose(1, 2)
+    pe, w = embedder, rows.shape[-1]
+    r0, r1 = top, top + rows.shape[-2]
+    tokens = pe.proj(rows).flatten(2).transpose(1, 2)
     if pe.layer_norm:
         tokens = pe.norm(tokens)
     if pe.pos_embed is None:
@@ -38,7 +40,7 @@ def patch_embed_rows(embedder: torch.nn.Module, x: torch.Tensor, rows: tuple[int
     elif (pe.height, pe.width) != (h // p, w // p):
         pos = get_2d_sincos_pos_embed(embed_dim=pe.pos_embed.shape[-1], grid_size=(h // p, w // p),
                                       base_size=pe.base_size, interpolation_scale=pe.interpolation_scale,
-                                      device=x.device, output_type="pt").float().unsqueeze(0)
+                                      device=rows.device, output_type="pt").float().unsqueeze(0)
     else:
         pos = pe.pos_embed
     per_row = w // p
@@ -55,8 +57,8 @@ class SD3Adapter(ModelAdapter):
         temb = m.time_text_embed(timestep, cond.pooled.to(x.dtype))
         return Tokens(m.pos_embed(x), m.context_embedder(cond.text.to(x.dtype)), h, w, {"temb": temb})
 
-    def embed_image(self, x: torch.Tensor, rows: tuple[int, int]) -> torch.Tensor:
-        return patch_embed_rows(self.model.pos_embed, x, rows)
+    def embed_image(self, rows: torch.Tensor, top: int, height: int) -> torch.Tensor:
+        return patch_embed_rows(self.model.pos_embed, rows, top, height)
 
     def blocks(self):
         return [(b, _run_block) for b in self.model.transformer_blocks]

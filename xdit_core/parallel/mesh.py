@@ -170,7 +170,7 @@ class Mesh:
         self._groups: dict[str, object] = {}
         self._group_members: dict[str, list[int]] = {}
         names = [("ulysses", "ulysses"), ("ring", "ring"), ("sp", ("ulysses", "ring")), ("pipefusion", "pipefusion"),
-                 ("cfg", "cfg")]
+                 ("cfg", "cfg"), ("mesh", DIMS)]  # mesh: every rank of it (a mesh may span part of the world)
         if config.shard_weights or config.pipefusion_parallel_degree > 1:
             # The ranks that hold the same blocks: weight sharding's group (parallel/sharding.py), and the group
             # in which PipeFusion's first stage agrees on a cancel.
@@ -195,7 +195,7 @@ class Mesh:
                         self._edges[(src, dst)] = group
 
     def group(self, name: str):
-        """The process group of this rank along `name` (ulysses, ring, sp, pipefusion, cfg, and stage with
+        """The process group of this rank along `name` (ulysses, ring, sp, pipefusion, cfg, mesh, and stage with
         shard_weights or PipeFusion); None if size 1."""
         return self._groups.get(name)
 

@@ -10,7 +10,7 @@ the first stage. Ulysses and Ring may run inside each stage: the buffers then li
 post-all-to-all layout (this rank's heads, every image token), and the ring ranks exchange only the
 current patch's fresh K/V; joint text is replicated within a stage.
 
-Work that does not grow with M: stage 0 embeds each patch's own rows only. Joint text (Flux, SD3) travels
+Work that does not grow with M: stage 0 embeds each patch's own rows only (`embed_image`). Joint text (Flux, SD3) travels
 with the first patch of every evaluation only; the other patches attend over the text K/V that patch left in
 each layer (fresh for this evaluation, computed against partly stale image K/V, like the image's). With
 `warmup_steps = steps` every evaluation is one whole-image unit with its text: exact.
@@ -203,7 +203,9 @@ class PipeFusionRunner:
         self.effective_patches = 0
         self.wait_s = 0.0  # time blocked on hand-offs: this stage's share of the pipeline's bubble
         self._channels: dict[tuple[int, int], P2PChannel] = {}
-        self._width = 0  # hidden size of the hand-offs, known after the first embedding
+        # What the first hand-off of a round carries beside the image tokens, known after the first embedding: the
+        # hidden size, and the joint text tokens (0 without joint text).
+        self._width = self._joint_txt = 0
 
     @property
     def first(self) -> bool:
@@ -260,9 +262,10 @@ class PipeFusionRunner:
 
     def _stop_agreed(self, should_stop: Optional[Callable[[], bool]]) -> bool:
         """Stage 0: rank 0's stop flag, agreed by every rank of the stage (they hand off to their own peers)."""
-        flag = torch.tensor([1.0 if should_stop is not None and should_stop() else 0.0], device=self.ctx.device)
-        if self.stage_comm is not None:
-            flag = self.stage_comm.broadcast(flag, "control")
+        stop = should_stop is not None and should_stop()
+        if self.stage_comm is None:
+            return stop  # no device round trip
+        flag = self.stage_comm.broadcast(torch.tensor([1.0 if stop else 0.0], device=self.ctx.device), "control")
         return bool(flag.item())
 
     # -- the run -----------------------------------------------------------------------------
@@ -270,9 +273,9 @@ class PipeFusionRunner:
             step_done: Callable[[int, int], None], inpaint: Optional[Inpaint] = None,
             preview: Optional[StepPreview] = None, should_stop: Optional[Callable[[], bool]] = None) -> torch.Tensor:
         """The whole denoising loop from x (noise-scaled), each patch's evaluations through its rows of
-        `inpaint` when there is a noise_mask; returns the final x on every rank of the stage 0. The last
-        stage assembles each step's first prediction in `preview`, patch by patch. `step_done` is called
-        when this rank has finished a step; `should_stop` (read on rank 0) cancels at a step boundary."""
+        `inpaint` when there is a noise_mask; returns the final x on every rank. The last stage assembles each
+        step's first prediction in `preview`, patch by patch. `step_done` is called when this rank has finished a
+        step; `should_stop` (read on rank 0; every rank passes one, or none) cancels at a step boundary."""
         self.preview = preview
         a, config = self.adapter, self.ctx.mesh.config
         b, c, h, w = x.shape
@@ -309,6 +312,7 @@ class PipeFusionRunner:
         # waits only for sends of earlier rounds (the current ones complete as stage 0 takes them).
         sends: list = []
         self.wait_s, started = 0.0, time.perf_counter()
+        self._cancellable = should_stop is not None
         try:
             for rnd, (step, sigma, step_end) in enumerate(rounds):
                 units = [unit_full] if rnd < warm_rounds else units_pipe
@@ -348,7 +352,7 @@ class PipeFusionRunner:
                     bases[k] = self._embed(x_eval, ms, sigma, cond)
                 unit = Unit(unit_rows, tokens, branch_id)
                 # Only a step's first hand-off can carry the cancel flag: read it there alone (a device sync).
-                may_stop = step_start and step > 0 and u == 0 and k == 0
+                may_stop = self._cancellable and step_start and step > 0 and u == 0 and k == 0
                 outs.append(self._forward_unit(unit, bases[k], u == 0, x_eval, ms, sigma, attention, router,
                                                rnd, u, k, sends, may_stop))
             if self.last:
@@ -362,10 +366,8 @@ class PipeFusionRunner:
         if self.P > 1:
             for m, (r0, r1) in enumerate(rows):
                 self._recv((b, c, r1 - r0, w), x.dtype, self.P - 1, tag=self._tag(rnd, m, 99))
-            cond = branches[0][1]
-            n_txt = cond.text.shape[1] if self.adapter.TEXT_IS_JOINT else 0
             loc = -(-len(tokens) // self.sp_comm.size)
-            filler = torch.zeros(b, loc + n_txt, self._width, dtype=self.adapter.dtype, device=x.device)
+            filler = torch.zeros(b, loc + self._joint_txt, self._width, dtype=self.adapter.dtype, device=x.device)
             self._send_forward(filler, rnd, self._tag(rnd, 0, 0), sends, stop=True)
 
     def _check_schedule(self, rounds, rows, x, request: SampleRequest) -> None:
@@ -393,11 +395,12 @@ class PipeFusionRunner:
 
     def _embed(self, x_eval: torch.Tensor, ms: ModelSampling, sigma: torch.Tensor, cond) -> Tokens:
         """One branch's embedding for a round: conditioning, timestep and per-token tables (and the whole image,
-        which stage 0 uses in a warmup round; a pipelined patch embeds its own rows, `_first_tokens`)."""
+        which stage 0 uses in a warmup round; a pipelined patch embeds its own rows, `embed_image`)."""
         a = self.adapter
         timestep = ms.timestep(sigma.reshape(1).cpu()).float().to(x_eval.device).expand(x_eval.shape[0])
         base = a.embed(ms.calculate_input(sigma, x_eval).to(a.dtype), timestep, cond, cond.guidance)
         self._width = base.img.shape[-1]
+        self._joint_txt = base.txt.shape[1] if a.TEXT_IS_JOINT and base.txt is not None else 0
         return base
 
     def _forward_unit(self, unit: Unit, base: Tokens, first_unit: bool, x_eval, ms, sigma, attention, router, rnd,
@@ -424,8 +427,9 @@ class PipeFusionRunner:
             if whole:
                 img = shard_img(base.img)
             else:  # this patch's rows only, from the input the last stage just sent back
-                xin = ms.calculate_input(sigma, x_eval).to(a.dtype)
-                img = shard_padded(a.embed_image(xin, unit.rows), 1, idx, S)
+                r0, r1 = unit.rows
+                xin = ms.calculate_input(sigma, x_eval[:, :, r0:r1]).to(a.dtype)
+                img = shard_padded(a.embed_image(xin, r0, x_eval.shape[-2]), 1, idx, S)
             local = base.with_(img=img, txt=keep_txt(base.txt) if joint else base.txt, extras=extras)
         else:
             width = base.img.shape[-1]
@@ -492,16 +496,21 @@ class PipeFusionRunner:
 
     def _stats(self, run_s: float, rounds, warm_rounds: int) -> dict:
         """This rank's share of the pipeline: its blocks, the split's predicted stage costs and imbalance, and
-        the time it spent blocked on hand-offs (its bubble) against the schedule's formula."""
+        the time it spent blocked on hand-offs (its bubble) against the schedule's formula. The host is blocked
+        only where the hand-offs are synchronous for it (gloo, CPU); NCCL's waits return at once, so on GPUs the
+        measured bubble is not reported (None)."""
         P, M = self.P, self.effective_patches
+        on_gpu = self.ctx.device.type == "cuda"
         pipelined = len(rounds) - warm_rounds
-        # Idle fraction of a stage if stages were equal and hand-offs free: in a warmup round a stage works
-        # 1/P of the time; the pipelined rounds fill and drain once per run (P - 1 patch slots of M x rounds).
+        # Idle fraction of a stage if stages were equal and hand-offs free, in patch slots: a warmup round takes
+        # M x P slots (the stages one after the other); a pipelined round max(M, P) (with fewer patches than
+        # stages a patch's round trip sets the pace); the pipeline fills and drains once per run (P - 1 slots).
         slots_busy = warm_rounds * M + pipelined * M
-        slots_total = warm_rounds * M * P + (pipelined * M + P - 1 if pipelined else 0)
+        slots_total = warm_rounds * M * P + (pipelined * max(M, P) + P - 1 if pipelined else 0)
         return {"stage": self.stage, "blocks": [len(r) for r in self.split.ranges],
                 "stage_gflops": [round(c / 1e9, 3) for c in self.split.costs],
-                "imbalance": round(self.split.imbalance, 4), "run_s": run_s, "wait_s": self.wait_s,
-                "idle_fraction": self.wait_s / run_s if run_s else 0.0,
+                "imbalance": round(self.split.imbalance, 4), "run_s": run_s,
+                "wait_s": None if on_gpu else self.wait_s,
+                "idle_fraction": None if on_gpu or not run_s else self.wait_s / run_s,
                 "idle_fraction_formula": 1 - slots_busy / slots_total if slots_total else 0.0,
                 "per_step_drain_formula": (P - 1) / (M + P - 1) if M else 0.0}

@@ -19,11 +19,6 @@ NOMINAL_PIXELS = 1024
 NOMINAL_TEXT_TOKENS = 256
 
 
-def module_bytes(module: torch.nn.Module) -> int:
-    """Parameter bytes of a module (meta tensors count by their shape)."""
-    return sum(p.numel() * p.element_size() for p in module.parameters())
-
-
 def balance_stages(costs: Sequence[float], stages: int, sizes: Optional[Sequence[int]] = None,
                    cap: Optional[int] = None) -> list[range]:
     """Split blocks into `stages` contiguous runs minimising the largest run's cost (exact DP), each run's

@@ -130,7 +130,7 @@ def stop_agreed(should_stop: Callable[[], bool], ctx: Optional[RankContext]) -> 
     """Rank 0's stop flag, on every rank (one broadcast: every rank leaves at the same step)."""
     flag = torch.tensor([1 if should_stop() else 0], device=ctx.device if ctx is not None else "cpu")
     if ctx is not None and ctx.mesh.config.world_size > 1:
-        dist.broadcast(flag, src=ctx.mesh.ranks[0])
+        dist.broadcast(flag, src=ctx.mesh.ranks[0], group=ctx.mesh.group("mesh"))
     return bool(flag.item())
 
 
