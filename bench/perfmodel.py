@@ -59,7 +59,7 @@ def paper_comm_elements(method: str, p: Any, hs: Any, L: Any, N: Any) -> Any:
 def exact_comm_elements(method: str, p: Any, hs: Any, L: Any, N: Any) -> Any:
     """Exact elements one device sends per step under the paper's idealisation (p divisible by N,
     one branch): TP two ring all-reduces per layer; DistriFusion an all-gather of K and V per layer;
-    Ring N-1 hops of the local K and V per layer; Ulysses four all-to-alls (Q, K, V, output) per layer;
+    Ring N-1 hops of the local K and V per layer; Ulysses two all-to-alls per layer (Q, K and V together, then the output);
     PipeFusion, a middle stage: the activations of every patch received and sent once per step."""
     return {
         "tensor_parallel": 2 * 2 * (N - 1) * p * hs * L / N,

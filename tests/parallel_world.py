@@ -121,8 +121,8 @@ def _stale_kv():
     def _cache(self, module):
         update = original(self, module)
 
-        def stale(ks, vs):
-            kb, vb = update(ks, vs)
+        def stale(ks, vs, text):
+            kb, vb = update(ks, vs, text)
             n, key = self.n_img // 2, (id(module), self.unit.branch)
             if key not in first:
                 first[key] = kb[:, :, :n].clone(), vb[:, :, :n].clone()

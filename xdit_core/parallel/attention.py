@@ -151,15 +151,15 @@ def _merge(acc: Optional[tuple[torch.Tensor, torch.Tensor]], out: torch.Tensor, 
 
 def usp_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, segments: Sequence[Segment],
                   groups: SPGroups, scale: Optional[float] = None,
-                  kv_cache: Optional[Callable[[torch.Tensor, torch.Tensor], tuple]] = None,
-                  text_kv: Optional[Callable[[Optional[tuple]], tuple]] = None) -> torch.Tensor:
+                  kv_cache: Optional[Callable[[torch.Tensor, torch.Tensor, Optional[tuple]], tuple]] = None
+                  ) -> torch.Tensor:
     """Exact attention over the whole (unsharded) sequence for this rank's local queries. q, k, v: [B, H, S, D].
 
-    `kv_cache(ks, vs) -> (k, v)` (PipeFusion) takes the split part's keys and values after the all-to-all
-    and returns complete keys and values over every rank's tokens (a full-length buffer, which it keeps
-    up to date across the ring group itself); they are then attended as one block, without a ring pass.
-    `text_kv((k, v) or None) -> (k, v)` (PipeFusion) keeps the replicated segments' keys and values (this
-    rank's heads) when the call has them, and gives the kept ones to a call whose queries carry no text.
+    `kv_cache(ks, vs, rep) -> (k, v)` (PipeFusion) takes the split part's keys and values after the all-to-all
+    and the replicated segments' (this rank's heads; None when the call has none), and returns complete keys
+    and values: every rank's split tokens and the replicated ones (full-length buffers, which it keeps up to
+    date across the ring group itself, with the replicated keys of the last call that had them); they are
+    attended as one block, without a ring pass or a merge.
     """
     b, heads, _, d = q.shape
     scale = 1.0 / math.sqrt(d) if scale is None else scale
@@ -170,29 +170,28 @@ def usp_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, segments: S
     hu = heads // U
     head_slice = slice(uly.index * hu, (uly.index + 1) * hu)
 
-    def to_heads(x: torch.Tensor) -> torch.Tensor:
-        # [B, H, Ls, D] -> [B, H/U, U*Ls, D]: send head group j to Ulysses rank j, receive its sequence shard.
+    def to_heads(*xs: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        # Each [B, H, Ls, D] -> [B, H/U, U*Ls, D]: send head group j to Ulysses rank j, receive its sequence
+        # shard. Q, K and V travel in one all-to-all (one collective's latency instead of three).
         if U == 1:
-            return x  # no head groups to exchange: no copy either
-        ls = x.shape[2]
-        x = x.reshape(b, U, hu, ls, d).permute(1, 0, 2, 3, 4)
-        x = uly.all_to_all(x, "ulysses_all_to_all")
-        return x.permute(1, 2, 0, 3, 4).reshape(b, hu, U * ls, d)
+            return xs  # no head groups to exchange: no copy either
+        ls = xs[0].shape[2]
+        x = torch.stack([t.reshape(b, U, hu, ls, d).permute(1, 0, 2, 3, 4) for t in xs], dim=1)
+        x = uly.all_to_all(x, "ulysses_all_to_all")  # [U, n, B, H/U, Ls, D]
+        return x.permute(1, 2, 3, 0, 4, 5).reshape(len(xs), b, hu, U * ls, d).unbind(0)
 
     qs = ks = vs = rep_kv = None
     if has_split:
-        qs, ks, vs = (to_heads(_select(t, segments, True)) for t in (q, k, v))
+        qs, ks, vs = to_heads(*(_select(t, segments, True) for t in (q, k, v)))
     if has_rep:
         qr, kr, vr = (_select(t, segments, False)[:, head_slice] for t in (q, k, v))
         query = torch.cat([qs, qr], dim=2) if has_split else qr
         rep_kv = (kr, vr)
     else:
         query = qs
-    if text_kv is not None:
-        rep_kv = text_kv(rep_kv)
-
     split_blocks = 0 if not has_split else 1 if kv_cache is not None else ring.size
-    blocks_total = split_blocks + (1 if rep_kv is not None else 0)
+    separate_rep = has_rep and kv_cache is None  # the cache holds the replicated keys with the split ones
+    blocks_total = split_blocks + (1 if separate_rep else 0)
 
     def attend(kb: torch.Tensor, vb: torch.Tensor, acc):
         if blocks_total == 1:  # one block: no LSE needed
@@ -201,10 +200,10 @@ def usp_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, segments: S
         return _merge(acc, out, lse)
 
     acc = None
-    if rep_kv is not None:
+    if separate_rep:
         acc = attend(*rep_kv, acc)
     if has_split and kv_cache is not None:
-        acc = attend(*kv_cache(ks, vs), acc)
+        acc = attend(*kv_cache(ks, vs, rep_kv), acc)
     elif has_split:
         kv = torch.stack([ks, vs])
 

@@ -17,9 +17,9 @@ What it predicts (`predict`): the time of one image, from
 - compute per rank: tokens split over the sequence-parallel ranks (Ulysses: heads too), Ring's attention
   in ring-degree kernel calls, PipeFusion's patches attending over the whole K/V buffer;
 - communication per rank from `message_bytes`, which reproduces our byte counters exactly (the bench
-  checks it on every measured run): Ulysses' four all-to-alls per attention layer are on the critical
-  path, Ring's point-to-point hops overlap with the attention of the previous block (the all-gather
-  variant does not), PipeFusion's hand-offs overlap with the next patch;
+  checks it on every measured run): Ulysses' all-to-alls per attention layer (Q, K and V in one, then the
+  output) are on the critical path, Ring's point-to-point hops overlap with the attention of the previous
+  block (the all-gather variant does not), PipeFusion's hand-offs overlap with the next patch;
 - PipeFusion's pipeline: stages split by compute as the engine splits them; `warmup_steps` synchronous
   full-image steps (every stage in turn), then patches flowing across step boundaries without a drain:
   a period per step, the larger of the slowest stage's step (its M patches) and one patch's round trip
@@ -367,12 +367,13 @@ def _sp_eval(w: Workload, config: ParallelConfig, cluster: Cluster, ring_impl: s
     keys = [U * split_len] * R + ([rep_len] if rep_len else [])
     compute = comm = 0.0
     a2a = transfer_time(cluster, "all_to_all", uly, world, B * H * split_len * d * a)
+    qkv = transfer_time(cluster, "all_to_all", uly, world, 3 * B * H * split_len * d * a)  # Q, K, V in one
     rep_gather = transfer_time(cluster, "all_gather", uly, world, B * (H // U) * rep_len * d * a)
     kv = 2 * B * H * split_len * d * a
     for b in w.blocks:
         attn = _attention_calls(b, w, q, keys, 1.0 / U, img_loc)
         compute += b.rest(local_tokens) + attn
-        comm += 4 * a2a + rep_gather
+        comm += qkv + a2a + rep_gather
         if R > 1 and ring_impl == "allgather":
             comm += transfer_time(cluster, "all_gather", ring, world, kv)
         elif R > 1:
@@ -407,11 +408,12 @@ def _pf_stage(w: Workload, config: ParallelConfig, cluster: Cluster, stage_block
     keys = [w.img_tokens] + ([w.joint_txt] if w.joint_txt else [])
     compute = comm = 0.0
     a2a = transfer_time(cluster, "all_to_all", uly, world, B * H * loc * d * a)
+    qkv = transfer_time(cluster, "all_to_all", uly, world, 3 * B * H * loc * d * a)  # Q, K, V in one
     rep_gather = transfer_time(cluster, "all_gather", uly, world, B * (H // U) * txt * d * a)
     fresh = transfer_time(cluster, "all_gather", ring, world, 2 * B * (H // U) * U * loc * d * a)
     for b in stage_blocks:
         compute += b.rest(loc + txt) + _attention_calls(b, w, q, keys, 1.0 / U, loc)
-        comm += 4 * a2a + rep_gather + fresh
+        comm += qkv + a2a + rep_gather + fresh
     if stage == 0:
         compute += w.embed[1] * (unit.tokens + (w.txt_tokens if unit.text else 0))
     compute += (w.embed[0] if unit.text else 0.0) + w.sp_overhead_s(loc + txt, len(stage_blocks))

@@ -56,8 +56,9 @@ class Unit:
     """A piece of work flowing through the stages: some image tokens of one CFG branch."""
 
     rows: tuple[int, int]  # latent rows
-    tokens: torch.Tensor  # global image token indices, in order
+    tokens: torch.Tensor  # global image token indices, in order: a contiguous run
     branch: int
+    start: int  # the first of `tokens`, on the host
 
 
 class PipeFusionKV:
@@ -71,11 +72,10 @@ class PipeFusionKV:
         self.keep: list[torch.Tensor] = []
         self.gathered_index: list[torch.Tensor] = []
         self.buffers: dict[tuple[torch.nn.Module, int], tuple[torch.Tensor, torch.Tensor]] = {}
-        self.text: dict[tuple[torch.nn.Module, int], tuple[torch.Tensor, torch.Tensor]] = {}
 
     def set_unit(self, unit: Unit, txt_len: int, has_text: bool) -> None:
         """Describe the local sequence of the unit about to run: its image shard and, when it carries the
-        joint text, the replicated text (a unit without it attends over the text K/V kept in `text`)."""
+        joint text, the replicated text (a unit without it attends over the text K/V kept in the buffers)."""
         U, R = self.groups.ulysses.size, self.groups.ring.size
         n = len(unit.tokens)
         loc = -(-n // (U * R))
@@ -84,11 +84,12 @@ class PipeFusionKV:
         if has_text:
             txt = Segment(txt_len, False, txt_len)
             self.segments["joint"] = [img if part == "img" else txt for part in self.joint_order]
-        # After the all-to-all, ring rank r holds the shards r*U + u of every ulysses rank u, in order.
+        # After the all-to-all, ring rank r holds the shards r*U + u of every ulysses rank u, in order (without
+        # Ring: the unit's tokens in order, then padding, which `_cache` writes as a slice).
         # Built once per unit on the tokens' device (the model's), as every attention layer indexes with them.
         pos = torch.arange(U * loc, device=unit.tokens.device)
         self.keep, self.gathered_index = [], []
-        for r in range(R):
+        for r in range(R if R > 1 else 0):
             in_unit = (r * U + pos // loc) * loc + pos % loc
             keep = pos[in_unit < n]
             self.keep.append(keep)
@@ -96,12 +97,21 @@ class PipeFusionKV:
         self.unit = unit
 
     def _cache(self, module: torch.nn.Module):
-        def update(ks: torch.Tensor, vs: torch.Tensor):
+        def update(ks: torch.Tensor, vs: torch.Tensor, text: Optional[tuple[torch.Tensor, torch.Tensor]]):
             slot = (module, self.unit.branch)
-            if slot not in self.buffers:
-                shape = (ks.shape[0], ks.shape[1], self.n_img, ks.shape[3])
+            if slot not in self.buffers:  # the first call of a layer carries its text, if it has any
+                n_txt = 0 if text is None else text[0].shape[2]
+                shape = (ks.shape[0], ks.shape[1], self.n_img + n_txt, ks.shape[3])
                 self.buffers[slot] = (ks.new_zeros(shape), vs.new_zeros(shape))
             kb, vb = self.buffers[slot]
+            if text is not None:  # the joint text's K/V, after the image's: kept for the units without text
+                kb[:, :, self.n_img:] = text[0]
+                vb[:, :, self.n_img:] = text[1]
+            n, start = len(self.unit.tokens), self.unit.start
+            if self.groups.ring.size == 1:  # this rank's shards hold the unit's tokens in order, padding last
+                kb[:, :, start:start + n] = ks[:, :, :n]
+                vb[:, :, start:start + n] = vs[:, :, :n]
+                return kb, vb
             # Every ring rank keeps the whole buffer: the fresh K/V of the other ring ranks' shards arrive
             # with one all-gather of this patch's K/V (not of the buffer).
             fresh = self.groups.ring.all_gather(torch.stack([ks, vs]), "ring_all_gather")
@@ -112,21 +122,12 @@ class PipeFusionKV:
             return kb, vb
         return update
 
-    def _text_kv(self, module: torch.nn.Module):
-        def keep(kv: Optional[tuple[torch.Tensor, torch.Tensor]]):
-            slot = (module, self.unit.branch)
-            if kv is not None:  # copies: a view would keep this call's whole K and V alive
-                self.text[slot] = (kv[0].clone(), kv[1].clone())
-            return self.text[slot]
-        return keep
-
     def attend(self, module: torch.nn.Module, kind: str, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                scale: Optional[float]) -> torch.Tensor:
         """The route of every attention layer of the stage (see AttentionRouter)."""
         if kind == "cross":  # image queries against replicated text: nothing to exchange or buffer
             return F.scaled_dot_product_attention(q, k, v, scale=scale)
-        return usp_attention(q, k, v, self.segments[kind], self.groups, scale, kv_cache=self._cache(module),
-                             text_kv=self._text_kv(module) if kind == "joint" else None)
+        return usp_attention(q, k, v, self.segments[kind], self.groups, scale, kv_cache=self._cache(module))
 
 
 @dataclass
@@ -286,8 +287,9 @@ class PipeFusionRunner:
             log.warning("num_pipeline_patch %d does not fit %d latent rows; using %d patches",
                         config.num_pipeline_patch, h, len(rows))
         n_img = (h // 2) * per_row
-        units_pipe = [(r, torch.arange(r[0] // 2 * per_row, r[1] // 2 * per_row, device=x.device)) for r in rows]
-        unit_full = ((0, h), torch.arange(n_img, device=x.device))
+        units_pipe = [(r, torch.arange(r[0] // 2 * per_row, r[1] // 2 * per_row, device=x.device), r[0] // 2 * per_row)
+                      for r in rows]
+        unit_full = ((0, h), torch.arange(n_img, device=x.device), 0)
         branches = self._branches(request)
         sigmas = request.sigmas.to(x.device)
         steps = len(sigmas) - 1
@@ -340,7 +342,7 @@ class PipeFusionRunner:
         """One model evaluation of every patch on this stage (one whole-image unit in a warmup round)."""
         b, c, _, w = x_eval.shape
         bases: dict[int, Tokens] = {}  # per branch: this round's conditioning and tables (and stage 0's image)
-        for u, (unit_rows, tokens) in enumerate(units):
+        for u, (unit_rows, tokens, start) in enumerate(units):
             if self.first and rnd > 0 and self.P > 1:
                 for m, (r0, r1) in enumerate(rows):  # the patches this unit covers, from the last stage
                     if r0 >= unit_rows[0] and r1 <= unit_rows[1]:
@@ -350,7 +352,7 @@ class PipeFusionRunner:
             for k, (branch_id, cond) in enumerate(branches):
                 if k not in bases:
                     bases[k] = self._embed(x_eval, ms, sigma, cond)
-                unit = Unit(unit_rows, tokens, branch_id)
+                unit = Unit(unit_rows, tokens, branch_id, start)
                 # Only a step's first hand-off can carry the cancel flag: read it there alone (a device sync).
                 may_stop = self._cancellable and step_start and step > 0 and u == 0 and k == 0
                 outs.append(self._forward_unit(unit, bases[k], u == 0, x_eval, ms, sigma, attention, router,
