@@ -118,8 +118,6 @@ def workload_from_json(d: dict[str, Any]) -> Workload:
     """Inverse of `workload_to_json`."""
     d = dict(d)
     d["blocks"] = tuple(BlockCost(**b) for b in d["blocks"])
-    if "block_bytes" in d:  # written before PipeFusion split by compute: that engine balanced parameter bytes
-        d["split_costs"] = d.pop("block_bytes")
     for key in ("split_costs", "latent", "embed", "head", "sp_overhead"):
         d[key] = tuple(d[key])
     return Workload(**d)

@@ -250,7 +250,7 @@ def report_communication(result: dict[str, Any], family: str = "flux") -> str:
     steps = result["steps"]
     shape = result["shapes"][family]
     p = shape["img_tokens"] + (shape["txt_tokens"] if shape["joint_text"] else 0)
-    hs, L = shape["heads"] * shape["head_dim"], len(shape["block_bytes"])
+    hs, L = shape["heads"] * shape["head_dim"], len(shape["split_costs"])
     elem = shape["act_bytes"]
     rows = []
     checked = matched = 0

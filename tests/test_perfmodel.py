@@ -117,20 +117,11 @@ def _predict(cpu, row):
     return predict(workloads[row["request"]], pc(**row["config"]), cluster, data["steps"], row["ring_impl"]).total
 
 
-def _measured_current_pipefusion(data) -> bool:
-    """Whether the fixture measured PipeFusion's current schedule (stages split by compute, text with patch 0,
-    in-band cancel flag): its workloads then carry `split_costs`; older ones `block_bytes`. Until the fixture is
-    re-measured, tests/test_parallel.py checks PipeFusion's bytes against the live counters instead."""
-    return all("split_costs" in w for w in data["workloads"].values())
-
-
 def test_model_bytes_equal_the_measured_counters(cpu):
     data, workloads, _ = cpu
     checked = 0
     for name, row in data["rows"].items():
         cfg = pc(**row["config"])
-        if cfg.pipefusion_parallel_degree > 1 and not _measured_current_pipefusion(data):
-            continue
         for r in range(cfg.world_size):
             model = message_bytes(workloads[row["request"]], cfg, r, data["steps"], row["ring_impl"])
             measured = {k: v for k, v in row["bytes"][str(r)].items() if v}
@@ -141,22 +132,24 @@ def test_model_bytes_equal_the_measured_counters(cpu):
 
 def test_model_ranks_configs_as_measured_where_the_difference_exceeds_the_spread(cpu):
     """Every pair of configs of the same request (serial included) whose measured ranges are disjoint is
-    ordered the same way by the model; at least two such pairs are between parallel configs."""
+    ordered the same way by the model, and there are at least four such pairs. (Since PipeFusion runs as one
+    pipeline across steps, the 2-rank configs of this small request lie within each other's spread, so the
+    pairs are mostly serial against each parallel config.)"""
     data, _, _ = cpu
     rows = data["rows"]
-    parallel_pairs = 0
+    pairs = 0
     for a, b in itertools.combinations(rows, 2):
         ma, mb = rows[a]["measured"], rows[b]["measured"]
         if rows[a]["request"] != rows[b]["request"] or not spread_ok(ma, mb):
             continue
-        parallel_pairs += rows[a]["ranks"] > 1 and rows[b]["ranks"] > 1
+        pairs += 1
         measured_faster = ma["median"] < mb["median"]
         predicted_faster = _predict(cpu, rows[a]) < _predict(cpu, rows[b])
         assert measured_faster == predicted_faster, (
             f"measured {a} {ma['median']:.3f} s vs {b} {mb['median']:.3f} s; predicted "
             f"{_predict(cpu, rows[a]):.3f} vs {_predict(cpu, rows[b]):.3f}"
         )
-    assert parallel_pairs >= 2, "too few parallel configs differ beyond their spread to test the ranking"
+    assert pairs >= 4, "too few configs differ beyond their spread to test the ranking"
 
 
 def test_model_error_on_the_cpu_is_bounded(cpu):

@@ -320,7 +320,7 @@ class PipeFusionRunner:
                 units = [unit_full] if rnd < warm_rounds else units_pipe
                 step_start = rnd == 0 or rounds[rnd - 1][0] != step
                 if self.first and step_start and step > 0 and self._stop_agreed(should_stop):
-                    self._stop_pipeline(rnd, rows, units[0][1], x, branches, sends)
+                    self._stop_pipeline(rnd, rows, units[0][1], x, sends)
                     raise XDiTCancelled(f"cancelled after step {step} of {steps}")
                 try:
                     self._round(rnd, step, sigma, units, branches, rows, drivers, x_eval, ms, request, attention,
@@ -361,7 +361,7 @@ class PipeFusionRunner:
                 self._finish_unit(unit_rows, outs, drivers, rows, x_eval, ms, sigma, request, rnd,
                                   rnd + 1 < len(rounds), sends, step if step_start else None)
 
-    def _stop_pipeline(self, rnd: int, rows, tokens: torch.Tensor, x: torch.Tensor, branches, sends: list) -> None:
+    def _stop_pipeline(self, rnd: int, rows, tokens: torch.Tensor, x: torch.Tensor, sends: list) -> None:
         """Stage 0 stops before round `rnd`: take the inputs the last stage sent for it, then send the first
         hand-off of the round with the cancel flag set (its tokens unused) so the next stages stop there too."""
         b, c, _, w = x.shape
