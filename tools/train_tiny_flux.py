@@ -15,7 +15,8 @@ and the sampler's denoised = x - sigma * output. The forward is the engine's own
 training and sampling run the same code.
 
 Writes (all deterministic but the weights, which depend on how many steps the time box allows):
-- xdit_core/assets/tiny_flux_shapes/: config.json + diffusion_pytorch_model.safetensors (fp32, EMA weights)
+- xdit_core/assets/tiny_flux_shapes/: config.json + diffusion_pytorch_model safetensors shards (fp32, EMA weights;
+  shards under 3 MB, the repository's limit per file being 5 MB)
 - xdit_core/assets/tiny_flux_shapes_classes.safetensors: per class the text states and pooled vector, the RGB
   -> latent map and each class's mean training image (metadata: class names, scale, training size), which the
   demo, the fidelity bench and the tests read (xdit_core.cli.demo.load_shapes_classes)
@@ -256,10 +257,10 @@ def train(minutes: float, batch: int, lr: float, seed: int, data_size: int, log_
 
 
 def save(model: torch.nn.Module, out: Path, log: dict, log_path: Path) -> None:
-    """A diffusers folder (config.json + diffusion_pytorch_model.safetensors, fp32) and the training log."""
+    """A diffusers folder (config.json + sharded diffusion_pytorch_model safetensors, fp32) and the training log."""
     tmp = out.parent / f".{out.name}.partial"
     shutil.rmtree(tmp, ignore_errors=True)
-    model.save_pretrained(tmp, safe_serialization=True)
+    model.save_pretrained(tmp, safe_serialization=True, max_shard_size="3MB")  # no file over the repo's 5 MB
     if out.exists():
         shutil.rmtree(out)
     os.rename(tmp, out)
