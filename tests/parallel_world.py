@@ -1,5 +1,6 @@
 """Runs inside every rank of the one spawned world the parallel tests share (see test_parallel.py)."""
 import contextlib
+from dataclasses import replace
 from unittest import mock
 
 import torch
@@ -108,8 +109,19 @@ def _a2a_roll():
 
 
 def _unmasked_padding():
-    """Uneven sizes: the padded keys are not dropped, so every query also attends the padding."""
-    return mock.patch.object(attention_module, "_valid_key_index", lambda *args, **kwargs: None)
+    """Uneven sizes: the padded keys are not dropped, so every query also attends the padding (masked keys too)."""
+    return mock.patch.object(attention_module, "_key_validity", lambda *args, **kwargs: None)
+
+
+def _unmasked_text():
+    """Key masks: the text's mask is ignored by the parallel attention (padding is still dropped), so every query
+    attends the masked text tokens."""
+    original = attention_module._key_validity
+
+    def key_validity(segments, *args, **kwargs):
+        return original([replace(s, mask=None) for s in segments], *args, **kwargs)
+
+    return mock.patch.object(attention_module, "_key_validity", key_validity)
 
 
 def _stale_kv():
@@ -122,13 +134,13 @@ def _stale_kv():
         update = original(self, module)
 
         def stale(ks, vs, text):
-            kb, vb = update(ks, vs, text)
+            kb, vb, valid = update(ks, vs, text)
             n, key = self.n_img // 2, (id(module), self.unit.branch)
             if key not in first:
                 first[key] = kb[:, :, :n].clone(), vb[:, :, :n].clone()
             else:
                 kb[:, :, :n], vb[:, :, :n] = first[key]
-            return kb, vb
+            return kb, vb, valid
 
         return stale
 
@@ -174,6 +186,7 @@ def _shard_roll():
 
 
 MUTATIONS = {"ring_skip": _ring_skip, "a2a_roll": _a2a_roll, "unmasked_padding": _unmasked_padding,
+             "unmasked_text": _unmasked_text,
              "stale_kv": _stale_kv, "mask_rows": _mask_rows, "timestep_shard": _timestep_shard,
              "shard_roll": _shard_roll}
 

@@ -21,14 +21,25 @@ class BranchCond:
     guidance: Optional[float] = None
     image: Optional[torch.Tensor] = None
     concat: Optional[torch.Tensor] = None
+    # The text's key-padding mask [B, L] (True: a real token), kept on the host: the parallel attention plans
+    # with it without a device sync. None: every token is real (what ComfyUI's encoders give one prompt).
+    text_mask: Optional[torch.Tensor] = None
+    # Reference images (Kontext, Qwen-Image-Edit): latents in model space, [B or 1, C, h, w] each, and how their
+    # positions are set (ComfyUI's reference_latents_method; None: the family's default).
+    references: tuple[torch.Tensor, ...] = ()
+    reference_method: Optional[str] = None
+    # HunyuanDiT's second text encoder (mT5): states [B, L2, D2] and both encoders' masks (host).
+    text2: Optional[torch.Tensor] = None
+    text2_mask: Optional[torch.Tensor] = None
 
     def to(self, device: torch.device) -> "BranchCond":
-        """A copy with every tensor on `device`."""
+        """A copy with every tensor on `device` (the masks stay on the host)."""
         def move(t: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
             return None if t is None else t.to(device)
 
         return replace(self, text=self.text.to(device), pooled=move(self.pooled), image=move(self.image),
-                       concat=move(self.concat))
+                       concat=move(self.concat), references=tuple(r.to(device) for r in self.references),
+                       text2=move(self.text2))
 
 
 @dataclass
@@ -40,6 +51,12 @@ class Tokens:
     height: int  # latent height and width (before patching)
     width: int
     extras: dict[str, Any] = field(default_factory=dict)  # temb, rotary tables, ...
+    # The joint text's key-padding mask, [B, text tokens] bool on the host (True: attend), which the parallel
+    # attention applies; None when every text token is attended. The adapter also hands the blocks their own.
+    txt_mask: Optional[torch.Tensor] = None
+    # Reference-image tokens (Kontext, Qwen-Image-Edit): the last `n_ref` of `img`, attended like the image's and
+    # dropped before the head.
+    n_ref: int = 0
 
     def with_(self, **changes: Any) -> "Tokens":
         return replace(self, **changes)
@@ -71,6 +88,10 @@ class ModelAdapter:
         per-frame timesteps) -> tokens, with every table the blocks need."""
         raise NotImplementedError
 
+    def reference_tokens(self, cond: BranchCond, height: int, width: int) -> int:
+        """How many reference-image tokens `embed` appends to the image's for `cond` (Tokens.n_ref)."""
+        return 0
+
     def embed_image(self, rows: torch.Tensor, top: int, height: int) -> torch.Tensor:
         """The image tokens of `rows` [B, C, r, w] (model dtype), latent rows top..top + r of a latent `height`
         rows high: exactly that slice of `embed(latent, ...).img`, without the other rows (PipeFusion embeds each
@@ -101,4 +122,10 @@ class ModelAdapter:
     def predict(self, x: torch.Tensor, timestep: torch.Tensor, cond: BranchCond,
                 guidance: Optional[float]) -> torch.Tensor:
         """Serial forward: x [B, C, h, w] in the model's dtype, timestep [B] as the model expects it."""
-        return self.head(self.run_blocks(self.embed(x, timestep, cond, guidance)))
+        tokens = self.run_blocks(self.embed(x, timestep, cond, guidance))
+        return self.head(tokens.with_(img=drop_references(tokens.img, tokens.n_ref)))
+
+
+def drop_references(img: torch.Tensor, n_ref: int) -> torch.Tensor:
+    """The image tokens without the trailing reference tokens."""
+    return img[:, :img.shape[1] - n_ref] if n_ref else img

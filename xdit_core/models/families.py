@@ -43,6 +43,7 @@ class ModelSpec:
     num_blocks: int = 0  # transformer blocks in PipeFusion's order (Flux: double then single)
     image_dim: Optional[int] = None  # Wan 2.1 I2V: the CLIP vision states' width, which it requires
     concat_channels: int = 0  # Wan I2V: input channels beyond the latent's (the start image's latent and mask)
+    patch_size: int = 2  # latent rows (and columns) per image token: 2x2 patches, 1 for FLUX.2's packed latent
 
     @property
     def latent_channels(self) -> int:
@@ -50,8 +51,8 @@ class ModelSpec:
 
     @property
     def pixel_multiple(self) -> int:
-        """Image sizes must be multiples of this: the latent is patched 2x2 after the VAE's downscale."""
-        return 2 * self.latent_format.spatial_scale
+        """Image sizes must be multiples of this: the latent is patched after the VAE's downscale."""
+        return self.patch_size * self.latent_format.spatial_scale
 
     def pixel_size(self, shape: Sequence[int]) -> tuple[int, int]:
         """(height, width) in pixels of a latent of `shape` (its last two dims are rows and columns)."""

@@ -6,11 +6,16 @@ s = ring_rank * ulysses_degree + ulysses_rank, real tokens first and padding las
 (the same on every rank: joint text whose length the degree does not divide). Replicated keys are
 attended exactly once; padded keys are dropped before the kernel, so every backend sees no mask and
 every collective has equal sizes.
+
+Key-padding masks (a family's text mask, e.g. Qwen-Image's `encoder_hidden_states_mask`) ride on the segments
+as the whole segment's validity per batch item: keys masked for every item are dropped like padding (any
+kernel, no mask); keys masked for some items only (batched prompts of different lengths) reach the kernel as
+a mask, and a block with no valid key for an item merges with weight zero.
 """
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Callable, Optional, Sequence
 
 import torch
@@ -27,6 +32,23 @@ ATTENTION_BACKENDS = ("auto", "flash", "sdpa")
 # ---------------------------------------------------------------------------------------------
 def _lse_cpu(q, k, v, scale):
     return torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(q, k, v, scale=scale)[:2]
+
+
+def _lse_masked(q, k, v, scale, mask):
+    """(out, lse) with a key mask [B, Sk] (True: attend). On the CPU PyTorch's flash kernel takes it as a bias;
+    elsewhere the explicit float32 product (flash-attn takes no mask; only batched prompts of different lengths
+    come here). An item with no valid key gets out 0 and LSE -inf, which the merge weighs zero."""
+    has_key = mask.any(dim=-1)[:, None, None]
+    if q.device.type == "cpu":
+        bias = torch.zeros(mask.shape, dtype=q.dtype, device=q.device).masked_fill(~mask, float("-inf"))
+        out, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(
+            q, k, v, scale=scale, attn_mask=bias[:, None, None, :])[:2]
+    else:
+        scores = (q.float() @ k.float().transpose(-1, -2)) * scale
+        scores = scores.masked_fill(~mask[:, None, None, :], float("-inf"))
+        lse = torch.logsumexp(scores, dim=-1)
+        out = (torch.softmax(scores, dim=-1).nan_to_num(0.0) @ v.float()).to(q.dtype)
+    return out.masked_fill(~has_key[..., None], 0.0), lse.masked_fill(~has_key, float("-inf"))
 
 
 def _lse_cuda_sdpa(q, k, v, scale):
@@ -75,10 +97,11 @@ def select_lse_kernel(device: torch.device, backend: str = "auto", dtype: torch.
     return _lse_cpu
 
 
-def attention_with_lse(kernel: Callable, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
-                       scale: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """`kernel`'s (out [B, H, S, D], lse [B, H, S]); a kernel whose LSE has another shape is an error, not a merge."""
-    out, lse = kernel(q, k, v, scale)
+def attention_with_lse(kernel: Callable, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float,
+                       mask: Optional[torch.Tensor] = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """`kernel`'s (out [B, H, S, D], lse [B, H, S]) (with a key mask [B, Sk]: the masked kernel's); a kernel whose
+    LSE has another shape is an error, not a merge."""
+    out, lse = kernel(q, k, v, scale) if mask is None else _lse_masked(q, k, v, scale, mask)
     if out.shape != q.shape[:3] + v.shape[3:] or lse.shape != q.shape[:3]:
         raise XDiTWorkerError(f"attention kernel {kernel.__name__} returned out {tuple(out.shape)} and LSE "
                               f"{tuple(lse.shape)} for queries {tuple(q.shape)}; expected LSE {tuple(q.shape[:3])}")
@@ -95,6 +118,8 @@ class Segment:
     length: int  # local length
     split: bool  # sharded across the SP group (else replicated)
     valid: int  # split: real tokens in the whole sequence (the rest is padding); replicated: = length
+    # Key-padding mask of the whole segment, [B, valid] bool on the host (True: attend); None: every key is real.
+    mask: Optional[torch.Tensor] = field(default=None, compare=False)
 
 
 @dataclass
@@ -122,20 +147,35 @@ def _select(x: torch.Tensor, segments: Sequence[Segment], split: bool) -> torch.
     return torch.cat(parts, dim=2) if len(parts) != 1 else parts[0]
 
 
-def _valid_key_index(segments: Sequence[Segment], ulysses: int, ring_origin: int,
-                     device: torch.device) -> Optional[torch.Tensor]:
-    """Positions of real (unpadded) keys in the split block gathered from ring rank `ring_origin`."""
-    keep, pos, padded = [], 0, False
-    for u in range(ulysses):
+def _key_validity(segments: Sequence[Segment], ulysses: int, ring_origin: int, split: bool) -> Optional[torch.Tensor]:
+    """Which keys are real, [B, keys] bool on the host (B = 1 without masks), in the split block gathered from
+    ring rank `ring_origin` (split) or in the replicated segments (not split): padding and masked tokens are
+    not. None when every key is real."""
+    batch = max((s.mask.shape[0] for s in segments if s.mask is not None), default=1)
+    parts = []
+    for u in range(ulysses if split else 1):
         shard = ring_origin * ulysses + u
         for seg in segments:
-            if not seg.split:
+            if seg.split != split:
                 continue
-            real = max(0, min(seg.length, seg.valid - shard * seg.length))
-            keep.extend(range(pos, pos + real))
-            padded |= real < seg.length
-            pos += seg.length
-    return torch.tensor(keep, dtype=torch.long, device=device) if padded else None
+            start = shard * seg.length if split else 0
+            real = max(0, min(seg.length, seg.valid - start))
+            part = torch.zeros(batch, seg.length, dtype=torch.bool)
+            part[:, :real] = True if seg.mask is None else seg.mask[:, start:start + real]
+            parts.append(part)
+    valid = torch.cat(parts, dim=1)
+    return None if bool(valid.all()) else valid
+
+
+def select_keys(valid: Optional[torch.Tensor], device: torch.device
+                ) -> tuple[Optional[torch.Tensor], Optional[torch.Tensor]]:
+    """(keys to keep, mask) for a validity from `_key_validity`: keys invalid for every item are dropped (an index
+    of the rest), a mask [B, keys] remains only where the items differ."""
+    if valid is None:
+        return None, None
+    if bool((valid == valid[0]).all()):
+        return valid[0].nonzero().flatten().to(device), None
+    return None, valid.to(device)
 
 
 def _merge(acc: Optional[tuple[torch.Tensor, torch.Tensor]], out: torch.Tensor, lse: torch.Tensor):
@@ -145,7 +185,9 @@ def _merge(acc: Optional[tuple[torch.Tensor, torch.Tensor]], out: torch.Tensor, 
         return out, lse
     acc_out, acc_lse = acc
     new_lse = torch.logaddexp(acc_lse, lse)
-    merged = acc_out * torch.exp(acc_lse - new_lse).unsqueeze(-1) + out * torch.exp(lse - new_lse).unsqueeze(-1)
+    # A query no block so far had a key for (masks) has LSE -inf: weigh both parts zero instead of NaN.
+    ref = new_lse.masked_fill(torch.isneginf(new_lse), 0.0)
+    merged = acc_out * torch.exp(acc_lse - ref).unsqueeze(-1) + out * torch.exp(lse - ref).unsqueeze(-1)
     return merged, new_lse
 
 
@@ -155,11 +197,12 @@ def usp_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, segments: S
                   ) -> torch.Tensor:
     """Exact attention over the whole (unsharded) sequence for this rank's local queries. q, k, v: [B, H, S, D].
 
-    `kv_cache(ks, vs, rep) -> (k, v)` (PipeFusion) takes the split part's keys and values after the all-to-all
-    and the replicated segments' (this rank's heads; None when the call has none), and returns complete keys
-    and values: every rank's split tokens and the replicated ones (full-length buffers, which it keeps up to
-    date across the ring group itself, with the replicated keys of the last call that had them); they are
-    attended as one block, without a ring pass or a merge.
+    `kv_cache(ks, vs, rep) -> (k, v, valid)` (PipeFusion) takes the split part's keys and values after the
+    all-to-all and the replicated segments' (this rank's heads; None when the call has none), and returns
+    complete keys and values: every rank's split tokens and the replicated ones (full-length buffers, which it
+    keeps up to date across the ring group itself, with the replicated keys of the last call that had them),
+    with their validity as `_key_validity` gives it; they are attended as one block, without a ring pass or a
+    merge.
     """
     b, heads, _, d = q.shape
     scale = 1.0 / math.sqrt(d) if scale is None else scale
@@ -193,34 +236,34 @@ def usp_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, segments: S
     separate_rep = has_rep and kv_cache is None  # the cache holds the replicated keys with the split ones
     blocks_total = split_blocks + (1 if separate_rep else 0)
 
-    def attend(kb: torch.Tensor, vb: torch.Tensor, acc):
+    def attend(kb: torch.Tensor, vb: torch.Tensor, valid: Optional[torch.Tensor], acc):
+        keep, mask = select_keys(valid, kb.device)
+        if keep is not None:
+            kb, vb = kb.index_select(2, keep), vb.index_select(2, keep)
+            if kb.shape[2] == 0:
+                return acc
         if blocks_total == 1:  # one block: no LSE needed
-            return F.scaled_dot_product_attention(query, kb, vb, scale=scale), None
-        out, lse = attention_with_lse(groups.lse_kernel, query, kb, vb, scale)
+            return F.scaled_dot_product_attention(
+                query, kb, vb, attn_mask=None if mask is None else mask[:, None, None, :], scale=scale), None
+        out, lse = attention_with_lse(groups.lse_kernel, query, kb, vb, scale, mask)
         return _merge(acc, out, lse)
 
     acc = None
     if separate_rep:
-        acc = attend(*rep_kv, acc)
+        acc = attend(*rep_kv, _key_validity(segments, U, 0, split=False), acc)
     if has_split and kv_cache is not None:
         acc = attend(*kv_cache(ks, vs, rep_kv), acc)
     elif has_split:
         kv = torch.stack([ks, vs])
-
-        def attend_block(block: torch.Tensor, origin: int, acc):
-            keep = _valid_key_index(segments, U, origin, block.device)
-            kb, vb = (block[0], block[1]) if keep is None else (block[0].index_select(2, keep),
-                                                                block[1].index_select(2, keep))
-            return attend(kb, vb, acc) if kb.shape[2] > 0 else acc
-
         if groups.ring_impl == "allgather" and ring.size > 1:
             for origin, block in enumerate(ring.all_gather(kv, "ring_all_gather").unbind(0)):
-                acc = attend_block(block, origin, acc)
+                acc = attend(block[0], block[1], _key_validity(segments, U, origin, split=True), acc)
         else:
             for step in range(ring.size):
                 # Start the next hand-off before computing on the current block, so they overlap.
                 pending = ring.ring_exchange(kv, "ring_p2p") if step < ring.size - 1 else None
-                acc = attend_block(kv, (ring.index - step) % ring.size, acc)
+                acc = attend(kv[0], kv[1], _key_validity(segments, U, (ring.index - step) % ring.size, split=True),
+                             acc)
                 if pending is not None:
                     buf, works = pending
                     for w in works:

@@ -45,7 +45,7 @@ from xdit_core.sampling.request import SampleRequest
 from xdit_core.sampling.inpaint import Inpaint
 from xdit_core.sampling.preview import StepPreview
 from xdit_core.sampling.samplers import ModelSampling, Sampler, make_noise
-from xdit_core.parallel.sequence_parallel import shard_padded
+from xdit_core.parallel.sequence_parallel import check_declared_mask, shard_padded
 from xdit_core.parallel.stages import patch_rows, split_stages
 
 log = logging.getLogger("xdit")
@@ -56,16 +56,19 @@ class Unit:
     """A piece of work flowing through the stages: some image tokens of one CFG branch."""
 
     rows: tuple[int, int]  # latent rows
-    tokens: torch.Tensor  # global image token indices, in order: a contiguous run
+    tokens: torch.Tensor  # global image token indices, in order: a contiguous run, then any reference tokens
     branch: int
     start: int  # the first of `tokens`, on the host
+    n_ref: int = 0  # reference-image tokens at the end of `tokens` (the first unit of an evaluation carries them)
 
 
 class PipeFusionKV:
     """The stage's attention: per-layer K/V buffers that patches refresh and attend over (module docstring)."""
 
-    def __init__(self, joint_order: tuple[str, str], groups: SPGroups, n_img: int):
-        self.groups, self.joint_order, self.n_img = groups, joint_order, n_img
+    def __init__(self, joint_order: tuple[str, str], groups: SPGroups):
+        self.groups, self.joint_order = groups, joint_order
+        self.n_img = 0  # image tokens of the unit's branch, its reference tokens included: the buffer's image part
+        self.txt_masks: dict[int, Optional[torch.Tensor]] = {}  # per branch: its text's key mask (Tokens.txt_mask)
         self.unit: Optional[Unit] = None
         self.segments: dict[str, list[Segment]] = {}
         # Per ring rank: the gathered positions that are real tokens, and their global token ids.
@@ -73,16 +76,21 @@ class PipeFusionKV:
         self.gathered_index: list[torch.Tensor] = []
         self.buffers: dict[tuple[torch.nn.Module, int], tuple[torch.Tensor, torch.Tensor]] = {}
 
-    def set_unit(self, unit: Unit, txt_len: int, has_text: bool) -> None:
-        """Describe the local sequence of the unit about to run: its image shard and, when it carries the
-        joint text, the replicated text (a unit without it attends over the text K/V kept in the buffers)."""
+    def set_unit(self, unit: Unit, n_img: int, txt_len: int, has_text: bool,
+                 txt_mask: Optional[torch.Tensor] = None) -> None:
+        """Describe the local sequence of the unit about to run: its image shard (of the `n_img` tokens of its
+        branch) and, when it carries the joint text, the replicated text and its key mask (a unit without it
+        attends over the text K/V kept in the buffers)."""
+        self.n_img = n_img
+        if has_text:
+            self.txt_masks[unit.branch] = txt_mask
         U, R = self.groups.ulysses.size, self.groups.ring.size
         n = len(unit.tokens)
         loc = -(-n // (U * R))
         img = Segment(loc, True, n)
         self.segments = {"image": [img], "joint": [img]}
         if has_text:
-            txt = Segment(txt_len, False, txt_len)
+            txt = Segment(txt_len, False, txt_len, txt_mask)
             self.segments["joint"] = [img if part == "img" else txt for part in self.joint_order]
         # After the all-to-all, ring rank r holds the shards r*U + u of every ulysses rank u, in order (without
         # Ring: the unit's tokens in order, then padding, which `_cache` writes as a slice).
@@ -109,9 +117,13 @@ class PipeFusionKV:
                 vb[:, :, self.n_img:] = text[1]
             n, start = len(self.unit.tokens), self.unit.start
             if self.groups.ring.size == 1:  # this rank's shards hold the unit's tokens in order, padding last
-                kb[:, :, start:start + n] = ks[:, :, :n]
-                vb[:, :, start:start + n] = vs[:, :, :n]
-                return kb, vb
+                if self.unit.n_ref:  # its rows, then the reference tokens at the end of the image's part
+                    kb.index_copy_(2, self.unit.tokens, ks[:, :, :n])
+                    vb.index_copy_(2, self.unit.tokens, vs[:, :, :n])
+                else:
+                    kb[:, :, start:start + n] = ks[:, :, :n]
+                    vb[:, :, start:start + n] = vs[:, :, :n]
+                return kb, vb, self._validity(kb)
             # Every ring rank keeps the whole buffer: the fresh K/V of the other ring ranks' shards arrive
             # with one all-gather of this patch's K/V (not of the buffer).
             fresh = self.groups.ring.all_gather(torch.stack([ks, vs]), "ring_all_gather")
@@ -119,14 +131,23 @@ class PipeFusionKV:
                 idx, keep = self.gathered_index[r], self.keep[r]
                 kb.index_copy_(2, idx, fresh[r, 0].index_select(2, keep))
                 vb.index_copy_(2, idx, fresh[r, 1].index_select(2, keep))
-            return kb, vb
+            return kb, vb, self._validity(kb)
         return update
 
+    def _validity(self, kb: torch.Tensor) -> Optional[torch.Tensor]:
+        """The buffer's keys that are real (attention._key_validity): every image token; the text per its mask."""
+        mask = self.txt_masks.get(self.unit.branch)
+        if mask is None or kb.shape[2] == self.n_img:
+            return None
+        return torch.cat([torch.ones(mask.shape[0], self.n_img, dtype=torch.bool), mask], dim=1)
+
     def attend(self, module: torch.nn.Module, kind: str, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
-               scale: Optional[float]) -> torch.Tensor:
+               scale: Optional[float], mask: Optional[torch.Tensor] = None) -> torch.Tensor:
         """The route of every attention layer of the stage (see AttentionRouter)."""
         if kind == "cross":  # image queries against replicated text: nothing to exchange or buffer
-            return F.scaled_dot_product_attention(q, k, v, scale=scale)
+            return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale)
+        if mask is not None and self.txt_masks.get(self.unit.branch) is None:
+            check_declared_mask(module, mask, self.segments[kind])
         return usp_attention(q, k, v, self.segments[kind], self.groups, scale, kv_cache=self._cache(module))
 
 
@@ -280,17 +301,19 @@ class PipeFusionRunner:
         self.preview = preview
         a, config = self.adapter, self.ctx.mesh.config
         b, c, h, w = x.shape
-        per_row = w // 2  # every family here patches the latent 2x2
-        rows = patch_rows(h, config.num_pipeline_patch or self.P, 2)
+        p = a.spec.patch_size  # latent rows and columns per token
+        per_row = w // p
+        rows = patch_rows(h, config.num_pipeline_patch or self.P, p)
         self.effective_patches = len(rows)
         if config.num_pipeline_patch and len(rows) != config.num_pipeline_patch:
             log.warning("num_pipeline_patch %d does not fit %d latent rows; using %d patches",
                         config.num_pipeline_patch, h, len(rows))
-        n_img = (h // 2) * per_row
-        units_pipe = [(r, torch.arange(r[0] // 2 * per_row, r[1] // 2 * per_row, device=x.device), r[0] // 2 * per_row)
+        n_img = (h // p) * per_row
+        units_pipe = [(r, torch.arange(r[0] // p * per_row, r[1] // p * per_row, device=x.device), r[0] // p * per_row)
                       for r in rows]
         unit_full = ((0, h), torch.arange(n_img, device=x.device), 0)
         branches = self._branches(request)
+        self._branches_order = [bid for bid, _ in branches]
         sigmas = request.sigmas.to(x.device)
         steps = len(sigmas) - 1
         rounds = pipefusion_rounds(request.sampler, ms, sigmas)
@@ -305,7 +328,10 @@ class PipeFusionRunner:
             d.start()
         self._check_schedule(rounds, rows, x, request)
         x_eval = torch.cat([d.request[0] for d in drivers], dim=2)  # stage 0's latest input for every patch
-        attention = PipeFusionKV(a.JOINT_ORDER, self.groups, n_img)
+        attention = PipeFusionKV(a.JOINT_ORDER, self.groups)
+        # Reference tokens per branch: after the image's in the buffers, carried by an evaluation's first unit.
+        self._refs = {bid: a.reference_tokens(cond, h, w) for bid, cond in branches}
+        self._n_noise = n_img
         kinds = a.attention_kinds()
         mine = {id(m) for block, _ in self.blocks for m in block.modules()}
         router = AttentionRouter(a.model, kinds, attention.attend, run=[m for m in kinds if id(m) in mine])
@@ -352,7 +378,7 @@ class PipeFusionRunner:
             for k, (branch_id, cond) in enumerate(branches):
                 if k not in bases:
                     bases[k] = self._embed(x_eval, ms, sigma, cond)
-                unit = Unit(unit_rows, tokens, branch_id, start)
+                unit = self._unit(unit_rows, tokens, branch_id, start, u == 0)
                 # Only a step's first hand-off can carry the cancel flag: read it there alone (a device sync).
                 may_stop = self._cancellable and step_start and step > 0 and u == 0 and k == 0
                 outs.append(self._forward_unit(unit, bases[k], u == 0, x_eval, ms, sigma, attention, router,
@@ -368,7 +394,8 @@ class PipeFusionRunner:
         if self.P > 1:
             for m, (r0, r1) in enumerate(rows):
                 self._recv((b, c, r1 - r0, w), x.dtype, self.P - 1, tag=self._tag(rnd, m, 99))
-            loc = -(-len(tokens) // self.sp_comm.size)
+            first_branch = self._branches_order[0]
+            loc = -(-(len(tokens) + self._refs[first_branch]) // self.sp_comm.size)
             filler = torch.zeros(b, loc + self._joint_txt, self._width, dtype=self.adapter.dtype, device=x.device)
             self._send_forward(filler, rnd, self._tag(rnd, 0, 0), sends, stop=True)
 
@@ -390,6 +417,13 @@ class PipeFusionRunner:
         if self.cfg_comm is not None:
             return [(0, request.negative)] if self.cfg_comm.index == 0 else [(1, request.positive)]
         return [(0, request.negative), (1, request.positive)]
+
+    def _unit(self, rows, tokens: torch.Tensor, branch: int, start: int, first_unit: bool) -> Unit:
+        """A unit of `branch`: the first of an evaluation carries the branch's reference tokens."""
+        n_ref = self._refs[branch] if first_unit else 0
+        if n_ref:
+            tokens = torch.cat([tokens, torch.arange(self._n_noise, self._n_noise + n_ref, device=tokens.device)])
+        return Unit(rows, tokens, branch, start, n_ref)
 
     @staticmethod
     def _tag(rnd: int, unit: int, branch: int) -> int:
@@ -431,7 +465,10 @@ class PipeFusionRunner:
             else:  # this patch's rows only, from the input the last stage just sent back
                 r0, r1 = unit.rows
                 xin = ms.calculate_input(sigma, x_eval[:, :, r0:r1]).to(a.dtype)
-                img = shard_padded(a.embed_image(xin, r0, x_eval.shape[-2]), 1, idx, S)
+                img = a.embed_image(xin, r0, x_eval.shape[-2])
+                if unit.n_ref:  # the reference tokens, embedded with the round's conditioning
+                    img = torch.cat([img, base.img[:, base.img.shape[1] - unit.n_ref:]], dim=1)
+                img = shard_padded(img, 1, idx, S)
             local = base.with_(img=img, txt=keep_txt(base.txt) if joint else base.txt, extras=extras)
         else:
             width = base.img.shape[-1]
@@ -441,7 +478,7 @@ class PipeFusionRunner:
                 raise _Stop(recv)
             recv = recv[:-1].reshape(base.img.shape[0], loc + n_txt, width)
             local = base.with_(img=recv[:, :loc], txt=recv[:, loc:] if joint else base.txt, extras=extras)
-        attention.set_unit(unit, n_txt, carries_text)
+        attention.set_unit(unit, base.img.shape[1], n_txt, carries_text, base.txt_mask)
         with router:
             for block, run in self.blocks:
                 local = run(block, local)
@@ -450,7 +487,8 @@ class PipeFusionRunner:
             self._send_forward(payload, rnd, self._tag(rnd, u, k), sends)
             return None
         gathered = self.sp_comm.all_gather(local.img, "sp_gather")
-        img = gathered.permute(1, 0, 2, 3).reshape(local.img.shape[0], -1, local.img.shape[-1])[:, :len(tokens)]
+        img = gathered.permute(1, 0, 2, 3).reshape(local.img.shape[0], -1, local.img.shape[-1])
+        img = img[:, :len(tokens) - unit.n_ref]
         r0, r1 = unit.rows
         out = a.head(Tokens(img, None, r1 - r0, x_eval.shape[-1], base.extras)).float()
         return ms.calculate_denoised(sigma, out, x_eval[:, :, r0:r1])

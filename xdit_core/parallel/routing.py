@@ -15,6 +15,9 @@ process, in the globals it looks it up in, by a pass-through that hands the call
   only (not the whole block), catching F.scaled_dot_product_attention however it is called.
 With no router active the originals run unchanged; a call through a replaced name while a router is
 active but outside every routed module is an error.
+A processor's attention mask reaches the route as its last argument (only when there is one): the parallel
+attention applies the key-padding mask the adapter declared for the forward, and refuses a mask it was not told
+of.
 Every routed module must make exactly one attention call (a "cross" module at least one: Wan 2.1 I2V attends
 to its CLIP states and its text separately), and every module of the blocks that ran must have been called,
 or XDiTWorkerError says which layer escaped and why. Hooks exist only inside `with`, and the routing state is
@@ -31,8 +34,9 @@ import torch.nn.functional as F
 
 from xdit_core.errors import XDiTWorkerError
 
-# attend(module, kind, q, k, v, scale) -> out; q, k, v and out: [B, H, S, D].
-Attend = Callable[[torch.nn.Module, str, torch.Tensor, torch.Tensor, torch.Tensor, Optional[float]], torch.Tensor]
+# attend(module, kind, q, k, v, scale[, mask]) -> out; q, k, v and out: [B, H, S, D]; mask: the processor's
+# attention mask, passed only when it gave one.
+Attend = Callable[..., torch.Tensor]
 
 _SDPA_ARGS = ("query", "key", "value", "attn_mask", "dropout_p", "is_causal", "scale", "enable_gqa")
 _ROUTED_F: Optional[types.ModuleType] = None  # torch.nn.functional with a routed SDPA, made once
@@ -53,10 +57,10 @@ def is_attention_module(module: torch.nn.Module) -> bool:
     return callable(getattr(module, "processor", None)) and hasattr(module, "set_processor")
 
 
-def _check_plain(layer: str, attn_mask, dropout_p, is_causal, enable_gqa) -> None:
-    if attn_mask is not None or is_causal or dropout_p or enable_gqa:
-        raise XDiTWorkerError(f"attention layer {layer} asks for a mask, causal attention, dropout or GQA; the "
-                              "parallel attention supports unmasked, non-causal, dropout-free attention")
+def _check_plain(layer: str, dropout_p, is_causal, enable_gqa) -> None:
+    if is_causal or dropout_p or enable_gqa:
+        raise XDiTWorkerError(f"attention layer {layer} asks for causal attention, dropout or GQA; the parallel "
+                              "attention supports non-causal, dropout-free attention (with key-padding masks)")
 
 
 def _current(kernel: str) -> "AttentionRouter":
@@ -73,8 +77,8 @@ def _routed_sdpa(query, key, value, attn_mask=None, dropout_p=0.0, is_causal=Fal
         return F.scaled_dot_product_attention(query, key, value, attn_mask=attn_mask, dropout_p=dropout_p,
                                               is_causal=is_causal, scale=scale, enable_gqa=enable_gqa)
     router = _current("F.scaled_dot_product_attention")
-    _check_plain(router.layer_name(), attn_mask, dropout_p, is_causal, enable_gqa)
-    return router.route(query, key, value, scale)
+    _check_plain(router.layer_name(), dropout_p, is_causal, enable_gqa)
+    return router.route(query, key, value, scale, attn_mask)
 
 
 def _routed_functional() -> types.ModuleType:
@@ -97,9 +101,9 @@ def _routed_dispatch(original: Callable) -> Callable:
                             scale=scale, enable_gqa=enable_gqa, attention_kwargs=attention_kwargs, backend=backend,
                             parallel_config=parallel_config)
         router = _current("diffusers' dispatch_attention_fn")
-        _check_plain(router.layer_name(), attn_mask, dropout_p, is_causal, enable_gqa)
+        _check_plain(router.layer_name(), dropout_p, is_causal, enable_gqa)
         # The dispatcher's layout is [B, S, H, D]; the parallel attention's is SDPA's [B, H, S, D].
-        out = router.route(query.transpose(1, 2), key.transpose(1, 2), value.transpose(1, 2), scale)
+        out = router.route(query.transpose(1, 2), key.transpose(1, 2), value.transpose(1, 2), scale, attn_mask)
         return out.transpose(1, 2)
 
     dispatch_attention_fn.xdit_original = original
@@ -138,10 +142,9 @@ class _SDPACatcher(torch.overrides.TorchFunctionMode):
         if func is not F.scaled_dot_product_attention:
             return func(*args, **kwargs)
         p = dict(zip(_SDPA_ARGS, args), **kwargs)
-        _check_plain(self.router.layer_name(), p.get("attn_mask"), p.get("dropout_p", 0.0), p.get("is_causal"),
-                     p.get("enable_gqa"))
+        _check_plain(self.router.layer_name(), p.get("dropout_p", 0.0), p.get("is_causal"), p.get("enable_gqa"))
         # The mode is off inside its own handler, so the parallel attention's kernels run unintercepted.
-        return self.router.route(p["query"], p["key"], p["value"], p.get("scale"))
+        return self.router.route(p["query"], p["key"], p["value"], p.get("scale"), p.get("attn_mask"))
 
 
 class AttentionRouter:
@@ -172,13 +175,17 @@ class AttentionRouter:
     def layer_name(self) -> str:
         return self.names.get(self.current, "?")
 
-    def route(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: Optional[float]) -> torch.Tensor:
+    def route(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: Optional[float],
+              mask: Optional[torch.Tensor] = None) -> torch.Tensor:
         """The current module's attention call: one per module forward."""
         self._calls += 1
         if self._calls > 1 and self.kinds[self.current] != "cross":
             raise XDiTWorkerError(f"attention layer {self.layer_name()} made a second attention call in one "
                                   "forward; the router supports one per module (several for cross-attention)")
-        return self.attend(self.current, self.kinds[self.current], q, k, v, scale)
+        kind = self.kinds[self.current]
+        if mask is None:
+            return self.attend(self.current, kind, q, k, v, scale)
+        return self.attend(self.current, kind, q, k, v, scale, mask)
 
     def _pre(self, module: torch.nn.Module, args) -> None:
         self.current, self._calls = module, 0

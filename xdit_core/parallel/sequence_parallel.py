@@ -12,6 +12,7 @@ import torch.nn.functional as F
 from xdit_core.parallel.attention import Segment, SPGroups, select_lse_kernel, usp_attention
 from xdit_core.parallel.comm import Comm
 from xdit_core.parallel.routing import AttentionRouter
+from xdit_core.errors import XDiTWorkerError
 from xdit_core.models.base import BranchCond, ModelAdapter
 
 
@@ -27,6 +28,14 @@ def shard_padded(x: torch.Tensor, dim: int, index: int, parts: int) -> torch.Ten
     pad_shape = list(x.shape)
     pad_shape[dim] = local - real
     return torch.cat([piece, x.new_zeros(pad_shape)], dim=dim)
+
+
+def check_declared_mask(module: torch.nn.Module, mask: Optional[torch.Tensor], segments: list[Segment]) -> None:
+    """A processor's attention mask must be the text mask the adapter declared (Tokens.txt_mask), which the
+    parallel attention applies in its place: any other mask would be dropped silently."""
+    if mask is not None and all(seg.mask is None for seg in segments):
+        raise XDiTWorkerError(f"attention layer {type(module).__name__} was given a mask the model adapter did not "
+                              "declare (Tokens.txt_mask): the parallel attention applies only declared key masks")
 
 
 class SequenceParallelRunner:
@@ -50,9 +59,10 @@ class SequenceParallelRunner:
         return cls(adapter, SPGroups(lone, lone, select_lse_kernel(device, dtype=adapter.dtype)), lone)
 
     def _attend(self, module: torch.nn.Module, kind: str, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
-                scale: Optional[float]) -> torch.Tensor:
-        if kind == "cross":  # image queries against replicated text: nothing to exchange
-            return F.scaled_dot_product_attention(q, k, v, scale=scale)
+                scale: Optional[float], mask: Optional[torch.Tensor] = None) -> torch.Tensor:
+        if kind == "cross":  # image queries against replicated text: nothing to exchange (its mask applies as is)
+            return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale)
+        check_declared_mask(module, mask, self.segments[kind])
         return usp_attention(q, k, v, self.segments[kind], self.groups, scale)
 
     def predict(self, x: torch.Tensor, timestep: torch.Tensor, cond: BranchCond,
@@ -76,11 +86,11 @@ class SequenceParallelRunner:
         img_seg = Segment(local.img.shape[1], True, n_img)
         segments = {"image": [img_seg]}
         if a.TEXT_IS_JOINT:
-            txt_seg = Segment(n_txt // S if txt_split else n_txt, txt_split, n_txt)
+            txt_seg = Segment(n_txt // S if txt_split else n_txt, txt_split, n_txt, tokens.txt_mask)
             segments["joint"] = [img_seg if part == "img" else txt_seg for part in a.JOINT_ORDER]
         self.segments = segments
         with self.router:
             local = a.run_blocks(local)
         gathered = self.sp_comm.all_gather(local.img, "sp_gather")  # [S, B, N/S, D] in shard order
-        full = gathered.permute(1, 0, 2, 3).reshape(x.shape[0], -1, gathered.shape[-1])[:, :n_img]
+        full = gathered.permute(1, 0, 2, 3).reshape(x.shape[0], -1, gathered.shape[-1])[:, :n_img - tokens.n_ref]
         return a.head(tokens.with_(img=full))
