@@ -18,6 +18,8 @@ COMFY_CONFIGS = {
     ("wan", "t2v"): ("WAN21_T2V", "FLOW"),
     ("wan", "i2v"): ("WAN21_I2V", "FLOW"),
     ("wan", "ti2v"): ("WAN22_T2V", "FLOW"),
+    ("qwen", "image"): ("QwenImage", "FLUX"),
+    ("qwen", "edit_2511"): ("QwenImage", "FLUX"),  # ComfyUI 0.3.64 predates 2511: the same settings
 }
 
 

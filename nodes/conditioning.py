@@ -11,12 +11,16 @@ import math
 
 # Keys ComfyUI's model for the family reads and the engine applies ("guidance": Flux dev's distilled guidance).
 # Wan: WanImageToVideo's CLIP vision output (Wan 2.1 I2V) and start image latent and mask (I2V).
-APPLIED = {"flux": {"pooled_output", "guidance"}, "sd3": {"pooled_output"}, "pixart": set(),
-           "wan": {"clip_vision_output", "concat_latent_image", "concat_mask"}}
+# Flux (Kontext) and Qwen-Image-Edit: ReferenceLatent's and the Qwen edit encoders' reference latents, with
+# FluxKontextMultiReferenceLatentMethod's placement.
+REFERENCES = {"reference_latents", "reference_latents_method"}
+APPLIED = {"flux": {"pooled_output", "guidance"} | REFERENCES, "sd3": {"pooled_output"}, "pixart": set(),
+           "wan": {"clip_vision_output", "concat_latent_image", "concat_mask"}, "qwen": set(REFERENCES)}
 # Keys ComfyUI's model for the family never reads (so neither do we): the T5-only PixArt's and Wan's empty
 # pooled output, FluxGuidance on a model without a guidance embedder.
+# Qwen: ComfyUI's QwenImage hands the text encoder's attention_mask to its blocks, whose attention never uses it.
 IGNORED = {"flux": set(), "sd3": {"guidance"}, "pixart": {"pooled_output", "guidance"},
-           "wan": {"pooled_output", "guidance"}}
+           "wan": {"pooled_output", "guidance"}, "qwen": {"pooled_output", "guidance", "attention_mask"}}
 # Keys that change nothing at these values (a Conditioning Set Timestep Range of 0..1, strength 1).
 NO_OP = {"start_percent": 0.0, "end_percent": 1.0, "strength": 1.0}
 # What to use instead of a key the engine does not apply yet.
@@ -27,7 +31,8 @@ ADVICE = {
     "start_percent": "timestep ranges are not supported yet; remove Conditioning Set Timestep Range",
     "end_percent": "timestep ranges are not supported yet; remove Conditioning Set Timestep Range",
     "strength": "conditioning strength is not supported yet; leave it at 1.0",
-    "reference_latents": "reference latents (Kontext and edit models) are not supported yet",
+    "reference_latents": "reference latents reach FLUX.1 Kontext and Qwen-Image-Edit models only",
+    "reference_latents_method": "reference latents reach FLUX.1 Kontext and Qwen-Image-Edit models only",
     "concat_latent_image": "inpainting-model conditioning is not supported yet; use a LATENT noise_mask",
     "concat_mask_index": "Wan Fun / camera models' mask placement is not supported; use a Wan I2V model",
     "time_dim_concat": "Wan frame-extension conditioning is not supported yet",
@@ -104,7 +109,26 @@ def branch_from_conditioning(spec, conditioning, shape, name: str, noise_mask=No
     image = concat = None
     if spec.family == "wan":
         image, concat = _wan_image_inputs(spec, extra, shape, name, noise_mask)
-    return BranchCond(text, pooled, image=image, concat=concat), guidance
+    references = _references(spec, extra.get("reference_latents") or (), batch, name)
+    return BranchCond(text, pooled, image=image, concat=concat, references=references,
+                      reference_method=extra.get("reference_latents_method")), guidance
+
+
+def _references(spec, latents, batch: int, name: str) -> tuple:
+    """ReferenceLatent's LATENTs in model space, as ComfyUI's model takes them (process_latent_in), each [B or 1,
+    C, h, w] (a one-frame [B, C, 1, h, w] from the Wan VAE loses its frame axis)."""
+    from xdit_core.api import XDiTConditioningError
+
+    out = []
+    for i, lat in enumerate(latents):
+        if lat.ndim == 5 and lat.shape[2] == 1:
+            lat = lat[:, :, 0]
+        if lat.ndim != 4 or lat.shape[1] != spec.latent_channels or lat.shape[0] not in (1, batch):
+            raise XDiTConditioningError(f"{name} conditioning: reference latent {i} has shape {list(lat.shape)}; "
+                                        f"this {spec.family} model takes [1 or {batch}, {spec.latent_channels}, h, w] "
+                                        "(a VAE Encode of the reference image with the model's VAE)")
+        out.append(spec.latent_format.process_in(lat.float()))
+    return tuple(out)
 
 
 def _wan_image_inputs(spec, extra: dict, shape, name: str, noise_mask):

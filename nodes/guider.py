@@ -13,7 +13,7 @@ import math
 from . import host
 from .comfy_model import xdit_model_of
 from .conditioning import branch_from_conditioning
-from .sampler import plan_run
+from .sampler import model_shape, plan_run
 from .types import XDiTMesh, XDiTModel
 
 
@@ -127,8 +127,14 @@ def guider_class():
             # a sampler (the CFG++ ones) asks for it.
             skip_negative = math.isclose(self.cfg, 1.0) and not model_options.get("disable_cfg1_optimization", False)
             with_negative = not skip_negative and "negative" in self.original_conds
-            model_timestep = self.inner_model.spec.model_timestep(ms.timestep(timestep).float(), self.denoise_mask)
-            cond_out, uncond_out = self.evaluate(ms.calculate_input(timestep, x), model_timestep, with_negative)
+            spec = self.inner_model.spec
+            model_timestep = spec.model_timestep(ms.timestep(timestep).float(), self.denoise_mask)
+            xin = ms.calculate_input(timestep, x)
+            one_frame = spec.one_frame and xin.ndim == 5  # Qwen-Image: the workers sample [B, C, h, w]
+            cond_out, uncond_out = self.evaluate(xin[:, :, 0] if one_frame else xin, model_timestep, with_negative)
+            if one_frame:
+                cond_out = cond_out.unsqueeze(2)
+                uncond_out = None if uncond_out is None else uncond_out.unsqueeze(2)
             cond_pred = ms.calculate_denoised(timestep, cond_out.to(x.device), x)
             uncond_pred = (ms.calculate_denoised(timestep, uncond_out.to(x.device), x) if with_negative
                            else torch.zeros_like(x))
@@ -156,6 +162,7 @@ def prepare(xdit: XDiTModel, mesh: XDiTMesh, conds: dict, cfg: float, shape, ste
     try:
         spec = api.describe_model(xdit.path, xdit.family, xdit.variant)
         api.validate_latent_shape(spec, shape, "noise")
+        shape = model_shape(spec, shape)
 
         def branch(name: str):
             cond, guidance = branch_from_conditioning(spec, conds[name], shape, name, noise_mask)

@@ -21,7 +21,16 @@ def model_shape(spec, shape) -> list[int]:
     """The latent shape the model samples: the model's channels (an empty latent's are fixed), and for a video
     model an image latent as one frame (ComfyUI's fix_empty_latent_channels)."""
     shape = [shape[0], spec.latent_channels, *shape[2:]]
+    if spec.one_frame and len(shape) == 5:  # Qwen-Image: sampled as an image, handed back with its frame axis
+        return shape[:2] + shape[3:]
     return shape[:2] + [1] + shape[2:] if spec.is_video and len(shape) == 4 else shape
+
+
+def comfy_samples(spec, latent):
+    """A sampled latent (model space) as the LATENT ComfyUI's own sampler returns: a one-frame family's with its
+    frame axis (ComfyUI's fix_empty_latent_channels gives it one)."""
+    latent = spec.latent_format.process_out(latent)
+    return latent.unsqueeze(2) if spec.one_frame and latent.ndim == 4 else latent
 
 
 def lora_refs(model: XDiTModel) -> tuple:
@@ -94,7 +103,7 @@ def run_sampler(model: XDiTModel, mesh: XDiTMesh, positive, negative, latent_ima
                                     steps_range=steps_range or api.StepRange(), loras=loras)
         result = dict(latent_image)
         if request.unsampled is not None:  # an empty step range: KSamplerAdvanced returns the latent as it is
-            result["samples"] = request.unsampled
+            result["samples"] = request.unsampled.unsqueeze(2) if spec.one_frame else request.unsampled
             return (result,)
         reporter = host.StepReporter(request.steps, comfy_latent_format(model))
         request = replace(request, preview=reporter.wants_previews)
@@ -106,7 +115,7 @@ def run_sampler(model: XDiTModel, mesh: XDiTMesh, positive, negative, latent_ima
         host.raise_interrupted()
     except api.XDiTError as e:
         raise RuntimeError(f"xDiT Sampler: {e}") from None
-    result["samples"] = spec.latent_format.process_out(out)
+    result["samples"] = comfy_samples(spec, out)
     return (result,)
 
 

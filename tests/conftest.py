@@ -19,7 +19,7 @@ def tiny_models(tmp_path_factory):
 @pytest.fixture(scope="session")
 def spawned_world(tmp_path_factory):
     """The suite's one spawned world of 8 gloo ranks (spawning costs seconds per process here). The parity
-    cases of test_parallel.py, test_wan.py and test_sharding.py, then the point-to-point cases of test_nccl_semantics.py, run in
+    cases of test_parallel.py, test_wan.py, test_image_families.py and test_sharding.py, then the point-to-point cases of test_nccl_semantics.py, run in
     it in turn;
     smaller meshes use the first ranks."""
     import parallel_world
@@ -27,12 +27,15 @@ def spawned_world(tmp_path_factory):
     from test_parallel import PATHS
     from test_parallel import world_payload as parallel_payload
     from test_sharding import world_payload as sharding_payload
+    from test_image_families import world_payload as families_payload
     from test_wan import world_payload as wan_payload
     from xdit_core.runtime.launch import spawn_world
 
     cases, refs, shapes = parallel_payload(tmp_path_factory.mktemp("par"))
     wan_cases, wan_refs = wan_payload(tmp_path_factory.mktemp("wan"))
-    cases, refs = cases + wan_cases + sharding_payload(PATHS), {**refs, **wan_refs}
+    family_cases, family_refs = families_payload(tmp_path_factory.mktemp("families"))
+    cases = cases + wan_cases + family_cases + sharding_payload(PATHS)
+    refs = {**refs, **wan_refs, **family_refs}
     payload = {"parallel": cases, "nccl": nccl_payload(tmp_path_factory.mktemp("nccl"))}
     # The ranks start with diffusers' attention backend set to flex (the serial references used native SDPA):
     # the dispatcher families (Flux) must then be routed at the dispatcher, not at the SDPA call that the

@@ -121,7 +121,10 @@ def _unmasked_text():
     def key_validity(segments, *args, **kwargs):
         return original([replace(s, mask=None) for s in segments], *args, **kwargs)
 
-    return mock.patch.object(attention_module, "_key_validity", key_validity)
+    stack = contextlib.ExitStack()
+    stack.enter_context(mock.patch.object(attention_module, "_key_validity", key_validity))
+    stack.enter_context(mock.patch.object(PipeFusionKV, "_validity", lambda self, kb: None))  # its buffers' keys
+    return stack
 
 
 def _stale_kv():

@@ -39,6 +39,10 @@ _BASE: dict[str, dict[str, dict[str, Any]]] = {
         "tiny": dict(layers=2, heads=4, head_dim=24, text_dim=32, ffn_dim=128, image_dim=32),
         "medium": dict(layers=8, heads=8, head_dim=64, text_dim=256, ffn_dim=1024, image_dim=128),
     },
+    "qwen": {  # Qwen-Image: 60 blocks of 24 heads x 128 over 3584-wide Qwen2.5-VL states
+        "tiny": dict(layers=2, heads=4, head_dim=16, text_dim=32),
+        "medium": dict(layers=12, heads=8, head_dim=64, text_dim=256),
+    },
 }
 
 
@@ -91,6 +95,11 @@ def tiny_config(family: str, preset: str = "tiny", layers: Optional[int] = None,
                     ffn_dim=p["ffn_dim"], num_layers=p["layers"], cross_attn_norm=True, qk_norm="rms_norm_across_heads",
                     eps=1e-6, image_dim=p["image_dim"] if clip else None,
                     added_kv_proj_dim=heads * head_dim if clip else None, rope_max_seq_len=1024)
+    if family == "qwen":
+        axes = flux_rope_axes(head_dim)
+        return dict(patch_size=2, in_channels=64, out_channels=16, num_layers=p["layers"], attention_head_dim=head_dim,
+                    num_attention_heads=heads, joint_attention_dim=p["text_dim"], axes_dims_rope=axes,
+                    zero_cond_t=variant == "edit_2511")
     if (heads * head_dim) % 4:
         raise XDiTConfigError(f"{family} hidden size {heads * head_dim} must be a multiple of 4 (its 2-D sin-cos "
                               "position embedding gives each axis half, as sin and cos)")

@@ -21,6 +21,7 @@ REQUIRED = {
             "caption_projection_dim", "pooled_projection_dim"),
     "pixart": ("num_layers", "num_attention_heads", "attention_head_dim", "caption_channels"),
     "wan": ("num_layers", "num_attention_heads", "attention_head_dim", "in_channels", "ffn_dim", "text_dim"),
+    "qwen": ("num_layers", "num_attention_heads", "attention_head_dim", "joint_attention_dim"),
 }
 # Counts and sizes, each a positive integer where a config states it (null: diffusers derives it).
 SIZES = ("num_layers", "num_single_layers", "num_attention_heads", "attention_head_dim", "joint_attention_dim",
@@ -86,12 +87,12 @@ def check_config(config: dict[str, Any], where: str) -> None:
         raise XDiTModelError(f"{where}: {projection} is {config[projection]} but the transformer is "
                              f"num_attention_heads × attention_head_dim = {heads} × {head_dim} = {width} wide; "
                              "they must be equal")
-    if family == "flux":
+    if family in ("flux", "qwen"):
         axes = config.get("axes_dims_rope", FLUX_DEFAULT_ROPE)
         if not (isinstance(axes, list) and len(axes) == 3 and all(isinstance(a, int) and a > 0 and a % 2 == 0
                                                                   for a in axes) and sum(axes) == head_dim):
             raise XDiTModelError(f"{where}: axes_dims_rope {json.dumps(axes)} must be three positive even sizes "
-                                 f"summing to attention_head_dim {head_dim} (FLUX.1: [16, 56, 56] for 128)")
+                                 f"summing to attention_head_dim {head_dim} ([16, 56, 56] for 128)")
     if family == "pixart" and size_conditioned(config) and width % 3:
         raise XDiTModelError(f"{where}: the width {width} (num_attention_heads × attention_head_dim) is not a "
                              "multiple of 3, which PixArt's size conditioning (use_additional_conditions) needs: "

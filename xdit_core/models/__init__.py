@@ -8,10 +8,11 @@ from xdit_core.models.families import ModelSpec
 from xdit_core.models.base import BranchCond, ModelAdapter
 from xdit_core.models.flux import FluxAdapter
 from xdit_core.models.pixart import PixArtAdapter
+from xdit_core.models.qwen import QwenImageAdapter
 from xdit_core.models.wan import WanAdapter
 from .sd3 import SD3Adapter
 
-ADAPTERS = {"flux": FluxAdapter, "sd3": SD3Adapter, "pixart": PixArtAdapter, "wan": WanAdapter}
+ADAPTERS = {"flux": FluxAdapter, "sd3": SD3Adapter, "pixart": PixArtAdapter, "wan": WanAdapter, "qwen": QwenImageAdapter}
 
 
 def make_adapter(model: torch.nn.Module, spec: ModelSpec) -> ModelAdapter:

@@ -9,10 +9,12 @@ import torch
 
 from xdit_core.errors import XDiTConditioningError, XDiTConfigError, XDiTNumericError
 from xdit_core.models.families import ModelSpec
-from xdit_core.models import wan
+from xdit_core.models import flux, qwen, wan
 from xdit_core.models.base import BranchCond
 
 RANDOM_TEXT_LENGTH = 32
+REFERENCE_FAMILIES = ("flux", "qwen")  # FLUX.1 Kontext, Qwen-Image-Edit
+REFERENCE_METHODS = {"flux": flux.REFERENCE_METHODS, "qwen": qwen.REFERENCE_METHODS}
 CLIP_VISION_TOKENS = 257  # CLIP ViT-H/14's penultimate states at 224 px: 16 x 16 patches and the class token
 MAX_SEED = 0xffffffffffffffff  # ComfyUI's seed range is 0..MAX_SEED, which is what torch's generators take
 
@@ -100,6 +102,22 @@ def prepare_branch(spec: ModelSpec, cond: Optional[BranchCond], shape: Sequence[
     check_finite(f"{branch} conditioning", cond.text)
     if cond.pooled is not None:
         check_finite(f"{branch} pooled conditioning", cond.pooled)
+    check_text_mask(cond, branch)
+    if cond.references and spec.family not in REFERENCE_FAMILIES:
+        raise XDiTConditioningError(f"{branch}: reference latents reach a {spec.family} model, which takes none "
+                                    "(FLUX.1 Kontext and Qwen-Image-Edit do)")
+    for i, ref in enumerate(cond.references):
+        check_finite(f"{branch} reference latent {i}", ref)
+        if ref.ndim != 4 or ref.shape[1] != spec.latent_channels or ref.shape[0] not in (1, shape[0]) \
+                or ref.shape[-1] % spec.patch_size or ref.shape[-2] % spec.patch_size:
+            raise XDiTConditioningError(
+                f"{branch}: reference latent {i} has shape {list(ref.shape)}; expected [1 or {shape[0]}, "
+                f"{spec.latent_channels}, h, w] with h and w multiples of {spec.patch_size} (an image whose sides "
+                f"are multiples of {spec.pixel_multiple} pixels)")
+    methods = REFERENCE_METHODS.get(spec.family, ())
+    if cond.reference_method is not None and cond.reference_method not in methods:
+        raise XDiTConditioningError(f"{branch}: reference_latents_method {cond.reference_method!r} is not one of "
+                                    f"{', '.join(methods) or 'none (this model takes no references)'}")
     if spec.family != "wan":
         if cond.image is not None or cond.concat is not None:
             raise XDiTConditioningError(f"{branch}: image conditioning (CLIP vision, a start image) reaches a "
@@ -114,6 +132,18 @@ def prepare_branch(spec: ModelSpec, cond: Optional[BranchCond], shape: Sequence[
             check_finite(f"{branch} {name} conditioning", getattr(cond, name))
     wan.check_branch(spec, cond, shape, branch)
     return cond
+
+
+def check_text_mask(cond: BranchCond, branch: str) -> None:
+    """A text key mask is [1 or B, L] over the text's L tokens and keeps at least one token per item."""
+    mask = cond.text_mask
+    if mask is None:
+        return
+    if mask.ndim != 2 or mask.shape[1] != cond.text.shape[1] or mask.shape[0] not in (1, cond.text.shape[0]):
+        raise XDiTConditioningError(f"{branch}: the text mask has shape {list(mask.shape)}, expected "
+                                    f"[1 or {cond.text.shape[0]}, {cond.text.shape[1]}] (one entry per text token)")
+    if not bool(mask.bool().any(dim=1).all()):
+        raise XDiTConditioningError(f"{branch}: the text mask masks every token of an item; keep at least one")
 
 
 def random_cond(spec: ModelSpec, batch: int, seed: int, with_negative: bool,

@@ -11,17 +11,22 @@ from xdit_core.errors import XDiTConfigError, XDiTModelError
 from xdit_core.models.latent_formats import LatentFormat
 from xdit_core.models.model_sampling import DiscreteEpsSampling, DiscreteFlowSampling, FluxSampling, ModelSampling, flux_auto_shift
 
-FAMILIES = ("flux", "sd3", "pixart", "wan")
+FAMILIES = ("flux", "sd3", "pixart", "wan", "qwen")
 CLASS_NAMES = {
     "FluxTransformer2DModel": "flux",
     "SD3Transformer2DModel": "sd3",
     "PixArtTransformer2DModel": "pixart",
     "WanTransformer3DModel": "wan",
+    "QwenImageTransformer2DModel": "qwen",
 }
+VIDEO_FAMILIES = ("wan",)
 # Wan: t2v = Wan 2.1 T2V and the Wan 2.2 A14B T2V experts; i2v = Wan 2.1 I2V (CLIP vision) and the Wan 2.2 A14B
 # I2V experts (none), which take the start image's latent and mask as 20 extra input channels; ti2v = Wan 2.2
 # TI2V 5B (48-channel latents, the start image inside the latent, per-frame timesteps).
-VARIANTS = {"flux": ("dev", "schnell"), "sd3": ("sd3",), "pixart": ("alpha", "sigma"), "wan": ("t2v", "i2v", "ti2v")}
+# Qwen: image = Qwen-Image and Qwen-Image-Edit 2509 (the same transformer; an edit takes reference latents in its
+# conditioning), edit_2511 = Qwen-Image-Edit 2511 (its reference tokens modulated at timestep 0: zero_cond_t).
+VARIANTS = {"flux": ("dev", "schnell"), "sd3": ("sd3",), "pixart": ("alpha", "sigma"), "wan": ("t2v", "i2v", "ti2v"),
+            "qwen": ("image", "edit_2511")}
 # Latent side must be even for the 2x2 patch embedding: pixels multiple of 8 * 2 (the image families'; see
 # ModelSpec.pixel_multiple, 32 for Wan 2.2 5B's 16x VAE).
 PIXEL_MULTIPLE = 16
@@ -61,8 +66,14 @@ class ModelSpec:
 
     @property
     def is_video(self) -> bool:
-        """Latents are [B, C, frames, h, w] (ComfyUI's latent_dimensions 3)."""
-        return self.latent_format.dims == 3
+        """Latents are [B, C, frames, h, w] of several frames (ComfyUI's latent_dimensions 3, a video model)."""
+        return self.latent_format.dims == 3 and self.family in VIDEO_FAMILIES
+
+    @property
+    def one_frame(self) -> bool:
+        """An image model whose ComfyUI LATENTs are [B, C, 1, h, w] (Qwen-Image's Wan 2.1 VAE format): the engine
+        samples them as [B, C, h, w] and hands them back with the frame axis."""
+        return self.latent_format.dims == 3 and not self.is_video
 
     @property
     def frame_timesteps(self) -> bool:
@@ -89,6 +100,9 @@ class ModelSpec:
             return FluxSampling(value) if self.variant == "dev" else DiscreteFlowSampling(value, multiplier=1.0)
         if self.family in ("sd3", "wan"):
             return DiscreteFlowSampling(value, multiplier=1000.0)
+        if self.family == "qwen":  # ComfyUI's default is ModelSamplingFlux at 1.15; its templates' override is
+            # ModelSamplingAuraFlow (discrete flow, multiplier 1), which a given shift stands for here
+            return FluxSampling(value) if shift is None else DiscreteFlowSampling(value, multiplier=1.0)
         return DiscreteEpsSampling()
 
     def scale_latent_inpaint(self, ms: ModelSampling, sigma: torch.Tensor, noise: torch.Tensor,
@@ -128,6 +142,8 @@ def detect_variant(family: str, config: Mapping[str, Any]) -> str:
         if (config.get("out_channels") or config.get("in_channels")) == 48:
             return "ti2v"
         return "i2v" if config.get("in_channels", 16) != 16 else "t2v"
+    if family == "qwen":
+        return "edit_2511" if config.get("zero_cond_t") else "image"
     return "sd3"
 
 
@@ -159,6 +175,10 @@ def resolve_model_spec(config: Mapping[str, Any], family: Optional[str] = None,
         raise XDiTConfigError(f"variant {variant!r} contradicts the model: its channels (in_channels "
                               f"{config.get('in_channels', 16)}, out_channels {config.get('out_channels')}) make a Wan "
                               f"{detected_variant} model; pass {detected_variant!r} or leave the variant to detection")
+    if family == "qwen" and variant != detected_variant:
+        raise XDiTConfigError(f"variant {variant!r} contradicts the model: its config {'sets' if config.get('zero_cond_t') else 'does not set'} "
+                              f"zero_cond_t, so it is Qwen {detected_variant}; pass {detected_variant!r} or leave the "
+                              "variant to detection")
     if family == "pixart" and variant == "sigma" and size_conditioned(config):
         raise XDiTConfigError("variant 'sigma' contradicts the model: it takes size conditioning "
                               "(use_additional_conditions), which only PixArt-alpha has; pass 'alpha' or leave the "
@@ -178,6 +198,10 @@ def resolve_model_spec(config: Mapping[str, Any], family: Optional[str] = None,
         in_channels = int(config.get("in_channels", 16))
         return ModelSpec("wan", variant, fmt, 5.0, None, 8.0, int(config.get("text_dim", 4096)), None, heads, blocks,
                          image_dim=config.get("image_dim"), concat_channels=in_channels - fmt.channels)
+    if family == "qwen":
+        # ComfyUI's QwenImage: Wan 2.1 VAE latents, ModelSamplingFlux shift 1.15 (multiplier 1); templates run cfg 2.5
+        return ModelSpec("qwen", variant, latent_formats.WAN21, 2.5, None, 1.15, int(config.get("joint_attention_dim", 3584)),
+                         None, heads, blocks)
     fmt = latent_formats.SDXL if variant == "sigma" else latent_formats.SD15
     return ModelSpec("pixart", variant, fmt, 4.5, None, 1.0, int(config["caption_channels"]), None, heads, blocks)
 
@@ -187,4 +211,5 @@ def model_class(family: str):
     import diffusers
 
     return {"flux": diffusers.FluxTransformer2DModel, "sd3": diffusers.SD3Transformer2DModel,
-            "pixart": diffusers.PixArtTransformer2DModel, "wan": diffusers.WanTransformer3DModel}[family]
+            "pixart": diffusers.PixArtTransformer2DModel, "wan": diffusers.WanTransformer3DModel,
+            "qwen": diffusers.QwenImageTransformer2DModel}[family]

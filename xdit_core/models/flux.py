@@ -1,7 +1,7 @@
 """Flux.1 (dev, schnell): packed 2x2 tokens with rotary position ids, optional guidance embedding."""
 from __future__ import annotations
 
-from typing import Optional
+from typing import Optional, Sequence
 
 import torch
 
@@ -23,15 +23,50 @@ def flux_rope_axes(head_dim: int) -> tuple[int, int, int]:
     return a, b, head_dim - a - b
 
 
+# ComfyUI's Flux ref_latents_method values; "offset" is its default (FLUX.1 Kontext's own placement).
+REFERENCE_METHODS = ("offset", "index", "uxo")
+
+
+def kontext_ids(shapes: Sequence[tuple[int, int]], method: str, image: tuple[int, int],
+                dtype: torch.dtype = torch.float32) -> list[torch.Tensor]:
+    """Position ids of each reference latent's tokens (latent sizes, in latent rows and columns), as ComfyUI's Flux
+    sets them: "offset" on axis 0 = 1, each reference beside (taller) or below the ones before; "index" reference k
+    on axis 0 = k; "uxo" diagonally after the sampled image (`image`, its latent size) and the references before."""
+    out, h, w, index = [], 0, 0, 0
+    for rows, cols in shapes:
+        if method == "index":
+            index, row0, col0 = index + 1, 0, 0
+        elif method == "uxo":
+            index, row0, col0 = 0, image[0] + h, image[1] + w
+            h, w = h + rows, w + cols
+        else:
+            index, row0, col0 = 1, 0, 0
+            if rows + h > cols + w:
+                col0 = w
+            else:
+                row0 = h
+            h, w = max(h, rows + row0), max(w, cols + col0)
+        ids = flux_image_ids(rows, cols, dtype)
+        ids[:, 0] = index
+        ids[:, 1] += (row0 + 1) // 2
+        ids[:, 2] += (col0 + 1) // 2
+        out.append(ids)
+    return out
+
+
 class FluxAdapter(ModelAdapter):
     JOINT_ORDER = ("txt", "img")  # Flux puts the text tokens first
+
+    def reference_tokens(self, cond: BranchCond, height: int, width: int) -> int:
+        return sum((r.shape[-2] // 2) * (r.shape[-1] // 2) for r in cond.references)
 
     def embed(self, x: torch.Tensor, timestep: torch.Tensor, cond: BranchCond,
               guidance: Optional[float]) -> Tokens:
         m = self.model
         b, _, h, w = x.shape
         dtype = x.dtype
-        img = m.x_embedder(pack_flux(x))
+        refs = [r.to(dtype).expand(b, -1, -1, -1) for r in cond.references]  # Kontext: after the image's tokens
+        img = m.x_embedder(torch.cat([pack_flux(x)] + [pack_flux(r) for r in refs], dim=1))
         t = timestep.to(dtype) * 1000
         if m.config.guidance_embeds:
             # ComfyUI's Flux uses guidance 3.5 when the conditioning carries none.
@@ -40,8 +75,10 @@ class FluxAdapter(ModelAdapter):
         else:
             temb = m.time_text_embed(t, cond.pooled.to(dtype))
         txt = m.context_embedder(cond.text.to(dtype))
-        ids = torch.cat([torch.zeros(cond.text.shape[1], 3, dtype=dtype), flux_image_ids(h, w, dtype)]).to(x.device)
-        return Tokens(img, txt, h, w, {"temb": temb, "rotary": m.pos_embed(ids)})
+        ref_ids = kontext_ids([tuple(r.shape[-2:]) for r in refs], cond.reference_method or "offset", (h, w), dtype)
+        ids = torch.cat([torch.zeros(cond.text.shape[1], 3, dtype=dtype), flux_image_ids(h, w, dtype), *ref_ids])
+        n_ref = sum(len(r) for r in ref_ids)
+        return Tokens(img, txt, h, w, {"temb": temb, "rotary": m.pos_embed(ids.to(x.device))}, n_ref=n_ref)
 
     def embed_image(self, rows: torch.Tensor, top: int, height: int) -> torch.Tensor:
         return self.model.x_embedder(pack_flux(rows))  # row-major 2x2 patches; positions live in the rotary table

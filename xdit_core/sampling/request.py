@@ -126,7 +126,7 @@ def validate_shift(spec: ModelSpec, shift: Optional[float | str]) -> None:
 def latent_layout(spec: ModelSpec) -> str:
     """A LATENT's dims as the family's messages name them."""
     scale = spec.latent_format.spatial_scale
-    frames = "frames, " if spec.is_video else ""
+    frames = "frames, " if spec.is_video else "1, " if spec.one_frame else ""
     return f"[B, {spec.latent_channels}, {frames}H/{scale}, W/{scale}]"
 
 
@@ -134,10 +134,13 @@ def validate_latent_shape(spec: ModelSpec, shape: Sequence[int], source: str = "
     """Raise XDiTConfigError unless `shape` is a ComfyUI LATENT [B, C, H/8, W/8] (video: [B, C, frames, H/8,
     W/8], or a 4-D image latent, taken as one frame) with 1..MAX_BATCH items of a valid size (channels are
     checked after an empty latent's are fixed)."""
-    dims = (4, 5) if spec.is_video else (4,)
+    dims = (4, 5) if spec.latent_format.dims == 3 else (4,)
     if len(shape) not in dims:
         raise XDiTConfigError(f"{source} has shape {list(shape)}, expected {' or '.join(map(str, dims))} "
                               f"dims {latent_layout(spec)} for {spec.family}")
+    if spec.one_frame and len(shape) == 5 and shape[2] != 1:
+        raise XDiTConfigError(f"{source} has shape {list(shape)}: {shape[2]} frames, but {spec.family} makes images "
+                              f"(one frame, {latent_layout(spec)})")
     if not 1 <= shape[0] <= MAX_BATCH:
         raise XDiTConfigError(f"{source} batch must be 1..{MAX_BATCH} (ComfyUI's batch limit), got {shape[0]}")
     if len(shape) == 5 and shape[2] < 1:
@@ -250,6 +253,8 @@ def build_request(spec: ModelSpec, latent: torch.Tensor, *, seed: int, steps: in
     latent = fix_empty_latent_channels(latent.float(), spec.latent_channels)
     if spec.is_video and latent.ndim == 4:  # as ComfyUI: an image latent is one frame of a video model's
         latent = latent.unsqueeze(2)
+    if spec.one_frame and latent.ndim == 5:  # sampled as an image; the caller restores the frame axis
+        latent = latent[:, :, 0]
     if latent.shape[1] != spec.latent_channels:
         raise XDiTConfigError(
             f"latent has shape {list(latent.shape)}, expected {latent_layout(spec)} for {spec.family}")

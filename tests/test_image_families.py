@@ -1,0 +1,222 @@
+"""The image families of issue 18 (Qwen-Image and Edit, FLUX.1 Kontext, ...): parallel parity with text key masks
+and reference-image tokens, the adapter against a direct diffusers forward, and a full generate against a loop
+over the diffusers transformer with ComfyUI's sigmas.
+
+The parallel cases run in the suite's shared spawned world (tests/conftest.py) on tiny models where attention
+matters (test_parallel.WEIGHT_STD, q/k norms scaled). Latents of 6 x 10 (3 x 5 = 15 tokens: every degree pads),
+7 text tokens (replicated at every degree), a reference latent of another size; batch 2 where a text mask differs
+per item (the masked kernel), batch 1 where it is the same (masked keys dropped like padding).
+"""
+from dataclasses import replace
+
+import pytest
+import torch
+
+from xdit_core.cli.tiny import build_tiny
+from xdit_core.errors import XDiTConditioningError
+from xdit_core.loading.load import load_model
+from xdit_core.models import make_adapter
+from xdit_core.models.base import BranchCond
+from xdit_core.models.families import resolve_model_spec
+from xdit_core.models.latent_formats import pack_flux, unpack_flux
+from xdit_core.parallel.mesh import ParallelConfig
+from xdit_core.runtime.job import run_request
+from xdit_core.sampling.request import build_request
+
+from test_parallel import CFG, MUTATION_FACTOR, STEPS, TOL, rel_err, write_model
+
+ROWS, COLS, TEXT = 6, 10, 7
+CONFIGS = {
+    "u2": ParallelConfig(ulysses_degree=2),
+    "r2": ParallelConfig(ring_degree=2),
+    "u2r2": ParallelConfig(ulysses_degree=2, ring_degree=2),
+    "cfg_r2": ParallelConfig(ring_degree=2, use_cfg_parallel=True),
+    "pf2": ParallelConfig(pipefusion_parallel_degree=2, warmup_steps=STEPS),  # every step warm: exact
+    "pf2_r2": ParallelConfig(pipefusion_parallel_degree=2, ring_degree=2, warmup_steps=STEPS),
+}
+# (case, family, variant, request kind); kinds: see family_request.
+CASES = {
+    "qwen_edit": ("qwen", "image", "edit"),
+    "qwen_masked": ("qwen", "image", "masked"),
+    "qwen_2511": ("qwen", "edit_2511", "edit"),
+    "kontext": ("flux", "dev", "edit"),
+}
+CASE_CONFIGS = {"qwen_edit": tuple(CONFIGS), "qwen_masked": ("u2", "r2", "cfg_r2", "pf2"),
+                "qwen_2511": ("u2", "pf2_r2"), "kontext": ("u2r2", "cfg_r2", "pf2")}
+# Negative controls: each must move the output >= MUTATION_FACTOR x TOL.
+NEGATIVE = [("qwen_masked", "r2", "unmasked_text"), ("qwen_masked", "pf2", "unmasked_text"),
+            ("qwen_masked", "u2", "unmasked_padding")]
+
+
+def family_request(spec, kind: str, seed: int = 0, steps: int = STEPS, rows: int = ROWS, cols: int = COLS):
+    """"edit": batch 1, a reference latent (4 x 8) in the positive branch and two (4 x 8, 4 x 4) placed by "index"
+    in the negative (even token counts, where diffusers' positions are ComfyUI's); "masked": batch 2, the positive's text mask differing per item, the negative's the
+    same for both (masked keys dropped)."""
+    gen = torch.Generator().manual_seed(seed)
+    batch = 2 if kind == "masked" else 1
+    pos, neg = (BranchCond(torch.randn(batch, TEXT, spec.text_dim, generator=gen)) for _ in range(2))
+    if spec.pooled_dim:
+        pos, neg = (replace(c, pooled=torch.randn(batch, spec.pooled_dim, generator=gen)) for c in (pos, neg))
+    if kind == "edit":
+        ref = torch.randn(1, spec.latent_channels, 4, 8, generator=gen)
+        pos = replace(pos, references=(ref,))
+        neg = replace(neg, references=(ref, torch.randn(1, spec.latent_channels, 4, 4, generator=gen)),
+                      reference_method="index")
+    else:
+        mask = torch.ones(batch, TEXT, dtype=torch.bool)
+        mask[1, 4:] = False
+        pos = replace(pos, text_mask=mask)
+        neg = replace(neg, text_mask=torch.tensor([[True] * 5 + [False] * 2]))
+    latent = torch.zeros(batch, spec.latent_channels, rows, cols)
+    return build_request(spec, latent, seed=1, steps=steps, cfg=CFG, sampler="euler", scheduler="simple",
+                         denoise=1.0, positive=pos, negative=neg)
+
+
+def world_payload(root):
+    """The cases this module adds to the shared spawned world, and their serial references."""
+    cases, refs = [], {}
+    for case, (family, variant, kind) in CASES.items():
+        path = write_model(family, root / case, variant=variant)
+        adapter = make_adapter(*load_model(path))
+        request = family_request(adapter.spec, kind)
+        refs[("families", case)] = run_request(adapter, request)
+        for name in CASE_CONFIGS[case]:
+            cases.append((f"families/{case}/{name}", str(path), CONFIGS[name], "p2p", request))
+        for c, name, mutation in NEGATIVE:
+            if c == case:
+                cases.append((f"families/{case}/{name}@{mutation}", str(path), CONFIGS[name], "p2p", request))
+    return cases, refs
+
+
+@pytest.fixture(scope="module")
+def world(spawned_world):
+    return spawned_world["per_rank"][0]["parallel"], spawned_world["refs"]
+
+
+@pytest.mark.parametrize("case,config", [(c, n) for c in CASES for n in CASE_CONFIGS[c]])
+def test_parallel_equals_serial(world, case, config):
+    results, refs = world
+    err = rel_err(results[f"families/{case}/{config}"]["out"], refs[("families", case)])
+    print(f"parity {case:12s} {config:7s} max|d|/max|ref| = {err:.2e}")
+    assert err <= TOL
+
+
+@pytest.mark.parametrize("case,config,mutation", NEGATIVE)
+def test_negative_control_is_caught(world, case, config, mutation):
+    results, refs = world
+    err = rel_err(results[f"families/{case}/{config}@{mutation}"]["out"], refs[("families", case)])
+    print(f"negative control {case:12s} {config:4s} {mutation:16s} max|d|/max|ref| = {err:.2e}")
+    assert err >= MUTATION_FACTOR * TOL
+
+
+def _qwen(variant="image"):
+    model = build_tiny("qwen", seed=2, weight_std=0.15, variant=variant).eval()
+    return model, make_adapter(model, resolve_model_spec(dict(model.config), family="qwen"))
+
+
+@pytest.mark.parametrize("variant", ("image", "edit_2511"))
+def test_qwen_forward_equals_diffusers_forward(variant):
+    """Degree 1 at even token counts (where ComfyUI's and diffusers' positions agree): our embed -> blocks -> head is
+    diffusers' QwenImageTransformer2DModel.forward bit for bit, with a text mask and with a reference image."""
+    model, adapter = _qwen(variant)
+    gen = torch.Generator().manual_seed(0)
+    x, text, ref = (torch.randn(*s, generator=gen) for s in ((1, 16, 8, 12), (1, TEXT, 32), (1, 16, 4, 8)))
+    t = torch.tensor([0.7])
+    mask = torch.tensor([[True] * 5 + [False] * 2])
+    with torch.no_grad():
+        for cond, shapes, refs in ((BranchCond(text, text_mask=mask), [[(1, 4, 6)]], []),
+                                   (BranchCond(text, references=(ref,)), [[(1, 4, 6), (1, 2, 4)]], [ref])):
+            ours = adapter.predict(x, t, cond, None)
+            theirs = model(hidden_states=torch.cat([pack_flux(v) for v in [x, *refs]], dim=1),
+                           encoder_hidden_states=text, encoder_hidden_states_mask=cond.text_mask, timestep=t,
+                           img_shapes=shapes, return_dict=False)[0]
+            assert torch.equal(ours, unpack_flux(theirs[:, :24], 8, 12))
+
+
+def test_qwen_positions_are_comfyuis_at_odd_sizes():
+    """At an odd token count ComfyUI centres the rows as -(n // 2) .. n - 1 - n // 2 (diffusers one lower): 5 rows
+    are -2..2, and the text starts after max(rows, columns) // 2 of the sampled latent, references not counted."""
+    from xdit_core.models.qwen import grid_ids, reference_ids
+
+    ids = grid_ids(5, 3)
+    assert ids[:, 1].unique().tolist() == [-2, -1, 0, 1, 2] and ids[:, 2].unique().tolist() == [-1, 0, 1]
+    index, offset = reference_ids([(2, 4), (3, 2)], "index"), reference_ids([(2, 4), (3, 2)], "offset")
+    assert [r[0, 0].item() for r in index] == [1, 2] and [r[0, 0].item() for r in offset] == [1, 1]
+    # "offset": the second (3 + 2 rows <= 2 + 4 columns) goes below the first's 2 rows, then centred: rows 2..4 - 1
+    assert offset[1][:, 1].unique().tolist() == [1, 2, 3] and offset[1][:, 2].unique().tolist() == [-1, 0]
+
+
+def comfy_flux_sigmas(mu: float, steps: int) -> torch.Tensor:
+    """ComfyUI's ModelSamplingFlux table (flux_time_shift(mu, 1, t) at 10000 timesteps, float32) with the "simple"
+    scheduler, written out."""
+    t = torch.arange(1, 10001) / 10000
+    table = torch.exp(torch.tensor(mu)) / (torch.exp(torch.tensor(mu)) + (1 / t - 1))
+    stride = len(table) / steps
+    return torch.tensor([float(table[-(1 + int(i * stride))]) for i in range(steps)] + [0.0])
+
+
+def test_qwen_generate_equals_a_loop_over_the_diffusers_transformer(tmp_path):
+    """run_request equals euler with CFG over diffusers' transformer: ComfyUI's Qwen sigmas (ModelSamplingFlux
+    1.15), noise and Wan 2.1 latent format, the reference latent in the positive branch, sigma as the timestep."""
+    model = build_tiny("qwen", seed=5, weight_std=0.1).eval()
+    model.save_pretrained(tmp_path / "q")
+    adapter = make_adapter(*load_model(tmp_path / "q"))  # its rotary table is ours: diffusers' stays on meta
+    spec, steps, rows, cols = adapter.spec, 3, 8, 12  # even token counts: diffusers' positions are ComfyUI's
+    request = family_request(spec, "edit", steps=steps, rows=rows, cols=cols)
+    ours = run_request(adapter, request)
+    sigmas = comfy_flux_sigmas(1.15, steps).float()
+    x = sigmas[0] * torch.randn(1, 16, rows, cols, generator=torch.Generator().manual_seed(1))
+    for i in range(steps):
+        s = sigmas[i]
+        preds = []
+        for c in (request.positive, request.negative):
+            refs = list(c.references)
+            shapes = [[(1, rows // 2, cols // 2)] + [(1, r.shape[-2] // 2, r.shape[-1] // 2) for r in refs]]
+            with torch.no_grad():
+                out = model(hidden_states=torch.cat([pack_flux(v) for v in [x, *refs]], dim=1),
+                            encoder_hidden_states=c.text, timestep=s.reshape(1), img_shapes=shapes,
+                            return_dict=False)[0]
+            preds.append(x - unpack_flux(out[:, :(rows // 2) * (cols // 2)], rows, cols) * s)
+        cond, uncond = preds
+        denoised = uncond + (cond - uncond) * CFG
+        x = x + (x - denoised) / s * (sigmas[i + 1] - s)
+    # The negative's second reference sits on frame 2 ("index"), as diffusers' second image: positions agree.
+    err = rel_err(ours, x)
+    print(f"qwen generate vs loop over diffusers: {err:.2e}")
+    assert err <= TOL
+
+
+def test_qwen_latents_keep_comfyuis_frame_axis():
+    """ComfyUI's Qwen LATENT is [B, 16, 1, h, w]: the engine samples it as [B, 16, h, w] (same noise) and refuses
+    several frames."""
+    from xdit_core.errors import XDiTConfigError
+
+    _, adapter = _qwen()
+    spec = adapter.spec
+    args = dict(seed=3, steps=2, cfg=1.0, sampler="euler", scheduler="simple", denoise=1.0,
+                positive=BranchCond(torch.randn(1, 3, 32)), negative=None)
+    five = build_request(spec, torch.zeros(1, 16, 1, ROWS, COLS), **args)
+    four = build_request(spec, torch.zeros(1, 16, ROWS, COLS), **args)
+    assert five.noise.shape == (1, 16, ROWS, COLS) and torch.equal(five.noise, four.noise)
+    with pytest.raises(XDiTConfigError, match="2 frames"):
+        build_request(spec, torch.zeros(1, 16, 2, ROWS, COLS), **args)
+
+
+def test_references_and_masks_are_checked():
+    _, adapter = _qwen()
+    spec = adapter.spec
+    args = dict(seed=3, steps=2, cfg=1.0, sampler="euler", scheduler="simple", denoise=1.0, negative=None)
+    latent = torch.zeros(1, 16, ROWS, COLS)
+    text = torch.randn(1, 3, 32)
+    with pytest.raises(XDiTConditioningError, match="reference latent 0 has shape"):
+        build_request(spec, latent, positive=BranchCond(text, references=(torch.zeros(1, 16, 3, 4),)), **args)
+    with pytest.raises(XDiTConditioningError, match="reference_latents_method 'uxo'"):
+        build_request(spec, latent, positive=BranchCond(text, references=(torch.zeros(1, 16, 2, 4),),
+                                                        reference_method="uxo"), **args)
+    with pytest.raises(XDiTConditioningError, match="masks every token"):
+        build_request(spec, latent, positive=BranchCond(text, text_mask=torch.zeros(1, 3, dtype=torch.bool)), **args)
+    sd3 = resolve_model_spec({"_class_name": "SD3Transformer2DModel", "joint_attention_dim": 8,
+                              "pooled_projection_dim": 4, "num_attention_heads": 1, "num_layers": 1})
+    with pytest.raises(XDiTConditioningError, match="takes none"):
+        build_request(sd3, latent, positive=BranchCond(torch.randn(1, 3, 8), torch.randn(1, 4),
+                                                        references=(torch.zeros(1, 16, 2, 4),)), **args)
