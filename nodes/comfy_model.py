@@ -8,7 +8,9 @@ from __future__ import annotations
 
 from .types import XDiTModel
 
-# Our family/variant -> ComfyUI's supported-model config class and the model type its model_base uses.
+# Our family/variant -> ComfyUI's supported-model config class and the model type its model_base uses (and, for
+# a model ComfyUI 0.3.64 predates, the sampling settings to give that class: Z-Image takes Lumina 2's flow
+# sampling and FLUX.1 VAE format, at its own shift).
 COMFY_CONFIGS = {
     ("flux", "dev"): ("Flux", "FLUX"),
     ("flux", "schnell"): ("FluxSchnell", "FLOW"),
@@ -20,6 +22,7 @@ COMFY_CONFIGS = {
     ("wan", "ti2v"): ("WAN22_T2V", "FLOW"),
     ("qwen", "image"): ("QwenImage", "FLUX"),
     ("qwen", "edit_2511"): ("QwenImage", "FLUX"),  # ComfyUI 0.3.64 predates 2511: the same settings
+    ("zimage", "zimage"): ("Lumina2", "FLOW", {"multiplier": 1.0, "shift": 3.0}),
 }
 
 
@@ -73,15 +76,24 @@ def comfy_latent_format(xdit: XDiTModel):
     return getattr(comfy.supported_models, COMFY_CONFIGS[(xdit.family, xdit.variant)][0])({}).latent_format
 
 
+def comfy_model_config(xdit: XDiTModel):
+    """ComfyUI's model config object and model type name for the model's family (see COMFY_CONFIGS)."""
+    import comfy.supported_models
+
+    class_name, type_name, *settings = COMFY_CONFIGS[(xdit.family, xdit.variant)]
+    config = getattr(comfy.supported_models, class_name)({})
+    if settings:
+        config.sampling_settings = dict(settings[0])
+    return config, type_name
+
+
 def weightless_patcher(xdit: XDiTModel):
     """A ComfyUI ModelPatcher around the weightless model of `xdit`'s family."""
     import comfy.model_base
     import comfy.model_patcher
-    import comfy.supported_models
     import torch
 
-    class_name, type_name = COMFY_CONFIGS[(xdit.family, xdit.variant)]
-    model_config = getattr(comfy.supported_models, class_name)({})
+    model_config, type_name = comfy_model_config(xdit)
     model_type = getattr(comfy.model_base.ModelType, type_name)
     model_sampling = comfy.model_base.model_sampling(model_config, model_type)
     model = weightless_model_class()(xdit, model_config, model_type, model_sampling)

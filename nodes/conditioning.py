@@ -15,12 +15,14 @@ import math
 # FluxKontextMultiReferenceLatentMethod's placement.
 REFERENCES = {"reference_latents", "reference_latents_method"}
 APPLIED = {"flux": {"pooled_output", "guidance"} | REFERENCES, "sd3": {"pooled_output"}, "pixart": set(),
-           "wan": {"clip_vision_output", "concat_latent_image", "concat_mask"}, "qwen": set(REFERENCES)}
+           "wan": {"clip_vision_output", "concat_latent_image", "concat_mask"}, "qwen": set(REFERENCES),
+           "zimage": {"attention_mask"}}
 # Keys ComfyUI's model for the family never reads (so neither do we): the T5-only PixArt's and Wan's empty
 # pooled output, FluxGuidance on a model without a guidance embedder.
 # Qwen: ComfyUI's QwenImage hands the text encoder's attention_mask to its blocks, whose attention never uses it.
 IGNORED = {"flux": set(), "sd3": {"guidance"}, "pixart": {"pooled_output", "guidance"},
-           "wan": {"pooled_output", "guidance"}, "qwen": {"pooled_output", "guidance", "attention_mask"}}
+           "wan": {"pooled_output", "guidance"}, "qwen": {"pooled_output", "guidance", "attention_mask"},
+           "zimage": {"pooled_output", "guidance"}}
 # Keys that change nothing at these values (a Conditioning Set Timestep Range of 0..1, strength 1).
 NO_OP = {"start_percent": 0.0, "end_percent": 1.0, "strength": 1.0}
 # What to use instead of a key the engine does not apply yet.
@@ -94,6 +96,8 @@ def branch_from_conditioning(spec, conditioning, shape, name: str, noise_mask=No
         check_keys(spec.family, extra, name, height, width)
     except ValueError as e:
         raise XDiTConditioningError(str(e)) from None
+    if spec.family == "zimage" and extra.get("attention_mask") is not None:
+        tensor = _real_tokens(tensor, extra["attention_mask"], name)
     text = check_shape(name, tensor, batch, spec.text_dim, text=True, source=f"{name} conditioning")
     pooled = None
     if spec.pooled_dim is not None:
@@ -112,6 +116,18 @@ def branch_from_conditioning(spec, conditioning, shape, name: str, noise_mask=No
     references = _references(spec, extra.get("reference_latents") or (), batch, name)
     return BranchCond(text, pooled, image=image, concat=concat, references=references,
                       reference_method=extra.get("reference_latents_method")), guidance
+
+
+def _real_tokens(tensor, mask, name: str):
+    """Z-Image takes only the prompt's real tokens (diffusers' ZImagePipeline keeps prompt_embeds[mask]): the text
+    encoder's padded states cut to its attention_mask, which must be the same for every item."""
+    from xdit_core.api import XDiTConditioningError
+
+    mask = mask.bool().reshape(mask.shape[0], -1)
+    if mask.shape[-1] != tensor.shape[1] or not bool((mask == mask[0]).all()):
+        raise XDiTConditioningError(f"{name} conditioning's attention_mask {list(mask.shape)} does not fit its "
+                                    f"{list(tensor.shape)} states with one set of real tokens for every item")
+    return tensor[:, mask[0]]
 
 
 def _references(spec, latents, batch: int, name: str) -> tuple:

@@ -39,6 +39,10 @@ _BASE: dict[str, dict[str, dict[str, Any]]] = {
         "tiny": dict(layers=2, heads=4, head_dim=24, text_dim=32, ffn_dim=128, image_dim=32),
         "medium": dict(layers=8, heads=8, head_dim=64, text_dim=256, ffn_dim=1024, image_dim=128),
     },
+    "zimage": {  # Z-Image: 30 heads x 128 (only Ulysses degrees dividing 30); 6 keeps 2 and 3
+        "tiny": dict(layers=2, refiner_layers=1, heads=6, head_dim=16, text_dim=32),
+        "medium": dict(layers=12, refiner_layers=2, heads=6, head_dim=64, text_dim=256),
+    },
     "qwen": {  # Qwen-Image: 60 blocks of 24 heads x 128 over 3584-wide Qwen2.5-VL states
         "tiny": dict(layers=2, heads=4, head_dim=16, text_dim=32),
         "medium": dict(layers=12, heads=8, head_dim=64, text_dim=256),
@@ -95,6 +99,11 @@ def tiny_config(family: str, preset: str = "tiny", layers: Optional[int] = None,
                     ffn_dim=p["ffn_dim"], num_layers=p["layers"], cross_attn_norm=True, qk_norm="rms_norm_across_heads",
                     eps=1e-6, image_dim=p["image_dim"] if clip else None,
                     added_kv_proj_dim=heads * head_dim if clip else None, rope_max_seq_len=1024)
+    if family == "zimage":
+        axes = list(flux_rope_axes(head_dim))
+        return dict(all_patch_size=[2], all_f_patch_size=[1], in_channels=16, dim=heads * head_dim,
+                    n_layers=p["layers"], n_refiner_layers=p["refiner_layers"], n_heads=heads, n_kv_heads=heads,
+                    cap_feat_dim=p["text_dim"], axes_dims=axes, axes_lens=[256, 64, 64])
     if family == "qwen":
         axes = flux_rope_axes(head_dim)
         return dict(patch_size=2, in_channels=64, out_channels=16, num_layers=p["layers"], attention_head_dim=head_dim,
@@ -121,7 +130,7 @@ def tiny_config(family: str, preset: str = "tiny", layers: Optional[int] = None,
 def param_count(family: str, config: dict[str, Any]) -> int:
     """The parameters of the model `config` describes, counted on the meta device (nothing allocated). The
     count is linear in each block count, so models of one and two blocks give it without building many."""
-    blocks = [k for k in ("num_layers", "num_single_layers") if k in config]
+    blocks = [k for k in ("num_layers", "num_single_layers", "n_layers", "n_refiner_layers") if k in config]
 
     def count(**sizes: int) -> int:
         with torch.device("meta"):

@@ -22,9 +22,10 @@ REQUIRED = {
     "pixart": ("num_layers", "num_attention_heads", "attention_head_dim", "caption_channels"),
     "wan": ("num_layers", "num_attention_heads", "attention_head_dim", "in_channels", "ffn_dim", "text_dim"),
     "qwen": ("num_layers", "num_attention_heads", "attention_head_dim", "joint_attention_dim"),
+    "zimage": ("n_layers", "n_refiner_layers", "dim", "n_heads", "cap_feat_dim"),
 }
 # Counts and sizes, each a positive integer where a config states it (null: diffusers derives it).
-SIZES = ("num_layers", "num_single_layers", "num_attention_heads", "attention_head_dim", "joint_attention_dim",
+SIZES = ("num_layers", "num_single_layers", "n_layers", "n_refiner_layers", "dim", "n_heads", "cap_feat_dim", "num_attention_heads", "attention_head_dim", "joint_attention_dim",
          "pooled_projection_dim", "caption_projection_dim", "caption_channels", "cross_attention_dim",
          "in_channels", "out_channels", "patch_size", "sample_size", "pos_embed_max_size", "ffn_dim", "text_dim",
          "image_dim", "added_kv_proj_dim")
@@ -79,7 +80,15 @@ def check_config(config: dict[str, Any], where: str) -> None:
             continue
         if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
             raise XDiTModelError(f"{where}: {key} is {json.dumps(value)}; it must be a positive integer")
-    heads, head_dim = config["num_attention_heads"], config["attention_head_dim"]
+    if family == "zimage":  # Z-Image names its sizes differently
+        heads, width = config["n_heads"], config["dim"]
+        if width % heads or config.get("n_kv_heads", heads) != heads:
+            raise XDiTModelError(f"{where}: dim {width} over n_heads {heads} (n_kv_heads "
+                                 f"{config.get('n_kv_heads', heads)}): the engine needs equal query and key heads "
+                                 "dividing the width, as every Z-Image release has (3840 / 30)")
+        head_dim = width // heads
+    else:
+        heads, head_dim = config["num_attention_heads"], config["attention_head_dim"]
     width = heads * head_dim
     # The text tokens enter the blocks at the transformer's width: a projection to another width fails there.
     projection = {"sd3": "caption_projection_dim", "pixart": "cross_attention_dim"}.get(family)
@@ -97,7 +106,7 @@ def check_config(config: dict[str, Any], where: str) -> None:
         raise XDiTModelError(f"{where}: the width {width} (num_attention_heads × attention_head_dim) is not a "
                              "multiple of 3, which PixArt's size conditioning (use_additional_conditions) needs: "
                              "it gives height, width and aspect ratio a third each")
-    blocks = config["num_layers"] + (config.get("num_single_layers") or 0)
+    blocks = (config.get("num_layers") or config.get("n_layers") or 0) + (config.get("num_single_layers") or 0)
     inputs = sum(config.get(k) or 0 for k in ("in_channels", "joint_attention_dim", "pooled_projection_dim",
                                                "caption_channels", "text_dim"))
     patch = 2 if family == "wan" else config.get("patch_size") or 2

@@ -9,10 +9,11 @@ from xdit_core.models.base import BranchCond, ModelAdapter
 from xdit_core.models.flux import FluxAdapter
 from xdit_core.models.pixart import PixArtAdapter
 from xdit_core.models.qwen import QwenImageAdapter
+from xdit_core.models.zimage import ZImageAdapter
 from xdit_core.models.wan import WanAdapter
 from .sd3 import SD3Adapter
 
-ADAPTERS = {"flux": FluxAdapter, "sd3": SD3Adapter, "pixart": PixArtAdapter, "wan": WanAdapter, "qwen": QwenImageAdapter}
+ADAPTERS = {"flux": FluxAdapter, "sd3": SD3Adapter, "pixart": PixArtAdapter, "wan": WanAdapter, "qwen": QwenImageAdapter, "zimage": ZImageAdapter}
 
 
 def make_adapter(model: torch.nn.Module, spec: ModelSpec) -> ModelAdapter:

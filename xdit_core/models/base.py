@@ -64,8 +64,9 @@ class Tokens:
 
 # How the sequence an attention call sees is made: "joint" = text and image tokens concatenated
 # (order given by the adapter's JOINT_ORDER), "image" = image tokens only, "cross" = image queries
-# against replicated text keys and values (needs no communication).
-ATTENTION_KINDS = ("joint", "image", "cross")
+# against replicated text keys and values (needs no communication), "local" = a module that runs outside the
+# blocks (Z-Image's caption refiner, in the embedding, on every rank): never routed.
+ATTENTION_KINDS = ("joint", "image", "cross", "local")
 
 
 class ModelAdapter:

@@ -11,13 +11,14 @@ from xdit_core.errors import XDiTConfigError, XDiTModelError
 from xdit_core.models.latent_formats import LatentFormat
 from xdit_core.models.model_sampling import DiscreteEpsSampling, DiscreteFlowSampling, FluxSampling, ModelSampling, flux_auto_shift
 
-FAMILIES = ("flux", "sd3", "pixart", "wan", "qwen")
+FAMILIES = ("flux", "sd3", "pixart", "wan", "qwen", "zimage")
 CLASS_NAMES = {
     "FluxTransformer2DModel": "flux",
     "SD3Transformer2DModel": "sd3",
     "PixArtTransformer2DModel": "pixart",
     "WanTransformer3DModel": "wan",
     "QwenImageTransformer2DModel": "qwen",
+    "ZImageTransformer2DModel": "zimage",
 }
 VIDEO_FAMILIES = ("wan",)
 # Wan: t2v = Wan 2.1 T2V and the Wan 2.2 A14B T2V experts; i2v = Wan 2.1 I2V (CLIP vision) and the Wan 2.2 A14B
@@ -26,7 +27,7 @@ VIDEO_FAMILIES = ("wan",)
 # Qwen: image = Qwen-Image and Qwen-Image-Edit 2509 (the same transformer; an edit takes reference latents in its
 # conditioning), edit_2511 = Qwen-Image-Edit 2511 (its reference tokens modulated at timestep 0: zero_cond_t).
 VARIANTS = {"flux": ("dev", "schnell"), "sd3": ("sd3",), "pixart": ("alpha", "sigma"), "wan": ("t2v", "i2v", "ti2v"),
-            "qwen": ("image", "edit_2511")}
+            "qwen": ("image", "edit_2511"), "zimage": ("zimage",)}
 # Latent side must be even for the 2x2 patch embedding: pixels multiple of 8 * 2 (the image families'; see
 # ModelSpec.pixel_multiple, 32 for Wan 2.2 5B's 16x VAE).
 PIXEL_MULTIPLE = 16
@@ -100,6 +101,8 @@ class ModelSpec:
             return FluxSampling(value) if self.variant == "dev" else DiscreteFlowSampling(value, multiplier=1.0)
         if self.family in ("sd3", "wan"):
             return DiscreteFlowSampling(value, multiplier=1000.0)
+        if self.family == "zimage":  # Z-Image-Turbo's scheduler: flow shift 3 on t (ModelSamplingAuraFlow 3)
+            return DiscreteFlowSampling(value, multiplier=1.0)
         if self.family == "qwen":  # ComfyUI's default is ModelSamplingFlux at 1.15; its templates' override is
             # ModelSamplingAuraFlow (discrete flow, multiplier 1), which a given shift stands for here
             return FluxSampling(value) if shift is None else DiscreteFlowSampling(value, multiplier=1.0)
@@ -144,6 +147,8 @@ def detect_variant(family: str, config: Mapping[str, Any]) -> str:
         return "i2v" if config.get("in_channels", 16) != 16 else "t2v"
     if family == "qwen":
         return "edit_2511" if config.get("zero_cond_t") else "image"
+    if family == "zimage":
+        return "zimage"
     return "sd3"
 
 
@@ -183,7 +188,7 @@ def resolve_model_spec(config: Mapping[str, Any], family: Optional[str] = None,
         raise XDiTConfigError("variant 'sigma' contradicts the model: it takes size conditioning "
                               "(use_additional_conditions), which only PixArt-alpha has; pass 'alpha' or leave the "
                               "variant to detection")
-    heads = int(config.get("num_attention_heads", 1))
+    heads = int(config.get("num_attention_heads", config.get("n_heads", 1)))
     blocks = int(config.get("num_layers", 0)) + int(config.get("num_single_layers", 0))
     if family == "flux":
         return ModelSpec("flux", variant, latent_formats.FLUX, 1.0, 3.5 if variant == "dev" else None,
@@ -202,6 +207,12 @@ def resolve_model_spec(config: Mapping[str, Any], family: Optional[str] = None,
         # ComfyUI's QwenImage: Wan 2.1 VAE latents, ModelSamplingFlux shift 1.15 (multiplier 1); templates run cfg 2.5
         return ModelSpec("qwen", variant, latent_formats.WAN21, 2.5, None, 1.15, int(config.get("joint_attention_dim", 3584)),
                          None, heads, blocks)
+    if family == "zimage":
+        # diffusers' ZImagePipeline: the FLUX.1 VAE's latents, flow shift 3; Turbo samples 8 steps at cfg 1 (its
+        # CFG is diffusers' guidance + 1: pos + g (pos - neg))
+        blocks = int(config.get("n_refiner_layers", 2)) + int(config.get("n_layers", 30))
+        return ModelSpec("zimage", variant, latent_formats.FLUX, 1.0, None, 3.0, int(config.get("cap_feat_dim", 2560)),
+                         None, heads, blocks)
     fmt = latent_formats.SDXL if variant == "sigma" else latent_formats.SD15
     return ModelSpec("pixart", variant, fmt, 4.5, None, 1.0, int(config["caption_channels"]), None, heads, blocks)
 
@@ -212,4 +223,4 @@ def model_class(family: str):
 
     return {"flux": diffusers.FluxTransformer2DModel, "sd3": diffusers.SD3Transformer2DModel,
             "pixart": diffusers.PixArtTransformer2DModel, "wan": diffusers.WanTransformer3DModel,
-            "qwen": diffusers.QwenImageTransformer2DModel}[family]
+            "qwen": diffusers.QwenImageTransformer2DModel, "zimage": diffusers.ZImageTransformer2DModel}[family]

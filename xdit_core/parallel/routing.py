@@ -151,7 +151,8 @@ class AttentionRouter:
     """Routes the attention of `kinds`' modules (module -> "joint" | "image" | "cross") to `attend`.
 
     `model`'s every attention module must have a kind (else the family's adapter is incomplete); `run`
-    lists the modules the forward runs (a PipeFusion stage runs only its own blocks; default: all).
+    lists the modules the forward runs (a PipeFusion stage runs only its own blocks; default: all but the
+    "local" ones, which run outside the blocks).
     Use one `with router:` per forward: it counts the calls and checks them when the forward ends.
     """
 
@@ -163,7 +164,7 @@ class AttentionRouter:
             raise XDiTWorkerError(f"attention layers {missing[:4]} ({len(missing)} in all) have no route: the "
                                   "family's adapter must declare every attention module in attention_kinds()")
         self.kinds, self.attend = kinds, attend
-        self.run = list(kinds) if run is None else list(run)
+        self.run = [m for m, kind in kinds.items() if kind != "local"] if run is None else list(run)
         self.entries = {m: _kernel_entries(m.processor) for m in self.run}
         self.current: Optional[torch.nn.Module] = None
         self._catcher = _SDPACatcher(self)
