@@ -1,5 +1,6 @@
 """Our mapping between the original single-file layouts (BFL's Flux, Stability's MMDiT, PixArt's own) and
-the diffusers modules, in both directions.
+the diffusers modules, in both directions. Qwen-Image's single files (Qwen's and ComfyUI's) already use the
+diffusers names: its mapping is the identity, as in diffusers' single-file loader.
 
 A `Rule` ties one tensor of the original layout to the diffusers tensors it holds, concatenated along
 dim 0 (fused q/k/v, Flux's `linear1` = q, k, v and the MLP input, PixArt's cross-attention `kv_linear`).
@@ -125,8 +126,14 @@ _LAYOUTS: dict[str, tuple[dict[str, tuple[str, dict]], dict]] = {
     "pixart": ({"transformer_blocks": ("blocks", _PIXART_BLOCK)}, _PIXART_GLOBAL),
     "wan": ({"blocks": ("blocks", _WAN_BLOCK)}, _WAN_GLOBAL),
 }
-# Original tensors that diffusers has no place for: PixArt's learned null caption (training's dropout).
-IGNORED_ORIGINAL = {"flux": (), "sd3": (), "pixart": ("y_embedder.y_embedding",), "wan": ()}
+# Families whose original single files name every tensor as diffusers does (Qwen-Image: diffusers' single-file
+# loader maps its checkpoints by identity, and ComfyUI's model uses the same names).
+IDENTITY_FAMILIES = ("qwen",)
+# Original tensors that diffusers has no place for: PixArt's learned null caption (training's dropout); the empty
+# marker by which ComfyUI's Qwen-Image-Edit 2511 files say their reference tokens run at timestep 0 (read by the
+# config, see original_layout.QWEN_ZERO_COND_MARKER).
+IGNORED_ORIGINAL = {"flux": (), "sd3": (), "pixart": ("y_embedder.y_embedding",), "wan": (),
+                    "qwen": ("__index_timestep_zero__",)}
 
 # Tables a model computes when built, which no original file stores (Wan's rotary frequencies).
 COMPUTED = {"wan": ("rope.freqs_cos", "rope.freqs_sin")}
@@ -175,6 +182,8 @@ def _translate(family: str, name: str, last_block: dict[str, int]) -> Optional[t
 def layout_rules(family: str, names: Sequence[str], skip_unknown: bool = False) -> list[Rule]:
     """The rules covering the diffusers tensors `names` of a `family` model, in the order of `names`; a name
     the mapping lacks is an error, or left out with `skip_unknown`."""
+    if family in IDENTITY_FAMILIES:
+        return identity_rules([n for n in names if n not in COMPUTED.get(family, ())])
     last_block: dict[str, int] = {}
     for name in names:
         m = _BLOCK_NAME.match(name)
@@ -207,6 +216,8 @@ def original_shapes(family: str, shapes: Mapping[str, Sequence[int]]) -> dict[st
 def diffusers_name(family: str, original: str) -> str:
     """The diffusers name of an original-layout tensor (its first part if fused), for messages about
     diffusers files; the name itself where the mapping has none."""
+    if family in IDENTITY_FAMILIES:
+        return original
     blocks, global_table = _LAYOUTS[family]
     m = _BLOCK_NAME.match(original)
     tables = [(f"{ours}.{m.group(2)}.", m.group(3), table)

@@ -37,6 +37,8 @@ MARKERS = {
     "sd3": ("joint_blocks.0.x_block.attn.qkv.weight", "y_embedder.mlp.0.weight"),
     "pixart": ("blocks.0.attn.qkv.weight", "t_block.1.weight"),
     "wan": wan_layout.ORIGINAL_MARKERS,
+    # Qwen-Image's files use diffusers' names (ComfyUI's detection: txt_norm.weight); one layout serves both.
+    "qwen": ("txt_norm.weight", "img_in.weight"),
 }
 # Keys (all present) that identify a diffusers transformer's weight file (bare): its embedders.
 DIFFUSERS_MARKERS = {
@@ -44,14 +46,22 @@ DIFFUSERS_MARKERS = {
     "sd3": ("pos_embed.proj.weight", "time_text_embed.text_embedder.linear_1.weight"),
     "pixart": ("pos_embed.proj.weight", "adaln_single.linear.weight"),
     "wan": wan_layout.DIFFUSERS_MARKERS,
+    "qwen": ("txt_norm.weight", "img_in.weight"),
 }
 LAYOUT_NAMES = ("Flux.1 dev/schnell (BFL: double_blocks, single_blocks)",
                 "SD3/SD3.5 medium/large (Stability MMDiT: joint_blocks)",
                 "PixArt-alpha/Sigma (PixArt: blocks, t_block)",
-                "Wan 2.1/2.2 (Wan-AI's and Comfy-Org's repackaged files: blocks, head.modulation)")
+                "Wan 2.1/2.2 (Wan-AI's and Comfy-Org's repackaged files: blocks, head.modulation)",
+                "Qwen-Image and Qwen-Image-Edit (Qwen's and Comfy-Org's files: img_in, txt_norm, transformer_blocks)")
 CLASS_OF = {family: class_name for class_name, family in CLASS_NAMES.items()}
 FLUX_ROPE_AXES = [16, 56, 56]  # FLUX.1's rotary split of its 128-wide heads (time, rows, columns)
 PIXART_HEAD_DIM = 72  # PixArt-XL: 1152 = 16 heads of 72
+QWEN_PATCH = 2  # Qwen-Image's 2x2 patches (ComfyUI's model assumes them too): 16 latent channels in 64
+# The empty tensor by which ComfyUI marks a Qwen-Image-Edit 2511 file (its model's default_ref_method
+# "index_timestep_zero"): the reference tokens run at timestep 0, diffusers' zero_cond_t.
+QWEN_ZERO_COND_MARKER = "__index_timestep_zero__"
+# Config values diffusers takes when a config does not state them, where a shipped config may leave them out.
+CONFIG_DEFAULTS = {"zero_cond_t": False}
 
 
 def detect_layout(names: Sequence[str]) -> Optional[tuple[str, str]]:
@@ -75,7 +85,8 @@ def unknown_layout_message(path: Path) -> str:
     """The error for a file in no known layout, listing the supported ones."""
     return (f"{path} holds no diffusion transformer in a known layout; supported single files: "
             f"{'; '.join(LAYOUT_NAMES)}, bare or under 'model.diffusion_model.' (all-in-one checkpoints); "
-            "a diffusers transformer's weight file (Flux, SD3, PixArt, Wan), its config.json beside it or not; "
+            "a diffusers transformer's weight file (Flux, SD3, PixArt, Wan, Qwen-Image), its config.json beside it "
+            "or not; "
             "or a diffusers model folder (config.json + safetensors)")
 
 
@@ -107,6 +118,8 @@ def derive_config(family: str, shapes: Mapping[str, Sequence[int]]) -> tuple[dic
     if family == "wan":
         names = wan_layout.diffusers_names(list(shapes))
         return wan_layout.derive_config({names[k]: v for k, v in shapes.items()})
+    if family == "qwen":
+        return _derive_qwen(shapes)
     if family == "flux":
         hidden, in_channels = shapes["img_in.weight"]
         head_dim = shapes["double_blocks.0.img_attn.norm.query_norm.scale"][0]
@@ -154,6 +167,25 @@ def derive_config(family: str, shapes: Mapping[str, Sequence[int]]) -> tuple[dic
     return config, visible
 
 
+def _derive_qwen(shapes: Mapping[str, Sequence[int]]) -> tuple[dict[str, Any], set[str]]:
+    """Qwen-Image's config from its (diffusers-named) shapes: heads from the q norm (128 wide in every real model),
+    2x2 patches as ComfyUI assumes, Edit 2511's timestep-0 references from ComfyUI's marker (the weights are
+    Qwen-Image's: a 2511 file without the marker reads as 2509)."""
+    if "time_text_embed.addition_t_embedding.weight" in shapes:
+        raise XDiTModelError("this is a Qwen-Image-Layered model (time_text_embed.addition_t_embedding: layer "
+                             "timesteps), which the engine does not run; Qwen-Image and Qwen-Image-Edit 2509/2511 are "
+                             "supported")
+    hidden, in_channels = shapes["img_in.weight"]
+    head_dim = shapes["transformer_blocks.0.attn.norm_q.weight"][0]
+    config = dict(patch_size=QWEN_PATCH, in_channels=in_channels,
+                  out_channels=shapes["proj_out.weight"][0] // (QWEN_PATCH * QWEN_PATCH),
+                  num_layers=_count(shapes, "transformer_blocks"), attention_head_dim=head_dim,
+                  num_attention_heads=_heads(hidden, head_dim, "q/k norm"),
+                  joint_attention_dim=shapes["txt_in.weight"][1], guidance_embeds=False,
+                  axes_dims_rope=_flux_rope_axes(head_dim), zero_cond_t=QWEN_ZERO_COND_MARKER in shapes)
+    return config, set(config) - {"patch_size", "guidance_embeds", "axes_dims_rope"}
+
+
 @functools.cache
 def shipped_configs() -> dict[str, dict[str, Any]]:
     """The diffusers configs of the real models the plugin supports, by file stem."""
@@ -161,14 +193,15 @@ def shipped_configs() -> dict[str, dict[str, Any]]:
 
 
 def match_config(family: str, derived: dict[str, Any], visible: set[str]) -> dict[str, Any]:
-    """The shipped config agreeing with every shape-visible value, else the derived one."""
+    """The shipped config agreeing with every shape-visible value, else the derived one. Where several agree (Qwen-Image
+    and Qwen-Image-Edit 2509 share one transformer), the base model's, the shortest name, is taken."""
     # PixArt's resolution variants (512, 1024, 2K) differ only in their sin-cos table: match without it,
     # then take the file's sample size and diffusers' interpolation rule for it.
     compared = visible - {"sample_size"} if family == "pixart" else visible
-    for config in shipped_configs().values():
+    for _, config in sorted(shipped_configs().items(), key=lambda item: (len(item[0]), item[0])):
         if config["_class_name"] != CLASS_OF[family]:
             continue
-        if all(config.get(k) == derived[k] for k in compared):
+        if all(config.get(k, CONFIG_DEFAULTS.get(k)) == derived[k] for k in compared):
             matched = copy.deepcopy(config)  # the shipped configs are cached: hand out a copy
             if "sample_size" in visible and derived["sample_size"] != config["sample_size"]:
                 matched.update(sample_size=derived["sample_size"], interpolation_scale=None)
@@ -206,6 +239,8 @@ def _as_built(config: Mapping[str, Any], key: str) -> Any:
         return size_conditioned(config)
     if key == "qk_norm":  # rms or layer norm: the weights show only that there is one
         return value is not None
+    if value is None:
+        return CONFIG_DEFAULTS.get(key)
     return value
 
 
@@ -220,14 +255,17 @@ def diffusers_file_config(path: Path, family: str, shapes: Mapping[str, Sequence
     in every real model as MMDiT makes them; PixArt: 72 wide as PixArt-XL, else one per block). PixArt's
     sample size shows only in its sin-cos table, which diffusers does not save: 128 (the 1024 models) is
     assumed, and other sizes (512, 2K) need their config beside the file."""
-    if family == "wan":  # derived from the diffusers names directly
+    if family in ("wan", "qwen"):  # derived from the diffusers names directly
+        derive = wan_layout.derive_config if family == "wan" else _derive_qwen
         try:
-            derived, visible = wan_layout.derive_config(shapes)
+            derived, visible = derive(shapes)
         except KeyError as e:
-            raise XDiTModelError(f"{path} lacks {e.args[0]!r}, which every wan model has") from None
+            raise XDiTModelError(f"{path} lacks {e.args[0]!r}, which every {family} model has") from None
     else:
         derived, visible = _derive(family, original_shapes(family, shapes), str(path),
                                    lambda k: diffusers_name(family, k))
+    if family == "qwen" and QWEN_ZERO_COND_MARKER not in shapes:  # diffusers' files have no marker: the config says
+        visible = visible - {"zero_cond_t"}
     beside = config_beside(path)
     if beside is None:
         config = match_config(family, derived, visible)
