@@ -16,13 +16,13 @@ import math
 REFERENCES = {"reference_latents", "reference_latents_method"}
 APPLIED = {"flux": {"pooled_output", "guidance"} | REFERENCES, "sd3": {"pooled_output"}, "pixart": set(),
            "wan": {"clip_vision_output", "concat_latent_image", "concat_mask"}, "qwen": set(REFERENCES),
-           "zimage": {"attention_mask"}}
+           "zimage": {"attention_mask"}, "flux2": {"guidance", "reference_latents"}}
 # Keys ComfyUI's model for the family never reads (so neither do we): the T5-only PixArt's and Wan's empty
 # pooled output, FluxGuidance on a model without a guidance embedder.
 # Qwen: ComfyUI's QwenImage hands the text encoder's attention_mask to its blocks, whose attention never uses it.
 IGNORED = {"flux": set(), "sd3": {"guidance"}, "pixart": {"pooled_output", "guidance"},
            "wan": {"pooled_output", "guidance"}, "qwen": {"pooled_output", "guidance", "attention_mask"},
-           "zimage": {"pooled_output", "guidance"}}
+           "zimage": {"pooled_output", "guidance"}, "flux2": {"pooled_output"}}
 # Keys that change nothing at these values (a Conditioning Set Timestep Range of 0..1, strength 1).
 NO_OP = {"start_percent": 0.0, "end_percent": 1.0, "strength": 1.0}
 # What to use instead of a key the engine does not apply yet.
@@ -33,8 +33,9 @@ ADVICE = {
     "start_percent": "timestep ranges are not supported yet; remove Conditioning Set Timestep Range",
     "end_percent": "timestep ranges are not supported yet; remove Conditioning Set Timestep Range",
     "strength": "conditioning strength is not supported yet; leave it at 1.0",
-    "reference_latents": "reference latents reach FLUX.1 Kontext and Qwen-Image-Edit models only",
-    "reference_latents_method": "reference latents reach FLUX.1 Kontext and Qwen-Image-Edit models only",
+    "reference_latents": "reference latents reach FLUX.1 Kontext, Qwen-Image-Edit and FLUX.2 models only",
+    "reference_latents_method": "a reference placement method applies to FLUX.1 Kontext and Qwen-Image-Edit only "
+                                "(FLUX.2 places reference i on T = 10 (i + 1), as diffusers' Flux2Pipeline)",
     "concat_latent_image": "inpainting-model conditioning is not supported yet; use a LATENT noise_mask",
     "concat_mask_index": "Wan Fun / camera models' mask placement is not supported; use a Wan I2V model",
     "time_dim_concat": "Wan frame-extension conditioning is not supported yet",

@@ -5,8 +5,9 @@ from . import host
 from .types import XDiTModel
 
 DTYPES = ["default", "bf16", "fp16", "fp32"]
-FAMILIES = ["auto", "flux", "sd3", "pixart", "wan", "qwen", "zimage"]
-VARIANTS = ["auto", "dev", "schnell", "sd3", "alpha", "sigma", "t2v", "i2v", "ti2v", "image", "edit_2511", "zimage"]
+FAMILIES = ["auto", "flux", "sd3", "pixart", "wan", "qwen", "zimage", "flux2"]
+VARIANTS = ["auto", "dev", "schnell", "sd3", "alpha", "sigma", "t2v", "i2v", "ti2v", "image", "edit_2511", "zimage",
+            "klein"]
 FP8_WEIGHTS = ["keep", "upcast"]
 
 

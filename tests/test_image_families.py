@@ -42,10 +42,12 @@ CASES = {
     "qwen_2511": ("qwen", "edit_2511", "edit"),
     "kontext": ("flux", "dev", "edit"),
     "zimage": ("zimage", "zimage", "plain"),
+    "flux2_edit": ("flux2", "dev", "edit"),
 }
 CASE_CONFIGS = {"qwen_edit": tuple(CONFIGS), "qwen_masked": ("u2", "r2", "cfg_r2", "pf2"),
                 "qwen_2511": ("u2", "pf2_r2"), "kontext": ("u2r2", "cfg_r2", "pf2"),
-                "zimage": ("u2", "u3", "r2", "cfg_r2", "pf2", "pf2_r2")}
+                "zimage": ("u2", "u3", "r2", "cfg_r2", "pf2", "pf2_r2"),
+                "flux2_edit": ("u2", "r2", "cfg_r2", "pf2", "pf2_r2")}
 # Negative controls: each must move the output >= MUTATION_FACTOR x TOL.
 NEGATIVE = [("qwen_masked", "r2", "unmasked_text"), ("qwen_masked", "pf2", "unmasked_text"),
             ("qwen_masked", "u2", "unmasked_padding")]
@@ -64,7 +66,7 @@ def family_request(spec, kind: str, seed: int = 0, steps: int = STEPS, rows: int
         ref = torch.randn(1, spec.latent_channels, 4, 8, generator=gen)
         pos = replace(pos, references=(ref,))
         neg = replace(neg, references=(ref, torch.randn(1, spec.latent_channels, 4, 4, generator=gen)),
-                      reference_method="index")
+                      reference_method="index" if spec.family in ("qwen", "flux") else None)
     elif kind == "masked":
         mask = torch.ones(batch, TEXT, dtype=torch.bool)
         mask[1, 4:] = False
@@ -266,3 +268,70 @@ def test_zimage_generate_equals_the_diffusers_scheduler_loop(tmp_path):
     # The same math in other float32 steps (t = (1000 - 1000 sigma) / 1000 against 1 - sigma, x + (s' - s) v against
     # ComfyUI's euler through the denoised latent): measured 1.6e-5; the real-host tests' bound.
     assert err <= 1e-4
+
+
+@pytest.mark.parametrize("ranks,ulysses,ring", [(4, 2, 2), (6, 6, 1), (8, 2, 4)])
+def test_auto_layout_keeps_ulysses_within_zimages_30_heads(ranks, ulysses, ring):
+    from xdit_core.parallel.auto_mesh import choose_mesh
+
+    config, why = choose_mesh("zimage", 30, ranks, 1.0, 32, pipefusion=False)
+    assert (config.ulysses_degree, config.ring_degree) == (ulysses, ring), why
+
+
+@pytest.mark.parametrize("variant", ("dev", "klein"))
+def test_flux2_forward_equals_diffusers_forward(variant):
+    """Degree 1: our embed (the shared modulations, 4-axis positions, a reference on T = 10) -> blocks -> head is
+    diffusers' Flux2Transformer2DModel.forward bit for bit."""
+    from xdit_core.models.flux2 import grid_ids, pack
+
+    model = build_tiny("flux2", seed=2, weight_std=0.15, variant=variant).eval()
+    adapter = make_adapter(model, resolve_model_spec(dict(model.config), family="flux2"))
+    gen = torch.Generator().manual_seed(0)
+    x, text, ref = (torch.randn(*s, generator=gen) for s in ((1, 128, 3, 5), (1, TEXT, 32), (1, 128, 2, 4)))
+    sigma, guidance = torch.tensor([0.7]), 4.0 if variant == "dev" else None
+    txt_ids = torch.zeros(TEXT, 4, dtype=torch.long)
+    txt_ids[:, 3] = torch.arange(TEXT)
+    with torch.no_grad():
+        ours = adapter.predict(x, sigma, BranchCond(text, references=(ref,)), guidance)
+        theirs = model(hidden_states=torch.cat([pack(x), pack(ref)], 1), encoder_hidden_states=text, timestep=sigma,
+                       img_ids=torch.cat([grid_ids(3, 5), grid_ids(2, 4, 10)]), txt_ids=txt_ids,
+                       guidance=None if guidance is None else torch.tensor([guidance]), return_dict=False)[0]
+    assert torch.equal(ours, theirs[:, :15].transpose(1, 2).reshape(1, 128, 3, 5))
+
+
+def test_flux2_generate_equals_the_diffusers_scheduler_loop(tmp_path):
+    """run_request (euler, "simple", FLUX.2's default shift) equals Flux2Pipeline's loop: FlowMatchEulerDiscrete
+    with exponential dynamic shifting at compute_empirical_mu(tokens, steps) over linspace(1, 1/N, N), guidance 4,
+    real CFG across the branches (cfg > 1), a reference latent on T = 10."""
+    from diffusers import FlowMatchEulerDiscreteScheduler
+    from diffusers.pipelines.flux2.pipeline_flux2 import compute_empirical_mu
+
+    from xdit_core.models.flux2 import grid_ids, pack
+
+    model = build_tiny("flux2", seed=5, weight_std=0.1).eval()
+    model.save_pretrained(tmp_path / "f2")
+    adapter = make_adapter(*load_model(tmp_path / "f2"))
+    steps, rows, cols = 4, 6, 10
+    request = family_request(adapter.spec, "edit", steps=steps, rows=rows, cols=cols)
+    ours = run_request(adapter, request)
+    scheduler = FlowMatchEulerDiscreteScheduler(use_dynamic_shifting=True, time_shift_type="exponential")
+    scheduler.set_timesteps(sigmas=torch.linspace(1.0, 1.0 / steps, steps).tolist(),
+                            mu=compute_empirical_mu(rows * cols, steps))
+    x = torch.randn(1, 128, rows, cols, generator=torch.Generator().manual_seed(1))
+    txt_ids = torch.zeros(TEXT, 4, dtype=torch.long)
+    txt_ids[:, 3] = torch.arange(TEXT)
+    for t in scheduler.timesteps:
+        preds = []
+        for c in (request.positive, request.negative):
+            ids = [grid_ids(rows, cols)] + [grid_ids(r.shape[-2], r.shape[-1], 10 * (i + 1))
+                                            for i, r in enumerate(c.references)]
+            with torch.no_grad():
+                out = model(hidden_states=torch.cat([pack(x)] + [pack(r) for r in c.references], 1),
+                            encoder_hidden_states=c.text, timestep=(t / 1000).reshape(1), img_ids=torch.cat(ids),
+                            txt_ids=txt_ids, guidance=torch.tensor([4.0]), return_dict=False)[0]
+            preds.append(out[:, :rows * cols].transpose(1, 2).reshape(1, 128, rows, cols))
+        pos, neg = preds
+        x = scheduler.step(neg + CFG * (pos - neg), t, x, return_dict=False)[0]
+    err = rel_err(ours, x)
+    print(f"flux2 generate vs diffusers' scheduler loop: {err:.2e}")
+    assert err <= 1e-4  # other float32 steps for the same math (see the Z-Image test)

@@ -39,6 +39,10 @@ _BASE: dict[str, dict[str, dict[str, Any]]] = {
         "tiny": dict(layers=2, heads=4, head_dim=24, text_dim=32, ffn_dim=128, image_dim=32),
         "medium": dict(layers=8, heads=8, head_dim=64, text_dim=256, ffn_dim=1024, image_dim=128),
     },
+    "flux2": {  # FLUX.2 dev: 8 double + 48 single blocks of 48 heads x 128 over 15360-wide text states
+        "tiny": dict(layers=1, single_layers=2, heads=4, head_dim=16, text_dim=32),
+        "medium": dict(layers=4, single_layers=8, heads=8, head_dim=64, text_dim=256),
+    },
     "zimage": {  # Z-Image: 30 heads x 128 (only Ulysses degrees dividing 30); 6 keeps 2 and 3
         "tiny": dict(layers=2, refiner_layers=1, heads=6, head_dim=16, text_dim=32),
         "medium": dict(layers=12, refiner_layers=2, heads=6, head_dim=64, text_dim=256),
@@ -99,6 +103,13 @@ def tiny_config(family: str, preset: str = "tiny", layers: Optional[int] = None,
                     ffn_dim=p["ffn_dim"], num_layers=p["layers"], cross_attn_norm=True, qk_norm="rms_norm_across_heads",
                     eps=1e-6, image_dim=p["image_dim"] if clip else None,
                     added_kv_proj_dim=heads * head_dim if clip else None, rope_max_seq_len=1024)
+    if family == "flux2":
+        if head_dim % 8:
+            raise XDiTConfigError(f"FLUX.2 head size {head_dim} must be a multiple of 8, for its four rotary axes")
+        return dict(patch_size=1, in_channels=128, num_layers=p["layers"], num_single_layers=p["single_layers"],
+                    attention_head_dim=head_dim, num_attention_heads=heads, joint_attention_dim=p["text_dim"],
+                    timestep_guidance_channels=256, mlp_ratio=3.0, axes_dims_rope=[head_dim // 4] * 4,
+                    rope_theta=2000, guidance_embeds=(variant or "dev") == "dev")
     if family == "zimage":
         axes = list(flux_rope_axes(head_dim))
         return dict(all_patch_size=[2], all_f_patch_size=[1], in_channels=16, dim=heads * head_dim,

@@ -23,6 +23,7 @@ REQUIRED = {
     "wan": ("num_layers", "num_attention_heads", "attention_head_dim", "in_channels", "ffn_dim", "text_dim"),
     "qwen": ("num_layers", "num_attention_heads", "attention_head_dim", "joint_attention_dim"),
     "zimage": ("n_layers", "n_refiner_layers", "dim", "n_heads", "cap_feat_dim"),
+    "flux2": ("num_layers", "num_single_layers", "num_attention_heads", "attention_head_dim", "joint_attention_dim"),
 }
 # Counts and sizes, each a positive integer where a config states it (null: diffusers derives it).
 SIZES = ("num_layers", "num_single_layers", "n_layers", "n_refiner_layers", "dim", "n_heads", "cap_feat_dim", "num_attention_heads", "attention_head_dim", "joint_attention_dim",

@@ -13,7 +13,7 @@ from xdit_core.models import flux, qwen, wan
 from xdit_core.models.base import BranchCond
 
 RANDOM_TEXT_LENGTH = 32
-REFERENCE_FAMILIES = ("flux", "qwen")  # FLUX.1 Kontext, Qwen-Image-Edit
+REFERENCE_FAMILIES = ("flux", "qwen", "flux2")  # FLUX.1 Kontext, Qwen-Image-Edit, FLUX.2 (references on T = 10 i)
 REFERENCE_METHODS = {"flux": flux.REFERENCE_METHODS, "qwen": qwen.REFERENCE_METHODS}
 CLIP_VISION_TOKENS = 257  # CLIP ViT-H/14's penultimate states at 224 px: 16 x 16 patches and the class token
 MAX_SEED = 0xffffffffffffffff  # ComfyUI's seed range is 0..MAX_SEED, which is what torch's generators take
@@ -105,7 +105,7 @@ def prepare_branch(spec: ModelSpec, cond: Optional[BranchCond], shape: Sequence[
     check_text_mask(cond, branch)
     if cond.references and spec.family not in REFERENCE_FAMILIES:
         raise XDiTConditioningError(f"{branch}: reference latents reach a {spec.family} model, which takes none "
-                                    "(FLUX.1 Kontext and Qwen-Image-Edit do)")
+                                    "(FLUX.1 Kontext, Qwen-Image-Edit and FLUX.2 do)")
     for i, ref in enumerate(cond.references):
         check_finite(f"{branch} reference latent {i}", ref)
         if ref.ndim != 4 or ref.shape[1] != spec.latent_channels or ref.shape[0] not in (1, shape[0]) \

@@ -9,9 +9,10 @@ import torch
 from xdit_core.models import latent_formats
 from xdit_core.errors import XDiTConfigError, XDiTModelError
 from xdit_core.models.latent_formats import LatentFormat
-from xdit_core.models.model_sampling import DiscreteEpsSampling, DiscreteFlowSampling, FluxSampling, ModelSampling, flux_auto_shift
+from xdit_core.models.model_sampling import (DiscreteEpsSampling, DiscreteFlowSampling, FluxSampling, ModelSampling,
+                                             flux2_mu, flux_auto_shift)
 
-FAMILIES = ("flux", "sd3", "pixart", "wan", "qwen", "zimage")
+FAMILIES = ("flux", "sd3", "pixart", "wan", "qwen", "zimage", "flux2")
 CLASS_NAMES = {
     "FluxTransformer2DModel": "flux",
     "SD3Transformer2DModel": "sd3",
@@ -19,6 +20,7 @@ CLASS_NAMES = {
     "WanTransformer3DModel": "wan",
     "QwenImageTransformer2DModel": "qwen",
     "ZImageTransformer2DModel": "zimage",
+    "Flux2Transformer2DModel": "flux2",
 }
 VIDEO_FAMILIES = ("wan",)
 # Wan: t2v = Wan 2.1 T2V and the Wan 2.2 A14B T2V experts; i2v = Wan 2.1 I2V (CLIP vision) and the Wan 2.2 A14B
@@ -27,7 +29,7 @@ VIDEO_FAMILIES = ("wan",)
 # Qwen: image = Qwen-Image and Qwen-Image-Edit 2509 (the same transformer; an edit takes reference latents in its
 # conditioning), edit_2511 = Qwen-Image-Edit 2511 (its reference tokens modulated at timestep 0: zero_cond_t).
 VARIANTS = {"flux": ("dev", "schnell"), "sd3": ("sd3",), "pixart": ("alpha", "sigma"), "wan": ("t2v", "i2v", "ti2v"),
-            "qwen": ("image", "edit_2511"), "zimage": ("zimage",)}
+            "qwen": ("image", "edit_2511"), "zimage": ("zimage",), "flux2": ("dev", "klein")}
 # Latent side must be even for the 2x2 patch embedding: pixels multiple of 8 * 2 (the image families'; see
 # ModelSpec.pixel_multiple, 32 for Wan 2.2 5B's 16x VAE).
 PIXEL_MULTIPLE = 16
@@ -89,6 +91,15 @@ class ModelSpec:
         share = noise_mask.mean(dim=(1, 3, 4), keepdim=True)
         return (share * timestep.view(-1, 1, 1, 1, 1)).reshape(timestep.shape[0], -1)
 
+    def resolve_shift(self, shift: Optional[float | str], width: int, height: int,
+                      steps: int) -> Optional[float | str]:
+        """The shift a request stores: FLUX.2's default is Flux2Pipeline's empirical mu for the image's tokens and
+        the step count (so every rank's model sampling is the same without the step count); others' as given."""
+        if self.family == "flux2" and shift is None:
+            scale = self.latent_format.spatial_scale
+            return flux2_mu((height // scale) * (width // scale), steps)
+        return shift
+
     def model_sampling(self, shift: Optional[float | str] = None, width: int = 1024,
                        height: int = 1024) -> ModelSampling:
         """ComfyUI's model sampling for this model; `shift` overrides the default, `auto` as ModelSamplingFlux."""
@@ -101,6 +112,8 @@ class ModelSpec:
             return FluxSampling(value) if self.variant == "dev" else DiscreteFlowSampling(value, multiplier=1.0)
         if self.family in ("sd3", "wan"):
             return DiscreteFlowSampling(value, multiplier=1000.0)
+        if self.family == "flux2":  # Flux2Pipeline: the exponential shift mu (resolve_shift's) on linspace sigmas
+            return FluxSampling(value)
         if self.family == "zimage":  # Z-Image-Turbo's scheduler: flow shift 3 on t (ModelSamplingAuraFlow 3)
             return DiscreteFlowSampling(value, multiplier=1.0)
         if self.family == "qwen":  # ComfyUI's default is ModelSamplingFlux at 1.15; its templates' override is
@@ -149,6 +162,8 @@ def detect_variant(family: str, config: Mapping[str, Any]) -> str:
         return "edit_2511" if config.get("zero_cond_t") else "image"
     if family == "zimage":
         return "zimage"
+    if family == "flux2":
+        return "dev" if config.get("guidance_embeds", True) else "klein"
     return "sd3"
 
 
@@ -180,7 +195,10 @@ def resolve_model_spec(config: Mapping[str, Any], family: Optional[str] = None,
         raise XDiTConfigError(f"variant {variant!r} contradicts the model: its channels (in_channels "
                               f"{config.get('in_channels', 16)}, out_channels {config.get('out_channels')}) make a Wan "
                               f"{detected_variant} model; pass {detected_variant!r} or leave the variant to detection")
-    if family == "qwen" and variant != detected_variant:
+    if family in ("qwen", "flux2") and variant != detected_variant:
+        if family == "flux2":
+            raise XDiTConfigError(f"variant {variant!r} contradicts the model: its guidance_embeds make it FLUX.2 "
+                                  f"{detected_variant}; pass {detected_variant!r} or leave the variant to detection")
         raise XDiTConfigError(f"variant {variant!r} contradicts the model: its config {'sets' if config.get('zero_cond_t') else 'does not set'} "
                               f"zero_cond_t, so it is Qwen {detected_variant}; pass {detected_variant!r} or leave the "
                               "variant to detection")
@@ -207,6 +225,11 @@ def resolve_model_spec(config: Mapping[str, Any], family: Optional[str] = None,
         # ComfyUI's QwenImage: Wan 2.1 VAE latents, ModelSamplingFlux shift 1.15 (multiplier 1); templates run cfg 2.5
         return ModelSpec("qwen", variant, latent_formats.WAN21, 2.5, None, 1.15, int(config.get("joint_attention_dim", 3584)),
                          None, heads, blocks)
+    if family == "flux2":
+        # Flux2Pipeline: 128-channel latents at 1/16, distilled guidance 4.0 (dev), cfg 1; the shift is its mu
+        dev = variant == "dev"
+        return ModelSpec("flux2", variant, latent_formats.FLUX2, 1.0, 4.0 if dev else None, 2.0,
+                         int(config.get("joint_attention_dim", 15360)), None, heads, blocks, patch_size=1)
     if family == "zimage":
         # diffusers' ZImagePipeline: the FLUX.1 VAE's latents, flow shift 3; Turbo samples 8 steps at cfg 1 (its
         # CFG is diffusers' guidance + 1: pos + g (pos - neg))
@@ -223,4 +246,5 @@ def model_class(family: str):
 
     return {"flux": diffusers.FluxTransformer2DModel, "sd3": diffusers.SD3Transformer2DModel,
             "pixart": diffusers.PixArtTransformer2DModel, "wan": diffusers.WanTransformer3DModel,
-            "qwen": diffusers.QwenImageTransformer2DModel, "zimage": diffusers.ZImageTransformer2DModel}[family]
+            "qwen": diffusers.QwenImageTransformer2DModel, "zimage": diffusers.ZImageTransformer2DModel,
+            "flux2": diffusers.Flux2Transformer2DModel}[family]

@@ -63,6 +63,10 @@ WAN22 = LatentFormat("Wan22", 48, 1.0, dims=3, spatial_scale=16, means=(
     0.3971, 1.0600, 0.3943, 0.5537, 0.5444, 0.4089, 0.7468, 0.7744))
 
 
+# FLUX.2: its VAE's 32 channels in 2x2 patches, batch-normalised by the VAE (Flux2Pipeline): the model's space.
+FLUX2 = LatentFormat("Flux2", 128, 1.0, spatial_scale=16)
+
+
 def pack_flux(latent: torch.Tensor) -> torch.Tensor:
     """[B, C, H, W] -> [B, (H/2)(W/2), 4C]: Flux's 2x2 patchify, rows then columns."""
     b, c, h, w = latent.shape

@@ -118,3 +118,15 @@ def flux_auto_shift(width: int, height: int, max_shift: float = 1.15, base_shift
     mm = (max_shift - base_shift) / (4096 - 256)
     b = base_shift - mm * 256
     return (width * height / (8 * 8 * 2 * 2)) * mm + b
+
+
+def flux2_mu(image_tokens: int, steps: int) -> float:
+    """diffusers' Flux2Pipeline compute_empirical_mu: the exponential time shift for `image_tokens` at `steps`."""
+    a1, b1 = 8.73809524e-05, 1.89833333
+    a2, b2 = 0.00016927, 0.45666666
+    if image_tokens > 4300:
+        return float(a2 * image_tokens + b2)
+    m_200 = a2 * image_tokens + b2
+    m_10 = a1 * image_tokens + b1
+    a = (m_200 - m_10) / 190.0
+    return float(a * steps + m_200 - 200.0 * a)

@@ -267,6 +267,7 @@ def build_request(spec: ModelSpec, latent: torch.Tensor, *, seed: int, steps: in
     positive = prepare_branch(spec, positive, latent.shape, "positive")
     negative = prepare_branch(spec, negative if with_negative else None, latent.shape, "negative")
     mask = None if noise_mask is None else prepare_mask(noise_mask, latent.shape)
+    shift = spec.resolve_shift(shift, width, height, steps)
     ms = spec.model_sampling(shift, width=width, height=height)
     sigmas = calculate_sigmas(ms, scheduler, steps, denoise, sampler)
     sigmas = steps_range.apply(sigmas)
