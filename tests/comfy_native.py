@@ -127,8 +127,18 @@ def _wan(config: dict[str, Any]) -> dict[str, Any]:
                 in_dim=config["in_channels"], model_type="i2v" if config.get("image_dim") else "t2v")
 
 
+def _qwen(config: dict[str, Any]) -> dict[str, Any]:
+    # ComfyUI's detection of a Qwen-Image checkpoint (txt_norm.weight) reads in_channels and num_layers; its model
+    # takes the rest from its constructor's defaults (24 heads of 128, 3584-wide text, rotary axes 16/56/56), which a
+    # tiny model's sizes replace here, as unet_config keys that constructor takes.
+    return dict(image_model="qwen_image", in_channels=config["in_channels"], num_layers=config["num_layers"],
+                patch_size=config["patch_size"], out_channels=config["out_channels"],
+                attention_head_dim=config["attention_head_dim"], num_attention_heads=config["num_attention_heads"],
+                joint_attention_dim=config["joint_attention_dim"], axes_dims_rope=tuple(config["axes_dims_rope"]))
+
+
 UNET_CONFIGS: dict[str, Callable[[dict[str, Any]], dict[str, Any]]] = {"flux": _flux, "sd3": _sd3, "pixart": _pixart,
-                                                                      "wan": _wan}
+                                                                      "wan": _wan, "qwen": _qwen}
 
 
 def read_diffusers(folder: str | Path) -> tuple[str, dict[str, Any], dict[str, torch.Tensor]]:
@@ -154,7 +164,7 @@ def load_strict(model: torch.nn.Module, state: dict[str, torch.Tensor], unused: 
 
 def comfy_model(folder: str | Path) -> comfy.model_patcher.ModelPatcher:
     """ComfyUI's own model of a diffusers folder (Flux dev/schnell, SD3, PixArt alpha/sigma, Wan 2.1 T2V/I2V and
-    2.2 TI2V 5B at ComfyUI's fixed widths: see WAN_FIXED), fp32 on the CPU."""
+    2.2 TI2V 5B at ComfyUI's fixed widths: see WAN_FIXED; Qwen-Image), fp32 on the CPU."""
     family, config, tensors = read_diffusers(folder)
     model_config = comfy.model_detection.model_config_from_unet_config(UNET_CONFIGS[family](config))
     if model_config is None:
@@ -400,6 +410,42 @@ def wan_video_case(patcher: comfy.model_patcher.ModelPatcher, case: dict[str, An
     return out
 
 
+def reference_case(patcher: comfy.model_patcher.ModelPatcher, case: dict[str, Any]) -> dict[str, torch.Tensor]:
+    """An edit model's run (FLUX.1 Kontext, Qwen-Image-Edit): each branch's conditioning through ComfyUI's
+    ReferenceLatent node once per reference LATENT (chained, as a workflow appends them; TextEncodeQwenImageEdit sets
+    the same key the same way) and, with "method", FluxKontextMultiReferenceLatentMethod; then "sampler": "comfy"
+    (KSampler on ComfyUI's model) or {"mesh": {...}} (our xDiT Sampler node on our model folder). Case keys: latent,
+    references (LATENT tensors, [1, 16, h, w] or Qwen's [1, 16, 1, h, w]), method (optional), seed, steps, cfg,
+    sampler_name, scheduler, positive, negative, and xdit_model (optional: the file or folder our node loads, else
+    model). Outputs the samples and the positive's reference_latents as set."""
+    from comfy_extras.nodes_edit_model import ReferenceLatent
+    from comfy_extras.nodes_flux import FluxKontextMultiReferenceLatentMethod
+
+    branches = {}
+    for which in ("positive", "negative"):
+        cond = _branch(case[which])
+        for ref in case.get("references", []):
+            cond = ReferenceLatent.execute(cond, {"samples": ref}).args[0]
+        if case.get("method"):
+            cond = FluxKontextMultiReferenceLatentMethod.execute(cond, case["method"]).args[0]
+        branches[which] = cond
+    if case["sampler"] == "comfy":
+        samples = ksampler(patcher, case["latent"], seed=case["seed"], steps=case["steps"], cfg=case["cfg"],
+                           sampler_name=case["sampler_name"], scheduler=case["scheduler"],
+                           positive=branches["positive"], negative=branches["negative"])
+    else:
+        nodes = plugin().nodes
+        xdit = nodes.loader.XDiTLoadModel().load(str(case.get("xdit_model", case["model"])), "fp32", "auto",
+                                                 "auto")[0]
+        mesh = nodes.types.XDiTMesh("manual", **case["sampler"]["mesh"])
+        samples = nodes.sampler.XDiTSampler().sample(xdit, mesh, branches["positive"], branches["negative"],
+                                                     {"samples": case["latent"]}, case["seed"], case["steps"],
+                                                     case["cfg"], case["sampler_name"], case["scheduler"],
+                                                     1.0)[0]["samples"]
+    refs = branches["positive"][0][1].get("reference_latents", [])
+    return {"samples": samples, **{f"positive_reference{i}": r.clone() for i, r in enumerate(refs)}}
+
+
 CASE_KINDS: dict[str, Callable[[comfy.model_patcher.ModelPatcher, dict[str, Any]], dict[str, torch.Tensor]]] = {
     "ksampler": ksampler_case,
     "custom_sampler": custom_sampler_case,
@@ -407,6 +453,7 @@ CASE_KINDS: dict[str, Callable[[comfy.model_patcher.ModelPatcher, dict[str, Any]
     "xdit_advanced": xdit_advanced_case,
     "ksampler_on_weightless": ksampler_on_weightless_case,
     "wan_video": wan_video_case,
+    "reference": reference_case,
 }
 
 

@@ -466,3 +466,214 @@ def test_xdit_guider_equals_comfyuis_cfg_guider_on_wan(comfy, name):
     error = ((mine - theirs).abs().max() / theirs.abs().max()).item()
     print(f"wan {name} xDiT Guider (ulysses 2) vs ComfyUI's CFGGuider: relative error {error:.2e}")
     assert error < TOLERANCE, f"{name}: relative error {error:.2e}"
+
+
+# Edit models' reference latents against ComfyUI's own models: Qwen-Image (ComfyUI's QwenImage; Edit 2509 is the same
+# transformer with reference_latents) and FLUX.1 Kontext (ComfyUI's Flux dev with reference_latents). Each branch's
+# conditioning goes through ComfyUI's ReferenceLatent node per reference (what TextEncodeQwenImageEdit sets too: the
+# LATENT as encoded, ComfyUI applies process_latent_in) and FluxKontextMultiReferenceLatentMethod for a method;
+# KSampler on ComfyUI's model against our engine's serial run of the same ComfyUI values through the xDiT Sampler's
+# conversion (nodes.conditioning, nodes.sampler), and against our xDiT Sampler node on the workers (Ulysses 2).
+# Weights at std 0.1, so attention mixes the reference tokens in enough for the controls below.
+# name: (family, write_tiny options, ComfyUI's model config class, cfg)
+EDIT_MODELS = {"qwen": ("qwen", {}, "QwenImage", 2.5), "kontext": ("flux", {"variant": "dev"}, "Flux", 2.0)}
+EDIT_STD = 0.1
+# Qwen: a 6 x 10 latent is 3 x 5 tokens, odd counts, where ComfyUI centres positions one step later than diffusers'
+# QwenEmbedRope; its LATENTs are [B, 16, 1, h, w] (qwen_image takes EmptySD3LatentImage's 4-D one, which ComfyUI's
+# KSampler gives the frame axis). The first reference (7 x 3 tokens) reaches further from the centre than the
+# output, so the text's positions start after the output's extent (ComfyUI), not the reference's (diffusers).
+EDIT_LATENTS = {"qwen": (1, 16, 1, 6, 10), "qwen_4d": (1, 16, 6, 10), "kontext": (1, 16, 8, 12)}
+EDIT_REFERENCES = {"qwen": [(1, 16, 1, 14, 6), (1, 16, 1, 6, 8)], "kontext": [(1, 16, 10, 6), (1, 16, 6, 8)]}
+# name: (model, latent, references used, FluxKontextMultiReferenceLatentMethod's value or None, sampler, scheduler)
+EDIT_CASES = {
+    "qwen_image": ("qwen", "qwen_4d", 0, None, "euler", "simple"),
+    "qwen_edit": ("qwen", "qwen", 2, None, "dpmpp_2m", "simple"),  # ComfyUI's QwenImage default: "index"
+    "qwen_edit_offset": ("qwen", "qwen", 2, "offset", "dpmpp_2m", "simple"),
+    "kontext": ("kontext", "kontext", 2, None, "euler", "simple"),  # ComfyUI's Flux default: "offset"
+    "kontext_index": ("kontext", "kontext", 2, "index", "euler", "simple"),
+    "kontext_uxo": ("kontext", "kontext", 2, "uxo/uno", "euler", "simple"),
+}
+EDIT_XDIT = ("qwen_image", "qwen_edit", "kontext")  # also through our xDiT Sampler node on the workers
+EDIT_MESH, EDIT_STEPS = {"ulysses_degree": 2}, 4
+
+
+def edit_inputs() -> dict[str, torch.Tensor]:
+    """Both branches' text states (Flux: and pooled), the latents and the reference LATENTs."""
+    gen = torch.Generator().manual_seed(13)
+    out = {}
+    for name, (family, *_) in EDIT_MODELS.items():
+        for which in ("positive", "negative"):
+            out[f"{name}/{which}_text"] = torch.randn(1, 7, 32, generator=gen)
+            if family == "flux":
+                out[f"{name}/{which}_pooled"] = torch.randn(1, 32, generator=gen)
+        for i, shape in enumerate(EDIT_REFERENCES[name]):
+            out[f"{name}/reference{i}"] = torch.randn(*shape, generator=gen)
+    out.update({f"latent/{k}": torch.zeros(shape) for k, shape in EDIT_LATENTS.items()})
+    return {f"edit/{k}": v for k, v in out.items()}
+
+
+def edit_branch(model: str, which: str) -> dict:
+    out = {"text": {"tensor": f"edit/{model}/{which}_text"}}
+    if EDIT_MODELS[model][0] == "flux":
+        out["pooled"] = {"tensor": f"edit/{model}/{which}_pooled"}
+        if which == "positive":  # FluxGuidance after the positive prompt; ComfyUI runs the negative at 3.5
+            out["guidance"] = GUIDANCE
+    return out
+
+
+@pytest.fixture(scope="module")
+def comfy_edit(tmp_path_factory):
+    """Models, inputs and outputs of the edit cases, from one run of tests/comfy_native.py. Our xDiT Sampler node
+    loads the Qwen model from a ComfyUI-style single file (diffusers names, as Comfy-Org's qwen_image_*.safetensors)."""
+    python = comfy_python()
+    if python is None:
+        pytest.skip("no Python with ComfyUI's and comfyui-xdit's requirements (set COMFYUI_PYTHON)")
+    from xdit_core.cli.tiny import write_tiny
+    from xdit_core.loading.key_mapping import model_tensors, to_original
+    from xdit_core.models.families import model_class
+
+    root = tmp_path_factory.mktemp("native_edit")
+    models, xdit_models = {}, {}
+    for seed, (name, (family, options, _, _)) in enumerate(EDIT_MODELS.items(), start=31):
+        models[name] = write_tiny(family, root / name, seed=seed, weight_std=EDIT_STD, **options)
+        xdit_models[name] = models[name]
+    reference = model_class("qwen").from_pretrained(models["qwen"], low_cpu_mem_usage=False)
+    xdit_models["qwen"] = root / "qwen_image_edit_2509_fp32.safetensors"
+    save_file({k: v.contiguous() for k, v in to_original("qwen", model_tensors(reference)).items()},
+              str(xdit_models["qwen"]))
+    tensors = edit_inputs()
+    cases = []
+    for name, (model, latent, n_refs, method, sampler, scheduler) in EDIT_CASES.items():
+        case = {"kind": "reference", "model": str(models[model]), "xdit_model": str(xdit_models[model]),
+                "latent": {"tensor": f"edit/latent/{latent}"},
+                "references": [{"tensor": f"edit/{model}/reference{i}"} for i in range(n_refs)], "method": method,
+                "seed": SEED, "steps": EDIT_STEPS, "cfg": EDIT_MODELS[model][3], "sampler_name": sampler,
+                "scheduler": scheduler, "positive": edit_branch(model, "positive"),
+                "negative": edit_branch(model, "negative")}
+        cases.append(dict(case, name=f"edit/{name}/comfy", sampler="comfy"))
+        if name in EDIT_XDIT:
+            cases.append(dict(case, name=f"edit/{name}/xdit", sampler={"mesh": EDIT_MESH}))
+    save_file(tensors, str(root / "inputs.safetensors"))
+    (root / "cases.json").write_text(json.dumps({"tensors": str(root / "inputs.safetensors"), "cases": cases}))
+    out = root / "outputs.safetensors"
+    done = subprocess.run([python, str(HERE / "comfy_native.py"), str(root / "cases.json"), str(out)],
+                          env={**os.environ, "COMFYUI_PATH": COMFYUI, "HF_HUB_OFFLINE": "1",
+                               "XDIT_ALLOW_ABSOLUTE_MODEL_PATHS": "1"},
+                          capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    with safe_open(str(out), "pt") as f:
+        meta = f.metadata()
+    return {"models": models, "inputs": tensors, "cases": {c["name"]: c for c in cases},
+            "outputs": load_file(str(out)), "errors": json.loads(meta["errors"]),
+            "classes": json.loads(meta["model_configs"])}
+
+
+def edit_output(comfy_edit, key: str) -> torch.Tensor:
+    assert key not in comfy_edit["errors"], comfy_edit["errors"][key]
+    return comfy_edit["outputs"][f"{key}/samples"]
+
+
+def ours_edit(comfy_edit, name: str) -> torch.Tensor:
+    """Our engine's serial run of an edit case from the same ComfyUI values, as the xDiT Sampler node converts them
+    (nodes.conditioning.branch_from_conditioning: the reference LATENTs through the model's process_in; nodes.sampler:
+    the sampled shape, and the LATENT handed back with Qwen's frame axis)."""
+    from nodes.conditioning import branch_from_conditioning
+    from nodes.sampler import comfy_samples, model_shape
+    from xdit_core.loading.load import load_model
+    from xdit_core.models import make_adapter
+    from xdit_core.runtime.job import run_request
+    from xdit_core.sampling.request import build_request
+
+    case, t = comfy_edit["cases"][f"edit/{name}/comfy"], comfy_edit["inputs"]
+    model, spec = load_model(comfy_edit["models"][EDIT_CASES[name][0]])
+    latent = t[case["latent"]["tensor"]]
+    shape = model_shape(spec, latent.shape)
+
+    def conditioning(which):  # what ReferenceLatent (and the method node) make of the branch's CONDITIONING
+        branch, extra = case[which], {}
+        if "pooled" in branch:
+            extra["pooled_output"] = t[branch["pooled"]["tensor"]]
+        if "guidance" in branch:
+            extra["guidance"] = branch["guidance"]
+        if case["references"]:
+            extra["reference_latents"] = [t[r["tensor"]] for r in case["references"]]
+        if case["method"]:
+            extra["reference_latents_method"] = "uxo" if "uxo" in case["method"] else case["method"]
+        return branch_from_conditioning(spec, [[t[branch["text"]["tensor"]], extra]], shape, which)
+
+    (pos, guidance), (neg, neg_guidance) = conditioning("positive"), conditioning("negative")
+    request = build_request(spec, latent, seed=case["seed"], steps=case["steps"], cfg=case["cfg"],
+                            sampler=case["sampler_name"], scheduler=case["scheduler"], denoise=1.0, positive=pos,
+                            negative=neg, guidance=guidance, negative_guidance=neg_guidance)
+    return comfy_samples(spec, run_request(make_adapter(model, spec), request))
+
+
+def relative(mine: torch.Tensor, theirs: torch.Tensor) -> float:
+    return ((mine - theirs).abs().max() / theirs.abs().max()).item()
+
+
+@pytest.mark.parametrize("name", EDIT_MODELS)
+def test_comfyui_builds_its_own_edit_model(comfy_edit, name):
+    assert comfy_edit["classes"][str(comfy_edit["models"][name])] == EDIT_MODELS[name][2]
+
+
+@pytest.mark.parametrize("name", EDIT_CASES)
+def test_ksampler_with_reference_latents_equals_our_engine(comfy_edit, name):
+    """KSampler on ComfyUI's QwenImage / Flux with ReferenceLatent's conditioning against our engine's serial run:
+    Qwen's centred positions at an odd token grid, its index / offset references and text after the output's extent;
+    Kontext's offset / index / uxo placements; cfg > 1 with a negative that has the references too."""
+    key = f"edit/{name}/comfy"
+    theirs, case, t = edit_output(comfy_edit, key), comfy_edit["cases"][key], comfy_edit["inputs"]
+    for i, ref in enumerate(case["references"]):  # the node set the LATENT as it is (ComfyUI's model processes it)
+        assert torch.equal(comfy_edit["outputs"][f"{key}/positive_reference{i}"], t[ref["tensor"]])
+    model = EDIT_CASES[name][0]
+    expected = EDIT_LATENTS["qwen"] if model == "qwen" else EDIT_LATENTS[model]  # Qwen's LATENT: 5-D
+    latent = t[case["latent"]["tensor"]]
+    assert tuple(theirs.shape) == expected
+    assert torch.isfinite(theirs).all() and (theirs - latent.reshape(expected)).abs().max() > 0.1  # it sampled
+    mine = ours_edit(comfy_edit, name)
+    assert mine.shape == theirs.shape
+    error = relative(mine, theirs)
+    print(f"edit {name} engine vs ComfyUI's KSampler: relative error {error:.2e}")
+    assert error < TOLERANCE, f"{name}: relative error {error:.2e}"
+
+
+@pytest.mark.parametrize("name", EDIT_XDIT)
+def test_xdit_sampler_node_with_reference_latents_equals_comfyuis_ksampler(comfy_edit, name):
+    """Our xDiT Sampler node on the workers (Ulysses 2; Qwen loaded from a ComfyUI-style single file) from the same
+    CONDITIONING and LATENT as KSampler on ComfyUI's model: the same LATENT back (Qwen's with its frame axis)."""
+    theirs, mine = edit_output(comfy_edit, f"edit/{name}/comfy"), edit_output(comfy_edit, f"edit/{name}/xdit")
+    assert mine.shape == theirs.shape
+    error = relative(mine, theirs)
+    print(f"edit {name} xDiT Sampler (ulysses 2) vs ComfyUI's KSampler: relative error {error:.2e}")
+    assert error < TOLERANCE, f"{name}: relative error {error:.2e}"
+
+
+@pytest.mark.parametrize("a,b", [("qwen_edit", "qwen_image"), ("qwen_edit", "qwen_edit_offset"),
+                                 ("kontext", "kontext_index"), ("kontext", "kontext_uxo"),
+                                 ("kontext_index", "kontext_uxo")])
+def test_references_and_their_placement_change_comfyuis_result(comfy_edit, a, b):
+    """Control: ComfyUI's results with and without references, and with each placement, are far apart, so the
+    comparisons above check the references and their positions at TOLERANCE."""
+    error = relative(edit_output(comfy_edit, f"edit/{a}/comfy"), edit_output(comfy_edit, f"edit/{b}/comfy"))
+    print(f"edit control {a} vs {b}: {error:.2e}")
+    assert error > 100 * TOLERANCE, f"{a} vs {b}: relative difference {error:.2e}"
+
+
+def test_qwen_odd_grid_positions_are_compared(comfy_edit, monkeypatch):
+    """Control: with diffusers' QwenEmbedRope positions (an odd row or column count centred one step earlier) our
+    run is far from ComfyUI's at the odd 3 x 5 token grid, so the comparison above checks ComfyUI's."""
+    from xdit_core.models import qwen
+
+    comfyui_grid = qwen.grid_ids
+
+    def diffusers_grid(rows, cols, index=0, row_offset=0, col_offset=0):
+        ids = comfyui_grid(rows, cols, index, row_offset, col_offset)
+        ids[:, 1] -= rows % 2
+        ids[:, 2] -= cols % 2
+        return ids
+
+    monkeypatch.setattr(qwen, "grid_ids", diffusers_grid)
+    error = relative(ours_edit(comfy_edit, "qwen_image"), edit_output(comfy_edit, "edit/qwen_image/comfy"))
+    print(f"qwen at diffusers' odd-grid positions vs ComfyUI: {error:.2e}")
+    assert error > 100 * TOLERANCE, f"relative error {error:.2e}"
