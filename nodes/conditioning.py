@@ -8,6 +8,7 @@ own model for the family ignores it, a no-op at its value, or refused with what 
 from __future__ import annotations
 
 import math
+from dataclasses import replace
 
 # Keys ComfyUI's model for the family reads and the engine applies ("guidance": Flux dev's distilled guidance).
 # Wan: WanImageToVideo's CLIP vision output (Wan 2.1 I2V) and start image latent and mask (I2V).
@@ -16,13 +17,15 @@ import math
 REFERENCES = {"reference_latents", "reference_latents_method"}
 APPLIED = {"flux": {"pooled_output", "guidance"} | REFERENCES, "sd3": {"pooled_output"}, "pixart": set(),
            "wan": {"clip_vision_output", "concat_latent_image", "concat_mask"}, "qwen": set(REFERENCES),
-           "zimage": {"attention_mask"}, "flux2": {"guidance", "reference_latents"}}
+           "zimage": {"attention_mask"}, "flux2": {"guidance", "reference_latents"},
+           "hunyuandit": {"attention_mask", "conditioning_mt5xl", "attention_mask_mt5xl"}}
 # Keys ComfyUI's model for the family never reads (so neither do we): the T5-only PixArt's and Wan's empty
 # pooled output, FluxGuidance on a model without a guidance embedder.
 # Qwen: ComfyUI's QwenImage hands the text encoder's attention_mask to its blocks, whose attention never uses it.
 IGNORED = {"flux": set(), "sd3": {"guidance"}, "pixart": {"pooled_output", "guidance"},
            "wan": {"pooled_output", "guidance"}, "qwen": {"pooled_output", "guidance", "attention_mask"},
-           "zimage": {"pooled_output", "guidance"}, "flux2": {"pooled_output"}}
+           "zimage": {"pooled_output", "guidance"}, "flux2": {"pooled_output"},
+           "hunyuandit": {"pooled_output", "guidance"}}
 # Keys that change nothing at these values (a Conditioning Set Timestep Range of 0..1, strength 1).
 NO_OP = {"start_percent": 0.0, "end_percent": 1.0, "strength": 1.0}
 # What to use instead of a key the engine does not apply yet.
@@ -45,6 +48,7 @@ ADVICE = {
     "gligen": "GLIGEN is not supported",
 }
 PIXART_SIZE_KEYS = ("width", "height", "aspect_ratio")
+HUNYUAN_SIZE_KEYS = ("width", "height", "target_width", "target_height")  # its image_meta_size
 
 
 def check_keys(family: str, extra: dict, name: str, height: int, width: int) -> None:
@@ -54,12 +58,14 @@ def check_keys(family: str, extra: dict, name: str, height: int, width: int) -> 
             continue
         if key in NO_OP and _equals(value, NO_OP[key]):
             continue
-        if family == "pixart" and key in PIXART_SIZE_KEYS:
-            # ComfyUI's PixArt takes its size conditioning from these when set; ours is the latent's own size.
-            default = {"width": width, "height": height, "aspect_ratio": height / width}[key]
+        if (family == "pixart" and key in PIXART_SIZE_KEYS) or (family == "hunyuandit" and key in HUNYUAN_SIZE_KEYS):
+            # ComfyUI's PixArt and HunyuanDiT take their size conditioning from these when set; ours is the
+            # latent's own size.
+            default = {"width": width, "height": height, "aspect_ratio": height / width, "target_width": width,
+                       "target_height": height}[key]
             if _equals(value, default):
                 continue
-            raise ValueError(f"{name} conditioning sets {key} {value}, but the xDiT Sampler conditions PixArt on "
+            raise ValueError(f"{name} conditioning sets {key} {value}, but the xDiT Sampler conditions {family} on "
                              f"the latent's size ({width}x{height}); use a latent of the size you want instead")
         advice = ADVICE.get(key, f"the xDiT samplers apply only {_listing(family)} for {family}")
         raise ValueError(f"{name} conditioning has the key {key!r}, which the xDiT samplers do not apply: {advice}")
@@ -115,8 +121,18 @@ def branch_from_conditioning(spec, conditioning, shape, name: str, noise_mask=No
     if spec.family == "wan":
         image, concat = _wan_image_inputs(spec, extra, shape, name, noise_mask)
     references = _references(spec, extra.get("reference_latents") or (), batch, name)
-    return BranchCond(text, pooled, image=image, concat=concat, references=references,
-                      reference_method=extra.get("reference_latents_method")), guidance
+    cond = BranchCond(text, pooled, image=image, concat=concat, references=references,
+                      reference_method=extra.get("reference_latents_method"))
+    if spec.family == "hunyuandit":  # ComfyUI's HunyuanDiT text encoder: both encoders' states and masks
+        t5 = extra.get("conditioning_mt5xl")
+        cond = replace(cond, text_mask=_host(extra.get("attention_mask")), text2_mask=_host(extra.get("attention_mask_mt5xl")),
+                       text2=None if t5 is None else check_shape(f"{name} conditioning_mt5xl", t5, batch, spec.text2_dim,
+                                                                 text=True, source=f"{name} conditioning"))
+    return cond, guidance
+
+
+def _host(mask):
+    return None if mask is None else mask.cpu()
 
 
 def _real_tokens(tensor, mask, name: str):

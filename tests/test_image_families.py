@@ -43,11 +43,13 @@ CASES = {
     "kontext": ("flux", "dev", "edit"),
     "zimage": ("zimage", "zimage", "plain"),
     "flux2_edit": ("flux2", "dev", "edit"),
+    "hunyuandit": ("hunyuandit", "v1.1", "hunyuan"),
 }
 CASE_CONFIGS = {"qwen_edit": tuple(CONFIGS), "qwen_masked": ("u2", "r2", "cfg_r2", "pf2"),
                 "qwen_2511": ("u2", "pf2_r2"), "kontext": ("u2r2", "cfg_r2", "pf2"),
                 "zimage": ("u2", "u3", "r2", "cfg_r2", "pf2", "pf2_r2"),
-                "flux2_edit": ("u2", "r2", "cfg_r2", "pf2", "pf2_r2")}
+                "flux2_edit": ("u2", "r2", "cfg_r2", "pf2", "pf2_r2"),
+                "hunyuandit": ("u2", "r2", "u2r2", "cfg_r2")}  # PipeFusion refuses it (its skips cross stages)
 # Negative controls: each must move the output >= MUTATION_FACTOR x TOL.
 NEGATIVE = [("qwen_masked", "r2", "unmasked_text"), ("qwen_masked", "pf2", "unmasked_text"),
             ("qwen_masked", "u2", "unmasked_padding")]
@@ -56,13 +58,19 @@ NEGATIVE = [("qwen_masked", "r2", "unmasked_text"), ("qwen_masked", "pf2", "unma
 def family_request(spec, kind: str, seed: int = 0, steps: int = STEPS, rows: int = ROWS, cols: int = COLS):
     """"edit": batch 1, a reference latent (4 x 8) in the positive branch and two (4 x 8, 4 x 4) placed by "index"
     in the negative (even token counts, where diffusers' positions are ComfyUI's); "masked": batch 2, the positive's text mask differing per item, the negative's the
-    same for both (masked keys dropped); "plain": batch 1, neither."""
+    same for both (masked keys dropped); "plain": batch 1, neither; "hunyuan": HunyuanDiT's two encoders' states
+    with their padding masks."""
     gen = torch.Generator().manual_seed(seed)
     batch = 2 if kind == "masked" else 1
     pos, neg = (BranchCond(torch.randn(batch, TEXT, spec.text_dim, generator=gen)) for _ in range(2))
     if spec.pooled_dim:
         pos, neg = (replace(c, pooled=torch.randn(batch, spec.pooled_dim, generator=gen)) for c in (pos, neg))
-    if kind == "edit":
+    if kind == "hunyuan":
+        pos, neg = (replace(c, text=torch.randn(batch, 77, spec.text_dim, generator=gen),
+                            text2=torch.randn(batch, 256, spec.text2_dim, generator=gen),
+                            text_mask=torch.arange(77)[None] < n, text2_mask=torch.arange(256)[None] < 2 * n)
+                    for c, n in ((pos, 9), (neg, 4)))
+    elif kind == "edit":
         ref = torch.randn(1, spec.latent_channels, 4, 8, generator=gen)
         pos = replace(pos, references=(ref,))
         neg = replace(neg, references=(ref, torch.randn(1, spec.latent_channels, 4, 4, generator=gen)),
@@ -335,3 +343,89 @@ def test_flux2_generate_equals_the_diffusers_scheduler_loop(tmp_path):
     err = rel_err(ours, x)
     print(f"flux2 generate vs diffusers' scheduler loop: {err:.2e}")
     assert err <= 1e-4  # other float32 steps for the same math (see the Z-Image test)
+
+
+@pytest.mark.parametrize("variant", ("v1.2", "v1.1"))
+def test_hunyuandit_forward_equals_diffusers_forward(variant):
+    """Degree 1: our embed (padding embeddings for masked text, size conditioning of v1.0/1.1) -> blocks with the
+    long skips -> head is diffusers' HunyuanDiT2DModel.forward bit for bit, given the same rotary table."""
+    from xdit_core.models.hunyuandit import rotary
+
+    model = build_tiny("hunyuandit", seed=2, weight_std=0.15, variant=variant).eval()
+    adapter = make_adapter(model, resolve_model_spec(dict(model.config), family="hunyuandit"))
+    request = family_request(adapter.spec, "hunyuan", rows=8, cols=12)
+    c = request.positive
+    x, t = torch.randn(1, 4, 8, 12, generator=torch.Generator().manual_seed(0)), torch.tensor([640.0])
+    v11 = variant == "v1.1"
+    with torch.no_grad():
+        ours = adapter.predict(x, t, c, None)
+        theirs = model(x, t, encoder_hidden_states=c.text, text_embedding_mask=c.text_mask,
+                       encoder_hidden_states_t5=c.text2, text_embedding_mask_t5=c.text2_mask,
+                       image_meta_size=torch.tensor([[64.0, 96.0, 64.0, 96.0, 0.0, 0.0]]) if v11 else None,
+                       style=torch.zeros(1, dtype=torch.long) if v11 else None, image_rotary_emb=rotary(16, 4, 6),
+                       return_dict=False)[0]
+    assert torch.equal(ours, theirs[:, :4])
+
+
+def test_hunyuandit_rotary_is_comfyuis():
+    """Square grids: diffusers' own table; off-centre crops (non-square): numpy's linspace without endpoint, as
+    ComfyUI and the original HunyuanDiT (diffusers' torch version scales the stop instead)."""
+    from diffusers.models.embeddings import get_2d_rotary_pos_embed
+
+    from xdit_core.models.hunyuandit import rope_region, rotary
+
+    for rows, cols in ((8, 8), (4, 8)):
+        theirs = get_2d_rotary_pos_embed(16, rope_region(rows, cols), (rows, cols), output_type="pt")
+        ours = rotary(16, rows, cols)
+        assert all(torch.allclose(a, b, atol=1e-6) for a, b in zip(ours, theirs)) == (rows == cols)
+    (top, left), (bottom, right) = rope_region(4, 8)  # the crop of the 32 x 32 base grid: rows 8..24
+    assert (top, left, bottom, right) == (8, 0, 24, 32)
+    cos, _ = rotary(16, 4, 8)
+    rows = torch.tensor([8.0, 12.0, 16.0, 20.0])  # 8 + k (24 - 8) / 4
+    assert torch.allclose(cos[::8, 8:12], torch.cos(rows[:, None] * (1.0 / 10000 ** (torch.arange(0, 8, 2) / 8)))
+                          .repeat_interleave(2, dim=1)[:, :4], atol=1e-6)
+
+
+def test_pipefusion_refuses_hunyuandit_before_any_worker():
+    from xdit_core.errors import XDiTConfigError
+    from xdit_core.parallel.mesh import validate_parallel_config
+
+    with pytest.raises(XDiTConfigError, match="long skip connections"):
+        validate_parallel_config(ParallelConfig(pipefusion_parallel_degree=2), family="hunyuandit")
+
+
+def test_hunyuandit_generate_equals_comfyuis_v_prediction_loop(tmp_path):
+    """run_request equals euler with CFG over diffusers' transformer with ComfyUI's HunyuanDiT1 sampling written
+    out here: "linear" betas 0.00085..0.03 (square roots spaced), v-prediction, the discrete timestep nearest in
+    log sigma, the "simple" schedule, max-denoise noise scaling."""
+    from xdit_core.models.hunyuandit import rotary
+
+    model = build_tiny("hunyuandit", seed=5, weight_std=0.1, variant="v1.1").eval()
+    model.save_pretrained(tmp_path / "h")
+    adapter = make_adapter(*load_model(tmp_path / "h"))
+    steps, rows, cols = 3, 8, 12
+    request = family_request(adapter.spec, "hunyuan", steps=steps, rows=rows, cols=cols)
+    ours = run_request(adapter, request)
+    betas = torch.linspace(0.00085 ** 0.5, 0.03 ** 0.5, 1000, dtype=torch.float64) ** 2
+    cumprod = torch.cumprod(1 - betas, dim=0)
+    table = ((1 - cumprod) / cumprod).sqrt().float()
+    sigmas = torch.tensor([float(table[-(1 + int(i * 1000 / steps))]) for i in range(steps)] + [0.0])
+    x = torch.randn(1, 4, rows, cols, generator=torch.Generator().manual_seed(1)) * (1 + sigmas[0] ** 2).sqrt()
+    meta = torch.tensor([[64.0, 96.0, 64.0, 96.0, 0.0, 0.0]])
+    for i in range(steps):
+        s = sigmas[i]
+        t = (s.log() - table.log()).abs().argmin().float().reshape(1)
+        preds = []
+        for c in (request.positive, request.negative):
+            with torch.no_grad():
+                v = model(x / (s ** 2 + 1).sqrt(), t, encoder_hidden_states=c.text, text_embedding_mask=c.text_mask,
+                          encoder_hidden_states_t5=c.text2, text_embedding_mask_t5=c.text2_mask, image_meta_size=meta,
+                          style=torch.zeros(1, dtype=torch.long), image_rotary_emb=rotary(16, rows // 2, cols // 2),
+                          return_dict=False)[0][:, :4]
+            preds.append(x / (s ** 2 + 1) - v * s / (s ** 2 + 1).sqrt())
+        cond, uncond = preds
+        denoised = uncond + (cond - uncond) * CFG
+        x = x + (x - denoised) / s * (sigmas[i + 1] - s)
+    err = rel_err(ours, x)
+    print(f"hunyuandit generate vs ComfyUI's v-prediction loop over diffusers: {err:.2e}")
+    assert err <= TOL

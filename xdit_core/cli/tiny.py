@@ -39,6 +39,10 @@ _BASE: dict[str, dict[str, dict[str, Any]]] = {
         "tiny": dict(layers=2, heads=4, head_dim=24, text_dim=32, ffn_dim=128, image_dim=32),
         "medium": dict(layers=8, heads=8, head_dim=64, text_dim=256, ffn_dim=1024, image_dim=128),
     },
+    "hunyuandit": {  # HunyuanDiT v1.2: 40 blocks of 16 heads x 88, CLIP-BERT 1024 + mT5 2048 text states
+        "tiny": dict(layers=6, heads=4, head_dim=16, text_dim=32, text2_dim=48),
+        "medium": dict(layers=12, heads=8, head_dim=64, text_dim=256, text2_dim=256),
+    },
     "flux2": {  # FLUX.2 dev: 8 double + 48 single blocks of 48 heads x 128 over 15360-wide text states
         "tiny": dict(layers=1, single_layers=2, heads=4, head_dim=16, text_dim=32),
         "medium": dict(layers=4, single_layers=8, heads=8, head_dim=64, text_dim=256),
@@ -103,6 +107,15 @@ def tiny_config(family: str, preset: str = "tiny", layers: Optional[int] = None,
                     ffn_dim=p["ffn_dim"], num_layers=p["layers"], cross_attn_norm=True, qk_norm="rms_norm_across_heads",
                     eps=1e-6, image_dim=p["image_dim"] if clip else None,
                     added_kv_proj_dim=heads * head_dim if clip else None, rope_max_seq_len=1024)
+    if family == "hunyuandit":
+        if head_dim % 4 or p["layers"] % 2:
+            raise XDiTConfigError(f"HunyuanDiT needs a head size divisible by 4 (its 2-D rotary halves) and an even "
+                                  f"number of layers (its skips pair them), got {head_dim} and {p['layers']}")
+        return dict(num_attention_heads=heads, attention_head_dim=head_dim, in_channels=4, patch_size=2,
+                    hidden_size=heads * head_dim, num_layers=p["layers"], mlp_ratio=4.0, learn_sigma=True,
+                    cross_attention_dim=p["text_dim"], cross_attention_dim_t5=p["text2_dim"],
+                    pooled_projection_dim=p["text_dim"], text_len=77, text_len_t5=256, sample_size=32,
+                    use_style_cond_and_image_meta_size=(variant or "v1.2") == "v1.1")
     if family == "flux2":
         if head_dim % 8:
             raise XDiTConfigError(f"FLUX.2 head size {head_dim} must be a multiple of 8, for its four rotary axes")

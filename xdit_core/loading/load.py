@@ -32,14 +32,16 @@ DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 # which every rank loads.
 BLOCK_LISTS = {"flux": ("transformer_blocks", "single_transformer_blocks"), "sd3": ("transformer_blocks",),
                "pixart": ("transformer_blocks",), "wan": ("blocks",), "qwen": ("transformer_blocks",),
-               "zimage": ("noise_refiner", "layers"), "flux2": ("transformer_blocks", "single_transformer_blocks")}
+               "zimage": ("noise_refiner", "layers"), "flux2": ("transformer_blocks", "single_transformer_blocks"),
+               "hunyuandit": ("blocks",)}
 EMBED_MODULES = {"flux": ("x_embedder",), "sd3": ("pos_embed",), "pixart": ("pos_embed",), "wan": ("patch_embedding",),
                  "qwen": ("img_in",), "zimage": ("all_x_embedder",),
-                 "flux2": ("x_embedder",)}
+                 "flux2": ("x_embedder",), "hunyuandit": ("pos_embed",)}
 HEAD_MODULES = {"flux": ("norm_out", "proj_out"), "sd3": ("norm_out", "proj_out"),
                 "pixart": ("norm_out", "proj_out", "scale_shift_table"),
                 "wan": ("norm_out", "proj_out", "scale_shift_table"), "qwen": ("norm_out", "proj_out"),
-                "zimage": ("all_final_layer",), "flux2": ("norm_out", "proj_out")}
+                "zimage": ("all_final_layer",), "flux2": ("norm_out", "proj_out"),
+                "hunyuandit": ("norm_out", "proj_out")}
 
 __all__ = ["DTYPES", "LoadStats", "ModelParts", "block_prefixes", "load_model", "read_model_config"]
 

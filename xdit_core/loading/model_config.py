@@ -24,9 +24,11 @@ REQUIRED = {
     "qwen": ("num_layers", "num_attention_heads", "attention_head_dim", "joint_attention_dim"),
     "zimage": ("n_layers", "n_refiner_layers", "dim", "n_heads", "cap_feat_dim"),
     "flux2": ("num_layers", "num_single_layers", "num_attention_heads", "attention_head_dim", "joint_attention_dim"),
+    "hunyuandit": ("num_layers", "num_attention_heads", "attention_head_dim", "hidden_size", "cross_attention_dim",
+                   "cross_attention_dim_t5"),
 }
 # Counts and sizes, each a positive integer where a config states it (null: diffusers derives it).
-SIZES = ("num_layers", "num_single_layers", "n_layers", "n_refiner_layers", "dim", "n_heads", "cap_feat_dim", "num_attention_heads", "attention_head_dim", "joint_attention_dim",
+SIZES = ("num_layers", "num_single_layers", "n_layers", "n_refiner_layers", "dim", "n_heads", "cap_feat_dim", "hidden_size", "cross_attention_dim_t5", "num_attention_heads", "attention_head_dim", "joint_attention_dim",
          "pooled_projection_dim", "caption_projection_dim", "caption_channels", "cross_attention_dim",
          "in_channels", "out_channels", "patch_size", "sample_size", "pos_embed_max_size", "ffn_dim", "text_dim",
          "image_dim", "added_kv_proj_dim")

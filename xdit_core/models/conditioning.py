@@ -10,11 +10,15 @@ import torch
 from xdit_core.errors import XDiTConditioningError, XDiTConfigError, XDiTNumericError
 from xdit_core.models.families import ModelSpec
 from xdit_core.models import flux, qwen, wan
+from xdit_core.models.hunyuandit import CLIP_TOKENS, T5_TOKENS
 from xdit_core.models.base import BranchCond
 
 RANDOM_TEXT_LENGTH = 32
 REFERENCE_FAMILIES = ("flux", "qwen", "flux2")  # FLUX.1 Kontext, Qwen-Image-Edit, FLUX.2 (references on T = 10 i)
 REFERENCE_METHODS = {"flux": flux.REFERENCE_METHODS, "qwen": qwen.REFERENCE_METHODS}
+# Families whose text mask the engine applies: Qwen-Image's key mask (diffusers' encoder_hidden_states_mask),
+# HunyuanDiT's padding masks (its padded tokens take a learned embedding).
+MASK_FAMILIES = ("qwen", "hunyuandit")
 CLIP_VISION_TOKENS = 257  # CLIP ViT-H/14's penultimate states at 224 px: 16 x 16 patches and the class token
 MAX_SEED = 0xffffffffffffffff  # ComfyUI's seed range is 0..MAX_SEED, which is what torch's generators take
 
@@ -27,6 +31,8 @@ def required_keys(spec: ModelSpec, with_negative: bool) -> list[str]:
         keys.append(branch)
         if spec.pooled_dim is not None:
             keys.append(f"{branch}_pooled")
+        if spec.text2_dim is not None:  # HunyuanDiT: mT5 states and both encoders' masks
+            keys += [f"{branch}_t5", f"{branch}_mask", f"{branch}_t5_mask"]
     return keys
 
 
@@ -59,7 +65,10 @@ def load_cond_file(path: str | Path, spec: ModelSpec, batch: int, with_negative:
                    shape: Optional[Sequence[int]] = None) -> tuple[BranchCond, Optional[BranchCond]]:
     """Read and validate a conditioning safetensors file; returns (positive, negative or None). A Wan I2V
     model's image inputs, shared by both branches as WanImageToVideo sets them, are `clip_vision` (Wan 2.1) and
-    `concat_latent_image` / `concat_mask` (LATENT space, for the latent of `shape`)."""
+    `concat_latent_image` / `concat_mask` (LATENT space, for the latent of `shape`). Optional per branch:
+    `<branch>_mask`, the text's key mask [B, L] (HunyuanDiT: required, with `<branch>_t5` and `<branch>_t5_mask`).
+    Reference images (Kontext, Qwen-Image-Edit, FLUX.2), shared by both branches: `reference_0`, `reference_1`, ...
+    in LATENT space."""
     from safetensors import SafetensorError
     from safetensors.torch import load_file
 
@@ -81,7 +90,17 @@ def load_cond_file(path: str | Path, spec: ModelSpec, batch: int, with_negative:
         pooled = None
         if spec.pooled_dim is not None:
             pooled = check_shape(f"{branch}_pooled", tensors[f"{branch}_pooled"], batch, spec.pooled_dim, False)
-        branches.append(BranchCond(text, pooled))
+        cond = BranchCond(text, pooled, text_mask=tensors.get(f"{branch}_mask"))
+        if spec.text2_dim is not None:
+            cond = replace(cond, text2=check_shape(f"{branch}_t5", tensors[f"{branch}_t5"], batch, spec.text2_dim, True),
+                           text2_mask=tensors[f"{branch}_t5_mask"])
+        branches.append(cond)
+    references, i = [], 0
+    while f"reference_{i}" in tensors:
+        ref = tensors[f"reference_{i}"].float()
+        references.append(spec.latent_format.process_in(ref[:, :, 0] if ref.ndim == 5 and ref.shape[2] == 1 else ref))
+        i += 1
+    branches = [replace(b, references=tuple(references)) for b in branches]
     if spec.family == "wan":
         image = tensors.get("clip_vision")
         if image is not None:
@@ -103,6 +122,9 @@ def prepare_branch(spec: ModelSpec, cond: Optional[BranchCond], shape: Sequence[
     if cond.pooled is not None:
         check_finite(f"{branch} pooled conditioning", cond.pooled)
     check_text_mask(cond, branch)
+    if cond.text_mask is not None and spec.family not in MASK_FAMILIES:
+        raise XDiTConditioningError(f"{branch}: a text mask reaches a {spec.family} model, which attends every text "
+                                    f"token (masks apply to {', '.join(MASK_FAMILIES)}); leave it out")
     if cond.references and spec.family not in REFERENCE_FAMILIES:
         raise XDiTConditioningError(f"{branch}: reference latents reach a {spec.family} model, which takes none "
                                     "(FLUX.1 Kontext, Qwen-Image-Edit and FLUX.2 do)")
@@ -114,6 +136,7 @@ def prepare_branch(spec: ModelSpec, cond: Optional[BranchCond], shape: Sequence[
                 f"{branch}: reference latent {i} has shape {list(ref.shape)}; expected [1 or {shape[0]}, "
                 f"{spec.latent_channels}, h, w] with h and w multiples of {spec.patch_size} (an image whose sides "
                 f"are multiples of {spec.pixel_multiple} pixels)")
+    check_second_text(spec, cond, shape[0], branch)
     methods = REFERENCE_METHODS.get(spec.family, ())
     if cond.reference_method is not None and cond.reference_method not in methods:
         raise XDiTConditioningError(f"{branch}: reference_latents_method {cond.reference_method!r} is not one of "
@@ -132,6 +155,28 @@ def prepare_branch(spec: ModelSpec, cond: Optional[BranchCond], shape: Sequence[
             check_finite(f"{branch} {name} conditioning", getattr(cond, name))
     wan.check_branch(spec, cond, shape, branch)
     return cond
+
+
+def check_second_text(spec: ModelSpec, cond: BranchCond, batch: int, branch: str) -> None:
+    """HunyuanDiT's two encoders: CLIP-BERT states [B, 77, D] and mT5 states [B, 256, D2], each with its mask (the
+    padded tokens take the model's learned padding); other families take neither."""
+    if spec.text2_dim is None:
+        if cond.text2 is not None:
+            raise XDiTConditioningError(f"{branch}: a second text encoder's states (mT5) reach a {spec.family} model, "
+                                        "which takes one text encoder")
+        return
+    if cond.text2 is None or cond.text_mask is None or cond.text2_mask is None:
+        raise XDiTConditioningError(f"{branch}: HunyuanDiT needs both text encoders' states and masks (ComfyUI's "
+                                    "conditioning_mt5xl, attention_mask and attention_mask_mt5xl): encode the prompt "
+                                    "with HunyuanDiT's CLIP loader")
+    check_finite(f"{branch} mT5 conditioning", cond.text2)
+    for name, states, mask, length, width in (("CLIP", cond.text, cond.text_mask, CLIP_TOKENS, spec.text_dim),
+                                              ("mT5", cond.text2, cond.text2_mask, T5_TOKENS, spec.text2_dim)):
+        if states.ndim != 3 or states.shape[1:] != (length, width) or states.shape[0] not in (1, batch) \
+                or tuple(mask.shape[-1:]) != (length,):
+            raise XDiTConditioningError(f"{branch}: HunyuanDiT's {name} states are {list(states.shape)} with a mask "
+                                        f"of {list(mask.shape)}; it takes [B, {length}, {width}] and [B, {length}] "
+                                        f"(its tokenizer pads to {length})")
 
 
 def check_text_mask(cond: BranchCond, branch: str) -> None:
@@ -155,12 +200,22 @@ def random_cond(spec: ModelSpec, batch: int, seed: int, with_negative: bool,
     ComfyUI's umT5 pads them) and CLIP vision states; an I2V model no start image (`shape`: the latent's).
     """
     gen = torch.Generator().manual_seed((seed + 1) % (MAX_SEED + 1))  # seed MAX_SEED wraps to 0
-    text_len = wan.I2V_TEXT_TOKENS if spec.image_dim else RANDOM_TEXT_LENGTH
+    text_len = wan.I2V_TEXT_TOKENS if spec.image_dim else CLIP_TOKENS if spec.text2_dim else RANDOM_TEXT_LENGTH
     branches = []
     for _ in range(2):
         text = torch.randn(batch, text_len, spec.text_dim, generator=gen)
         pooled = torch.randn(batch, spec.pooled_dim, generator=gen) if spec.pooled_dim is not None else None
         image = torch.randn(batch, CLIP_VISION_TOKENS, spec.image_dim, generator=gen) if spec.image_dim else None
         concat = wan.image_concat(spec, shape, None, None) if shape is not None and spec.concat_channels else None
-        branches.append(BranchCond(text, pooled, image=image, concat=concat))
+        cond = BranchCond(text, pooled, image=image, concat=concat)
+        if spec.text2_dim:  # HunyuanDiT: mT5 states, each encoder's first RANDOM_TEXT_LENGTH tokens real
+            cond = replace(cond, text2=torch.randn(batch, T5_TOKENS, spec.text2_dim, generator=gen),
+                           text_mask=_prefix_mask(batch, CLIP_TOKENS), text2_mask=_prefix_mask(batch, T5_TOKENS))
+        branches.append(cond)
     return branches[0], (branches[1] if with_negative else None)
+
+
+def _prefix_mask(batch: int, length: int) -> torch.Tensor:
+    mask = torch.zeros(batch, length, dtype=torch.long)
+    mask[:, :RANDOM_TEXT_LENGTH] = 1
+    return mask

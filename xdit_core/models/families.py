@@ -9,10 +9,10 @@ import torch
 from xdit_core.models import latent_formats
 from xdit_core.errors import XDiTConfigError, XDiTModelError
 from xdit_core.models.latent_formats import LatentFormat
-from xdit_core.models.model_sampling import (DiscreteEpsSampling, DiscreteFlowSampling, FluxSampling, ModelSampling,
-                                             flux2_mu, flux_auto_shift)
+from xdit_core.models.model_sampling import (DiscreteEpsSampling, DiscreteFlowSampling, DiscreteVSampling, FluxSampling,
+                                             ModelSampling, flux2_mu, flux_auto_shift)
 
-FAMILIES = ("flux", "sd3", "pixart", "wan", "qwen", "zimage", "flux2")
+FAMILIES = ("flux", "sd3", "pixart", "wan", "qwen", "zimage", "flux2", "hunyuandit")
 CLASS_NAMES = {
     "FluxTransformer2DModel": "flux",
     "SD3Transformer2DModel": "sd3",
@@ -21,6 +21,7 @@ CLASS_NAMES = {
     "QwenImageTransformer2DModel": "qwen",
     "ZImageTransformer2DModel": "zimage",
     "Flux2Transformer2DModel": "flux2",
+    "HunyuanDiT2DModel": "hunyuandit",
 }
 VIDEO_FAMILIES = ("wan",)
 # Wan: t2v = Wan 2.1 T2V and the Wan 2.2 A14B T2V experts; i2v = Wan 2.1 I2V (CLIP vision) and the Wan 2.2 A14B
@@ -29,7 +30,15 @@ VIDEO_FAMILIES = ("wan",)
 # Qwen: image = Qwen-Image and Qwen-Image-Edit 2509 (the same transformer; an edit takes reference latents in its
 # conditioning), edit_2511 = Qwen-Image-Edit 2511 (its reference tokens modulated at timestep 0: zero_cond_t).
 VARIANTS = {"flux": ("dev", "schnell"), "sd3": ("sd3",), "pixart": ("alpha", "sigma"), "wan": ("t2v", "i2v", "ti2v"),
-            "qwen": ("image", "edit_2511"), "zimage": ("zimage",), "flux2": ("dev", "klein")}
+            "qwen": ("image", "edit_2511"), "zimage": ("zimage",), "flux2": ("dev", "klein"),
+            "hunyuandit": ("v1.2", "v1.1")}
+# Why PipeFusion cannot run a family (its patches are latent rows of one image flowing through block stages).
+PIPEFUSION_REFUSALS = {
+    "wan": "PipeFusion does not run video models (its patches are latent rows of one image); split a video with "
+           "ulysses_degree and ring_degree (and use_cfg_parallel) instead",
+    "hunyuandit": "PipeFusion does not run HunyuanDiT: its long skip connections join block i to block depth - 1 - i "
+                  "across the stages; use ulysses_degree, ring_degree and use_cfg_parallel instead",
+}
 # Latent side must be even for the 2x2 patch embedding: pixels multiple of 8 * 2 (the image families'; see
 # ModelSpec.pixel_multiple, 32 for Wan 2.2 5B's 16x VAE).
 PIXEL_MULTIPLE = 16
@@ -52,6 +61,7 @@ class ModelSpec:
     image_dim: Optional[int] = None  # Wan 2.1 I2V: the CLIP vision states' width, which it requires
     concat_channels: int = 0  # Wan I2V: input channels beyond the latent's (the start image's latent and mask)
     patch_size: int = 2  # latent rows (and columns) per image token: 2x2 patches, 1 for FLUX.2's packed latent
+    text2_dim: Optional[int] = None  # HunyuanDiT: the second (mT5) text encoder's width
 
     @property
     def latent_channels(self) -> int:
@@ -112,6 +122,8 @@ class ModelSpec:
             return FluxSampling(value) if self.variant == "dev" else DiscreteFlowSampling(value, multiplier=1.0)
         if self.family in ("sd3", "wan"):
             return DiscreteFlowSampling(value, multiplier=1000.0)
+        if self.family == "hunyuandit":  # ComfyUI's HunyuanDiT (v1.2) and HunyuanDiT1 (v1.0/1.1)
+            return DiscreteVSampling(0.00085, 0.018 if self.variant == "v1.2" else 0.03)
         if self.family == "flux2":  # Flux2Pipeline: the exponential shift mu (resolve_shift's) on linspace sigmas
             return FluxSampling(value)
         if self.family == "zimage":  # Z-Image-Turbo's scheduler: flow shift 3 on t (ModelSamplingAuraFlow 3)
@@ -164,6 +176,8 @@ def detect_variant(family: str, config: Mapping[str, Any]) -> str:
         return "zimage"
     if family == "flux2":
         return "dev" if config.get("guidance_embeds", True) else "klein"
+    if family == "hunyuandit":  # as ComfyUI's detection: size and style conditioning make hydit1 (v1.0, v1.1)
+        return "v1.1" if config.get("use_style_cond_and_image_meta_size", True) else "v1.2"
     return "sd3"
 
 
@@ -195,6 +209,10 @@ def resolve_model_spec(config: Mapping[str, Any], family: Optional[str] = None,
         raise XDiTConfigError(f"variant {variant!r} contradicts the model: its channels (in_channels "
                               f"{config.get('in_channels', 16)}, out_channels {config.get('out_channels')}) make a Wan "
                               f"{detected_variant} model; pass {detected_variant!r} or leave the variant to detection")
+    if family == "hunyuandit" and variant != detected_variant:
+        raise XDiTConfigError(f"variant {variant!r} contradicts the model: its use_style_cond_and_image_meta_size "
+                              f"makes it HunyuanDiT {detected_variant}; pass {detected_variant!r} or leave the variant "
+                              "to detection")
     if family in ("qwen", "flux2") and variant != detected_variant:
         if family == "flux2":
             raise XDiTConfigError(f"variant {variant!r} contradicts the model: its guidance_embeds make it FLUX.2 "
@@ -225,6 +243,11 @@ def resolve_model_spec(config: Mapping[str, Any], family: Optional[str] = None,
         # ComfyUI's QwenImage: Wan 2.1 VAE latents, ModelSamplingFlux shift 1.15 (multiplier 1); templates run cfg 2.5
         return ModelSpec("qwen", variant, latent_formats.WAN21, 2.5, None, 1.15, int(config.get("joint_attention_dim", 3584)),
                          None, heads, blocks)
+    if family == "hunyuandit":
+        # ComfyUI's HunyuanDiT: SDXL latents, v-prediction; templates run cfg 6. Text: CLIP-BERT 1024 + mT5 2048.
+        return ModelSpec("hunyuandit", variant, latent_formats.SDXL, 6.0, None, 1.0,
+                         int(config.get("cross_attention_dim", 1024)), None, heads, blocks,
+                         text2_dim=int(config.get("cross_attention_dim_t5", 2048)))
     if family == "flux2":
         # Flux2Pipeline: 128-channel latents at 1/16, distilled guidance 4.0 (dev), cfg 1; the shift is its mu
         dev = variant == "dev"
@@ -247,4 +270,5 @@ def model_class(family: str):
     return {"flux": diffusers.FluxTransformer2DModel, "sd3": diffusers.SD3Transformer2DModel,
             "pixart": diffusers.PixArtTransformer2DModel, "wan": diffusers.WanTransformer3DModel,
             "qwen": diffusers.QwenImageTransformer2DModel, "zimage": diffusers.ZImageTransformer2DModel,
-            "flux2": diffusers.Flux2Transformer2DModel}[family]
+            "flux2": diffusers.Flux2Transformer2DModel,
+            "hunyuandit": diffusers.HunyuanDiT2DModel}[family]

@@ -11,7 +11,7 @@ class ModelSampling:
     """A sigma table plus the prediction parametrisation (CONST = flow, EPS = noise)."""
 
     sigmas: torch.Tensor
-    prediction: str  # "const" (flow matching) or "eps"
+    prediction: str  # "const" (flow matching), "eps" (noise) or "v" (velocity)
 
     @property
     def sigma_min(self) -> torch.Tensor:
@@ -34,6 +34,8 @@ class ModelSampling:
         return x / (sigma ** 2 + 1.0) ** 0.5
 
     def calculate_denoised(self, sigma: torch.Tensor, model_output: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        if self.prediction == "v":  # ComfyUI's V_PREDICTION (sigma_data 1)
+            return x / (sigma ** 2 + 1.0) - model_output * sigma / (sigma ** 2 + 1.0) ** 0.5
         return x - model_output * sigma
 
     def noise_scaling(self, sigma: torch.Tensor, noise: torch.Tensor, latent: torch.Tensor,
@@ -93,10 +95,14 @@ class DiscreteEpsSampling(ModelSampling):
     """ComfyUI's ModelSamplingDiscrete + EPS (PixArt: sqrt_linear betas 1e-4..0.02, 1000 steps)."""
 
     prediction = "eps"
+    beta_schedule = "sqrt_linear"  # ComfyUI's name: a plain linspace of the betas
 
     def __init__(self, linear_start: float = 1e-4, linear_end: float = 0.02, timesteps: int = 1000):
-        # ComfyUI's "sqrt_linear" schedule is a plain linspace of the betas, in float64.
-        betas = torch.linspace(linear_start, linear_end, timesteps, dtype=torch.float64)
+        # In float64, as ComfyUI's make_beta_schedule; its "linear" is the linspace of the square roots, squared.
+        if self.beta_schedule == "linear":
+            betas = torch.linspace(linear_start ** 0.5, linear_end ** 0.5, timesteps, dtype=torch.float64) ** 2
+        else:
+            betas = torch.linspace(linear_start, linear_end, timesteps, dtype=torch.float64)
         alphas_cumprod = torch.cumprod(1.0 - betas, dim=0)
         sigmas = ((1 - alphas_cumprod) / alphas_cumprod) ** 0.5
         self.sigmas = sigmas.float()
@@ -111,6 +117,14 @@ class DiscreteEpsSampling(ModelSampling):
         low, high = t.floor().long(), t.ceil().long()
         w = t.frac()
         return ((1 - w) * self.log_sigmas[low] + w * self.log_sigmas[high]).exp()
+
+
+class DiscreteVSampling(DiscreteEpsSampling):
+    """ComfyUI's ModelSamplingDiscrete + V_PREDICTION with its default "linear" betas (HunyuanDiT: 0.00085..0.018,
+    0.03 for v1.0/1.1)."""
+
+    prediction = "v"
+    beta_schedule = "linear"
 
 
 def flux_auto_shift(width: int, height: int, max_shift: float = 1.15, base_shift: float = 0.5) -> float:

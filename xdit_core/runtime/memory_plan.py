@@ -87,10 +87,10 @@ def latent_bytes(latent_shape: Sequence[int]) -> int:
     return math.prod(int(n) for n in latent_shape) * FLOAT32_BYTES
 
 
-def image_tokens(latent_shape: Sequence[int]) -> int:
-    """Image tokens of one latent: 2x2 patches of the latent (per frame for video)."""
+def image_tokens(latent_shape: Sequence[int], patch: int = 2) -> int:
+    """Image tokens of one latent: patch x patch pieces of the latent (per frame for video)."""
     _, _, *frames, height, width = (int(n) for n in latent_shape)
-    return math.prod(frames) * (height // 2) * (width // 2)
+    return math.prod(frames) * (height // patch) * (width // patch)
 
 
 def latents_term(latent_shape: Sequence[int]) -> int:
@@ -171,9 +171,10 @@ class ModelMemory:
     other: Part  # conditioning (time, text, guidance embedders, modulations): every rank
     buffers: int  # bytes of buffers every rank holds (position tables)
     joint_text: bool  # text tokens join the attention sequence (Flux, SD3, Qwen) rather than cross-attention
-    video: bool
+    video: bool  # no PipeFusion: a video model (or HunyuanDiT, whose skips cross the stages)
     fp8_source: str  # where the fp8 flags come from: the file's header, or the assumption for a bare config
     block_costs: tuple[float, ...] = ()  # what PipeFusion balances its stages by (stages.block_flops)
+    patch_size: int = 2  # latent rows per image token (FLUX.2: 1)
 
     @property
     def parameter_count(self) -> int:
@@ -230,7 +231,7 @@ def _describe(config: Optional[dict[str, Any]], family: Optional[str], variant: 
 
     from xdit_core.loading.load import BLOCK_LISTS, EMBED_MODULES, HEAD_MODULES, _build_on_meta
     from xdit_core.models import make_adapter
-    from xdit_core.models.families import CLASS_NAMES, resolve_model_spec
+    from xdit_core.models.families import CLASS_NAMES, PIPEFUSION_REFUSALS, resolve_model_spec
 
     config = source.config if source is not None else config
     class_name = config.get("_class_name")
@@ -240,8 +241,10 @@ def _describe(config: Optional[dict[str, Any]], family: Optional[str], variant: 
         lists, embed, head = BLOCK_LISTS[spec.family], EMBED_MODULES[spec.family], HEAD_MODULES[spec.family]
         kinds = make_adapter(model, spec).attention_kinds()
         buffered = {m for m, kind in kinds.items() if kind != "cross"}
-        joint, video, heads = any(k == "joint" for k in kinds.values()), spec.is_video, spec.num_heads
+        joint, heads = any(k == "joint" for k in kinds.values()), spec.num_heads
+        video = spec.is_video or spec.family in PIPEFUSION_REFUSALS
         costs = () if video else tuple(block_flops(config, spec))
+        patch, hidden = spec.patch_size, int(config.get("dim") or 0)  # Z-Image states its width as dim
     else:  # a diffusers class for the tables only: every attention module joint, ModuleLists of blocks
         cls = getattr(diffusers, str(class_name), None)
         if cls is None:
@@ -258,8 +261,8 @@ def _describe(config: Optional[dict[str, Any]], family: Optional[str], variant: 
         embed, head = _GENERIC_EMBED, _GENERIC_HEAD
         buffered = {m for m in model.modules() if isinstance(m, (Attention, AttentionModuleMixin))}
         joint, video, heads = True, False, int(config.get("num_attention_heads", 1))
-        costs = ()
-    hidden = int(config.get("num_attention_heads", 1)) * int(config.get("attention_head_dim", 1))
+        costs, patch, hidden = (), 2, 0
+    hidden = hidden or int(config.get("num_attention_heads", 1)) * int(config.get("attention_head_dim", 1))
 
     linear_weights = {f"{n}.weight" for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)}
     prefixes = [f"{lst}.{i}." for lst in lists for i in range(len(getattr(model, lst)))]
@@ -294,7 +297,7 @@ def _describe(config: Optional[dict[str, Any]], family: Optional[str], variant: 
 
     buffers = sum(b.numel() * b.element_size() for b in model.buffers())
     return ModelMemory(name, hidden, heads, tuple(part(p) for p in prefixes), part("embed"), part("head"),
-                       part("other"), buffers, joint, video, fp8_source, costs)
+                       part("other"), buffers, joint, video, fp8_source, costs, patch)
 
 
 def _file_fp8(source: Any, model: torch.nn.Module, spec: Any, linear_weights: set[str]
@@ -579,8 +582,8 @@ def _rank_memory(rank: int, mm: ModelMemory, others: tuple[ModelMemory, ...], db
     bfp8 = fp8 and (n == 1 or SHARDS_KEEP_FP8)  # whether this rank's blocks hold fp8
     other_models = sum(_held(o, p, stage, db, fp8)[0] for o in others)
     branches = 2 if with_negative and not p.use_cfg_parallel else 1
-    n_img = image_tokens(shape)
-    patches = max(1, min(p.num_pipeline_patch or P, shape[-2] // 2)) if P > 1 else 1
+    n_img = image_tokens(shape, mm.patch_size)
+    patches = max(1, min(p.num_pipeline_patch or P, shape[-2] // mm.patch_size)) if P > 1 else 1
     local_img = -(-n_img // S)
     text = 0 if not mm.joint_text else text_tokens // S if text_tokens % S == 0 else text_tokens
     gathered = max((GATHER_COPIES * b.held(db, bfp8) + b.shard(n, db, bfp8) for b in blocks), default=0) \
