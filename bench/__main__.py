@@ -1,11 +1,11 @@
 """Every benchmark in one go: `python -m bench [NAME ...] [--quick] [--publish]`.
 
-NAMEs (default: all, in this order): fidelity, communication, memory, cpu_scaling, pipefusion, video, degree1,
-overheads, soak, model.
+NAMEs (default: all, in this order): fidelity, communication, memory, cpu_scaling, pipefusion, video, families,
+degree1, overheads, soak, model.
 Prints one table (or a few) per benchmark, writes bench/results/<name>.json, bench/results/tables.md and
 PNG plots into bench/results/. `--publish` also copies the plots into docs/ and writes the model's test
 fixture (tests/fixtures/perf_cpu.json) from the cpu_scaling run. `--quick` shrinks every size for a
-smoke run (about 4 minutes); the default sizes take about 9 minutes on 2 cores (video: about 1).
+smoke run (about 4 minutes); the default sizes take about 9 minutes on 2 cores (video: about 1; families: about 4).
 """
 
 from __future__ import annotations
@@ -20,8 +20,8 @@ from typing import Any, Callable
 
 from bench import common, plots
 
-NAMES = ("fidelity", "communication", "memory", "cpu_scaling", "pipefusion", "video", "degree1", "overheads", "soak",
-         "model")
+NAMES = ("fidelity", "communication", "memory", "cpu_scaling", "pipefusion", "video", "families", "degree1", "overheads",
+         "soak", "model")
 FIXTURE = common.ROOT / "tests" / "fixtures" / "perf_cpu.json"
 
 SIZES = {  # option: (default, --quick)
@@ -40,6 +40,9 @@ SIZES = {  # option: (default, --quick)
     "video_length": (17, 9),
     "video_steps": (2, 2),
     "video_repeats": (3, 2),
+    "fam_size": (768, 256),  # families: Qwen-Image medium at 768x768 = 2304 image tokens (+ 128 text)
+    "fam_steps": (4, 2),
+    "fam_repeats": (2, 1),
     "mem_size": (512, 256),  # memory: Flux medium at 512x512 (the plan predicts >= 300 MB per serial rank)
     "mem_steps": (2, 2),  # 2: PipeFusion runs a pipelined step after its warmup step
     "ovh_size": (256, 128),
@@ -81,7 +84,7 @@ def parse(argv: list[str]) -> argparse.Namespace:
 def main(argv: list[str]) -> None:
     opts = parse(argv)
     command = "python -m bench " + " ".join(argv)
-    from bench import cpu_scaling, fidelity, memory, overheads, pipefusion, published, soak, video
+    from bench import cpu_scaling, families, fidelity, memory, overheads, pipefusion, published, soak, video
 
     results: dict[str, Any] = {}
     reports: list[str] = []
@@ -132,6 +135,11 @@ def main(argv: list[str]) -> None:
             common.write_json("video", results["video"] | {"command": command})
             emit(video.report(results["video"]))
 
+        def do_families() -> None:
+            results["families"] = families.run(opts, tmp)
+            common.write_json("families", results["families"] | {"command": command})
+            emit(families.report(results["families"]))
+
         def do_degree1() -> None:
             results["degree1"] = overheads.run_degree1(opts, tmp)
             common.write_json("degree1", results["degree1"] | {"command": command})
@@ -161,6 +169,7 @@ def main(argv: list[str]) -> None:
             cpu_scaling=do_scaling,
             pipefusion=do_pipefusion,
             video=do_video,
+            families=do_families,
             degree1=do_degree1,
             overheads=do_overheads,
             soak=do_soak,

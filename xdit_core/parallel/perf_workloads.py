@@ -21,7 +21,9 @@ NOMINAL_ATTN_CALL_S = 187e-6
 
 @dataclass(frozen=True)
 class Architecture:
-    """A DiT's shape: blocks of two kinds (dual-stream / single-stream, or one kind), text tokens."""
+    """A DiT's shape: blocks of two kinds (dual-stream / single-stream, or one kind), text tokens; the latent's
+    channels, pixels per latent row (`vae_scale`) and latent rows per token row (`patch`). `mlp_ratio` counts the
+    MLP's FLOPs: a gated (SwiGLU) MLP of hidden m x width has three matrices, so it counts as 1.5 m."""
 
     name: str
     family: str  # engine family whose attention layout it follows ("flux", "sd3": joint text; "pixart", "wan": cross)
@@ -33,6 +35,9 @@ class Architecture:
     latent_channels: int = 16
     mlp_ratio: float = 4.0
     dtype_bytes: int = 2
+    vae_scale: int = 8
+    patch: int = 2
+    shared_modulation: bool = False  # adaLN projections outside the blocks (FLUX.2) or negligible (Z-Image's 256-wide)
 
     @property
     def hidden(self) -> int:
@@ -71,8 +76,9 @@ class Architecture:
         token_wise = (4 + 2 * self.mlp_ratio) * h2
         if self.cross_text:
             return (int((token_wise + 4 * h2) * self.dtype_bytes),) * self.blocks
-        double = int((2 * token_wise + 12 * h2) * self.dtype_bytes)
-        single = int((token_wise + 3 * h2) * self.dtype_bytes)
+        mod = 0 if self.shared_modulation else 1
+        double = int((2 * token_wise + mod * 12 * h2) * self.dtype_bytes)
+        single = int((token_wise + mod * 3 * h2) * self.dtype_bytes)
         return (double,) * self.double_blocks + (single,) * self.single_blocks
 
 
@@ -82,16 +88,38 @@ SD35_LARGE = Architecture("SD3.5 Large", "sd3", 38, 0, 38, 64, 333)  # 77 CLIP +
 # xdit_core/loading/configs/wan2.1-t2v-14b.json: dim 5120, FFN 13824, 512 umT5 tokens by cross-attention.
 WAN21_T2V_14B = Architecture("Wan2.1 T2V 14B", "wan", 40, 0, 40, 128, 512, mlp_ratio=13824 / 5120)
 WAN_TEXT_TOKENS = 512  # umT5's fixed length
+# Qwen/Qwen-Image: 60 double-stream blocks (GELU MLP x4), 24 heads x 128, 16-channel latent at /8, 2x2 patches; a
+# prompt's Qwen2.5-VL states are ~100-200 tokens (the template's prefix dropped, no padding): 128.
+QWEN_IMAGE = Architecture("Qwen-Image", "qwen", 60, 0, 24, 128, 128)
+# black-forest-labs/FLUX.2-dev: 8 double + 48 single blocks, 48 heads x 128, SwiGLU MLP of 3 x width (1.5 x 3 =
+# 4.5), 512 Mistral tokens; 128-channel latent at /16 with 1x1 patches (1024^2: 64 x 64 = 4096 tokens).
+FLUX2_DEV = Architecture("FLUX.2 dev", "flux2", 8, 48, 48, 128, 512, latent_channels=128, mlp_ratio=4.5,
+                         vae_scale=16, patch=1, shared_modulation=True)
+# Tongyi-MAI/Z-Image-Turbo: 30 single-stream layers over [image, text] and 2 noise-refiner layers on the image
+# (counted here as joint layers: they skip the 128 text tokens, ~3% of their tokens), 30 heads x 128 (Ulysses
+# 1, 2, 3, 5, 6), SwiGLU MLP of 8/3 x width (1.5 x 8/3 = 4); ~128 Qwen3 tokens (padded to a multiple of 32). The
+# 2 context-refiner layers run on the text alone with the embedding, replicated: left out (~0.2% of the FLOPs).
+Z_IMAGE_TURBO = Architecture("Z-Image-Turbo", "zimage", 0, 32, 30, 128, 128, shared_modulation=True)
 
 
 def architecture_of(config: Mapping[str, Any], spec: Any) -> Architecture:
     """The Architecture of a diffusers transformer config (`spec`: its ModelSpec), at the nominal text length."""
+    name = config.get("_name_or_path") or spec.family
+    if spec.family == "zimage":  # dim / n_heads; the noise refiners counted with the main layers (Z_IMAGE_TURBO)
+        heads = int(config.get("n_heads", 30))
+        layers = int(config.get("n_layers", 30)) + int(config.get("n_refiner_layers", 2))
+        return Architecture(name, "zimage", 0, layers, heads, int(config.get("dim", 3840)) // heads,
+                            NOMINAL_TEXT_TOKENS, spec.latent_channels, shared_modulation=True)
     heads, head_dim = int(config["num_attention_heads"]), int(config["attention_head_dim"])
-    single = int(config.get("num_single_layers", 0)) if spec.family == "flux" else 0
+    single = int(config.get("num_single_layers", 0)) if spec.family in ("flux", "flux2") else 0
     mlp = float(config["ffn_dim"]) / (heads * head_dim) if spec.family == "wan" else 4.0
     text = WAN_TEXT_TOKENS if spec.family == "wan" else NOMINAL_TEXT_TOKENS
-    return Architecture(config.get("_name_or_path") or spec.family, spec.family, int(config["num_layers"]), single,
-                        heads, head_dim, text, spec.latent_channels, mlp)
+    if spec.family == "flux2":  # SwiGLU MLP; 128-channel latent at /16, 1x1 patches
+        return Architecture(name, "flux2", int(config["num_layers"]), single, heads, head_dim, text,
+                            int(config.get("in_channels", 128)), 1.5 * float(config.get("mlp_ratio", 3.0)),
+                            vae_scale=16, patch=1, shared_modulation=True)
+    return Architecture(name, spec.family, int(config["num_layers"]), single, heads, head_dim, text,
+                        spec.latent_channels, mlp)
 
 
 def flop_workload(
@@ -117,14 +145,14 @@ def flop_workload(
     Cross-attention text (PixArt, Wan): a second attention call per block of the local queries against all text
     tokens, and the text's key/value projections as each block's fixed cost (replicated on every rank)."""
     latent_frames = 1 if frames == 1 else (frames - 1) // 4 + 1
-    h, w = height // 8, width // 8
-    img = latent_frames * (h // 2) * (w // 2)
+    h, w = height // arch.vae_scale, width // arch.vae_scale
+    img = latent_frames * (h // arch.patch) * (w // arch.patch)
     lin = arch.linear_flops_per_token() * s_per_flop
     attn = 4.0 * arch.head_dim * arch.heads * s_per_flop * attn_slowdown
     kv = arch.text_kv_flops() * s_per_flop
     double = BlockCost(kv, lin, attn_call_s, attn, host_per_block[0])
     single = BlockCost(kv, lin, attn_call_s, attn, host_per_block[1])
-    nominal = (NOMINAL_PIXELS // 16) ** 2
+    nominal = (NOMINAL_PIXELS // (arch.vae_scale * arch.patch)) ** 2
     return Workload(
         f"{arch.name} {width}x{height}" + (f"x{frames}" if frames > 1 else ""),
         (double,) * arch.double_blocks + (single,) * arch.single_blocks,
@@ -137,6 +165,7 @@ def flop_workload(
         (1, arch.latent_channels, h * latent_frames, w),
         branches=branches,
         act_bytes=arch.dtype_bytes,
+        patch=arch.patch,
         cross_text=arch.cross_text,
         ring_hop_host=ring_hop_host,
     )
