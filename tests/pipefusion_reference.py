@@ -9,7 +9,8 @@ image K/V buffers. Model evaluations happen in rounds (one per sampler evaluatio
   image tokens, where each attention layer writes patch m's fresh K/V into its slice of the buffer and
   attends over the whole buffer (fresh for patches < m of this round, the previous round's for patches > m),
   then the head on patch m's tokens. Joint text (Flux, SD3) runs with patch 0 only: its K/V, kept per layer,
-  serve the later patches of the round.
+  serve the later patches of the round; so do reference-image tokens (Kontext, Qwen-Image-Edit, FLUX.2; Z-Image's
+  image pad tokens), which sit after the image's in the buffers. A text key mask applies to the text's keys.
 After each round every patch's sampler takes the CFG-combined prediction of its own rows.
 """
 from __future__ import annotations
@@ -29,16 +30,18 @@ from xdit_core.sampling.samplers import Sampler, is_max_denoise, make_noise
 class _StaleKV:
     """The `attend` of an AttentionRouter: per-(layer, branch) full-length image K/V buffers."""
 
-    def __init__(self, adapter: ModelAdapter, n_img: int):
-        self.adapter, self.n_img = adapter, n_img
+    def __init__(self, adapter: ModelAdapter):
+        self.adapter = adapter
+        self.n_img: dict[int, int] = {}  # per branch: image tokens, its references included
         self.buffers: dict[tuple[int, int], tuple[torch.Tensor, torch.Tensor]] = {}
         self.text: dict[tuple[int, int], tuple[torch.Tensor, torch.Tensor]] = {}  # joint text K/V of patch 0
         self.tokens: Optional[torch.Tensor] = None  # image tokens of the current evaluation
+        self.txt_mask: dict[int, Optional[torch.Tensor]] = {}  # per branch: the text's key mask
         self.branch = 0
 
-    def __call__(self, module, kind, q, k, v, scale):
+    def __call__(self, module, kind, q, k, v, scale, processor_mask=None):
         if kind == "cross":
-            return F.scaled_dot_product_attention(q, k, v, scale=scale)
+            return F.scaled_dot_product_attention(q, k, v, attn_mask=processor_mask, scale=scale)
         n = len(self.tokens)
         n_txt = q.shape[2] - n  # "image": 0; "joint": the text tokens
         img_first = kind == "image" or self.adapter.JOINT_ORDER[0] == "img"
@@ -46,7 +49,7 @@ class _StaleKV:
         txt = slice(n, n + n_txt) if img_first else slice(0, n_txt)
         key = (id(module), self.branch)
         if key not in self.buffers:
-            shape = (k.shape[0], k.shape[1], self.n_img, k.shape[3])
+            shape = (k.shape[0], k.shape[1], self.n_img[self.branch], k.shape[3])
             self.buffers[key] = (k.new_zeros(shape), v.new_zeros(shape))
         kb, vb = self.buffers[key]
         kb[:, :, self.tokens] = k[:, :, img]
@@ -58,7 +61,14 @@ class _StaleKV:
             kt, vt = self.text[key]
         keys = [kb, kt] if img_first else [kt, kb]
         values = [vb, vt] if img_first else [vt, vb]
-        return F.scaled_dot_product_attention(q, torch.cat(keys, 2), torch.cat(values, 2), scale=scale)
+        mask = self.txt_mask.get(self.branch)
+        if mask is not None and kind == "joint":
+            ones = torch.ones(mask.shape[0], kb.shape[2], dtype=torch.bool)
+            mask = torch.cat([ones, mask] if img_first else [mask, ones], dim=1)[:, None, None, :]
+        else:
+            mask = None
+        return F.scaled_dot_product_attention(q, torch.cat(keys, 2), torch.cat(values, 2), attn_mask=mask,
+                                              scale=scale)
 
 
 @torch.no_grad()
@@ -69,27 +79,36 @@ def pipefusion_reference(adapter: ModelAdapter, request: SampleRequest, patches:
     sigmas = request.sigmas
     x = ms.noise_scaling(sigmas[0], request.noise, request.latent_image, is_max_denoise(ms, sigmas))
     b, _, h, w = x.shape
-    per_row = w // 2  # tokens per row of 2x2 patches
-    n_img = (h // 2) * per_row
-    rows = patch_rows(h, patches, 2)
+    p = adapter.spec.patch_size
+    per_row = w // p  # tokens per row of patches
+    n_img = (h // p) * per_row
+    rows = patch_rows(h, patches, p)
     noise = make_noise(request.sampler, request.seed, x, sigmas)  # the whole latent's, sliced per patch
     samplers = [Sampler(request.sampler, ms, request.seed, noise=noise.rows(r0, r1)) for r0, r1 in rows]
     xs = [x[:, :, r0:r1] for r0, r1 in rows]
     branches = [(1, request.positive)] if request.negative is None else [(0, request.negative),
                                                                            (1, request.positive)]
-    attend = _StaleKV(adapter, n_img)
+    attend = _StaleKV(adapter)
+    refs = {branch: adapter.reference_tokens(cond, h, w) for branch, cond in branches}
+    attend.n_img = {branch: n_img + n for branch, n in refs.items()}
     router = AttentionRouter(adapter.model, adapter.attention_kinds(), attend)
 
-    def evaluate(latent: torch.Tensor, sigma: torch.Tensor, r0: int, r1: int, text: bool) -> torch.Tensor:
-        """CFG-combined x0 prediction of latent rows r0:r1 (the only rows whose tokens run the blocks), with
-        the joint text or without it."""
+    def evaluate(latent: torch.Tensor, sigma: torch.Tensor, r0: int, r1: int, first: bool) -> torch.Tensor:
+        """CFG-combined x0 prediction of latent rows r0:r1 (the only rows whose tokens run the blocks); the first
+        patch of an evaluation carries the joint text and the references (a TEXT_EVERY_UNIT family: every patch
+        the text)."""
+        text = first or adapter.TEXT_EVERY_UNIT
         drop = adapter.TEXT_IS_JOINT and not text
-        tokens = torch.arange(r0 // 2 * per_row, r1 // 2 * per_row, device=latent.device)
         timestep = ms.timestep(sigma.reshape(1).cpu()).float().to(latent.device).expand(b)
         preds = []
         for branch, cond in branches:
+            tokens = torch.arange(r0 // p * per_row, r1 // p * per_row, device=latent.device)
+            n_ref = refs[branch] if first else 0  # the references ride with the first patch, after its tokens
+            tokens = torch.cat([tokens, torch.arange(n_img, n_img + n_ref)])
             full = adapter.embed(ms.calculate_input(sigma, latent).to(adapter.dtype), timestep, cond,
                                  cond.guidance)
+            if text:
+                attend.txt_mask[branch] = full.txt_mask
 
             def pick(t: torch.Tensor, dim: int = 1) -> torch.Tensor:
                 return t.index_select(dim, tokens)
@@ -103,7 +122,8 @@ def pipefusion_reference(adapter: ModelAdapter, request: SampleRequest, patches:
             with router:
                 for block, run in adapter.blocks():
                     local = run(block, local)
-            out = adapter.head(Tokens(local.img, None, r1 - r0, w, full.extras)).float()
+            img = local.img[:, :local.img.shape[1] - n_ref]
+            out = adapter.head(Tokens(img, None, r1 - r0, w, full.extras)).float()
             preds.append(ms.calculate_denoised(sigma, out, latent[:, :, r0:r1]))
         if len(preds) == 1:
             return preds[0]

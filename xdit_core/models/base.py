@@ -74,6 +74,9 @@ class ModelAdapter:
 
     JOINT_ORDER: tuple[str, str] = ("txt", "img")
     TEXT_IS_JOINT = True  # joint text tokens may be split across sequence-parallel ranks
+    # PipeFusion sends the joint text with every patch, not only the first of an evaluation: the family's
+    # attention fails on zero text tokens (Qwen-Image's rotary reshapes them).
+    TEXT_EVERY_UNIT = False
 
     def __init__(self, model: torch.nn.Module, spec: ModelSpec):
         self.model = model

@@ -69,6 +69,7 @@ def text_mask(cond: BranchCond, batch: int) -> Optional[torch.Tensor]:
 
 class QwenImageAdapter(ModelAdapter):
     JOINT_ORDER = ("txt", "img")  # diffusers' Qwen processor attends over [text, image]
+    TEXT_EVERY_UNIT = True  # its processor's rotary cannot take zero text tokens
 
     def reference_tokens(self, cond: BranchCond, height: int, width: int) -> int:
         return sum((r.shape[-2] // 2) * (r.shape[-1] // 2) for r in cond.references)

@@ -12,7 +12,10 @@ current patch's fresh K/V; joint text is replicated within a stage.
 
 Work that does not grow with M: stage 0 embeds each patch's own rows only (`embed_image`). Joint text (Flux, SD3) travels
 with the first patch of every evaluation only; the other patches attend over the text K/V that patch left in
-each layer (fresh for this evaluation, computed against partly stale image K/V, like the image's). With
+each layer (fresh for this evaluation, computed against partly stale image K/V, like the image's). A family whose
+attention cannot run without text tokens (Qwen-Image: TEXT_EVERY_UNIT) sends its text with every patch instead,
+each refreshing the text's K/V. Reference-image tokens (and Z-Image's image pad tokens) travel with the first
+patch and stay in the buffers after the image's. With
 `warmup_steps = steps` every evaluation is one whole-image unit with its text: exact.
 
 One pipeline for the whole run: no rank waits for another at a step boundary, so step t+1's first patch
@@ -452,7 +455,7 @@ class PipeFusionRunner:
         whole = len(tokens) == base.img.shape[1]
         # Joint text rides with the first unit of an evaluation only (the module docstring).
         joint = a.TEXT_IS_JOINT and base.txt is not None
-        carries_text = joint and first_unit
+        carries_text = joint and (first_unit or a.TEXT_EVERY_UNIT)
 
         def shard_img(t: torch.Tensor, dim: int = 1) -> torch.Tensor:
             return shard_padded(t.index_select(dim, tokens), dim, idx, S)
