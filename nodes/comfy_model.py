@@ -23,7 +23,12 @@ COMFY_CONFIGS = {
     ("qwen", "image"): ("QwenImage", "FLUX"),
     ("qwen", "edit_2511"): ("QwenImage", "FLUX"),  # ComfyUI 0.3.64 predates 2511: the same settings
     ("zimage", "zimage"): ("Lumina2", "FLOW", {"multiplier": 1.0, "shift": 3.0}),
+    ("hunyuandit", "v1.2"): ("HunyuanDiT", "V_PREDICTION"),
+    ("hunyuandit", "v1.1"): ("HunyuanDiT1", "V_PREDICTION"),
 }
+# Families ComfyUI 0.3.64 has no model config for (no latent format, model sampling or scheduler of theirs): no
+# previews, and no weightless MODEL (their schedules run inside the xDiT Sampler nodes).
+NO_COMFY_CONFIG = {"flux2": "FLUX.2"}
 
 
 def weightless_model_class():
@@ -73,6 +78,8 @@ def comfy_latent_format(xdit: XDiTModel):
         import comfy.supported_models
     except ImportError:
         return None
+    if xdit.family in NO_COMFY_CONFIG:
+        return None
     return getattr(comfy.supported_models, COMFY_CONFIGS[(xdit.family, xdit.variant)][0])({}).latent_format
 
 
@@ -80,6 +87,10 @@ def comfy_model_config(xdit: XDiTModel):
     """ComfyUI's model config object and model type name for the model's family (see COMFY_CONFIGS)."""
     import comfy.supported_models
 
+    if xdit.family in NO_COMFY_CONFIG:
+        raise ValueError(f"xDiT Model for ComfyUI Samplers: this ComfyUI has no {NO_COMFY_CONFIG[xdit.family]} model "
+                         "sampling or scheduler to drive it with; sample it with the xDiT Sampler nodes, which run "
+                         "its own schedule (diffusers' Flux2Pipeline's)")
     class_name, type_name, *settings = COMFY_CONFIGS[(xdit.family, xdit.variant)]
     config = getattr(comfy.supported_models, class_name)({})
     if settings:

@@ -6,7 +6,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from test_sampling import CONFIGS, toy_denoised
+from test_sampling import CONFIGS, SDE_ATOL, toy_denoised
 from xdit_core.errors import XDiTConfigError
 from xdit_core.models.base import BranchCond
 from xdit_core.models.families import resolve_model_spec
@@ -36,7 +36,8 @@ def inputs(family):
     return torch.tensor(data["image"]), torch.tensor(data["mask"])
 
 
-def assert_matches(ours, ref, rtol=1e-5, atol=1e-6):
+
+def assert_matches(ours, ref, rtol=1e-5, atol=1e-5):
     ref = torch.tensor(ref)
     assert ours.shape == ref.shape
     assert torch.allclose(ours, ref, rtol=rtol, atol=atol), float((ours - ref).abs().max())
@@ -53,17 +54,19 @@ def test_two_chained_advanced_samplers_equal_comfyuis(key):
     case = REF["cases"][key]
     image, _ = inputs(family)
     empty = torch.zeros_like(image)
+    atol = SDE_ATOL if sampler.endswith("_sde") else 1e-5
     first = toy_sample(family, empty, 5, sampler, StepRange(end_at_step=SPLIT, return_with_leftover_noise=True))
-    assert_matches(first, case["first"])
+    assert_matches(first, case["first"], atol=atol)
     second = toy_sample(family, first, 5, sampler, StepRange(add_noise=False, start_at_step=SPLIT))
-    assert_matches(second, case["second"])
+    assert_matches(second, case["second"], atol=atol)
 
 
 @pytest.mark.parametrize("key", MASKS)
 def test_noise_mask_equals_comfyuis(key):
     family, sampler, _ = key.split("/")
     image, mask = inputs(family)
-    assert_matches(toy_sample(family, image, 9, sampler, mask=mask), REF["cases"][key]["out"])
+    assert_matches(toy_sample(family, image, 9, sampler, mask=mask), REF["cases"][key]["out"],
+                   atol=SDE_ATOL if sampler.endswith("_sde") else 1e-5)
 
 
 @pytest.mark.parametrize("family", sorted(REF["inputs"]))

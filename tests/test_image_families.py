@@ -176,9 +176,10 @@ def test_qwen_positions_are_comfyuis_at_odd_sizes():
 
     ids = grid_ids(5, 3)
     assert ids[:, 1].unique().tolist() == [-2, -1, 0, 1, 2] and ids[:, 2].unique().tolist() == [-1, 0, 1]
-    index, offset = reference_ids([(2, 4), (3, 2)], "index"), reference_ids([(2, 4), (3, 2)], "offset")
+    index, offset = reference_ids([(4, 8), (6, 4)], "index"), reference_ids([(4, 8), (6, 4)], "offset")
     assert [r[0, 0].item() for r in index] == [1, 2] and [r[0, 0].item() for r in offset] == [1, 1]
-    # "offset": the second (3 + 2 rows <= 2 + 4 columns) goes below the first's 2 rows, then centred: rows 2..4 - 1
+    # "offset" (latent rows): the second (6 + 4 rows <= 4 + 8 columns) goes below the first's 4 rows (2 tokens), then
+    # centred: token rows 2..4 - 1
     assert offset[1][:, 1].unique().tolist() == [1, 2, 3] and offset[1][:, 2].unique().tolist() == [-1, 0]
 
 
@@ -222,6 +223,21 @@ def test_qwen_generate_equals_a_loop_over_the_diffusers_transformer(tmp_path):
     assert err <= TOL
 
 
+def test_odd_reference_latents_are_padded_as_comfyui_pads_them():
+    """A 7 x 5 reference (TextEncodeQwenImageEdit scales to about 1 MP without rounding) is padded circularly at the
+    bottom and right to 8 x 6 (ComfyUI's pad_to_patch_size): 12 tokens, the same as the padded latent's."""
+    _, adapter = _qwen()
+    ref = torch.randn(1, 16, 7, 5, generator=torch.Generator().manual_seed(3))
+    padded = torch.cat([ref, ref[:, :, :1]], dim=2)
+    padded = torch.cat([padded, padded[:, :, :, :1]], dim=3)
+    text, x, t = torch.randn(1, 3, 32), torch.randn(1, 16, 4, 6), torch.tensor([0.5])
+    assert adapter.reference_tokens(BranchCond(text, references=(ref,)), 4, 6) == 12
+    with torch.no_grad():
+        odd = adapter.predict(x, t, BranchCond(text, references=(ref,)), None)
+        even = adapter.predict(x, t, BranchCond(text, references=(padded,)), None)
+    assert torch.equal(odd, even)
+
+
 def test_qwen_latents_keep_comfyuis_frame_axis():
     """ComfyUI's Qwen LATENT is [B, 16, 1, h, w]: the engine samples it as [B, 16, h, w] (same noise) and refuses
     several frames."""
@@ -245,7 +261,7 @@ def test_references_and_masks_are_checked():
     latent = torch.zeros(1, 16, ROWS, COLS)
     text = torch.randn(1, 3, 32)
     with pytest.raises(XDiTConditioningError, match="reference latent 0 has shape"):
-        build_request(spec, latent, positive=BranchCond(text, references=(torch.zeros(1, 16, 3, 4),)), **args)
+        build_request(spec, latent, positive=BranchCond(text, references=(torch.zeros(1, 8, 3, 4),)), **args)
     with pytest.raises(XDiTConditioningError, match="reference_latents_method 'uxo'"):
         build_request(spec, latent, positive=BranchCond(text, references=(torch.zeros(1, 16, 2, 4),),
                                                         reference_method="uxo"), **args)

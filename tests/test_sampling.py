@@ -75,6 +75,15 @@ def test_discard_penultimate_sigma_drops_exactly_that_sigma():
                        sampling.calculate_sigmas(ms, "normal", 4))
 
 
+# ComfyUI's fixtures move with the machine's float rounding (here and in test_advanced.py). The SDE samplers' Brownian
+# tree bisects its interval on float comparisons: regenerated on an AVX-512 machine with torch 2.14, ComfyUI's
+# advanced flux_dev/dpmpp_sde/split differs from its fixture by up to 1.9e-3 (of max 19.3), while ours equals the
+# regenerated output bit for bit. The other samplers move by rounding alone, up to 2.7e-5 (pixart/uni_pc), ours
+# again equal to the regenerated ones (flux_dev/deis/mask: 3.3e-6 from the fixture, 0.0 from ComfyUI on the same
+# machine): hence an absolute tolerance of 1e-5 besides. A wrong sampler or noise moves these outputs by O(1).
+SDE_ATOL = 5e-3
+
+
 @pytest.mark.parametrize("key", sorted(REF["samplers"]))
 def test_sampler_trajectory_equals_comfyui(key):
     family, name = key.split("/")
@@ -87,7 +96,8 @@ def test_sampler_trajectory_equals_comfyui(key):
     out = sampling.run_sampler(name, ms, x, sigmas, toy_denoised, seed=case["seed"])
     out = ms.inverse_noise_scaling(sigmas[-1], out)
     ref = torch.tensor(case["out"])
-    assert torch.allclose(out, ref, rtol=1e-5, atol=1e-6), (out - ref).abs().max()
+    assert torch.allclose(out, ref, rtol=1e-5, atol=SDE_ATOL if name.endswith("_sde") else 1e-5), \
+        (out - ref).abs().max()
 
 
 def _one_step_reference(name, x, s0, s1, den, prediction):

@@ -130,12 +130,11 @@ def prepare_branch(spec: ModelSpec, cond: Optional[BranchCond], shape: Sequence[
                                     "(FLUX.1 Kontext, Qwen-Image-Edit and FLUX.2 do)")
     for i, ref in enumerate(cond.references):
         check_finite(f"{branch} reference latent {i}", ref)
-        if ref.ndim != 4 or ref.shape[1] != spec.latent_channels or ref.shape[0] not in (1, shape[0]) \
-                or ref.shape[-1] % spec.patch_size or ref.shape[-2] % spec.patch_size:
+        if ref.ndim != 4 or ref.shape[1] != spec.latent_channels or ref.shape[0] not in (1, shape[0]):
+            # (an odd side is padded to whole patches, as ComfyUI does)
             raise XDiTConditioningError(
                 f"{branch}: reference latent {i} has shape {list(ref.shape)}; expected [1 or {shape[0]}, "
-                f"{spec.latent_channels}, h, w] with h and w multiples of {spec.patch_size} (an image whose sides "
-                f"are multiples of {spec.pixel_multiple} pixels)")
+                f"{spec.latent_channels}, h, w] (a VAE Encode of the reference image with the model's VAE)")
     check_second_text(spec, cond, shape[0], branch)
     methods = REFERENCE_METHODS.get(spec.family, ())
     if cond.reference_method is not None and cond.reference_method not in methods:

@@ -5,7 +5,7 @@ from typing import Optional, Sequence
 
 import torch
 
-from xdit_core.models.latent_formats import flux_image_ids, pack_flux, unpack_flux
+from xdit_core.models.latent_formats import flux_image_ids, pack_flux, pad_to_patches, tokens_of, unpack_flux
 from xdit_core.models.base import BranchCond, ModelAdapter, Tokens
 
 
@@ -29,9 +29,10 @@ REFERENCE_METHODS = ("offset", "index", "uxo")
 
 def kontext_ids(shapes: Sequence[tuple[int, int]], method: str, image: tuple[int, int],
                 dtype: torch.dtype = torch.float32) -> list[torch.Tensor]:
-    """Position ids of each reference latent's tokens (latent sizes, in latent rows and columns), as ComfyUI's Flux
-    sets them: "offset" on axis 0 = 1, each reference beside (taller) or below the ones before; "index" reference k
-    on axis 0 = k; "uxo" diagonally after the sampled image (`image`, its latent size) and the references before."""
+    """Position ids of each reference latent's tokens (latent sizes, in latent rows and columns; an odd side is
+    padded to a whole patch), as ComfyUI's Flux sets them: "offset" on axis 0 = 1, each reference beside (taller) or
+    below the ones before; "index" reference k on axis 0 = k; "uxo" diagonally after the sampled image (`image`, its
+    latent size) and the references before. Offsets are counted in latent rows, then turned into tokens."""
     out, h, w, index = [], 0, 0, 0
     for rows, cols in shapes:
         if method == "index":
@@ -46,7 +47,7 @@ def kontext_ids(shapes: Sequence[tuple[int, int]], method: str, image: tuple[int
             else:
                 row0 = h
             h, w = max(h, rows + row0), max(w, cols + col0)
-        ids = flux_image_ids(rows, cols, dtype)
+        ids = flux_image_ids(2 * tokens_of(rows), 2 * tokens_of(cols), dtype)
         ids[:, 0] = index
         ids[:, 1] += (row0 + 1) // 2
         ids[:, 2] += (col0 + 1) // 2
@@ -58,7 +59,7 @@ class FluxAdapter(ModelAdapter):
     JOINT_ORDER = ("txt", "img")  # Flux puts the text tokens first
 
     def reference_tokens(self, cond: BranchCond, height: int, width: int) -> int:
-        return sum((r.shape[-2] // 2) * (r.shape[-1] // 2) for r in cond.references)
+        return sum(tokens_of(r.shape[-2]) * tokens_of(r.shape[-1]) for r in cond.references)
 
     def embed(self, x: torch.Tensor, timestep: torch.Tensor, cond: BranchCond,
               guidance: Optional[float]) -> Tokens:
@@ -66,7 +67,7 @@ class FluxAdapter(ModelAdapter):
         b, _, h, w = x.shape
         dtype = x.dtype
         refs = [r.to(dtype).expand(b, -1, -1, -1) for r in cond.references]  # Kontext: after the image's tokens
-        img = m.x_embedder(torch.cat([pack_flux(x)] + [pack_flux(r) for r in refs], dim=1))
+        img = m.x_embedder(torch.cat([pack_flux(x)] + [pack_flux(pad_to_patches(r)) for r in refs], dim=1))
         t = timestep.to(dtype) * 1000
         if m.config.guidance_embeds:
             # ComfyUI's Flux uses guidance 3.5 when the conditioning carries none.

@@ -74,6 +74,19 @@ def pack_flux(latent: torch.Tensor) -> torch.Tensor:
     return x.reshape(b, (h // 2) * (w // 2), c * 4)
 
 
+def tokens_of(size: int) -> int:
+    """Tokens along a latent side of `size` rows: 2x2 patches, an odd side padded (ComfyUI's pad_to_patch_size)."""
+    return (size + 1) // 2
+
+
+def pad_to_patches(latent: torch.Tensor) -> torch.Tensor:
+    """A latent with odd sides padded to even, circularly at the bottom and right, as ComfyUI's pad_to_patch_size."""
+    h, w = latent.shape[-2:]
+    if h % 2 == 0 and w % 2 == 0:
+        return latent
+    return torch.nn.functional.pad(latent, (0, w % 2, 0, h % 2), mode="circular")
+
+
 def unpack_flux(tokens: torch.Tensor, height: int, width: int) -> torch.Tensor:
     """Inverse of `pack_flux` for a latent of `height` x `width`."""
     b, _, d = tokens.shape

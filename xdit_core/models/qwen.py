@@ -8,7 +8,7 @@ from typing import Optional, Sequence
 import torch
 
 from xdit_core.models.base import BranchCond, ModelAdapter, Tokens
-from xdit_core.models.latent_formats import pack_flux, unpack_flux
+from xdit_core.models.latent_formats import pack_flux, pad_to_patches, tokens_of, unpack_flux
 
 REFERENCE_METHODS = ("index", "offset")  # ComfyUI's QwenImage ref_latents_method; "index" is its default
 
@@ -32,12 +32,13 @@ def grid_ids(rows: int, cols: int, index: float = 0, row_offset: int = 0, col_of
 
 
 def reference_ids(shapes: Sequence[tuple[int, int]], method: str) -> list[torch.Tensor]:
-    """Positions of each reference's tokens (latent shapes in tokens): "index" puts reference i on frame i + 1;
-    "offset" puts all on frame 1, each beside the ones before (ComfyUI's QwenImage._forward)."""
+    """Positions of each reference's tokens (latent sizes in latent rows and columns): "index" puts reference i on
+    frame i + 1; "offset" puts all on frame 1, each beside the ones before, its offsets counted in latent rows and
+    turned into tokens as ComfyUI's QwenImage._forward does."""
     out, h, w = [], 0, 0
     for i, (rows, cols) in enumerate(shapes):
         if method == "index":
-            out.append(grid_ids(rows, cols, i + 1))
+            out.append(grid_ids(tokens_of(rows), tokens_of(cols), i + 1))
             continue
         row_offset = col_offset = 0
         if rows + h > cols + w:
@@ -45,7 +46,7 @@ def reference_ids(shapes: Sequence[tuple[int, int]], method: str) -> list[torch.
         else:
             row_offset = h
         h, w = max(h, rows + row_offset), max(w, cols + col_offset)
-        out.append(grid_ids(rows, cols, 1, row_offset, col_offset))
+        out.append(grid_ids(tokens_of(rows), tokens_of(cols), 1, tokens_of(row_offset), tokens_of(col_offset)))
     return out
 
 
@@ -72,7 +73,7 @@ class QwenImageAdapter(ModelAdapter):
     TEXT_EVERY_UNIT = True  # its processor's rotary cannot take zero text tokens
 
     def reference_tokens(self, cond: BranchCond, height: int, width: int) -> int:
-        return sum((r.shape[-2] // 2) * (r.shape[-1] // 2) for r in cond.references)
+        return sum(tokens_of(r.shape[-2]) * tokens_of(r.shape[-1]) for r in cond.references)
 
     def embed(self, x: torch.Tensor, timestep: torch.Tensor, cond: BranchCond,
               guidance: Optional[float]) -> Tokens:
@@ -80,10 +81,10 @@ class QwenImageAdapter(ModelAdapter):
         b, _, h, w = x.shape
         dtype, device = x.dtype, x.device
         refs = [r.to(dtype).expand(b, -1, -1, -1) for r in cond.references]
-        img = m.img_in(torch.cat([pack_flux(x)] + [pack_flux(r) for r in refs], dim=1))
+        img = m.img_in(torch.cat([pack_flux(x)] + [pack_flux(pad_to_patches(r)) for r in refs], dim=1))
         n_ref = img.shape[1] - (h // 2) * (w // 2)
         ids = [grid_ids(h // 2, w // 2)]
-        ids += reference_ids([(r.shape[-2] // 2, r.shape[-1] // 2) for r in refs], cond.reference_method or "index")
+        ids += reference_ids([tuple(r.shape[-2:]) for r in refs], cond.reference_method or "index")
         # ComfyUI: the text's positions start after the sampled latent's half extent (references not counted).
         txt_start = max(w // 2 // 2, h // 2 // 2)
         n_txt = cond.text.shape[1]
