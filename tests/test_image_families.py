@@ -468,3 +468,25 @@ def test_hunyuandit_generate_equals_comfyuis_v_prediction_loop(tmp_path):
     err = rel_err(ours, x)
     print(f"hunyuandit generate vs ComfyUI's v-prediction loop over diffusers: {err:.2e}")
     assert err <= TOL
+
+
+def test_kontext_forward_equals_diffusers_forward():
+    """FLUX.1 Kontext at degree 1: our Flux adapter with a reference latent (ComfyUI's default "offset": the first
+    reference on axis 0 = 1 from row and column 0) is diffusers' FluxTransformer2DModel.forward with the reference's
+    packed tokens after the image's and FluxKontextPipeline's ids (image_ids[..., 0] = 1), bit for bit."""
+    from xdit_core.models.latent_formats import flux_image_ids
+
+    model = build_tiny("flux", seed=2, weight_std=0.15, variant="dev").eval()
+    adapter = make_adapter(model, resolve_model_spec(dict(model.config), family="flux"))
+    gen = torch.Generator().manual_seed(0)
+    x, ref = torch.randn(1, 16, 6, 10, generator=gen), torch.randn(1, 16, 4, 8, generator=gen)
+    text, pooled = torch.randn(1, TEXT, 32, generator=gen), torch.randn(1, 32, generator=gen)
+    ref_ids = flux_image_ids(4, 8)
+    ref_ids[:, 0] = 1
+    with torch.no_grad():
+        ours = adapter.predict(x, torch.tensor([0.6]), BranchCond(text, pooled, references=(ref,)), 2.5)
+        theirs = model(hidden_states=torch.cat([pack_flux(x), pack_flux(ref)], dim=1), encoder_hidden_states=text,
+                       pooled_projections=pooled, timestep=torch.tensor([0.6]), guidance=torch.tensor([2.5]),
+                       img_ids=torch.cat([flux_image_ids(6, 10), ref_ids]), txt_ids=torch.zeros(TEXT, 3),
+                       return_dict=False)[0]
+    assert torch.equal(ours, unpack_flux(theirs[:, :15], 6, 10))
