@@ -21,7 +21,8 @@ ROOT = Path(__file__).resolve().parent.parent
 WORKFLOWS = ROOT / "workflows"
 UI_FILES = sorted(WORKFLOWS.glob("*.json"))
 EXPECTED = {"flux1_ulysses", "sd35_cfg_parallel", "pixart_sigma_hybrid", "flux1_guider_custom_sampler", "flux1_lora",
-            "wan21_t2v_14b", "wan22_i2v_a14b", "wan22_ti2v_5b"}
+            "wan21_t2v_14b", "wan22_i2v_a14b", "wan22_ti2v_5b", "qwen_image", "qwen_image_edit_2509", "zimage_turbo",
+            "flux2_dev"}
 WIDGET_TYPES = {"INT", "FLOAT", "STRING", "BOOLEAN", "COMBO"}
 CONTROL_VALUES = {"fixed", "increment", "decrement", "randomize"}
 
@@ -39,7 +40,7 @@ CORE_NODES = {
         "clip_name1": ("FILE", "text_encoders"), "clip_name2": ("FILE", "text_encoders"),
         "clip_name3": ("FILE", "text_encoders")}},
     "CLIPLoader": {"inputs": [], "outputs": ["CLIP"], "widgets": {
-        "clip_name": ("FILE", "text_encoders"), "type": ("COMBO", ["pixart", "sd3", "wan"]),
+        "clip_name": ("FILE", "text_encoders"), "type": ("COMBO", ["pixart", "sd3", "wan", "qwen_image", "lumina2"]),
         "device": ("COMBO", ["default", "cpu"])}},
     "CLIPTextEncode": {"inputs": [("clip", "CLIP")], "outputs": ["CONDITIONING"], "widgets": {"text": ("STRING",)}},
     "FluxGuidance": {"inputs": [("conditioning", "CONDITIONING")], "outputs": ["CONDITIONING"],
@@ -82,15 +83,37 @@ CORE_NODES = {
                     "widgets": {"fps": ("FLOAT", 1.0, 120.0)}},
     "SaveVideo": {"inputs": [("video", "VIDEO")], "outputs": [], "widgets": {
         "filename_prefix": ("STRING",), "format": ("COMBO", ["auto"]), "codec": ("COMBO", ["auto"])}},
+    "ImageScaleToTotalPixels": {"inputs": [("image", "IMAGE")], "outputs": ["IMAGE"], "widgets": {
+        "upscale_method": ("COMBO", ["lanczos"]), "megapixels": ("FLOAT", 0.01, 16.0)}},
+    "VAEEncode": {"inputs": [("pixels", "IMAGE"), ("vae", "VAE")], "outputs": ["LATENT"], "widgets": {}},
+    "TextEncodeQwenImageEditPlus": {"inputs": [("clip", "CLIP"), ("vae", "VAE"), ("image1", "IMAGE"),
+                                               ("image2", "IMAGE"), ("image3", "IMAGE")],
+                                    "optional": {"vae", "image1", "image2", "image3"}, "outputs": ["CONDITIONING"],
+                                    "widgets": {"prompt": ("STRING",)}},
+    "ReferenceLatent": {"inputs": [("conditioning", "CONDITIONING"), ("latent", "LATENT")], "optional": {"latent"},
+                        "outputs": ["CONDITIONING"], "widgets": {}},
 }
+# What a ComfyUI newer than 0.3.64 adds that a workflow uses, as its source defines it (FLUX.2 support:
+# comfy_extras/nodes_flux.py's EmptyFlux2LatentImage, nodes.py's CLIPLoader type "flux2"). Not checked against
+# the real server, which is 0.3.64: tests/test_comfyui_integration.py skips the workflows of NEEDS_NEWER_COMFYUI
+# on a server that lacks these, and checks them on one that has them.
+NEWER_CORE_NODES = {
+    "EmptyFlux2LatentImage": {"inputs": [], "outputs": ["LATENT"], "widgets": {
+        "width": ("INT", 16, 16), "height": ("INT", 16, 16), "batch_size": ("INT", 1, 1)}},
+}
+NEWER_OPTIONS = {("CLIPLoader", "type"): ["flux2"]}
+NEEDS_NEWER_COMFYUI = {"flux2_dev": "EmptyFlux2LatentImage and CLIPLoader type flux2 (FLUX.2's Mistral text "
+                                    "encoder), which ComfyUI 0.3.64 lacks"}
 # The latent's downscaling (pixels per latent row) of the nodes that make a workflow's latent.
 LATENT_SCALE = {"EmptySD3LatentImage": 8, "EmptyLatentImage": 8, "EmptyHunyuanLatentVideo": 8, "WanImageToVideo": 8,
-                "Wan22ImageToVideoLatent": 16}
+                "Wan22ImageToVideoLatent": 16, "EmptyFlux2LatentImage": 16}
 # The model each workflow is for: family, variant, attention heads and transformer blocks of the real checkpoint.
 MODELS = {"flux1_ulysses": ("flux", "dev", 24, 19 + 38), "sd35_cfg_parallel": ("sd3", "sd3", 38, 38),
           "pixart_sigma_hybrid": ("pixart", "sigma", 16, 28), "flux1_guider_custom_sampler": ("flux", "dev", 24, 19 + 38),
           "flux1_lora": ("flux", "dev", 24, 19 + 38), "wan21_t2v_14b": ("wan", "t2v", 40, 40),
-          "wan22_i2v_a14b": ("wan", "i2v", 40, 40), "wan22_ti2v_5b": ("wan", "ti2v", 24, 30)}
+          "wan22_i2v_a14b": ("wan", "i2v", 40, 40), "wan22_ti2v_5b": ("wan", "ti2v", 24, 30),
+          "qwen_image": ("qwen", "image", 24, 60), "qwen_image_edit_2509": ("qwen", "image", 24, 60),
+          "zimage_turbo": ("zimage", "zimage", 30, 2 + 30), "flux2_dev": ("flux2", "dev", 48, 8 + 48)}
 
 
 def our_signature(node_type):
@@ -114,9 +137,26 @@ def signature(node_type):
         sockets, outputs, widgets = our_signature(node_type)
         return sockets, outputs, list(widgets), {n: CONTROL_VALUES for n, (_, o) in widgets.items()
                                                  if o.get("control_after_generate")}
-    core = CORE_NODES[node_type]
+    core = core_node(node_type)
     extra = {**{n: CONTROL_VALUES for n in core.get("control", ())}, **{n: {"image"} for n in core.get("upload", ())}}
     return core["inputs"], core["outputs"], list(core["widgets"]), extra
+
+
+def core_node(node_type):
+    """A core node's entry: ComfyUI 0.3.64's, else a newer ComfyUI's."""
+    return CORE_NODES[node_type] if node_type in CORE_NODES else NEWER_CORE_NODES[node_type]
+
+
+def newer_comfyui_lacks(object_info):
+    """What NEWER_CORE_NODES and NEWER_OPTIONS name that a server's /object_info lacks."""
+    missing = [name for name in NEWER_CORE_NODES if name not in object_info]
+    for (node, widget), values in NEWER_OPTIONS.items():
+        entries = {**object_info.get(node, {}).get("input", {}).get("required", {}),
+                   **object_info.get(node, {}).get("input", {}).get("optional", {})}
+        entry = entries.get(widget, [[]])
+        options = entry[0] if isinstance(entry[0], list) else (entry[1] if len(entry) > 1 else {}).get("options", [])
+        missing += [f"{node} {widget} {v}" for v in values if v not in options]
+    return missing
 
 
 def named_widgets(node):
@@ -204,7 +244,7 @@ def test_links_agree_with_both_ends(path):
 @pytest.mark.parametrize("path", UI_FILES, ids=ids)
 def test_nodes_are_known_with_their_sockets_and_valid_widgets(path):
     for n in graph_nodes(load(path)):
-        assert n["type"] in NODE_CLASS_MAPPINGS or n["type"] in CORE_NODES, n["type"]
+        assert n["type"] in NODE_CLASS_MAPPINGS or n["type"] in CORE_NODES or n["type"] in NEWER_CORE_NODES, n["type"]
         sockets, outputs, _, _ = signature(n["type"])
         assert [(i["name"], i["type"]) for i in n["inputs"]] == sockets, n["id"]
         assert [o["type"] for o in n["outputs"]] == outputs, n["id"]
@@ -215,7 +255,7 @@ def test_nodes_are_known_with_their_sockets_and_valid_widgets(path):
             check_core_widgets(n["type"], values)
         # ComfyUI refuses a prompt whose required socket is unconnected.
         required = NODE_CLASS_MAPPINGS[n["type"]].INPUT_TYPES().get("required", {}) if n["type"] in NODE_CLASS_MAPPINGS \
-            else {s for s, _ in sockets} - CORE_NODES[n["type"]].get("optional", set())
+            else {s for s, _ in sockets} - core_node(n["type"]).get("optional", set())
         for i in n["inputs"]:
             if i["name"] in required:
                 assert i["link"] is not None, (n["id"], i["name"])
@@ -249,12 +289,12 @@ def check_our_widgets(node_type, values):
 
 def check_core_widgets(node_type, values):
     for name, value in values.items():
-        spec = CORE_NODES[node_type]["widgets"][name]
+        spec = core_node(node_type)["widgets"][name]
         if spec[0] == "FILE":
             suffixes = (".png", ".jpg", ".jpeg", ".webp") if spec[1] == "input" else (".safetensors",)
             assert isinstance(value, str) and value.lower().endswith(suffixes), (name, value)
         elif spec[0] == "COMBO":
-            assert value in spec[1], (name, value)
+            assert value in spec[1] + NEWER_OPTIONS.get((node_type, name), []), (name, value)
         elif spec[0] == "INT":
             assert isinstance(value, int) and value >= spec[1] and (value - spec[1]) % spec[2] == 0, (name, value)
         elif spec[0] == "FLOAT":
@@ -299,7 +339,11 @@ def test_mesh_runs_today_on_the_real_model(path):
         while loader["type"] == "XDiTLoRA":
             loader = source(ui, loader, "model")
         cfg = settings["cfg"]
-        latent_height = named_widgets(latent)["height"] // LATENT_SCALE[latent["type"]]
+        if latent["type"] == "VAEEncode":  # an edit: the input image scaled to 1 MP, 1024 px high when square
+            assert source(ui, latent, "pixels")["type"] == "ImageScaleToTotalPixels"
+            latent_height = 1024 // 8
+        else:
+            latent_height = named_widgets(latent)["height"] // LATENT_SCALE[latent["type"]]
         model = XDiTModel("unused", "bf16", family, variant, heads, blocks)
         parallel = check_against_model(mesh, model, cfg, steps, latent_height, video=family == "wan")
         assert parallel.world_size == mesh.gpu_count > 1 and mesh.layout == "manual", summary
@@ -307,12 +351,18 @@ def test_mesh_runs_today_on_the_real_model(path):
         negative = source(ui, sampler, "negative")
         if negative["type"] == "WanImageToVideo":  # the I2V conditioning wraps the prompts
             negative = source(ui, negative, "negative")
-        if family == "flux":
-            assert cfg == 1.0 and not mesh.use_cfg_parallel and parallel.ulysses_degree == mesh.gpu_count
-            assert source(ui, sampler, "positive")["type"] == "FluxGuidance"
+        if cfg == 1.0:  # guidance-distilled (Flux, FLUX.2) or Turbo (Z-Image): no negative branch
+            assert family in ("flux", "flux2", "zimage") and not mesh.use_cfg_parallel
+            assert negative["type"] == "ConditioningZeroOut"
         else:
-            assert cfg != 1.0 and mesh.use_cfg_parallel
-            assert negative["type"] == "CLIPTextEncode"
+            assert mesh.use_cfg_parallel
+            assert negative["type"] in ("CLIPTextEncode", "TextEncodeQwenImageEditPlus")
+        if family in ("flux", "flux2"):
+            assert cfg == 1.0 and parallel.ulysses_degree == mesh.gpu_count
+            positive = source(ui, sampler, "positive")
+            while positive["type"] == "ReferenceLatent":  # FLUX.2's reference image
+                positive = source(ui, positive, "conditioning")
+            assert positive["type"] == "FluxGuidance"
         if family == "wan":
             assert parallel.pipefusion_parallel_degree == 1 and named_widgets(sampler)["shift"] == 8.0
 
@@ -343,13 +393,103 @@ def test_wan22_experts_chain_as_comfyui_template():
     assert source(ui, i2v, "start_image")["type"] == "LoadImage"
 
 
+# ComfyUI's templates for the new families (Qwen-Image, Qwen-Image-Edit 2509 without its Lightning LoRA, the
+# template's fp8 row; Z-Image-Turbo; FLUX.2 dev): sampler settings, the model sampling node's shift as the xDiT
+# Sampler's (FLUX.2: 0, the empirical mu Flux2Scheduler computes), text encoder and type, VAE, latent size.
+TEMPLATES = {
+    "qwen_image": dict(steps=20, cfg=2.5, sampler_name="euler", scheduler="simple", shift=3.1, size=(1328, 1328),
+                       clip=("qwen_2.5_vl_7b_fp8_scaled.safetensors", "qwen_image"), vae="qwen_image_vae.safetensors"),
+    "qwen_image_edit_2509": dict(steps=20, cfg=2.5, sampler_name="euler", scheduler="simple", shift=3.0, size=None,
+                                 clip=("qwen_2.5_vl_7b_fp8_scaled.safetensors", "qwen_image"),
+                                 vae="qwen_image_vae.safetensors"),
+    "zimage_turbo": dict(steps=8, cfg=1.0, sampler_name="res_multistep", scheduler="simple", shift=3.0,
+                         size=(1024, 1024), clip=("qwen_3_4b.safetensors", "lumina2"), vae="ae.safetensors"),
+    "flux2_dev": dict(steps=20, cfg=1.0, sampler_name="euler", scheduler="simple", shift=0.0, size=(1248, 832),
+                      clip=("mistral_3_small_flux2_fp8.safetensors", "flux2"), vae="flux2-vae.safetensors"),
+}
+
+
+def test_newer_comfyui_parts_are_used_only_by_the_workflows_that_say_so():
+    for path in UI_FILES:
+        used = set()
+        for n in graph_nodes(load(path)):
+            if n["type"] in NEWER_CORE_NODES:
+                used.add(n["type"])
+            elif n["type"] in CORE_NODES:
+                for name, value in named_widgets(n).items():
+                    if value in NEWER_OPTIONS.get((n["type"], name), []):
+                        used.add(f"{n['type']} {name} {value}")
+        assert bool(used) == (path.stem in NEEDS_NEWER_COMFYUI), (path.stem, used)
+
+
+@pytest.mark.parametrize("stem", sorted(TEMPLATES))
+def test_new_families_follow_comfyui_templates(stem):
+    ui = load(WORKFLOWS / f"{stem}.json")
+    expected = TEMPLATES[stem]
+    (sampler,) = nodes_of(ui, "XDiTSampler")
+    settings = named_widgets(sampler)
+    for key in ("steps", "cfg", "sampler_name", "scheduler", "shift"):
+        assert settings[key] == expected[key], key
+    assert named_widgets(source(ui, sampler, "model"))["family"] == "auto"
+    (clip,) = nodes_of(ui, "CLIPLoader")
+    assert (named_widgets(clip)["clip_name"], named_widgets(clip)["type"]) == expected["clip"]
+    (vae,) = nodes_of(ui, "VAELoader")
+    assert named_widgets(vae)["vae_name"] == expected["vae"]
+    latent = source(ui, sampler, "latent_image")
+    if expected["size"] is not None:
+        assert (named_widgets(latent)["width"], named_widgets(latent)["height"]) == expected["size"]
+    if stem == "flux2_dev":
+        assert latent["type"] == "EmptyFlux2LatentImage"
+        (guidance,) = nodes_of(ui, "FluxGuidance")
+        assert named_widgets(guidance)["guidance"] == 4.0
+
+
+def scaled_input_image(ui, node):
+    """The ImageScaleToTotalPixels feeding `node` (1 MP, lanczos, as the templates), checked to scale a LoadImage."""
+    assert node["type"] == "ImageScaleToTotalPixels"
+    assert named_widgets(node) == {"upscale_method": "lanczos", "megapixels": 1.0}
+    assert source(ui, node, "image")["type"] == "LoadImage"
+    return node
+
+
+def test_qwen_edit_references_as_comfyui_template():
+    """Qwen-Image-Edit 2509: one scaled input image feeds both TextEncodeQwenImageEditPlus (image1, with the VAE:
+    each prompt carries its reference latent) and VAE Encode, whose latent the sampler denoises."""
+    ui = load(WORKFLOWS / "qwen_image_edit_2509.json")
+    (sampler,) = nodes_of(ui, "XDiTSampler")
+    latent = source(ui, sampler, "latent_image")
+    assert latent["type"] == "VAEEncode"
+    scaled = scaled_input_image(ui, source(ui, latent, "pixels"))
+    vae = source(ui, latent, "vae")
+    for branch in ("positive", "negative"):
+        encoder = source(ui, sampler, branch)
+        assert encoder["type"] == "TextEncodeQwenImageEditPlus"
+        assert source(ui, encoder, "image1")["id"] == scaled["id"] and source(ui, encoder, "vae")["id"] == vae["id"]
+        assert [i["link"] for i in encoder["inputs"] if i["name"] in ("image2", "image3")] == [None, None]
+    assert named_widgets(source(ui, sampler, "negative"))["prompt"] == ""
+
+
+def test_flux2_reference_as_comfyui_template():
+    """FLUX.2 dev: the scaled reference image's VAE Encode reaches the positive prompt through ReferenceLatent,
+    after FluxGuidance; the negative is unused at cfg 1."""
+    ui = load(WORKFLOWS / "flux2_dev.json")
+    (sampler,) = nodes_of(ui, "XDiTSampler")
+    reference = source(ui, sampler, "positive")
+    assert reference["type"] == "ReferenceLatent"
+    assert source(ui, reference, "conditioning")["type"] == "FluxGuidance"
+    encoded = source(ui, reference, "latent")
+    assert encoded["type"] == "VAEEncode"
+    scaled_input_image(ui, source(ui, encoded, "pixels"))
+    assert source(ui, sampler, "negative")["type"] == "ConditioningZeroOut"
+
+
 @pytest.mark.parametrize("path", UI_FILES, ids=ids)
 def test_note_names_every_file_and_the_meshes_for_2_4_8_gpus(path):
     ui = load(path)
     (note,) = nodes_of(ui, "Note")
     text = note["widgets_values"][0]
     for n in graph_nodes(ui):
-        for name, spec in CORE_NODES.get(n["type"], {}).get("widgets", {}).items():
+        for name, spec in {**CORE_NODES, **NEWER_CORE_NODES}.get(n["type"], {}).get("widgets", {}).items():
             if spec[0] == "FILE":
                 assert f"{spec[1]}/{named_widgets(n)[name]}" in text, (n["type"], name)
         if n["type"] == "XDiTLoadModel":
@@ -358,6 +498,36 @@ def test_note_names_every_file_and_the_meshes_for_2_4_8_gpus(path):
             assert f"loras/{named_widgets(n)['lora_name']}" in text
     for gpus in (2, 4, 8):
         assert re.search(rf"^- {gpus} GPUs: .*(ulysses|pipefusion_parallel)_degree \d", text, re.M), gpus
+
+
+def advertised_meshes(text):
+    """{GPUs: mesh widgets} of a note's "- N GPUs: ..." lines (the text before any ';' or '(')."""
+    meshes = {}
+    for gpus, line in re.findall(r"^- (\d+) GPUs: ([^;(\n]*)", text, re.M):
+        widgets = {"use_cfg_parallel": "use_cfg_parallel" in line, "ulysses_degree": 1, "ring_degree": 1,
+                   "pipefusion_parallel_degree": 1}
+        for name, degree in re.findall(r"(ulysses_degree|ring_degree|pipefusion_parallel_degree) (\d+)", line):
+            widgets[name] = int(degree)
+        meshes[int(gpus)] = widgets
+    return meshes
+
+
+@pytest.mark.parametrize("path", UI_FILES, ids=ids)
+def test_every_mesh_the_note_advertises_runs_on_the_real_model(path):
+    """The note's meshes for 2, 4 and 8 GPUs pass the sampler's checks for the real model, as the shipped one."""
+    family, variant, heads, blocks = MODELS[path.stem]
+    ui = load(path)
+    (note,) = nodes_of(ui, "Note")
+    meshes = advertised_meshes(note["widgets_values"][0])
+    assert set(meshes) == {2, 4, 8}
+    sampler = (nodes_of(ui, "XDiTSampler") + nodes_of(ui, "XDiTSamplerAdvanced") or nodes_of(ui, "XDiTGuider"))[0]
+    shipped = named_widgets(source(ui, sampler, "mesh"))
+    cfg = named_widgets(sampler)["cfg"]
+    model = XDiTModel("unused", "bf16", family, variant, heads, blocks)
+    for gpus, widgets in meshes.items():
+        mesh, summary = XDiTParallelMesh().build(**{**shipped, **widgets, "gpu_count": gpus})
+        parallel = check_against_model(mesh, model, cfg, 20, 128, video=family == "wan")
+        assert parallel.world_size == gpus, (gpus, summary)
 
 
 def ui_to_api(ui):

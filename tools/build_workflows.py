@@ -53,6 +53,18 @@ CORE = {
     "LoadImage": ([], [("IMAGE", "IMAGE"), ("MASK", "MASK")], ["image"]),
     "CreateVideo": ([("images", "IMAGE"), ("audio", "AUDIO")], [("VIDEO", "VIDEO")], ["fps"]),
     "SaveVideo": ([("video", "VIDEO")], [], ["filename_prefix", "format", "codec"]),
+    # Qwen-Image-Edit (comfy_extras/nodes_qwen.py, nodes_post_processing.py) and edit models' references
+    # (nodes_edit_model.py); V3 nodes: their optional sockets after the required ones.
+    "ImageScaleToTotalPixels": ([("image", "IMAGE")], [("IMAGE", "IMAGE")], ["upscale_method", "megapixels"]),
+    "VAEEncode": ([("pixels", "IMAGE"), ("vae", "VAE")], [("LATENT", "LATENT")], []),
+    "TextEncodeQwenImageEditPlus": ([("clip", "CLIP"), ("vae", "VAE"), ("image1", "IMAGE"), ("image2", "IMAGE"),
+                                     ("image3", "IMAGE")], [("CONDITIONING", "CONDITIONING")], ["prompt"]),
+    "ReferenceLatent": ([("conditioning", "CONDITIONING"), ("latent", "LATENT")], [("CONDITIONING", "CONDITIONING")],
+                        []),
+    # Newer than 0.3.64 (FLUX.2 support, comfy_extras/nodes_flux.py): EmptyFlux2LatentImage's io.Schema, width and
+    # height 16..MAX_RESOLUTION step 16, a [B, 128, H/16, W/16] latent. tests/test_workflows.py lists what a
+    # workflow needs from a newer ComfyUI (NEEDS_NEWER_COMFYUI).
+    "EmptyFlux2LatentImage": ([], [("LATENT", "LATENT")], ["width", "height", "batch_size"]),
 }
 # Widgets the frontend saves with one more value after theirs: control_after_generate (its default here; a node
 # may set another) and LoadImage's upload button ("image").
@@ -67,7 +79,8 @@ SIZES = {
     "BasicScheduler": (320, 106), "KSamplerSelect": (320, 58), "RandomNoise": (320, 82),
     "SamplerCustomAdvanced": (320, 110), "EmptyHunyuanLatentVideo": (320, 130), "WanImageToVideo": (320, 230),
     "Wan22ImageToVideoLatent": (320, 150), "LoadImage": (320, 326), "CreateVideo": (270, 78),
-    "SaveVideo": (520, 480),
+    "SaveVideo": (520, 480), "ImageScaleToTotalPixels": (320, 82), "VAEEncode": (210, 46),
+    "TextEncodeQwenImageEditPlus": (420, 200), "ReferenceLatent": (210, 46), "EmptyFlux2LatentImage": (320, 106),
 }
 
 
@@ -583,10 +596,198 @@ def wan22_ti2v_5b() -> Graph:
     return g
 
 
+# ---- Qwen-Image, Qwen-Image-Edit 2509, Z-Image-Turbo, FLUX.2 dev: ComfyUI's own templates, with the model loader,
+# its model sampling node and the sampler replaced by our loader, one mesh and the xDiT Sampler (the model sampling
+# node's shift in the sampler's `shift`).
+
+QWEN_IMAGE = "diffusion_models/qwen_image_fp8_e4m3fn.safetensors"
+QWEN_EDIT_2509 = "diffusion_models/qwen_image_edit_2509_fp8_e4m3fn.safetensors"
+QWEN_TEXT = "qwen_2.5_vl_7b_fp8_scaled.safetensors"
+QWEN_VAE = "qwen_image_vae.safetensors"
+ZIMAGE_MODEL = "diffusers/Z-Image-Turbo/transformer"
+FLUX2_MODEL = "diffusers/FLUX.2-dev/transformer"
+QWEN_PROMPT = (  # ComfyUI's Qwen-Image template's prompt
+    '"A vibrant, warm neon-lit street scene in Hong Kong at the afternoon, with a mix of colorful Chinese and English '
+    'signs glowing brightly. The atmosphere is lively, cinematic, and rain-washed with reflections on the pavement. '
+    'The colors are vivid, full of pink, blue, red, and green hues. Crowded buildings with overlapping neon signs. '
+    '1980s Hong Kong style. Signs include:\n"龍鳳冰室" "金華燒臘" "HAPPY HAIR" "鴻運茶餐廳" "EASY BAR" "永發魚蛋粉" '
+    '"添記粥麵" "SUNSHINE MOTEL" "美都餐室" "富記糖水" "太平館" "雅芳髮型屋" "STAR KTV" "銀河娛樂城" "百樂門舞廳" '
+    '"BUBBLE CAFE" "萬豪麻雀館" "CITY LIGHTS BAR" "瑞祥香燭莊" "文記文具" "GOLDEN JADE HOTEL" "LOVELY BEAUTY" "合興百貨" '
+    '"興旺電器" And the background is warm yellow street and with all stores\' lights on.')
+QWEN_EDIT_PROMPT = ("Turn the drawing into a photograph of a smiling girl with big fox ears and blonde hair, in a pink "
+                    "dress, standing on a green hill under a blue sky with white clouds; keep her pose")
+ZIMAGE_PROMPT = ("Latina female with thick wavy hair, harbor boats and pastel houses behind. Breezy seaside light, "
+                 "warm tones, cinematic close-up.")  # ComfyUI's Z-Image-Turbo template's prompt
+FLUX2_PROMPT = ("Repaint the child's drawing as a detailed watercolour illustration: the smiling girl with big fox "
+                "ears and blonde hair in a pink dress, arms spread, on a green hill under a blue sky with white clouds")
+
+QWEN_MESHES = """Mesh (xDiT Parallel Mesh, layout manual, gpu_count = GPUs for the workers):
+- 2 GPUs: use_cfg_parallel, ulysses_degree 1
+- 4 GPUs: use_cfg_parallel, ulysses_degree 2 (as set here)
+- 8 GPUs: use_cfg_parallel, ulysses_degree 4
+Qwen-Image has 24 attention heads, so ulysses_degree must divide 24 (1, 2, 3, 4, 6, 8); put the rest on ring_degree. use_cfg_parallel runs the positive and the negative prompt on two halves of the GPUs (2 x ulysses x ring = gpu_count) and needs cfg != 1; at cfg 1 give those GPUs to ulysses_degree instead. PipeFusion (pipefusion_parallel_degree) runs Qwen-Image too: each GPU then holds only its stage's blocks; it is exact for its warmup_steps and uses one-step-stale attention after them.
+"""
+QWEN_MEMORY = ("fp8 files stay fp8 on the workers (the loader's fp8_weights keep): about 20 GB of weights per rank for "
+               "the 20B transformer (38 GiB in bf16); shard_weights on the mesh splits them over its GPUs "
+               "(docs/memory.md has the per-GPU figures). The text encoder and VAE run in ComfyUI itself.")
+
+QWEN_IMAGE_NOTE = """xDiT: Qwen-Image with CFG parallel x Ulysses
+
+ComfyUI's Qwen-Image template (1328x1328, 20 steps, cfg 2.5, euler, simple; Qwen's own suggestion is 40 steps), with UNETLoader + ModelSamplingAuraFlow (shift 3.1) + KSampler replaced by xDiT Load Diffusion Model + xDiT Parallel Mesh + xDiT Sampler. The sampler's shift 3.1 stands for ModelSamplingAuraFlow's; shift 0 is ComfyUI's own default for Qwen-Image without that node (ModelSamplingFlux 1.15).
+
+Files, under ComfyUI/models/ (Comfy-Org/Qwen-Image_ComfyUI, split_files/):
+- diffusion_models/qwen_image_fp8_e4m3fn.safetensors (picked in "xDiT Load Diffusion Model"; a bf16 or scaled fp8 file, or the transformer folder of Qwen/Qwen-Image under diffusers/, loads too)
+- text_encoders/qwen_2.5_vl_7b_fp8_scaled.safetensors (CLIPLoader type qwen_image)
+- vae/qwen_image_vae.safetensors
+
+""" + QWEN_MESHES + "\nMemory: " + QWEN_MEMORY + " Width and height must be multiples of 16."
+
+QWEN_EDIT_NOTE = """xDiT: Qwen-Image-Edit 2509 with CFG parallel x Ulysses
+
+ComfyUI's Qwen-Image-Edit 2509 template without its 4-step Lightning LoRA (the template's own settings for the fp8 model: 20 steps, cfg 2.5, euler, simple), with UNETLoader + ModelSamplingAuraFlow (shift 3) + KSampler replaced by xDiT Load Diffusion Model + xDiT Parallel Mesh + xDiT Sampler (shift 3). The input image is scaled to 1 megapixel (ImageScaleToTotalPixels); TextEncodeQwenImageEditPlus reads it (image1; image2 and image3 take more images) with the VAE, so both prompts carry its reference latent, and VAE Encode of the same image is the latent sampled, so the result has its size. The template's CFGNorm is left out: the xDiT Sampler applies plain CFG.
+
+Files, under ComfyUI/models/ (Comfy-Org/Qwen-Image-Edit_ComfyUI and Comfy-Org/Qwen-Image_ComfyUI, split_files/):
+- diffusion_models/qwen_image_edit_2509_fp8_e4m3fn.safetensors (picked in "xDiT Load Diffusion Model"). Qwen-Image-Edit 2511 (diffusion_models/qwen_image_edit_2511_bf16.safetensors) runs in the same graph: the loader detects it by its marker (variant edit_2511, its reference tokens at timestep 0)
+- text_encoders/qwen_2.5_vl_7b_fp8_scaled.safetensors (CLIPLoader type qwen_image)
+- vae/qwen_image_vae.safetensors
+- the input image: Load Image (an upload lands in ComfyUI/input/; input/example.png is the picture ComfyUI ships there)
+
+""" + QWEN_MESHES + """Ulysses and Ring split the reference image's tokens with the result's.
+
+Memory: """ + QWEN_MEMORY + " The reference adds its tokens: a 1 MP image with a 1 MP reference attends over twice the image tokens."
+
+ZIMAGE_NOTE = """xDiT: Z-Image-Turbo with Ulysses
+
+ComfyUI's Z-Image-Turbo template (1024x1024, 8 steps, cfg 1, res_multistep, simple), with UNETLoader + ModelSamplingAuraFlow (shift 3) + KSampler replaced by xDiT Load Diffusion Model + xDiT Parallel Mesh + xDiT Sampler (shift 3, also Z-Image's default at shift 0). At cfg 1 the negative (ConditioningZeroOut) is not evaluated.
+
+ComfyUI 0.3.64 accepts this graph, but its CLIPLoader does not know Qwen3-4B: the text encoder needs a ComfyUI with Z-Image support.
+
+Files, under ComfyUI/models/:
+- diffusers/Z-Image-Turbo/transformer/ (the transformer folder of Tongyi-MAI/Z-Image-Turbo: config.json + *.safetensors), picked in "xDiT Load Diffusion Model" as diffusers/Z-Image-Turbo/transformer. ComfyUI's single file (diffusion_models/z_image_turbo_bf16.safetensors) is in ComfyUI's own layout, which this version does not read
+- text_encoders/qwen_3_4b.safetensors (CLIPLoader type lumina2; Comfy-Org/z_image_turbo, split_files/)
+- vae/ae.safetensors (the FLUX.1 VAE)
+
+Mesh (xDiT Parallel Mesh, layout manual, gpu_count = GPUs for the workers):
+- 2 GPUs: ulysses_degree 2 (as set here)
+- 4 GPUs: ulysses_degree 2, ring_degree 2
+- 8 GPUs: ulysses_degree 2, ring_degree 4
+Z-Image has 30 attention heads, so ulysses_degree can only be 1, 2, 3, 5 or 6 (3 GPUs: ulysses_degree 3; 6 GPUs: ulysses_degree 6); ring_degree takes the rest. At cfg 1 there is no negative branch: keep use_cfg_parallel off (at cfg > 1 it puts the negative prompt on half the GPUs).
+
+Memory: the 6.2B transformer takes about 12 GB per rank in bf16. Width and height must be multiples of 16."""
+
+FLUX2_NOTE = """xDiT: FLUX.2 dev with Ulysses (needs a ComfyUI newer than 0.3.64)
+
+ComfyUI's FLUX.2 dev template with its reference image (Load Image -> ImageScaleToTotalPixels 1 MP -> VAE Encode -> ReferenceLatent; 1248x832, 20 steps, euler, FluxGuidance 4), with UNETLoader + Flux2Scheduler + BasicGuider + SamplerCustomAdvanced replaced by xDiT Load Diffusion Model + xDiT Parallel Mesh + xDiT Sampler at cfg 1, scheduler simple and shift 0: FLUX.2's default shift is Flux2Pipeline's empirical mu for the image size and step count, the schedule Flux2Scheduler makes. For text to image, delete (or bypass) ReferenceLatent; chain more ReferenceLatent nodes for more reference images.
+
+ComfyUI 0.3.64 has neither EmptyFlux2LatentImage nor CLIPLoader type flux2 (FLUX.2's Mistral text encoder): this graph needs a ComfyUI with FLUX.2 support.
+
+Files, under ComfyUI/models/:
+- diffusers/FLUX.2-dev/transformer/ (the transformer folder of black-forest-labs/FLUX.2-dev: config.json + *.safetensors), picked in "xDiT Load Diffusion Model" as diffusers/FLUX.2-dev/transformer. ComfyUI's diffusion_models/flux2_dev_fp8mixed.safetensors is in ComfyUI's own layout, which this version does not read
+- text_encoders/mistral_3_small_flux2_fp8.safetensors (CLIPLoader type flux2; Comfy-Org/flux2-dev, split_files/, which also has a bf16 file)
+- vae/flux2-vae.safetensors (Comfy-Org/flux2-dev)
+- the reference image: Load Image (an upload lands in ComfyUI/input/; input/example.png is the picture ComfyUI ships there)
+
+""" + flux_meshes(shipped=4) + """FLUX.2 dev has 48 attention heads, so ulysses_degree must divide 48; use ring_degree for the rest. It runs at cfg 1 (guidance comes from FluxGuidance), so there is no negative branch: keep use_cfg_parallel off; the negative input is ignored at cfg 1. Ulysses and Ring split the reference image's tokens with the result's.
+
+Memory: the 32B transformer takes about 60 GiB per rank in bf16. On smaller GPUs turn on shard_weights (4 GPUs of 24 GB: about 21 GiB each at 1024x1024, docs/memory.md) or use PipeFusion (pipefusion_parallel_degree: each GPU holds only its stage's blocks). Width and height must be multiples of 16."""
+
+
+def qwen_loaders(g: Graph, model_name: str) -> tuple[Node, Node, Node]:
+    """Qwen-Image's model, text encoder and VAE down the first column."""
+    model = loader(g, (0, 60), model_name)
+    clip = g.add("CLIPLoader", (0, 230), clip_name=QWEN_TEXT, type="qwen_image", device="default")
+    vae = g.add("VAELoader", (0, 380), vae_name=QWEN_VAE)
+    return model, clip, vae
+
+
+def qwen_image() -> Graph:
+    g = Graph()
+    g.note((-460, 60), (420, 760), QWEN_IMAGE_NOTE)
+    model, clip, vae = qwen_loaders(g, QWEN_IMAGE)
+    latent = g.add("EmptySD3LatentImage", (0, 480), width=1328, height=1328, batch_size=1)
+    pos = g.add("CLIPTextEncode", (400, 60), title="Positive prompt", color=POSITIVE, text=QWEN_PROMPT,
+                clip=clip.out("CLIP"))
+    neg = g.add("CLIPTextEncode", (400, 280), title="Negative prompt", color=NEGATIVE, text="", clip=clip.out("CLIP"))
+    m = mesh(g, (400, 500), model, ulysses=2, cfg_parallel=True, gpus=4)
+    s = g.add("XDiTSampler", (880, 60), model=model.out("model"), mesh=m.out("mesh"), positive=pos.out("CONDITIONING"),
+              negative=neg.out("CONDITIONING"), latent_image=latent.out("LATENT"), seed=42, steps=20, cfg=2.5,
+              sampler_name="euler", scheduler="simple", denoise=1.0, shift=3.1)
+    decode_and_save(g, s, vae, "xdit_qwen_image")
+    return g
+
+
+def qwen_image_edit_2509() -> Graph:
+    g = Graph()
+    g.note((-460, 60), (420, 1000), QWEN_EDIT_NOTE)
+    model, clip, vae = qwen_loaders(g, QWEN_EDIT_2509)
+    image = g.add("LoadImage", (0, 480), title="Image to edit", image=START_IMAGE)
+    scaled = g.add("ImageScaleToTotalPixels", (0, 850), image=image.out("IMAGE"), upscale_method="lanczos",
+                   megapixels=1.0)
+    common = dict(clip=clip.out("CLIP"), vae=vae.out("VAE"), image1=scaled.out("IMAGE"))
+    pos = g.add("TextEncodeQwenImageEditPlus", (400, 60), title="Positive prompt", color=POSITIVE,
+                prompt=QWEN_EDIT_PROMPT, **common)
+    neg = g.add("TextEncodeQwenImageEditPlus", (400, 300), title="Negative prompt", color=NEGATIVE, prompt="", **common)
+    latent = g.add("VAEEncode", (400, 540), pixels=scaled.out("IMAGE"), vae=vae.out("VAE"))
+    m = mesh(g, (400, 630), model, ulysses=2, cfg_parallel=True, gpus=4)
+    s = g.add("XDiTSampler", (880, 60), model=model.out("model"), mesh=m.out("mesh"), positive=pos.out("CONDITIONING"),
+              negative=neg.out("CONDITIONING"), latent_image=latent.out("LATENT"), seed=42, steps=20, cfg=2.5,
+              sampler_name="euler", scheduler="simple", denoise=1.0, shift=3.0)
+    decode_and_save(g, s, vae, "xdit_qwen_image_edit")
+    return g
+
+
+def zimage_turbo() -> Graph:
+    g = Graph()
+    g.note((-460, 60), (420, 760), ZIMAGE_NOTE)
+    model = loader(g, (0, 60), ZIMAGE_MODEL)
+    clip = g.add("CLIPLoader", (0, 230), clip_name="qwen_3_4b.safetensors", type="lumina2", device="default")
+    vae = g.add("VAELoader", (0, 380), vae_name="ae.safetensors")
+    latent = g.add("EmptySD3LatentImage", (0, 480), width=1024, height=1024, batch_size=1)
+    pos = g.add("CLIPTextEncode", (400, 60), title="Positive prompt", color=POSITIVE, text=ZIMAGE_PROMPT,
+                clip=clip.out("CLIP"))
+    zero = g.add("ConditioningZeroOut", (400, 280), title="Negative (unused at cfg 1)", color=NEGATIVE,
+                 conditioning=pos.out("CONDITIONING"))
+    m = mesh(g, (400, 360), model, ulysses=2, gpus=2)
+    s = g.add("XDiTSampler", (880, 60), model=model.out("model"), mesh=m.out("mesh"), positive=pos.out("CONDITIONING"),
+              negative=zero.out("CONDITIONING"), latent_image=latent.out("LATENT"), seed=42, steps=8, cfg=1.0,
+              sampler_name="res_multistep", scheduler="simple", denoise=1.0, shift=3.0)
+    decode_and_save(g, s, vae, "xdit_zimage_turbo")
+    return g
+
+
+def flux2_dev() -> Graph:
+    g = Graph()
+    g.note((-460, 60), (420, 1060), FLUX2_NOTE)
+    model = loader(g, (0, 60), FLUX2_MODEL)
+    clip = g.add("CLIPLoader", (0, 230), clip_name="mistral_3_small_flux2_fp8.safetensors", type="flux2",
+                 device="default")
+    vae = g.add("VAELoader", (0, 380), vae_name="flux2-vae.safetensors")
+    latent = g.add("EmptyFlux2LatentImage", (0, 480), width=1248, height=832, batch_size=1)
+    image = g.add("LoadImage", (0, 630), title="Reference image", image=START_IMAGE)
+    scaled = g.add("ImageScaleToTotalPixels", (0, 1000), image=image.out("IMAGE"), upscale_method="lanczos",
+                   megapixels=1.0)
+    text = g.add("CLIPTextEncode", (400, 60), title="Positive prompt", color=POSITIVE, text=FLUX2_PROMPT,
+                 clip=clip.out("CLIP"))
+    guided = g.add("FluxGuidance", (400, 280), conditioning=text.out("CONDITIONING"), guidance=4.0)
+    encoded = g.add("VAEEncode", (400, 380), pixels=scaled.out("IMAGE"), vae=vae.out("VAE"))
+    referenced = g.add("ReferenceLatent", (400, 470), conditioning=guided.out("CONDITIONING"),
+                       latent=encoded.out("LATENT"))
+    zero = g.add("ConditioningZeroOut", (400, 560), title="Negative (unused at cfg 1)", color=NEGATIVE,
+                 conditioning=text.out("CONDITIONING"))
+    m = mesh(g, (400, 640), model, ulysses=4, gpus=4)
+    s = g.add("XDiTSampler", (880, 60), model=model.out("model"), mesh=m.out("mesh"),
+              positive=referenced.out("CONDITIONING"), negative=zero.out("CONDITIONING"),
+              latent_image=latent.out("LATENT"), seed=42, steps=20, cfg=1.0, sampler_name="euler", scheduler="simple",
+              denoise=1.0, shift=0.0)
+    decode_and_save(g, s, vae, "xdit_flux2_dev")
+    return g
+
+
 WORKFLOWS = {"flux1_ulysses": flux1_ulysses, "sd35_cfg_parallel": sd35_cfg_parallel,
              "pixart_sigma_hybrid": pixart_sigma_hybrid, "flux1_guider_custom_sampler": flux1_guider_custom_sampler,
              "flux1_lora": flux1_lora, "wan21_t2v_14b": wan21_t2v_14b, "wan22_i2v_a14b": wan22_i2v_a14b,
-             "wan22_ti2v_5b": wan22_ti2v_5b}
+             "wan22_ti2v_5b": wan22_ti2v_5b, "qwen_image": qwen_image, "qwen_image_edit_2509": qwen_image_edit_2509,
+             "zimage_turbo": zimage_turbo, "flux2_dev": flux2_dev}
 
 
 def render() -> dict[Path, str]:
