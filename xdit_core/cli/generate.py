@@ -207,8 +207,8 @@ def write_outputs(samples: torch.Tensor, report: dict[str, Any], out: str, repor
 
 
 def generate(opts: GenerateOptions) -> tuple[Optional[torch.Tensor], dict[str, Any]]:
-    """Run one generation; returns (ComfyUI LATENT samples [B, C, H/8, W/8], video [B, C, frames, H/8, W/8];
-    REPORT dict).
+    """Run one generation; returns (ComfyUI LATENT samples [B, C, H/8, W/8], video and one-frame families
+    [B, C, frames, H/8, W/8]; REPORT dict).
 
     Under `--backend env` only rank 0 gets the samples; the other ranks get None.
 
@@ -226,6 +226,8 @@ def generate(opts: GenerateOptions) -> tuple[Optional[torch.Tensor], dict[str, A
     result = api.run(opts.backend, opts.model_ref, opts.parallel, request, threads, opts.attention_backend,
                      opts.ray_address)
     samples = None if result.samples is None else spec.latent_format.process_out(result.samples)
+    if samples is not None and spec.one_frame and samples.ndim == 4:  # Qwen-Image: ComfyUI's [B, C, 1, h, w]
+        samples = samples.unsqueeze(2)
     load_s, per_rank = result.load_s, result.reports
     report = {"config": config, "world_size": world_size, "wall_s": time.perf_counter() - t_start,
               "load_s": load_s, "effective_num_pipeline_patch": per_rank[0].get("effective_num_pipeline_patch", 0),
