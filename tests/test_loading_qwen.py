@@ -23,6 +23,7 @@ AIO_EXTRAS = {"text_encoders.qwen25_7b.transformer.model.norm.weight": torch.one
               "vae.decoder.conv_out.bias": torch.zeros(3)}
 MARKER = "__index_timestep_zero__"  # ComfyUI's Qwen-Image-Edit 2511 files
 QWEN_CONFIGS = ("qwen-image", "qwen-image-edit-2509", "qwen-image-edit-2511")
+COVERED_CONFIGS = QWEN_CONFIGS  # the shipped configs this file checks (tests/test_loading.py counts them covered)
 E4M3_MAX = 448.0
 
 

@@ -1,5 +1,5 @@
-"""Our mapping between the original single-file layouts (BFL's Flux, Stability's MMDiT, PixArt's own) and
-the diffusers modules, in both directions. Qwen-Image's single files (Qwen's and ComfyUI's) already use the
+"""Our mapping between the original single-file layouts (BFL's Flux and FLUX.2, Stability's MMDiT, PixArt's own,
+Wan's, Z-Image's, Tencent's HunyuanDiT) and the diffusers modules, in both directions. Qwen-Image's single files (Qwen's and ComfyUI's) already use the
 diffusers names: its mapping is the identity, as in diffusers' single-file loader.
 
 A `Rule` ties one tensor of the original layout to the diffusers tensors it holds, concatenated along
@@ -119,12 +119,92 @@ _WAN_GLOBAL = {
     "condition_embedder.image_embedder.norm2": ("img_emb.proj.4", 0),
     "scale_shift_table": ("head.modulation", 0), "proj_out": ("head.head", 0),
 }
+# Z-Image's original layout (Tongyi-MAI's, and Comfy-Org's z_image_turbo_*.safetensors): diffusers' own converter
+# (convert_z_image_transformer_checkpoint_to_diffusers) only fuses q/k/v, renames the output projection and the q/k
+# norms, and puts the embedder and the head under their patch size key ("2-1": 2x2 patches, 1 frame); a test checks
+# this table against it. The refiners and the main layers share one block layout.
+_ZIMAGE_BLOCK = {
+    "attention.to_q": ("attention.qkv", 0), "attention.to_k": ("attention.qkv", 1),
+    "attention.to_v": ("attention.qkv", 2), "attention.to_out.0": ("attention.out", 0),
+    "attention.norm_q": ("attention.q_norm", 0), "attention.norm_k": ("attention.k_norm", 0),
+    **{name: (name, 0) for name in ("feed_forward.w1", "feed_forward.w2", "feed_forward.w3", "attention_norm1",
+                                    "attention_norm2", "ffn_norm1", "ffn_norm2", "adaLN_modulation.0")},
+}
+_ZIMAGE_GLOBAL = {
+    "all_x_embedder.2-1": ("x_embedder", 0), "all_final_layer.2-1.linear": ("final_layer.linear", 0),
+    "all_final_layer.2-1.adaLN_modulation.1": ("final_layer.adaLN_modulation.1", 0),  # scale only: nothing swapped
+    **{name: (name, 0) for name in ("t_embedder.mlp.0", "t_embedder.mlp.2", "cap_embedder.0", "cap_embedder.1",
+                                    "x_pad_token", "cap_pad_token")},
+}
+# FLUX.2's original layout (BFL's, and Comfy-Org's flux2_dev_*.safetensors): as diffusers' converter
+# (convert_flux2_transformer_checkpoint_to_diffusers), which a test checks this table against.
+_FLUX2_DOUBLE = {
+    "attn.to_q": ("img_attn.qkv", 0), "attn.to_k": ("img_attn.qkv", 1), "attn.to_v": ("img_attn.qkv", 2),
+    "attn.add_q_proj": ("txt_attn.qkv", 0), "attn.add_k_proj": ("txt_attn.qkv", 1),
+    "attn.add_v_proj": ("txt_attn.qkv", 2),
+    "attn.to_out.0": ("img_attn.proj", 0), "attn.to_add_out": ("txt_attn.proj", 0),
+    "attn.norm_q.weight": ("img_attn.norm.query_norm.scale", 0),
+    "attn.norm_k.weight": ("img_attn.norm.key_norm.scale", 0),
+    "attn.norm_added_q.weight": ("txt_attn.norm.query_norm.scale", 0),
+    "attn.norm_added_k.weight": ("txt_attn.norm.key_norm.scale", 0),
+    "ff.linear_in": ("img_mlp.0", 0), "ff.linear_out": ("img_mlp.2", 0),
+    "ff_context.linear_in": ("txt_mlp.0", 0), "ff_context.linear_out": ("txt_mlp.2", 0),
+}
+_FLUX2_SINGLE = {
+    "attn.to_qkv_mlp_proj": ("linear1", 0), "attn.to_out": ("linear2", 0),
+    "attn.norm_q.weight": ("norm.query_norm.scale", 0), "attn.norm_k.weight": ("norm.key_norm.scale", 0),
+}
+_FLUX2_GLOBAL = {
+    "x_embedder": ("img_in", 0), "context_embedder": ("txt_in", 0),
+    "time_guidance_embed.timestep_embedder.linear_1": ("time_in.in_layer", 0),
+    "time_guidance_embed.timestep_embedder.linear_2": ("time_in.out_layer", 0),
+    "time_guidance_embed.guidance_embedder.linear_1": ("guidance_in.in_layer", 0),
+    "time_guidance_embed.guidance_embedder.linear_2": ("guidance_in.out_layer", 0),
+    "double_stream_modulation_img.linear": ("double_stream_modulation_img.lin", 0),
+    "double_stream_modulation_txt.linear": ("double_stream_modulation_txt.lin", 0),
+    "single_stream_modulation.linear": ("single_stream_modulation.lin", 0),
+    "norm_out.linear": ("final_layer.adaLN_modulation.1", 0), "proj_out": ("final_layer.linear", 0),
+}
+# HunyuanDiT's original layout (Tencent's, and ComfyUI's hunyuan_dit_1.*.safetensors; diffusers has no single-file
+# converter for it): names from ComfyUI's comfy/ldm/hydit. The self-attention's q/k/v are one Wqkv, the
+# cross-attention's k/v one kv_proj (k first); the original calls the cross-attention's norm norm3 and the FFN's
+# norm2, diffusers the other way round; its final adaLN is (shift, scale), diffusers' (scale, shift).
+_HUNYUAN_BLOCK = {
+    "norm1.linear": ("default_modulation.1", 0), "norm1.norm": ("norm1", 0),
+    "attn1.to_q": ("attn1.Wqkv", 0), "attn1.to_k": ("attn1.Wqkv", 1), "attn1.to_v": ("attn1.Wqkv", 2),
+    "attn1.norm_q": ("attn1.q_norm", 0), "attn1.norm_k": ("attn1.k_norm", 0),
+    "attn1.to_out.0": ("attn1.out_proj", 0),
+    "norm2": ("norm3", 0),
+    "attn2.to_q": ("attn2.q_proj", 0), "attn2.to_k": ("attn2.kv_proj", 0), "attn2.to_v": ("attn2.kv_proj", 1),
+    "attn2.norm_q": ("attn2.q_norm", 0), "attn2.norm_k": ("attn2.k_norm", 0),
+    "attn2.to_out.0": ("attn2.out_proj", 0),
+    "norm3": ("norm2", 0),
+    "ff.net.0.proj": ("mlp.fc1", 0), "ff.net.2": ("mlp.fc2", 0),
+    "skip_norm": ("skip_norm", 0), "skip_linear": ("skip_linear", 0),
+}
+_HUNYUAN_GLOBAL = {
+    "text_embedder.linear_1": ("mlp_t5.0", 0), "text_embedder.linear_2": ("mlp_t5.2", 0),
+    "text_embedding_padding": ("text_embedding_padding", 0),
+    "pos_embed.proj": ("x_embedder.proj", 0),
+    "time_extra_emb.timestep_embedder.linear_1": ("t_embedder.mlp.0", 0),
+    "time_extra_emb.timestep_embedder.linear_2": ("t_embedder.mlp.2", 0),
+    **{f"time_extra_emb.pooler.{name}": (f"pooler.{name}", 0)
+       for name in ("positional_embedding", "q_proj", "k_proj", "v_proj", "c_proj")},
+    "time_extra_emb.extra_embedder.linear_1": ("extra_embedder.0", 0),
+    "time_extra_emb.extra_embedder.linear_2": ("extra_embedder.2", 0),
+    "time_extra_emb.style_embedder": ("style_embedder", 0),  # v1.0/1.1 only
+    "norm_out.linear": ("final_layer.adaLN_modulation.1", 0), "proj_out": ("final_layer.linear", 0),
+}
 _LAYOUTS: dict[str, tuple[dict[str, tuple[str, dict]], dict]] = {
     "flux": ({"transformer_blocks": ("double_blocks", _FLUX_DOUBLE),
               "single_transformer_blocks": ("single_blocks", _FLUX_SINGLE)}, _FLUX_GLOBAL),
     "sd3": ({"transformer_blocks": ("joint_blocks", _SD3_BLOCK)}, _SD3_GLOBAL),
     "pixart": ({"transformer_blocks": ("blocks", _PIXART_BLOCK)}, _PIXART_GLOBAL),
     "wan": ({"blocks": ("blocks", _WAN_BLOCK)}, _WAN_GLOBAL),
+    "zimage": ({lst: (lst, _ZIMAGE_BLOCK) for lst in ("noise_refiner", "context_refiner", "layers")}, _ZIMAGE_GLOBAL),
+    "flux2": ({"transformer_blocks": ("double_blocks", _FLUX2_DOUBLE),
+               "single_transformer_blocks": ("single_blocks", _FLUX2_SINGLE)}, _FLUX2_GLOBAL),
+    "hunyuandit": ({"blocks": ("blocks", _HUNYUAN_BLOCK)}, _HUNYUAN_GLOBAL),
 }
 # Families whose original single files name every tensor as diffusers does (Qwen-Image: diffusers' single-file
 # loader maps its checkpoints by identity, and ComfyUI's model uses the same names).
@@ -133,7 +213,9 @@ IDENTITY_FAMILIES = ("qwen",)
 # marker by which ComfyUI's Qwen-Image-Edit 2511 files say their reference tokens run at timestep 0 (read by the
 # config, see original_layout.QWEN_ZERO_COND_MARKER).
 IGNORED_ORIGINAL = {"flux": (), "sd3": (), "pixart": ("y_embedder.y_embedding",), "wan": (),
-                    "qwen": ("__index_timestep_zero__",)}
+                    "qwen": ("__index_timestep_zero__",),
+                    # Lumina 2's final RMSNorm, unused by Z-Image (diffusers' converter drops it, ComfyUI builds none)
+                    "zimage": ("norm_final.weight",), "flux2": (), "hunyuandit": ()}
 
 # Tables a model computes when built, which no original file stores (Wan's rotary frequencies).
 COMPUTED = {"wan": ("rope.freqs_cos", "rope.freqs_sin")}

@@ -39,6 +39,10 @@ MARKERS = {
     "wan": wan_layout.ORIGINAL_MARKERS,
     # Qwen-Image's files use diffusers' names (ComfyUI's detection: txt_norm.weight); one layout serves both.
     "qwen": ("txt_norm.weight", "img_in.weight"),
+    # diffusers' CHECKPOINT_KEY_NAMES: layers.0.adaLN_modulation.0 (Z-Image; Lumina 2's is .1), and the fused qkv
+    "zimage": ("layers.0.adaLN_modulation.0.weight", "layers.0.attention.qkv.weight", "x_embedder.weight"),
+    "flux2": ("single_stream_modulation.lin.weight", "double_blocks.0.img_attn.qkv.weight"),  # diffusers' key
+    "hunyuandit": ("mlp_t5.0.weight", "blocks.0.attn1.Wqkv.weight"),  # ComfyUI's detection key: mlp_t5.0.weight
 }
 # Keys (all present) that identify a diffusers transformer's weight file (bare): its embedders.
 DIFFUSERS_MARKERS = {
@@ -47,12 +51,18 @@ DIFFUSERS_MARKERS = {
     "pixart": ("pos_embed.proj.weight", "adaln_single.linear.weight"),
     "wan": wan_layout.DIFFUSERS_MARKERS,
     "qwen": ("txt_norm.weight", "img_in.weight"),
+    "zimage": ("layers.0.adaLN_modulation.0.weight", "all_x_embedder.2-1.weight"),
+    "flux2": ("single_stream_modulation.linear.weight", "x_embedder.weight"),
+    "hunyuandit": ("text_embedder.linear_1.weight", "time_extra_emb.pooler.positional_embedding"),
 }
 LAYOUT_NAMES = ("Flux.1 dev/schnell (BFL: double_blocks, single_blocks)",
                 "SD3/SD3.5 medium/large (Stability MMDiT: joint_blocks)",
                 "PixArt-alpha/Sigma (PixArt: blocks, t_block)",
                 "Wan 2.1/2.2 (Wan-AI's and Comfy-Org's repackaged files: blocks, head.modulation)",
-                "Qwen-Image and Qwen-Image-Edit (Qwen's and Comfy-Org's files: img_in, txt_norm, transformer_blocks)")
+                "Qwen-Image and Qwen-Image-Edit (Qwen's and Comfy-Org's files: img_in, txt_norm, transformer_blocks)",
+                "Z-Image(-Turbo) (Tongyi-MAI's and Comfy-Org's files: layers, noise_refiner, cap_embedder)",
+                "FLUX.2 dev/klein (BFL's and Comfy-Org's files: double_blocks, single_stream_modulation)",
+                "HunyuanDiT v1.0-1.2 (Tencent's and ComfyUI's files: blocks.N.attn1.Wqkv, mlp_t5, pooler)")
 CLASS_OF = {family: class_name for class_name, family in CLASS_NAMES.items()}
 FLUX_ROPE_AXES = [16, 56, 56]  # FLUX.1's rotary split of its 128-wide heads (time, rows, columns)
 PIXART_HEAD_DIM = 72  # PixArt-XL: 1152 = 16 heads of 72
@@ -60,6 +70,9 @@ QWEN_PATCH = 2  # Qwen-Image's 2x2 patches (ComfyUI's model assumes them too): 1
 # The empty tensor by which ComfyUI marks a Qwen-Image-Edit 2511 file (its model's default_ref_method
 # "index_timestep_zero"): the reference tokens run at timestep 0, diffusers' zero_cond_t.
 QWEN_ZERO_COND_MARKER = "__index_timestep_zero__"
+ZIMAGE_PATCH = 2  # Z-Image's 2x2 patches of one frame (diffusers' "2-1" embedder)
+ZIMAGE_AXES_LENS = (1536, 512, 512)  # Z-Image-Turbo's config.json (rotary table lengths: caption + frames, rows, columns)
+HUNYUAN_G_MLP_RATIO = 4.3637  # HunyuanDiT's DiT-g/2 (1408 wide, 40 blocks): ComfyUI's detection, diffusers' config
 # Config values diffusers takes when a config does not state them, where a shipped config may leave them out.
 CONFIG_DEFAULTS = {"zero_cond_t": False}
 
@@ -85,7 +98,8 @@ def unknown_layout_message(path: Path) -> str:
     """The error for a file in no known layout, listing the supported ones."""
     return (f"{path} holds no diffusion transformer in a known layout; supported single files: "
             f"{'; '.join(LAYOUT_NAMES)}, bare or under 'model.diffusion_model.' (all-in-one checkpoints); "
-            "a diffusers transformer's weight file (Flux, SD3, PixArt, Wan, Qwen-Image), its config.json beside it "
+            "a diffusers transformer's weight file (Flux, SD3, PixArt, Wan, Qwen-Image, Z-Image, FLUX.2, HunyuanDiT), "
+            "its config.json beside it "
             "or not; "
             "or a diffusers model folder (config.json + safetensors)")
 
@@ -120,6 +134,8 @@ def derive_config(family: str, shapes: Mapping[str, Sequence[int]]) -> tuple[dic
         return wan_layout.derive_config({names[k]: v for k, v in shapes.items()})
     if family == "qwen":
         return _derive_qwen(shapes)
+    if family in _DERIVE:
+        return _DERIVE[family](shapes)
     if family == "flux":
         hidden, in_channels = shapes["img_in.weight"]
         head_dim = shapes["double_blocks.0.img_attn.norm.query_norm.scale"][0]
@@ -186,6 +202,79 @@ def _derive_qwen(shapes: Mapping[str, Sequence[int]]) -> tuple[dict[str, Any], s
     return config, set(config) - {"patch_size", "guidance_embeds", "axes_dims_rope"}
 
 
+def _derive_zimage(shapes: Mapping[str, Sequence[int]]) -> tuple[dict[str, Any], set[str]]:
+    """Z-Image's config from its original shapes: heads from the q norm, 2x2 patches of one frame (every Z-Image
+    release, and diffusers' converter's "2-1" key); the rotary split, its table lengths, theta and the timestep scale
+    as Z-Image-Turbo's (not visible in weights; the split for other head sizes as the test models')."""
+    if "siglip_embedder.1.weight" in shapes:
+        raise XDiTModelError("this is a Z-Image-Omni model (siglip_embedder: image conditioning), which the engine "
+                             "does not run; Z-Image and Z-Image-Turbo are supported")
+    dim, patch_in = shapes["x_embedder.weight"]
+    head_dim = shapes["layers.0.attention.q_norm.weight"][0] if "layers.0.attention.q_norm.weight" in shapes else 128
+    heads = _heads(dim, head_dim, "q/k norm")
+    qkv = shapes["layers.0.attention.qkv.weight"][0] // head_dim
+    config = dict(all_patch_size=[ZIMAGE_PATCH], all_f_patch_size=[1], in_channels=patch_in // ZIMAGE_PATCH ** 2,
+                  dim=dim, n_layers=_count(shapes, "layers"), n_refiner_layers=_count(shapes, "noise_refiner"),
+                  n_heads=heads, n_kv_heads=(qkv - heads) // 2, norm_eps=1e-5,
+                  qk_norm="layers.0.attention.q_norm.weight" in shapes, cap_feat_dim=shapes["cap_embedder.0.weight"][0],
+                  rope_theta=256.0, t_scale=1000.0, axes_dims=list(flux_rope_axes(head_dim)),
+                  axes_lens=list(ZIMAGE_AXES_LENS))
+    visible = {"in_channels", "dim", "n_layers", "n_refiner_layers", "n_heads", "n_kv_heads", "qk_norm",
+               "cap_feat_dim"}
+    return config, visible
+
+
+def _derive_flux2(shapes: Mapping[str, Sequence[int]]) -> tuple[dict[str, Any], set[str]]:
+    """FLUX.2's config from BFL's shapes: heads from the q norm, one latent pixel per token (the VAE's 2x2 patches
+    are packed into its 128 channels before the transformer), rotary axes a quarter of the head each, theta and
+    eps as diffusers' (not visible in weights). dev has a guidance embedder, klein none."""
+    inner, in_channels = shapes["img_in.weight"]
+    head_dim = shapes["double_blocks.0.img_attn.norm.query_norm.scale"][0]
+    out = shapes["final_layer.linear.weight"][0]
+    mlp_in = shapes["double_blocks.0.img_mlp.0.weight"][0]  # SwiGLU: gate and value, 2 x mlp_ratio x inner
+    config = dict(patch_size=1, in_channels=in_channels, out_channels=None if out == in_channels else out,
+                  num_layers=_count(shapes, "double_blocks"), num_single_layers=_count(shapes, "single_blocks"),
+                  attention_head_dim=head_dim, num_attention_heads=_heads(inner, head_dim, "q/k norm"),
+                  joint_attention_dim=shapes["txt_in.weight"][1],
+                  timestep_guidance_channels=shapes["time_in.in_layer.weight"][1],
+                  mlp_ratio=mlp_in / (2 * inner), axes_dims_rope=[head_dim // 4] * 4, rope_theta=2000, eps=1e-6,
+                  guidance_embeds="guidance_in.in_layer.weight" in shapes)
+    return config, set(config) - {"patch_size", "axes_dims_rope", "rope_theta", "eps"}
+
+
+def _mlp_ratio(width: int, hidden: int) -> float:
+    """The ratio diffusers' HunyuanDiT turns back into `hidden` (int(width * ratio)): ComfyUI's DiT-g/2 value (4.3637)
+    or 4 where they fit, else the exact ratio (nudged up where float rounding would truncate it to hidden - 1)."""
+    for ratio in (4.0, HUNYUAN_G_MLP_RATIO, hidden / width, (hidden + 0.5) / width):
+        if int(width * ratio) == hidden:
+            return ratio
+    raise XDiTModelError(f"no mlp_ratio gives a {hidden}-wide MLP for width {width}")
+
+
+def _derive_hunyuandit(shapes: Mapping[str, Sequence[int]]) -> tuple[dict[str, Any], set[str]]:
+    """HunyuanDiT's config from Tencent's shapes: heads from the q norm (88 wide in DiT-g/2), the MLP's ratio from its
+    width (ComfyUI's detection: 4.3637 for DiT-g/2), the text widths and lengths from mlp_t5, the pooler and the
+    padding embedding, size and style conditioning (v1.0/1.1) from the style embedder. sample_size is unused by the
+    model (no position table: HunyuanDiT's positions are rotary)."""
+    hidden, in_channels, patch, _ = shapes["x_embedder.proj.weight"]
+    head_dim = shapes["blocks.0.attn1.q_norm.weight"][0]
+    text_len_t5 = shapes["pooler.positional_embedding"][0] - 1
+    out = shapes["final_layer.linear.weight"][0] // (patch * patch)
+    config = dict(num_attention_heads=_heads(hidden, head_dim, "q/k norm"), attention_head_dim=head_dim,
+                  in_channels=in_channels, patch_size=patch, activation_fn="gelu-approximate", sample_size=128,
+                  hidden_size=hidden, num_layers=_count(shapes, "blocks"),
+                  mlp_ratio=_mlp_ratio(hidden, shapes["blocks.0.mlp.fc1.weight"][0]), learn_sigma=out == 2 * in_channels,
+                  cross_attention_dim=shapes["mlp_t5.2.weight"][0], norm_type="layer_norm",
+                  cross_attention_dim_t5=shapes["mlp_t5.0.weight"][1],
+                  pooled_projection_dim=shapes["pooler.c_proj.weight"][0],
+                  text_len=shapes["text_embedding_padding"][0] - text_len_t5, text_len_t5=text_len_t5,
+                  use_style_cond_and_image_meta_size="style_embedder.weight" in shapes)
+    return config, set(config) - {"activation_fn", "sample_size", "norm_type"}
+
+
+_DERIVE = {"zimage": _derive_zimage, "flux2": _derive_flux2, "hunyuandit": _derive_hunyuandit}
+
+
 @functools.cache
 def shipped_configs() -> dict[str, dict[str, Any]]:
     """The diffusers configs of the real models the plugin supports, by file stem."""
@@ -237,8 +326,8 @@ def _as_built(config: Mapping[str, Any], key: str) -> Any:
         return config.get("sample_size", 128) // config.get("patch_size", 2)
     if key == "use_additional_conditions":
         return size_conditioned(config)
-    if key == "qk_norm":  # rms or layer norm: the weights show only that there is one
-        return value is not None
+    if key == "qk_norm":  # rms or layer norm: the weights show only that there is one (Z-Image's is a boolean)
+        return value if isinstance(value, bool) else value is not None
     if value is None:
         return CONFIG_DEFAULTS.get(key)
     return value
@@ -284,11 +373,12 @@ def diffusers_file_config(path: Path, family: str, shapes: Mapping[str, Sequence
                              "else from config.json")
     wrong = [f"{k} is {json.dumps(_as_built(config, k))} in the config, {json.dumps(_as_built(derived, k))} in "
              "the weights" for k in sorted(visible) if k in config and _as_built(config, k) != _as_built(derived, k)]
-    width = config["num_attention_heads"] * config["attention_head_dim"]
-    shown = derived["num_attention_heads"] * derived["attention_head_dim"]
-    if width != shown:
-        wrong.append(f"the width (num_attention_heads × attention_head_dim) is {width} in the config, {shown} in "
-                     "the weights")
+    if family != "zimage":  # Z-Image states its width (dim) and heads, compared above
+        width = config["num_attention_heads"] * config["attention_head_dim"]
+        shown = derived["num_attention_heads"] * derived["attention_head_dim"]
+        if width != shown:
+            wrong.append(f"the width (num_attention_heads × attention_head_dim) is {width} in the config, {shown} in "
+                         "the weights")
     if wrong:
         raise XDiTModelError(f"{beside} does not fit the weights of {path}: {'; '.join(wrong)}")
     return config
