@@ -141,6 +141,34 @@ UNET_CONFIGS: dict[str, Callable[[dict[str, Any]], dict[str, Any]]] = {"flux": _
                                                                       "wan": _wan, "qwen": _qwen}
 
 
+# What ComfyUI's HunYuanDiT fixes rather than reads from a config: the pooler's 1024-wide output (and so the extra
+# embedder's input), 8 pooler heads (diffusers' too), layer norms with q/k norms, heads of at most 128 in multiples of 8.
+HUNYUAN_POOLED_DIM = 1024
+
+
+def _hunyuandit(config: dict[str, Any]) -> dict[str, Any]:
+    # As ComfyUI's detection of a HunyuanDiT checkpoint (mlp_t5.0.weight): depth and width from the weights, hydit1 with
+    # size and style conditioning (its test: extra_embedder's input 1024 + 6 * 256 + 1408, DiT-g/2's; the tiny model's
+    # style width is its own), hydit (v1.2) without; the tiny sizes its constructor takes as unet_config keys.
+    head_dim, heads = config["attention_head_dim"], config["num_attention_heads"]
+    if config.get("pooled_projection_dim") != HUNYUAN_POOLED_DIM or head_dim % 8 or head_dim > 128:
+        raise ValueError(f"ComfyUI's HunYuanDiT fixes a {HUNYUAN_POOLED_DIM}-wide pooler output and heads of at most "
+                         f"128 in multiples of 8; this one has pooled_projection_dim "
+                         f"{config.get('pooled_projection_dim')}, {head_dim}-wide heads")
+    if config["hidden_size"] != heads * head_dim:
+        raise ValueError("ComfyUI's HunYuanDiT has one width: hidden_size must be num_attention_heads x attention_head_dim")
+    style = bool(config.get("use_style_cond_and_image_meta_size", True))
+    return dict(image_model="hydit1" if style else "hydit", size_cond=style, use_style_cond=style,
+                depth=config["num_layers"], hidden_size=config["hidden_size"], num_heads=heads,
+                mlp_ratio=config["mlp_ratio"], in_channels=config["in_channels"], patch_size=config["patch_size"],
+                learn_sigma=config["learn_sigma"], text_states_dim=config["cross_attention_dim"],
+                text_states_dim_t5=config["cross_attention_dim_t5"], text_len=config["text_len"],
+                text_len_t5=config["text_len_t5"], qk_norm=True, norm="layer")
+
+
+UNET_CONFIGS["hunyuandit"] = _hunyuandit
+
+
 def read_diffusers(folder: str | Path) -> tuple[str, dict[str, Any], dict[str, torch.Tensor]]:
     """(family, config, tensors by diffusers name) of a diffusers model folder."""
     folder = Path(folder)
@@ -446,6 +474,35 @@ def reference_case(patcher: comfy.model_patcher.ModelPatcher, case: dict[str, An
     return {"samples": samples, **{f"positive_reference{i}": r.clone() for i, r in enumerate(refs)}}
 
 
+def hunyuan_conditioning(branch: dict[str, Any]) -> list:
+    """CONDITIONING as ComfyUI's HunyuanDiT text encoder gives it (comfy.text_encoders.hydit): the CLIP-BERT states as
+    the tensor, its pooled output, the mT5-XL states and both encoders' attention masks."""
+    return [[branch["text"], {"pooled_output": branch["pooled"], "attention_mask": branch["attention_mask"],
+                              "conditioning_mt5xl": branch["t5"], "attention_mask_mt5xl": branch["t5_mask"]}]]
+
+
+def hunyuan_case(patcher: comfy.model_patcher.ModelPatcher, case: dict[str, Any]) -> dict[str, torch.Tensor]:
+    """HunyuanDiT from its text encoder's CONDITIONING (hunyuan_conditioning: positive and negative as {"text",
+    "pooled", "attention_mask", "t5", "t5_mask"}), then "sampler": "comfy" (KSampler on ComfyUI's model) or
+    {"mesh": {...}} (our xDiT Sampler node on our model, case["xdit_model"] or the folder). Case keys: latent, seed,
+    steps, cfg, sampler_name, scheduler, denoise (optional)."""
+    positive, negative = hunyuan_conditioning(case["positive"]), hunyuan_conditioning(case["negative"])
+    denoise = case.get("denoise", 1.0)
+    if case["sampler"] == "comfy":
+        samples = ksampler(patcher, case["latent"], seed=case["seed"], steps=case["steps"], cfg=case["cfg"],
+                           sampler_name=case["sampler_name"], scheduler=case["scheduler"], positive=positive,
+                           negative=negative, denoise=denoise)
+    else:
+        nodes = plugin().nodes
+        xdit = nodes.loader.XDiTLoadModel().load(str(case.get("xdit_model", case["model"])), "fp32", "auto",
+                                                 "auto")[0]
+        mesh = nodes.types.XDiTMesh("manual", **case["sampler"]["mesh"])
+        samples = nodes.sampler.XDiTSampler().sample(xdit, mesh, positive, negative, {"samples": case["latent"]},
+                                                     case["seed"], case["steps"], case["cfg"], case["sampler_name"],
+                                                     case["scheduler"], denoise)[0]["samples"]
+    return {"samples": samples}
+
+
 CASE_KINDS: dict[str, Callable[[comfy.model_patcher.ModelPatcher, dict[str, Any]], dict[str, torch.Tensor]]] = {
     "ksampler": ksampler_case,
     "custom_sampler": custom_sampler_case,
@@ -454,6 +511,7 @@ CASE_KINDS: dict[str, Callable[[comfy.model_patcher.ModelPatcher, dict[str, Any]
     "ksampler_on_weightless": ksampler_on_weightless_case,
     "wan_video": wan_video_case,
     "reference": reference_case,
+    "hunyuan": hunyuan_case,
 }
 
 

@@ -677,3 +677,188 @@ def test_qwen_odd_grid_positions_are_compared(comfy_edit, monkeypatch):
     error = relative(ours_edit(comfy_edit, "qwen_image"), edit_output(comfy_edit, "edit/qwen_image/comfy"))
     print(f"qwen at diffusers' odd-grid positions vs ComfyUI: {error:.2e}")
     assert error > 100 * TOLERANCE, f"relative error {error:.2e}"
+
+
+# HunyuanDiT against ComfyUI's own HunYuanDiT: "hydit" (v1.2: ComfyUI runs its attention in fp32) and "hydit1" (v1.0/1.1:
+# size and style conditioning, ComfyUI's image_meta_size from the latent's size), KSampler on ComfyUI's model against
+# our engine's serial run of the same CONDITIONING through the xDiT Sampler's conversion (nodes.conditioning) and against
+# our xDiT Sampler node on the workers (Ulysses 2; v1.2 loaded from an original-layout single file, as ComfyUI's
+# hunyuan_dit_1.2.safetensors). ComfyUI's model fixes a 1024-wide pooler output (comfy_native.HUNYUAN_POOLED_DIM) and
+# takes its other sizes from the unet_config, so these tiny models are 2 heads of 16 over 32-wide CLIP-BERT and
+# 48-wide mT5 states, 6 blocks (long skips into blocks 4 and 5). The latent is 12 x 20: 6 x 10 tokens, whose rotary
+# crop of the 32 x 32 base grid starts at row 6, where ComfyUI's (numpy's) grid and diffusers' differ. The masks pad the
+# last CLIP-BERT and mT5 tokens (the learned padding embeddings replace them); cfg 4 with a negative of its own.
+# name: (variant, ComfyUI's model config class)
+HUNYUAN_MODELS = {"hydit": ("v1.2", "HunyuanDiT"), "hydit1": ("v1.1", "HunyuanDiT1")}
+HUNYUAN_LATENT, HUNYUAN_CFG, HUNYUAN_STD, HUNYUAN_STEPS = (1, 4, 12, 20), 4.0, 0.1, 4
+HUNYUAN_REAL_TOKENS = {"positive": (20, 100), "negative": (9, 40)}  # CLIP-BERT of 77, mT5 of 256 real tokens
+# name: (model, sampler, scheduler, denoise); img2img from a random latent where denoise < 1
+HUNYUAN_CASES = {"hydit/euler": ("hydit", "euler", "normal", 1.0),
+                 "hydit/dpmpp_2m": ("hydit", "dpmpp_2m", "karras", 0.75),
+                 "hydit1/euler_ancestral": ("hydit1", "euler_ancestral", "simple", 1.0)}
+HUNYUAN_XDIT = ("hydit/euler", "hydit1/euler_ancestral")  # also through our xDiT Sampler node on the workers
+HUNYUAN_MESH = {"ulysses_degree": 2}
+
+
+def write_comfy_hunyuan(out: Path, variant: str, seed: int) -> Path:
+    """A tiny HunyuanDiT ComfyUI's HunYuanDiT can hold: its pooler's output 1024 wide; random weights as
+    write_tiny's (norm scales near 1) at HUNYUAN_STD, so attention mixes the tokens enough for the controls."""
+    import diffusers
+
+    from xdit_core.cli.tiny import randomize, tiny_config
+
+    config = tiny_config("hunyuandit", heads=2, hidden_size=32, variant=variant)
+    config.update(pooled_projection_dim=1024)
+    randomize(diffusers.HunyuanDiT2DModel(**config), seed, HUNYUAN_STD).save_pretrained(out)
+    return out
+
+
+def hunyuan_inputs() -> dict[str, torch.Tensor]:
+    """Both branches' CLIP-BERT (77 x 32) and mT5 (256 x 48) states, pooled output and masks (the tail padded), and
+    the latents."""
+    gen = torch.Generator().manual_seed(17)
+    out = {"latent/empty": torch.zeros(HUNYUAN_LATENT), "latent/image": torch.randn(HUNYUAN_LATENT, generator=gen)}
+    for which, (clip_real, t5_real) in HUNYUAN_REAL_TOKENS.items():
+        out[f"{which}/text"] = torch.randn(1, 77, 32, generator=gen)
+        out[f"{which}/pooled"] = torch.randn(1, 32, generator=gen)
+        out[f"{which}/t5"] = torch.randn(1, 256, 48, generator=gen)
+        out[f"{which}/attention_mask"] = (torch.arange(77) < clip_real).long().unsqueeze(0)
+        out[f"{which}/t5_mask"] = (torch.arange(256) < t5_real).long().unsqueeze(0)
+    return {f"hunyuan/{k}": v for k, v in out.items()}
+
+
+def hunyuan_branch(which: str) -> dict:
+    return {k: {"tensor": f"hunyuan/{which}/{k}"} for k in ("text", "pooled", "t5", "attention_mask", "t5_mask")}
+
+
+@pytest.fixture(scope="module")
+def comfy_hunyuan(tmp_path_factory):
+    """Models, inputs and outputs of the HunyuanDiT cases, from one run of tests/comfy_native.py."""
+    python = comfy_python()
+    if python is None:
+        pytest.skip("no Python with ComfyUI's and comfyui-xdit's requirements (set COMFYUI_PYTHON)")
+    from xdit_core.loading.key_mapping import model_tensors, to_original
+    from xdit_core.models.families import model_class
+
+    root = tmp_path_factory.mktemp("native_hunyuan")
+    models = {name: write_comfy_hunyuan(root / name, variant, seed)
+              for seed, (name, (variant, _)) in enumerate(HUNYUAN_MODELS.items(), start=41)}
+    single = root / "hunyuan_dit_1.2.safetensors"  # the v1.2 model in Tencent's layout, under the all-in-one prefix
+    reference = model_class("hunyuandit").from_pretrained(models["hydit"], low_cpu_mem_usage=False)
+    save_file({f"model.diffusion_model.{k}": v.contiguous()
+               for k, v in to_original("hunyuandit", model_tensors(reference)).items()}, str(single))
+    tensors = hunyuan_inputs()
+    cases = []
+    for name, (model, sampler, scheduler, denoise) in HUNYUAN_CASES.items():
+        case = {"kind": "hunyuan", "model": str(models[model]),
+                "xdit_model": str(single if model == "hydit" else models[model]),
+                "latent": {"tensor": f"hunyuan/latent/{'empty' if denoise == 1.0 else 'image'}"}, "seed": SEED,
+                "steps": HUNYUAN_STEPS, "cfg": HUNYUAN_CFG, "sampler_name": sampler, "scheduler": scheduler,
+                "denoise": denoise, "positive": hunyuan_branch("positive"), "negative": hunyuan_branch("negative")}
+        cases.append(dict(case, name=f"hunyuan/{name}/comfy", sampler="comfy"))
+        if name in HUNYUAN_XDIT:
+            cases.append(dict(case, name=f"hunyuan/{name}/xdit", sampler={"mesh": HUNYUAN_MESH}))
+    save_file(tensors, str(root / "inputs.safetensors"))
+    (root / "cases.json").write_text(json.dumps({"tensors": str(root / "inputs.safetensors"), "cases": cases}))
+    out = root / "outputs.safetensors"
+    done = subprocess.run([python, str(HERE / "comfy_native.py"), str(root / "cases.json"), str(out)],
+                          env={**os.environ, "COMFYUI_PATH": COMFYUI, "HF_HUB_OFFLINE": "1",
+                               "XDIT_ALLOW_ABSOLUTE_MODEL_PATHS": "1"},
+                          capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    with safe_open(str(out), "pt") as f:
+        meta = f.metadata()
+    return {"models": models, "inputs": tensors, "cases": {c["name"]: c for c in cases},
+            "outputs": load_file(str(out)), "errors": json.loads(meta["errors"]),
+            "classes": json.loads(meta["model_configs"])}
+
+
+def hunyuan_output(comfy_hunyuan, key: str) -> torch.Tensor:
+    assert key not in comfy_hunyuan["errors"], comfy_hunyuan["errors"][key]
+    return comfy_hunyuan["outputs"][f"{key}/samples"]
+
+
+def ours_hunyuan(comfy_hunyuan, name: str, masks: bool = True) -> torch.Tensor:
+    """Our engine's serial run of a HunyuanDiT case from the same CONDITIONING, as the xDiT Sampler node converts it
+    (nodes.conditioning.branch_from_conditioning). `masks` False (a control): the masks all ones."""
+    from nodes.conditioning import branch_from_conditioning
+    from nodes.sampler import comfy_samples, model_shape
+    from xdit_core.loading.load import load_model
+    from xdit_core.models import make_adapter
+    from xdit_core.runtime.job import run_request
+    from xdit_core.sampling.request import build_request
+
+    case, t = comfy_hunyuan["cases"][f"hunyuan/{name}/comfy"], comfy_hunyuan["inputs"]
+    model, spec = load_model(comfy_hunyuan["models"][HUNYUAN_CASES[name][0]])
+    latent = t[case["latent"]["tensor"]]
+    shape = model_shape(spec, latent.shape)
+
+    def conditioning(which):
+        b = {k: t[v["tensor"]] for k, v in case[which].items()}
+        if not masks:
+            b.update(attention_mask=torch.ones_like(b["attention_mask"]), t5_mask=torch.ones_like(b["t5_mask"]))
+        extra = {"pooled_output": b["pooled"], "attention_mask": b["attention_mask"], "conditioning_mt5xl": b["t5"],
+                 "attention_mask_mt5xl": b["t5_mask"]}
+        return branch_from_conditioning(spec, [[b["text"], extra]], shape, which)
+
+    (pos, _), (neg, _) = conditioning("positive"), conditioning("negative")
+    request = build_request(spec, latent, seed=case["seed"], steps=case["steps"], cfg=case["cfg"],
+                            sampler=case["sampler_name"], scheduler=case["scheduler"], denoise=case["denoise"],
+                            positive=pos, negative=neg)
+    return comfy_samples(spec, run_request(make_adapter(model, spec), request))
+
+
+@pytest.mark.parametrize("name", HUNYUAN_MODELS)
+def test_comfyui_builds_its_own_hunyuandit(comfy_hunyuan, name):
+    assert comfy_hunyuan["classes"][str(comfy_hunyuan["models"][name])] == HUNYUAN_MODELS[name][1]
+
+
+@pytest.mark.parametrize("name", HUNYUAN_CASES)
+def test_ksampler_on_comfyuis_hunyuandit_equals_our_engine(comfy_hunyuan, name):
+    """KSampler on ComfyUI's HunYuanDiT (our weights in Tencent's layout fill every tensor of it) against our engine's
+    serial run: v-prediction on ComfyUI's linear betas, its rotary grid at a non-square latent, both text encoders'
+    padding embeddings from the masks, v1.1's size and style conditioning, cfg 4."""
+    key = f"hunyuan/{name}/comfy"
+    theirs, t = hunyuan_output(comfy_hunyuan, key), comfy_hunyuan["inputs"]
+    latent = t[comfy_hunyuan["cases"][key]["latent"]["tensor"]]
+    assert theirs.shape == latent.shape == HUNYUAN_LATENT
+    assert torch.isfinite(theirs).all() and (theirs - latent).abs().max() > 0.1  # it sampled
+    error = relative(ours_hunyuan(comfy_hunyuan, name), theirs)
+    print(f"hunyuan {name} engine vs ComfyUI's KSampler: relative error {error:.2e}")
+    assert error < TOLERANCE, f"{name}: relative error {error:.2e}"
+
+
+@pytest.mark.parametrize("name", HUNYUAN_XDIT)
+def test_xdit_sampler_node_equals_comfyuis_ksampler_on_hunyuandit(comfy_hunyuan, name):
+    """Our xDiT Sampler node on the workers (Ulysses 2: one head each; v1.2 from its original-layout single file) from
+    the same CONDITIONING and LATENT as KSampler on ComfyUI's model."""
+    theirs = hunyuan_output(comfy_hunyuan, f"hunyuan/{name}/comfy")
+    mine = hunyuan_output(comfy_hunyuan, f"hunyuan/{name}/xdit")
+    assert mine.shape == theirs.shape
+    error = relative(mine, theirs)
+    print(f"hunyuan {name} xDiT Sampler (ulysses 2) vs ComfyUI's KSampler: relative error {error:.2e}")
+    assert error < TOLERANCE, f"{name}: relative error {error:.2e}"
+
+
+def test_hunyuandit_rotary_grid_and_masks_are_compared(comfy_hunyuan, monkeypatch):
+    """Controls: our run with diffusers' rotary positions (torch.linspace to stop (n - 1) / n, which differs from
+    ComfyUI's grid where the crop starts off 0), or without the text masks, is far from ComfyUI's, so the comparisons
+    above check ComfyUI's grid and the padding embeddings at TOLERANCE."""
+    from diffusers.models.embeddings import get_2d_rotary_pos_embed
+
+    from xdit_core.models import hunyuandit
+
+    theirs = hunyuan_output(comfy_hunyuan, "hunyuan/hydit/euler/comfy")
+    error = relative(ours_hunyuan(comfy_hunyuan, "hydit/euler", masks=False), theirs)
+    print(f"hunyuan without masks vs ComfyUI: {error:.2e}")
+    assert error > 100 * TOLERANCE, f"without masks: relative error {error:.2e}"
+
+    def diffusers_rotary(head_dim, rows, cols):
+        start, stop = hunyuandit.rope_region(rows, cols)
+        return get_2d_rotary_pos_embed(head_dim, (start, stop), (rows, cols), use_real=True, output_type="pt")
+
+    assert hunyuandit.rope_region(6, 10)[0] != (0, 0)  # the crop starts off 0 at this latent
+    monkeypatch.setattr(hunyuandit, "rotary", diffusers_rotary)
+    error = relative(ours_hunyuan(comfy_hunyuan, "hydit/euler"), theirs)
+    print(f"hunyuan at diffusers' rotary positions vs ComfyUI: {error:.2e}")
+    assert error > 100 * TOLERANCE, f"diffusers' rotary grid: relative error {error:.2e}"
