@@ -175,6 +175,14 @@ def pipelined_patch_error(adapter: ModelAdapter) -> Optional[str]:
     return None
 
 
+def _load_average() -> float:
+    """The machine's 1-minute load average (other processes share its cores); 0 where there is no /proc."""
+    try:
+        return float(Path("/proc/loadavg").read_text().split()[0])
+    except (OSError, ValueError, IndexError):
+        return 0.0
+
+
 def run(opts: argparse.Namespace, tmp: Path) -> dict[str, Any]:
     path = model_path(tmp, "qwen")
     model, spec = load_model(path)
@@ -188,9 +196,9 @@ def run(opts: argparse.Namespace, tmp: Path) -> dict[str, Any]:
     warm = {"cfg1": qwen_request(spec, opts.fam_size, 2, 1.0), "cfg": qwen_request(spec, opts.fam_size, 2, CFG)}
     payload = {"path": str(path), "requests": requests, "warm_requests": warm, "configs": configs, "peers": PEERS,
                "repeats": opts.fam_repeats}
-    t0 = time.perf_counter()
+    t0, load_start = time.perf_counter(), _load_average()
     ranks = spawn_world(families_world, 2, payload, threads=1, timeout_s=3600)
-    seconds = time.perf_counter() - t0
+    seconds, load_end = time.perf_counter() - t0, _load_average()
     steps = opts.fam_steps
     shapes = {k: shape_workload(model_shape(adapter, r)) for k, r in requests.items()}
     latents = ranks[0]["latents"]
@@ -239,7 +247,7 @@ def run(opts: argparse.Namespace, tmp: Path) -> dict[str, Any]:
                  "fp32)",
         "size": opts.fam_size, "tokens": shapes["cfg1"].img_tokens, "txt_tokens": TEXT_TOKENS, "steps": steps,
         "warmup": WARMUP, "cfg": CFG, "repeats": opts.fam_repeats, "seconds": seconds,
-        "contention": ranks[0]["contention"], "rows": rows,
+        "contention": ranks[0]["contention"], "load_average": [load_start, load_end], "rows": rows,
         "skipped": {n: f"the engine fails on a pipelined patch without the joint text: {pf_error}"
                     for n in CONFIGS if n not in configs},
     }
@@ -254,10 +262,13 @@ def report(result: dict[str, Any]) -> str:
     title = (
         f"Qwen-Image medium: {result['model']}, random weights, {result['size']}x{result['size']} "
         f"({result['tokens']} image + {result['txt_tokens']} text tokens, joint attention), {result['steps']} euler "
-        f"steps, 1 thread per rank on 2 cores, {result['repeats']} interleaved repeats (median, min-max); PipeFusion "
-        f"per step over the {result['steps'] - result['warmup']} steps after its warmup step; speedup against the "
-        "baseline's median (ours: our serial run at the same cfg; diffusers: its own serial loop); 2 ranks compute "
-        f"{statistics.median(result['contention']):.2f}x slower than one alone; {result['seconds'] / 60:.1f} min"
+        f"steps, 1 thread per rank on 2 cores, {result['repeats']} interleaved repeats (median, min-max); "
+        + (f"PipeFusion per step over the {result['steps'] - result['warmup']} steps after its warmup step; "
+           if any("pipelined_bytes_per_step" in r for r in rows.values()) else "")
+        + "speedup against the baseline's median (ours: our serial run at the same cfg; diffusers: its own serial loop); 2 ranks compute "
+        f"{statistics.median(result['contention']):.2f}x slower than one alone (probed once, before the timed runs); "
+        "1-minute load average at start / end " + (" / ".join(f"{v:.1f}" for v in result.get("load_average", [])) or "?")
+        + f"; {result['seconds'] / 60:.1f} min"
     )
     table = []
     for name, r in rows.items():
