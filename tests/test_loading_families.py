@@ -229,6 +229,78 @@ def test_fp8_file_loads_its_values(name, kind, references, tmp_path):
     assert held and all(torch.equal(model_tensors(kept)[n], model_tensors(model)[n]) for n in held)
 
 
+def _comfy_quant(fmt: str) -> torch.Tensor:
+    return torch.tensor(list(json.dumps({"format": fmt}).encode()), dtype=torch.uint8)
+
+
+def _fp8mixed(k, v):
+    """ComfyUI's mixed precision (comfy-kitchen's layout, as Comfy-Org's *_fp8mixed.safetensors): the blocks' Linear
+    weights as e4m3fn with a float32 weight_scale, an input_scale and the layer's format in a uint8 comfy_quant
+    tensor; everything else (embedders, modulations, the head: "mixed") bf16."""
+    if not (k.endswith(".weight") and v.dim() == 2 and k.startswith(("layers.", "double_blocks.", "single_blocks.",
+                                                                     "blocks."))):
+        return {k: v.to(torch.bfloat16)}
+    stem = k[: -len(".weight")]
+    scale = v.abs().max().float() / E4M3_MAX
+    return {k: (v / scale).to(torch.float8_e4m3fn), f"{stem}.weight_scale": scale,
+            f"{stem}.input_scale": torch.tensor(1.0), f"{stem}.comfy_quant": _comfy_quant("float8_e4m3fn")}
+
+
+@pytest.mark.parametrize("where", ["bare", "aio"])
+@pytest.mark.parametrize("name", ["zimage", "flux2_dev", "hunyuandit"])
+def test_fp8mixed_file_loads_its_values(name, where, references, tmp_path):
+    """flux2_dev_fp8mixed-style files: every quantized weight is its fp8 value times its weight_scale (fused q/k/v
+    split with their one scale), kept fp8 on the device with that scale, the bf16 rest as stored; the format and
+    input scales are no weights."""
+    family = MODELS[name][0]
+    path = tmp_path / f"{name}_fp8mixed_{where}.safetensors"
+    prefix, extras = (AIO, AIO_EXTRAS) if where == "aio" else ("", None)
+    stored = write_file(path, family, references[name], prefix, extras, _fp8mixed)
+    expected = {k: v.float() * stored[k[: -len("weight")] + "weight_scale"] if v.dtype == torch.float8_e4m3fn
+                else v.float() for k, v in stored.items() if not k.endswith(("_scale", ".comfy_quant"))}
+    assert any(v.dtype == torch.float8_e4m3fn for v in stored.values())
+    assert read_model_config(path) == read_model_config(_plain(tmp_path, family, references[name]))
+    model, spec = load_model(path, "fp32", keep_fp8=False)
+    assert spec.family == family
+    loaded = to_original(family, model_tensors(model))
+    assert loaded.keys() == expected.keys()
+    for k, v in expected.items():
+        assert torch.equal(loaded[k], v), k
+    kept, _ = load_model(path, "fp32")
+    held = {n for n, t in model_tensors(kept).items() if isinstance(t, Fp8Weight)}
+    rules = layout_rules(family, list(model_tensors(kept)))
+    assert held == {p for r in rules if stored[r.original].dtype == torch.float8_e4m3fn for p in r.parts}
+    assert all(torch.equal(model_tensors(kept)[n], model_tensors(model)[n]) for n in held)
+
+
+def _plain(tmp_path, family, reference):
+    path = tmp_path / "plain.safetensors"
+    write_file(path, family, reference)
+    return path
+
+
+@pytest.mark.parametrize("fmt,needle", [("nvfp4", "stored as U8"), ("mxfp8", "block-wise scale")])
+def test_other_comfy_quant_formats_are_refused(fmt, needle, references, tmp_path):
+    """comfy-kitchen's nvfp4 (packed uint8 weights) and block-scaled formats are refused before anything is built."""
+    path = tmp_path / f"flux2_{fmt}.safetensors"
+    key = "double_blocks.0.img_attn.proj"
+
+    def cast(k, v):
+        if not k.startswith(key + ".weight"):
+            return {k: v}
+        if fmt == "nvfp4":
+            return {k: torch.zeros(v.shape[0], v.shape[1] // 2, dtype=torch.uint8),
+                    f"{key}.weight_scale": torch.ones(v.shape[0], v.shape[1] // 16), f"{key}.weight_scale_2": torch.ones(()),
+                    f"{key}.comfy_quant": _comfy_quant(fmt)}
+        return {k: v.to(torch.float8_e4m3fn), f"{key}.weight_scale": torch.ones(v.shape[0], v.shape[1] // 8),
+                f"{key}.comfy_quant": _comfy_quant(fmt)}
+
+    write_file(path, "flux2", references["flux2_dev"], cast=cast)
+    for call in (read_model_config, load_model):
+        with pytest.raises(XDiTModelError, match=needle):
+            call(path)
+
+
 @pytest.mark.parametrize("name", ["zimage", "flux2_dev", "hunyuandit"])
 def test_partial_load_of_a_single_file(name, references, tmp_path):
     """A stage's share of a single file: the last block and the head, the first block and the embedder on meta."""

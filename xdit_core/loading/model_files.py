@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import math
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -68,10 +69,36 @@ def folder_weight_files(folder: Path) -> dict[str, Path]:
         return {name: files[0] for name in f.keys()}
 
 
+# ComfyUI's mixed-precision files (comfy-kitchen's layout: Comfy-Org's *_fp8mixed.safetensors): a quantized Linear's
+# `weight` in fp8 with one float32 `weight_scale` (its value is weight x weight_scale), the layer's format as JSON in a
+# uint8 `comfy_quant` tensor (or in the header's _quantization_metadata), and optionally an `input_scale` for fp8
+# matmuls, which is unused here (weights are upcast per layer). They are read as ComfyUI's older scaled fp8, whose
+# names the loader knows: `scale_weight` and `scale_input`. The other comfy-kitchen formats (nvfp4, mxfp8, int8) are
+# refused: their weights are stored as U8/I8, or their scales are per block.
+MIXED_SCALES = {"weight_scale": "scale_weight", "input_scale": "scale_input"}
+MIXED_FORMAT = "comfy_quant"
+
+
+def _mixed_precision_names(locations: dict[str, tuple[Path, str]]) -> dict[str, tuple[Path, str]]:
+    """`locations` with ComfyUI's mixed-precision scales under the scaled-fp8 names and the format tensors left out."""
+    out = {}
+    for name, where in locations.items():
+        stem, _, last = name.rpartition(".")
+        if last == MIXED_FORMAT and f"{stem}.weight" in locations:
+            continue
+        if last in MIXED_SCALES and f"{stem}.weight" in locations:
+            name = f"{stem}.{MIXED_SCALES[last]}"
+            if name in locations:
+                raise XDiTModelError(f"{where[0]} holds both {where[1]!r} and {name!r}: two scales for one weight")
+        out[name] = where
+    return out
+
+
 class WeightFiles:
     """The tensors of one model, by name, spread over safetensors files; reads count into `stats`."""
 
     def __init__(self, locations: dict[str, tuple[Path, str]], stats: LoadStats):
+        locations = _mixed_precision_names(locations)
         self._locations = locations  # name -> (file, key in that file)
         self._handles: dict[Path, Any] = {}
         self.stats = stats
@@ -84,8 +111,13 @@ class WeightFiles:
                 raise XDiTModelError(f"{file} has no tensor {key!r} (named by its index)") from None
             if info.get_dtype() not in STORED_DTYPES:
                 raise XDiTModelError(f"{file}: tensor {key!r} is stored as {info.get_dtype()}; "
-                                     f"supported weight dtypes: {', '.join(STORED_DTYPES)}")
+                                     f"supported weight dtypes: {', '.join(STORED_DTYPES)} (of ComfyUI's quantized "
+                                     "formats, fp8 with one scale per weight: scaled fp8 and fp8mixed)")
             self.shapes[name] = tuple(info.get_shape())
+            if key.endswith(".weight_scale") and math.prod(self.shapes[name]) != 1:
+                raise XDiTModelError(f"{file}: {key!r} is a block-wise scale {list(self.shapes[name])}; of ComfyUI's "
+                                     "quantized formats only fp8 with one scale per weight (fp8mixed, scaled fp8) "
+                                     "is supported")
 
     def _handle(self, file: Path) -> Any:
         if file not in self._handles:
