@@ -65,8 +65,8 @@ def check_keys(family: str, extra: dict, name: str, height: int, width: int) -> 
                        "target_height": height}[key]
             if _equals(value, default):
                 continue
-            raise ValueError(f"{name} conditioning sets {key} {value}, but the xDiT Sampler conditions {family} on "
-                             f"the latent's size ({width}x{height}); use a latent of the size you want instead")
+            raise ValueError(f"{name} conditioning sets {key} {value}, but the xDiT Sampler conditions "
+                             f"{'PixArt' if family == 'pixart' else 'HunyuanDiT'} on the latent's size ({width}x{height}); use a latent of the size you want instead")
         advice = ADVICE.get(key, f"the xDiT samplers apply only {_listing(family)} for {family}")
         raise ValueError(f"{name} conditioning has the key {key!r}, which the xDiT samplers do not apply: {advice}")
 

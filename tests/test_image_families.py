@@ -46,7 +46,7 @@ CASES = {
     "flux2_edit": ("flux2", "dev", "edit"),
     "hunyuandit": ("hunyuandit", "v1.1", "hunyuan"),
 }
-CASE_CONFIGS = {"qwen_edit": tuple(CONFIGS), "qwen_masked": ("u2", "r2", "cfg_r2", "pf2"),
+CASE_CONFIGS = {"qwen_edit": ("u2", "r2", "u2r2", "cfg_r2", "pf2", "pf2_r2"), "qwen_masked": ("u2", "r2", "cfg_r2", "pf2"),
                 "qwen_2511": ("u2", "pf2_r2"), "kontext": ("u2r2", "cfg_r2", "pf2"),
                 "zimage": ("u2", "u3", "r2", "cfg_r2", "pf2", "pf2_r2"),
                 "flux2_edit": ("u2", "r2", "cfg_r2", "pf2", "pf2_r2"),

@@ -316,9 +316,10 @@ def with_keys(**keys):
 @pytest.mark.parametrize("over,needle", [
     (dict(positive=with_keys(control=object())), "'control', which the xdit samplers do not apply: controlnet"),
     (dict(negative=with_keys(start_percent=0.2)), "negative conditioning has the key 'start_percent'"),
-    (dict(positive=with_keys(reference_latents=[torch.zeros(1, 16, 8, 6)])), "reference latents (kontext"),
+    (dict(positive=with_keys(reference_latents=[torch.zeros(1, 4, 8, 6)])), "reference latent 0 has shape [1, 4, 8, 6]"),
     (dict(positive=with_keys(area=(8, 8, 0, 0), strength=1.0)), "area conditioning is not supported yet"),
-    (dict(positive=with_keys(some_new_key=1)), "apply only guidance, pooled_output for flux"),
+    (dict(positive=with_keys(some_new_key=1)),
+     "apply only guidance, pooled_output, reference_latents, reference_latents_method for flux"),
     (dict(positive=with_keys() + with_keys()), "positive conditioning has 2 entries"),
     (dict(latent_image={"samples": torch.zeros(1, 16, 8, 6), "noise_mask": torch.zeros(2, 3, 8, 8)}),
      "noise_mask has shape [2, 3, 8, 8]"),
