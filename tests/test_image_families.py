@@ -490,3 +490,22 @@ def test_kontext_forward_equals_diffusers_forward():
                        img_ids=torch.cat([flux_image_ids(6, 10), ref_ids]), txt_ids=torch.zeros(TEXT, 3),
                        return_dict=False)[0]
     assert torch.equal(ours, unpack_flux(theirs[:, :15], 6, 10))
+
+
+def test_masked_lse_kernels_agree_and_an_empty_block_weighs_zero():
+    """The masked kernel's two paths (PyTorch's CPU flash kernel with a bias; the explicit float32 product GPUs take)
+    agree, and an item whose block has no valid key gets out 0 and LSE -inf, which the merge weighs zero."""
+    from xdit_core.parallel.attention import _lse_masked, _merge, lse_masked_explicit
+
+    gen = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(3, 2, 5, 8, generator=gen) for _ in range(3))
+    mask = torch.tensor([[True] * 5, [True, False, True, False, False], [False] * 5])
+    out, lse = _lse_masked(q, k, v, 0.3, mask)
+    ref_out, ref_lse = lse_masked_explicit(q, k, v, 0.3, mask)
+    assert torch.allclose(out[:2], ref_out[:2], atol=1e-6) and torch.allclose(lse[:2], ref_lse[:2], atol=1e-5)
+    assert not out[2].any() and torch.isneginf(lse[2]).all()
+    full = torch.nn.functional.scaled_dot_product_attention(q[:2], k[:2], v[:2], attn_mask=mask[:2, None, None], scale=0.3)
+    assert torch.allclose(out[:2], full, atol=1e-6)
+    other_out, other_lse = lse_masked_explicit(q, v, k, 0.3, torch.ones(3, 5, dtype=torch.bool))
+    merged, merged_lse = _merge((out, lse), other_out, other_lse)
+    assert torch.allclose(merged[2], other_out[2], atol=1e-6) and torch.isfinite(merged).all()

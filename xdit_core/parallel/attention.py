@@ -44,11 +44,16 @@ def _lse_masked(q, k, v, scale, mask):
         out, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(
             q, k, v, scale=scale, attn_mask=bias[:, None, None, :])[:2]
     else:
-        scores = (q.float() @ k.float().transpose(-1, -2)) * scale
-        scores = scores.masked_fill(~mask[:, None, None, :], float("-inf"))
-        lse = torch.logsumexp(scores, dim=-1)
-        out = (torch.softmax(scores, dim=-1).nan_to_num(0.0) @ v.float()).to(q.dtype)
+        out, lse = lse_masked_explicit(q, k, v, scale, mask)
     return out.masked_fill(~has_key[..., None], 0.0), lse.masked_fill(~has_key, float("-inf"))
+
+
+def lse_masked_explicit(q, k, v, scale, mask):
+    """The masked (out, lse) as an explicit float32 product: the path for GPUs (tested against the CPU kernel)."""
+    scores = (q.float() @ k.float().transpose(-1, -2)) * scale
+    scores = scores.masked_fill(~mask[:, None, None, :], float("-inf"))
+    lse = torch.logsumexp(scores, dim=-1)
+    return (torch.softmax(scores, dim=-1).nan_to_num(0.0) @ v.float()).to(q.dtype), lse
 
 
 def _lse_cuda_sdpa(q, k, v, scale):
