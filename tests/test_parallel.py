@@ -98,9 +98,9 @@ def make_request(spec, height, width, text_len, steps=STEPS, cfg=CFG, sampler="e
                          sampler=sampler, scheduler="simple", denoise=1.0, positive=pos, negative=neg)
 
 
-def write_model(family, out, **kwargs):
+def write_model(family, out, weight_std=WEIGHT_STD, **kwargs):
     """A tiny random model with WEIGHT_STD (and QK_SCALE on q/k norms), saved into `out`."""
-    model = build_tiny(family, seed=2, weight_std=WEIGHT_STD, **kwargs)
+    model = build_tiny(family, seed=2, weight_std=weight_std, **kwargs)
     with torch.no_grad():
         for name, param in model.named_parameters():
             parts = name.split(".")

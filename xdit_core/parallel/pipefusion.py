@@ -27,6 +27,7 @@ stops before the same step, stage 0 having taken the inputs the last stage alrea
 """
 from __future__ import annotations
 
+import contextlib
 import logging
 import time
 from dataclasses import dataclass, field
@@ -43,7 +44,7 @@ from xdit_core.models.families import PIPEFUSION_REFUSALS
 from xdit_core.models.base import ModelAdapter, Tokens
 from xdit_core.parallel.context import RankContext
 from xdit_core.parallel.p2p import P2PChannel
-from xdit_core.parallel.routing import AttentionRouter
+from xdit_core.parallel.routing import AttentionRouter, local_router
 from xdit_core.sampling.finite import check_first_prediction
 from xdit_core.sampling.request import SampleRequest
 from xdit_core.sampling.inpaint import Inpaint
@@ -230,6 +231,7 @@ class PipeFusionRunner:
                                select_lse_kernel(ctx.device, ctx.attention_backend, adapter.dtype))
         self.cfg_comm: Optional[Comm] = ctx.comm("cfg") if config.cfg_degree > 1 else None
         self.effective_patches = 0
+        self._embed_router = local_router(adapter.model, adapter.attention_kinds())
         self.wait_s = 0.0  # time blocked on hand-offs: this stage's share of the pipeline's bubble
         self._channels: dict[tuple[int, int], P2PChannel] = {}
         # What the first hand-off of a round carries beside the image tokens, known after the first embedding: the
@@ -441,7 +443,8 @@ class PipeFusionRunner:
         which stage 0 uses in a warmup round; a pipelined patch embeds its own rows, `embed_image`)."""
         a = self.adapter
         timestep = ms.timestep(sigma.reshape(1).cpu()).float().to(x_eval.device).expand(x_eval.shape[0])
-        base = a.embed(ms.calculate_input(sigma, x_eval).to(a.dtype), timestep, cond, cond.guidance)
+        with self._embed_router or contextlib.nullcontext():
+            base = a.embed(ms.calculate_input(sigma, x_eval).to(a.dtype), timestep, cond, cond.guidance)
         self._width = base.img.shape[-1]
         self._joint_txt = base.txt.shape[1] if a.TEXT_IS_JOINT and base.txt is not None else 0
         return base

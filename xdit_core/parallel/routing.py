@@ -147,6 +147,19 @@ class _SDPACatcher(torch.overrides.TorchFunctionMode):
         return self.router.route(p["query"], p["key"], p["value"], p.get("scale"), p.get("attn_mask"))
 
 
+def plain_attention(module: torch.nn.Module, kind: str, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                    scale: Optional[float], mask: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """The route of a "local" module (one that runs in the embedding, whole on every rank): PyTorch's SDPA with the
+    processor's own mask, so its kernel does not follow diffusers' attention backend either."""
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale)
+
+
+def local_router(model: torch.nn.Module, kinds: dict[torch.nn.Module, str]) -> Optional["AttentionRouter"]:
+    """A router for the "local" modules alone (entered around the embedding), or None when the model has none."""
+    local = [m for m, kind in kinds.items() if kind == "local"]
+    return AttentionRouter(model, kinds, plain_attention, run=local) if local else None
+
+
 class AttentionRouter:
     """Routes the attention of `kinds`' modules (module -> "joint" | "image" | "cross") to `attend`.
 

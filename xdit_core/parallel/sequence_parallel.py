@@ -2,6 +2,7 @@
 attention layer routed to USP attention, gather the image tokens before the head."""
 from __future__ import annotations
 
+import contextlib
 import math
 from typing import Optional
 
@@ -11,7 +12,7 @@ import torch.nn.functional as F
 
 from xdit_core.parallel.attention import Segment, SPGroups, select_lse_kernel, usp_attention
 from xdit_core.parallel.comm import Comm
-from xdit_core.parallel.routing import AttentionRouter
+from xdit_core.parallel.routing import AttentionRouter, local_router
 from xdit_core.errors import XDiTWorkerError
 from xdit_core.models.base import BranchCond, ModelAdapter
 
@@ -48,7 +49,9 @@ class SequenceParallelRunner:
         self.degree = groups.ulysses.size * groups.ring.size
         self.index = groups.shard_index
         self.segments: dict[str, list[Segment]] = {}
-        self.router = AttentionRouter(adapter.model, adapter.attention_kinds(), self._attend)
+        kinds = adapter.attention_kinds()
+        self.router = AttentionRouter(adapter.model, kinds, self._attend)
+        self.embed_router = local_router(adapter.model, kinds)
 
     @classmethod
     def single_rank(cls, adapter: ModelAdapter) -> "SequenceParallelRunner":
@@ -68,7 +71,8 @@ class SequenceParallelRunner:
     def predict(self, x: torch.Tensor, timestep: torch.Tensor, cond: BranchCond,
                 guidance: Optional[float]) -> torch.Tensor:
         a, S, idx = self.adapter, self.degree, self.index
-        tokens = a.embed(x, timestep, cond, guidance)
+        with self.embed_router or contextlib.nullcontext():
+            tokens = a.embed(x, timestep, cond, guidance)
         n_img = tokens.img.shape[1]
         n_txt = tokens.txt.shape[1] if tokens.txt is not None else 0
         # Joint text is split when its length divides the degree, else replicated (attended once).
