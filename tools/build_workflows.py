@@ -604,8 +604,8 @@ QWEN_IMAGE = "diffusion_models/qwen_image_fp8_e4m3fn.safetensors"
 QWEN_EDIT_2509 = "diffusion_models/qwen_image_edit_2509_fp8_e4m3fn.safetensors"
 QWEN_TEXT = "qwen_2.5_vl_7b_fp8_scaled.safetensors"
 QWEN_VAE = "qwen_image_vae.safetensors"
-ZIMAGE_MODEL = "diffusers/Z-Image-Turbo/transformer"
-FLUX2_MODEL = "diffusers/FLUX.2-dev/transformer"
+ZIMAGE_MODEL = "diffusion_models/z_image_turbo_bf16.safetensors"
+FLUX2_MODEL = "diffusion_models/flux2_dev_fp8mixed.safetensors"
 QWEN_PROMPT = (  # ComfyUI's Qwen-Image template's prompt
     '"A vibrant, warm neon-lit street scene in Hong Kong at the afternoon, with a mix of colorful Chinese and English '
     'signs glowing brightly. The atmosphere is lively, cinematic, and rain-washed with reflections on the pavement. '
@@ -663,7 +663,7 @@ ComfyUI's Z-Image-Turbo template (1024x1024, 8 steps, cfg 1, res_multistep, simp
 ComfyUI 0.3.64 accepts this graph, but its CLIPLoader does not know Qwen3-4B: the text encoder needs a ComfyUI with Z-Image support.
 
 Files, under ComfyUI/models/:
-- diffusers/Z-Image-Turbo/transformer/ (the transformer folder of Tongyi-MAI/Z-Image-Turbo: config.json + *.safetensors), picked in "xDiT Load Diffusion Model" as diffusers/Z-Image-Turbo/transformer. ComfyUI's single file (diffusion_models/z_image_turbo_bf16.safetensors) is in ComfyUI's own layout, which this version does not read
+- diffusion_models/z_image_turbo_bf16.safetensors (Comfy-Org/z_image_turbo, split_files/; or the diffusers folder of Tongyi-MAI/Z-Image-Turbo, diffusers/Z-Image-Turbo/transformer/)
 - text_encoders/qwen_3_4b.safetensors (CLIPLoader type lumina2; Comfy-Org/z_image_turbo, split_files/)
 - vae/ae.safetensors (the FLUX.1 VAE)
 
@@ -682,7 +682,7 @@ ComfyUI's FLUX.2 dev template with its reference image (Load Image -> ImageScale
 ComfyUI 0.3.64 has neither EmptyFlux2LatentImage nor CLIPLoader type flux2 (FLUX.2's Mistral text encoder): this graph needs a ComfyUI with FLUX.2 support.
 
 Files, under ComfyUI/models/:
-- diffusers/FLUX.2-dev/transformer/ (the transformer folder of black-forest-labs/FLUX.2-dev: config.json + *.safetensors), picked in "xDiT Load Diffusion Model" as diffusers/FLUX.2-dev/transformer. ComfyUI's diffusion_models/flux2_dev_fp8mixed.safetensors is in ComfyUI's own layout, which this version does not read
+- diffusion_models/flux2_dev_fp8mixed.safetensors (Comfy-Org/flux2-dev, split_files/; its fp8 weights stay fp8 on the workers; or the diffusers folder of black-forest-labs/FLUX.2-dev, diffusers/FLUX.2-dev/transformer/)
 - text_encoders/mistral_3_small_flux2_fp8.safetensors (CLIPLoader type flux2; Comfy-Org/flux2-dev, split_files/, which also has a bf16 file)
 - vae/flux2-vae.safetensors (Comfy-Org/flux2-dev)
 - the reference image: Load Image (an upload lands in ComfyUI/input/; input/example.png is the picture ComfyUI ships there)
