@@ -122,7 +122,9 @@ def run_sampler(model: XDiTModel, mesh: XDiTMesh, positive, negative, latent_ima
 
 SHIFT = ("FLOAT", {"default": 0.0, "min": 0.0, "max": 100.0, "step": 0.01,
                    "tooltip": "model-sampling shift; 0: the family's default (Flux dev 1.15, schnell 1.0, SD3 3.0, "
-                              "Wan 8.0)"})
+                              "Wan 8.0, Qwen-Image ModelSamplingFlux 1.15, Z-Image 3.0, FLUX.2 its empirical mu for "
+                              "the size and steps; HunyuanDiT and PixArt have none). Qwen-Image: a shift is "
+                              "ModelSamplingAuraFlow's"})
 
 
 class XDiTSampler:

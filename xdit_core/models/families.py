@@ -209,17 +209,13 @@ def resolve_model_spec(config: Mapping[str, Any], family: Optional[str] = None,
         raise XDiTConfigError(f"variant {variant!r} contradicts the model: its channels (in_channels "
                               f"{config.get('in_channels', 16)}, out_channels {config.get('out_channels')}) make a Wan "
                               f"{detected_variant} model; pass {detected_variant!r} or leave the variant to detection")
-    if family == "hunyuandit" and variant != detected_variant:
-        raise XDiTConfigError(f"variant {variant!r} contradicts the model: its use_style_cond_and_image_meta_size "
-                              f"makes it HunyuanDiT {detected_variant}; pass {detected_variant!r} or leave the variant "
-                              "to detection")
-    if family in ("qwen", "flux2") and variant != detected_variant:
-        if family == "flux2":
-            raise XDiTConfigError(f"variant {variant!r} contradicts the model: its guidance_embeds make it FLUX.2 "
-                                  f"{detected_variant}; pass {detected_variant!r} or leave the variant to detection")
-        raise XDiTConfigError(f"variant {variant!r} contradicts the model: its config {'sets' if config.get('zero_cond_t') else 'does not set'} "
-                              f"zero_cond_t, so it is Qwen {detected_variant}; pass {detected_variant!r} or leave the "
-                              "variant to detection")
+    if family in ("qwen", "flux2", "hunyuandit") and variant != detected_variant:
+        why = {"qwen": f"its config {'sets' if config.get('zero_cond_t') else 'does not set'} zero_cond_t",
+               "flux2": f"its guidance_embeds is {bool(config.get('guidance_embeds', True))}",
+               "hunyuandit": "its size and style conditioning (use_style_cond_and_image_meta_size) is "
+                             f"{bool(config.get('use_style_cond_and_image_meta_size', True))}"}[family]
+        raise XDiTConfigError(f"variant {variant!r} contradicts the model: {why}, so it is {family} {detected_variant}; "
+                              f"pass {detected_variant!r} or leave the variant to detection")
     if family == "pixart" and variant == "sigma" and size_conditioned(config):
         raise XDiTConfigError("variant 'sigma' contradicts the model: it takes size conditioning "
                               "(use_additional_conditions), which only PixArt-alpha has; pass 'alpha' or leave the "
@@ -249,9 +245,10 @@ def resolve_model_spec(config: Mapping[str, Any], family: Optional[str] = None,
                          int(config.get("cross_attention_dim", 1024)), None, heads, blocks,
                          text2_dim=int(config.get("cross_attention_dim_t5", 2048)))
     if family == "flux2":
-        # Flux2Pipeline: 128-channel latents at 1/16, distilled guidance 4.0 (dev), cfg 1; the shift is its mu
+        # Flux2Pipeline: 128-channel latents at 1/16, distilled guidance 4.0 (dev), cfg 1; the shift is its mu, here
+        # at 1024² and 20 steps (a request resolves it for its own size and steps: resolve_shift)
         dev = variant == "dev"
-        return ModelSpec("flux2", variant, latent_formats.FLUX2, 1.0, 4.0 if dev else None, 2.0,
+        return ModelSpec("flux2", variant, latent_formats.FLUX2, 1.0, 4.0 if dev else None, flux2_mu(64 * 64, 20),
                          int(config.get("joint_attention_dim", 15360)), None, heads, blocks, patch_size=1)
     if family == "zimage":
         # diffusers' ZImagePipeline: the FLUX.1 VAE's latents, flow shift 3; Turbo samples 8 steps at cfg 1 (its
