@@ -117,9 +117,9 @@ def validate_shift(spec: ModelSpec, shift: Optional[float | str]) -> None:
     """A numeric shift override: in (0, 100] as ComfyUI's ModelSampling nodes, and only for flow models."""
     if shift is None or shift == "auto":  # "auto": the model sampling checks the family
         return
-    if spec.family == "pixart":
-        raise XDiTConfigError(f"shift {shift} has no effect on pixart (ComfyUI's eps sampling has no shift); "
-                              "leave it unset")
+    if spec.family in ("pixart", "hunyuandit"):
+        raise XDiTConfigError(f"shift {shift} has no effect on {spec.family} (ComfyUI's discrete eps/v sampling has no "
+                              "shift); leave it unset")
     validate_number("shift", float(shift), 0.0, MAX_SHIFT, low_inclusive=False)
 
 
