@@ -84,6 +84,7 @@ def model_shape(adapter: Any, request: Any) -> dict[str, Any]:
         "txt_tokens": int(request.positive.text.shape[1]),
         "joint_text": bool(adapter.TEXT_IS_JOINT),
         "cross_text": not adapter.TEXT_IS_JOINT,
+        "text_every_unit": bool(adapter.TEXT_EVERY_UNIT),
         "latent": list(latent),
         "branches": 1 if request.negative is None else 2,
         "act_bytes": next(model.parameters()).element_size(),
@@ -107,6 +108,7 @@ def shape_workload(shape: dict[str, Any]) -> Workload:
         branches=shape["branches"],
         act_bytes=shape["act_bytes"],
         cross_text=shape["cross_text"],
+        text_every_unit=shape.get("text_every_unit", False),
     )
 
 

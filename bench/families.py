@@ -155,26 +155,6 @@ def families_world(rank: int, device: torch.device, payload: dict[str, Any]) -> 
     return out
 
 
-@torch.no_grad()
-def pipelined_patch_error(adapter: ModelAdapter) -> Optional[str]:
-    """What goes wrong when a block runs a PipeFusion patch that does not carry the joint text (every patch but
-    the first of a pipelined step: its text narrowed to 0 tokens, as pipefusion.py's keep_txt narrows it), on a
-    small input in this process; None when it runs. A rank failing there would leave its peer waiting, so the
-    benchmark leaves PipeFusion out rather than start it."""
-    gen = torch.Generator().manual_seed(0)
-    x = torch.randn(1, 16, 8, 8, generator=gen)
-    cond = BranchCond(torch.randn(1, 4, adapter.spec.text_dim, generator=gen))
-    tokens = adapter.embed(x, torch.tensor([0.5]), cond, None)
-    extras = adapter.shard_extras(tokens, lambda t, dim=1: t.narrow(dim, 0, 0), lambda t, dim=1: t)
-    local = tokens.with_(txt=tokens.txt.narrow(1, 0, 0), extras=extras)
-    block, run_block = adapter.blocks()[0]
-    try:
-        run_block(block, local)
-    except Exception as e:  # noqa: BLE001 (reported, not hidden)
-        return f"{type(e).__name__}: {e}"
-    return None
-
-
 def _load_average() -> float:
     """The machine's 1-minute load average (other processes share its cores); 0 where there is no /proc."""
     try:
@@ -189,8 +169,7 @@ def run(opts: argparse.Namespace, tmp: Path) -> dict[str, Any]:
     from xdit_core.models import make_adapter
 
     adapter = make_adapter(model, spec)
-    pf_error = pipelined_patch_error(adapter)
-    configs = {n: c for n, c in CONFIGS.items() if pf_error is None or c[0].pipefusion_parallel_degree == 1}
+    configs = dict(CONFIGS)
     requests = {"cfg1": qwen_request(spec, opts.fam_size, opts.fam_steps, 1.0),
                 "cfg": qwen_request(spec, opts.fam_size, opts.fam_steps, CFG)}
     warm = {"cfg1": qwen_request(spec, opts.fam_size, 2, 1.0), "cfg": qwen_request(spec, opts.fam_size, 2, CFG)}
@@ -248,8 +227,6 @@ def run(opts: argparse.Namespace, tmp: Path) -> dict[str, Any]:
         "size": opts.fam_size, "tokens": shapes["cfg1"].img_tokens, "txt_tokens": TEXT_TOKENS, "steps": steps,
         "warmup": WARMUP, "cfg": CFG, "repeats": opts.fam_repeats, "seconds": seconds,
         "contention": ranks[0]["contention"], "load_average": [load_start, load_end], "rows": rows,
-        "skipped": {n: f"the engine fails on a pipelined patch without the joint text: {pf_error}"
-                    for n in CONFIGS if n not in configs},
     }
 
 
@@ -289,8 +266,6 @@ def report(result: dict[str, Any]) -> str:
             per = r["pipelined_bytes_per_step"]
             notes.append(f"{name}: per pipelined step (the model's count, equal to the counters over the run) rank 0 "
                          f"{_kinds(per[0])}, rank 1 {_kinds(per[1])} kB.")
-    for name, why in result.get("skipped", {}).items():
-        notes.append(f"{name}: not run; {why}.")
     notes.append(f"Ours vs diffusers' context parallelism (Ulysses 2, same model, tokens and loop): ours "
                  f"{rows['ulysses 2']['vs_peer']:.2f}x faster per step.")
     return out + "\n\n" + "\n".join(notes)

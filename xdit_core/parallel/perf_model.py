@@ -189,6 +189,7 @@ class Workload:
     act_bytes: int = 4
     patch: int = 2
     cross_text: bool = False
+    text_every_unit: bool = False  # PipeFusion sends the joint text with every patch (Qwen-Image: TEXT_EVERY_UNIT)
     embed: tuple[float, float] = (0.0, 0.0)
     head: tuple[float, float] = (0.0, 0.0)
     step_fixed: float = 0.0
@@ -258,7 +259,8 @@ def pipe_units(w: Workload, config: ParallelConfig, warm: bool) -> list[PipeUnit
         return [PipeUnit(h, w.img_tokens, True)]
     per_row = wid // w.patch
     rows = patch_rows(h, config.num_pipeline_patch or config.pipefusion_parallel_degree, w.patch)
-    return [PipeUnit(r1 - r0, (r1 - r0) // w.patch * per_row, m == 0) for m, (r0, r1) in enumerate(rows)]
+    return [PipeUnit(r1 - r0, (r1 - r0) // w.patch * per_row, m == 0 or w.text_every_unit)
+            for m, (r0, r1) in enumerate(rows)]
 
 
 def handoff_elements(w: Workload, unit: PipeUnit, sp: int) -> int:

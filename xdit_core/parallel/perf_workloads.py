@@ -6,6 +6,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any, Mapping, Optional, Sequence
 
+from xdit_core.models import ADAPTERS
 from xdit_core.parallel.mesh import ParallelConfig
 from xdit_core.parallel.perf_model import BlockCost, Cluster, Workload, predict
 from xdit_core.parallel.stages import NOMINAL_PIXELS, NOMINAL_TEXT_TOKENS
@@ -168,6 +169,7 @@ def flop_workload(
         patch=arch.patch,
         cross_text=arch.cross_text,
         ring_hop_host=ring_hop_host,
+        text_every_unit=ADAPTERS[arch.family].TEXT_EVERY_UNIT if arch.family in ADAPTERS else False,
     )
 
 
