@@ -8,7 +8,8 @@ from typing import Optional
 
 import torch
 
-from xdit_core.models.base import BranchCond, ModelAdapter, Tokens
+from xdit_core.models.base import BranchCond, Tokens
+from xdit_core.models.flux import FluxAdapter
 
 REFERENCE_T_STEP = 10  # Flux2Pipeline._prepare_image_ids(scale=10): reference i on T = 10 (i + 1)
 
@@ -40,8 +41,9 @@ def grid_ids(rows: int, cols: int, t: int = 0) -> torch.Tensor:
     return ids.reshape(-1, 4)
 
 
-class Flux2Adapter(ModelAdapter):
-    JOINT_ORDER = ("txt", "img")
+class Flux2Adapter(FluxAdapter):
+    """FLUX.1's layout (double then single blocks, text first, the rotary table text first: its attention kinds and
+    sharding) with FLUX.2's embedding, blocks and head."""
 
     def reference_tokens(self, cond: BranchCond, height: int, width: int) -> int:
         return sum(r.shape[-2] * r.shape[-1] for r in cond.references)
@@ -79,13 +81,3 @@ class Flux2Adapter(ModelAdapter):
     def head(self, tokens: Tokens) -> torch.Tensor:
         out = self.model.proj_out(self.model.norm_out(tokens.img, tokens.extras["temb"]))
         return out.transpose(1, 2).reshape(out.shape[0], -1, tokens.height, tokens.width)
-
-    def attention_kinds(self):
-        m = self.model
-        return {b.attn: "joint" for b in list(m.transformer_blocks) + list(m.single_transformer_blocks)}
-
-    def shard_extras(self, tokens, shard_txt, shard_img):
-        n_txt = tokens.txt.shape[1]
-        rotary = tuple(torch.cat([shard_txt(r[:n_txt], dim=0), shard_img(r[n_txt:], dim=0)])
-                       for r in tokens.extras["rotary"])
-        return {**tokens.extras, "rotary": rotary}
