@@ -228,6 +228,11 @@ def comfy(tmp_path_factory):
         models[name] = write_comfy_wan(root / name, variant, seed)
         tensors.update(wan_inputs(name))
         cases += wan_cases(name, models[name], tensors)
+    return run_native(root, python, models, tensors, cases)
+
+
+def run_native(root: Path, python: str, models: dict, tensors: dict, cases: list) -> dict:
+    """ComfyUI's side of `cases` (tests/comfy_native.py in ComfyUI's Python), with what the tests read back."""
     save_file(tensors, str(root / "inputs.safetensors"))
     (root / "cases.json").write_text(json.dumps({"tensors": str(root / "inputs.safetensors"), "cases": cases}))
     out = root / "outputs.safetensors"
@@ -238,8 +243,9 @@ def comfy(tmp_path_factory):
     assert done.returncode == 0, done.stderr[-3000:]
     with safe_open(str(out), "pt") as f:
         meta = f.metadata()
-    return {"models": models, "inputs": tensors, "cases": {c["name"]: c for c in cases}, "outputs": load_file(str(out)),
-            "errors": json.loads(meta["errors"]), "classes": json.loads(meta["model_configs"])}
+    return {"models": models, "inputs": tensors, "cases": {c["name"]: c for c in cases},
+            "outputs": load_file(str(out)), "errors": json.loads(meta["errors"]),
+            "classes": json.loads(meta["model_configs"])}
 
 
 def ours(comfy, name: str, run: str, case_name: Optional[str] = None) -> torch.Tensor:
@@ -553,19 +559,7 @@ def comfy_edit(tmp_path_factory):
         cases.append(dict(case, name=f"edit/{name}/comfy", sampler="comfy"))
         if name in EDIT_XDIT:
             cases.append(dict(case, name=f"edit/{name}/xdit", sampler={"mesh": EDIT_MESH}))
-    save_file(tensors, str(root / "inputs.safetensors"))
-    (root / "cases.json").write_text(json.dumps({"tensors": str(root / "inputs.safetensors"), "cases": cases}))
-    out = root / "outputs.safetensors"
-    done = subprocess.run([python, str(HERE / "comfy_native.py"), str(root / "cases.json"), str(out)],
-                          env={**os.environ, "COMFYUI_PATH": COMFYUI, "HF_HUB_OFFLINE": "1",
-                               "XDIT_ALLOW_ABSOLUTE_MODEL_PATHS": "1"},
-                          capture_output=True, text=True, timeout=300)
-    assert done.returncode == 0, done.stderr[-3000:]
-    with safe_open(str(out), "pt") as f:
-        meta = f.metadata()
-    return {"models": models, "inputs": tensors, "cases": {c["name"]: c for c in cases},
-            "outputs": load_file(str(out)), "errors": json.loads(meta["errors"]),
-            "classes": json.loads(meta["model_configs"])}
+    return run_native(root, python, models, tensors, cases)
 
 
 def edit_output(comfy_edit, key: str) -> torch.Tensor:
@@ -758,19 +752,7 @@ def comfy_hunyuan(tmp_path_factory):
         cases.append(dict(case, name=f"hunyuan/{name}/comfy", sampler="comfy"))
         if name in HUNYUAN_XDIT:
             cases.append(dict(case, name=f"hunyuan/{name}/xdit", sampler={"mesh": HUNYUAN_MESH}))
-    save_file(tensors, str(root / "inputs.safetensors"))
-    (root / "cases.json").write_text(json.dumps({"tensors": str(root / "inputs.safetensors"), "cases": cases}))
-    out = root / "outputs.safetensors"
-    done = subprocess.run([python, str(HERE / "comfy_native.py"), str(root / "cases.json"), str(out)],
-                          env={**os.environ, "COMFYUI_PATH": COMFYUI, "HF_HUB_OFFLINE": "1",
-                               "XDIT_ALLOW_ABSOLUTE_MODEL_PATHS": "1"},
-                          capture_output=True, text=True, timeout=300)
-    assert done.returncode == 0, done.stderr[-3000:]
-    with safe_open(str(out), "pt") as f:
-        meta = f.metadata()
-    return {"models": models, "inputs": tensors, "cases": {c["name"]: c for c in cases},
-            "outputs": load_file(str(out)), "errors": json.loads(meta["errors"]),
-            "classes": json.loads(meta["model_configs"])}
+    return run_native(root, python, models, tensors, cases)
 
 
 def hunyuan_output(comfy_hunyuan, key: str) -> torch.Tensor:
