@@ -1,7 +1,8 @@
 """Point to point under NCCL's semantics, emulated on gloo (xdit_core/parallel/p2p.py).
 
 Every multi-rank path that sends point to point (PipeFusion 2 and 4 stages, PipeFusion x Ulysses,
-CFG x PipeFusion, pipelined with warmup 1 of 3 steps; Ulysses; Ring) runs in the emulated mode without
+CFG x PipeFusion, pipelined with warmup 1 of 3 steps, also with reference tokens and text with every patch
+(Qwen-Image-Edit, FLUX.2); Ulysses; Ring) runs in the emulated mode without
 hanging and gives exactly the native latent and byte counts. Negative controls: both ranks sending first
 on one channel, PipeFusion's former single-group schedule, and crossed tags pass on native gloo and fail
 quickly in the emulated mode. The cases run in the suite's one spawned world (tests/conftest.py); meshes
@@ -15,6 +16,9 @@ from xdit_core.loading.load import load_model
 from xdit_core.models.conditioning import random_cond
 from xdit_core.parallel.mesh import ParallelConfig
 from xdit_core.sampling.request import build_request, empty_latent
+
+from test_image_families import CASES
+from test_image_families import family_request as make_family_request
 
 
 TIMEOUT_S = 60.0  # emulated waits of the cases that must pass
@@ -40,6 +44,13 @@ CANCELS = {
     "u2_cancel": (CONFIGS["u2"], 2),
 }
 SEMANTICS = ("native", "nccl")
+# The new families' PipeFusion hand-offs, pipelined (warmup 1 of 3): reference tokens with an evaluation's first
+# patch (other references per CFG branch: other sizes), Qwen-Image's text with every patch, FLUX.2's patch size 1.
+FAMILY_CASES = {  # name -> (tests/test_image_families.CASES key, config)
+    "qwen_edit_pf2": ("qwen_edit", CONFIGS["pf2"]),
+    "qwen_edit_cfg_pf2": ("qwen_edit", CONFIGS["cfg_pf2"]),
+    "flux2_pf2_u2": ("flux2_edit", CONFIGS["pf2_u2"]),
+}
 
 
 def make_request(spec, steps=STEPS):
@@ -59,6 +70,13 @@ def world_payload(root):
              for name, config in CONFIGS.items() for sem in SEMANTICS]
     cases += [(f"{name}/{sem}", path, config, "p2p", request, sem, TIMEOUT_S, after)
               for name, (config, after) in CANCELS.items() for sem in SEMANTICS]
+    models = {}
+    for name, (case, config) in FAMILY_CASES.items():
+        family, variant, kind = CASES[case]
+        if case not in models:
+            models[case] = str(write_tiny(family, root / case, seed=2, variant=variant))
+        family_request = make_family_request(load_model(models[case])[1], kind, steps=STEPS)
+        cases += [(f"{name}/{sem}", models[case], config, "p2p", family_request, sem, TIMEOUT_S) for sem in SEMANTICS]
     payload = {
         "cases": cases,
         "timeout_s": TIMEOUT_S,
@@ -85,10 +103,10 @@ def world(spawned_world):
     return per_rank
 
 
-@pytest.mark.parametrize("name", list(CONFIGS) + list(CANCELS))
+@pytest.mark.parametrize("name", list(CONFIGS) + list(CANCELS) + list(FAMILY_CASES))
 def test_emulated_nccl_equals_native(world, name):
     """The same latent (bit for bit) and the same bytes per step on every rank, without hanging."""
-    config = CONFIGS[name] if name in CONFIGS else CANCELS[name][0]
+    config = CONFIGS[name] if name in CONFIGS else CANCELS[name][0] if name in CANCELS else FAMILY_CASES[name][1]
     for rank, results in enumerate(world[:config.world_size]):
         native, nccl = results[f"{name}/native"], results[f"{name}/nccl"]
         if name in CANCELS:
