@@ -513,3 +513,40 @@ def test_masked_lse_kernels_agree_and_an_empty_block_weighs_zero():
     other_out, other_lse = lse_masked_explicit(q, v, k, 0.3, torch.ones(3, 5, dtype=torch.bool))
     merged, merged_lse = _merge((out, lse), other_out, other_lse)
     assert torch.allclose(merged[2], other_out[2], atol=1e-6) and torch.isfinite(merged).all()
+
+
+def test_kontext_generate_equals_a_loop_over_the_diffusers_transformer(tmp_path):
+    """run_request for FLUX.1 Kontext equals euler with CFG over diffusers' FluxTransformer2DModel: ComfyUI's Flux dev
+    sigmas (ModelSamplingFlux 1.15), guidance 3.5, the positive's reference at its "offset" place (axis 0 = 1), the
+    negative's two by "index" (axis 0 = 1, 2), their packed tokens after the image's."""
+    from xdit_core.models.latent_formats import flux_image_ids
+
+    model = build_tiny("flux", seed=5, weight_std=0.1, variant="dev").eval()
+    model.save_pretrained(tmp_path / "k")
+    adapter = make_adapter(*load_model(tmp_path / "k"))
+    steps = 3
+    request = family_request(adapter.spec, "edit", steps=steps)
+    ours = run_request(adapter, request)
+    sigmas = comfy_flux_sigmas(1.15, steps).float()
+    x = sigmas[0] * torch.randn(1, 16, ROWS, COLS, generator=torch.Generator().manual_seed(1))
+    n = (ROWS // 2) * (COLS // 2)
+    for i in range(steps):
+        s = sigmas[i]
+        preds = []
+        for c in (request.positive, request.negative):
+            ids = [flux_image_ids(ROWS, COLS)]
+            for k, r in enumerate(c.references):
+                ref_ids = flux_image_ids(*r.shape[-2:])
+                ref_ids[:, 0] = k + 1
+                ids.append(ref_ids)
+            with torch.no_grad():
+                out = model(hidden_states=torch.cat([pack_flux(v) for v in [x, *c.references]], dim=1),
+                            encoder_hidden_states=c.text, pooled_projections=c.pooled, timestep=s.reshape(1),
+                            guidance=torch.tensor([3.5]), img_ids=torch.cat(ids), txt_ids=torch.zeros(TEXT, 3),
+                            return_dict=False)[0]
+            preds.append(x - unpack_flux(out[:, :n], ROWS, COLS) * s)
+        cond, uncond = preds
+        x = x + (x - (uncond + (cond - uncond) * CFG)) / s * (sigmas[i + 1] - s)
+    err = rel_err(ours, x)
+    print(f"kontext generate vs loop over diffusers: {err:.2e}")
+    assert err <= TOL
