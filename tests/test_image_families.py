@@ -1,10 +1,14 @@
-"""The image families of issue 18 (Qwen-Image and Edit, FLUX.1 Kontext, ...): parallel parity with text key masks
-and reference-image tokens, the adapter against a direct diffusers forward, and a full generate against a loop
-over the diffusers transformer with ComfyUI's sigmas.
+"""The image families of issue 18: Qwen-Image (and Edit 2509/2511), FLUX.1 Kontext, Z-Image, FLUX.2, HunyuanDiT.
+
+Parallel parity (Ulysses, Ring, Ulysses x Ring, CFG, PipeFusion exact with warmup = steps) with text key masks
+and reference-image tokens, PipeFusion with stale K/V against the exact reference of its schedule, negative
+controls; each adapter at degree 1 against a direct diffusers forward; a full generate against a loop over the
+diffusers transformer with ComfyUI's (or the diffusers pipeline's) sigmas and conditioning; ComfyUI's positions
+where they differ from diffusers'; the masked attention kernels.
 
 The parallel cases run in the suite's shared spawned world (tests/conftest.py) on tiny models where attention
 matters (test_parallel.WEIGHT_STD, q/k norms scaled). Latents of 6 x 10 (3 x 5 = 15 tokens: every degree pads),
-7 text tokens (replicated at every degree), a reference latent of another size; batch 2 where a text mask differs
+7 text tokens (replicated at every degree), reference latents of other sizes; batch 2 where a text mask differs
 per item (the masked kernel), batch 1 where it is the same (masked keys dropped like padding).
 """
 from dataclasses import replace
