@@ -50,8 +50,9 @@ class RankWorker:
     def info(self) -> dict[str, Any]:
         """Where this rank runs: node address and id, process id, a free port on its node."""
         # Import the model classes now, so that the load time measured in setup is the weights alone.
-        from diffusers import (FluxTransformer2DModel, PixArtTransformer2DModel, SD3Transformer2DModel,  # noqa: F401
-                               WanTransformer3DModel)
+        from diffusers import (Flux2Transformer2DModel, FluxTransformer2DModel, HunyuanDiT2DModel,  # noqa: F401
+                               PixArtTransformer2DModel, QwenImageTransformer2DModel, SD3Transformer2DModel,
+                               WanTransformer3DModel, ZImageTransformer2DModel)
         import ray
 
         return {"ip": ray.util.get_node_ip_address(), "node_id": ray.get_runtime_context().get_node_id(),
