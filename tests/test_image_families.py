@@ -44,6 +44,7 @@ CONFIGS = {
 CASES = {
     "qwen_edit": ("qwen", "image", "edit"),
     "qwen_masked": ("qwen", "image", "masked"),
+    "qwen_masked_split": ("qwen", "image", "masked_split"),  # 8 text tokens: split across 2 and 4 ranks
     "qwen_2511": ("qwen", "edit_2511", "edit"),
     "kontext": ("flux", "dev", "edit"),
     "zimage": ("zimage", "zimage", "plain"),
@@ -51,6 +52,7 @@ CASES = {
     "hunyuandit": ("hunyuandit", "v1.1", "hunyuan"),
 }
 CASE_CONFIGS = {"qwen_edit": ("u2", "r2", "u2r2", "cfg_r2", "pf2", "pf2_r2"), "qwen_masked": ("u2", "r2", "cfg_r2", "pf2"),
+                "qwen_masked_split": ("u2", "r2", "u2r2"),
                 "qwen_2511": ("u2", "pf2_r2"), "kontext": ("u2r2", "cfg_r2", "pf2"),
                 "zimage": ("u2", "u3", "r2", "cfg_r2", "pf2", "pf2_r2"),
                 "flux2_edit": ("u2", "r2", "cfg_r2", "pf2", "pf2_r2"),
@@ -65,17 +67,20 @@ PIPELINED = ("qwen_edit", "qwen_masked", "kontext", "zimage", "flux2_edit")
 PF_PIPELINED = ParallelConfig(pipefusion_parallel_degree=2, warmup_steps=1)
 # Negative controls: each must move the output >= MUTATION_FACTOR x TOL.
 NEGATIVE = [("qwen_masked", "r2", "unmasked_text"), ("qwen_masked", "pf2", "unmasked_text"),
+            ("qwen_masked_split", "u2r2", "unmasked_text"),
             ("qwen_masked", "u2", "unmasked_padding")]
 
 
 def family_request(spec, kind: str, seed: int = 0, steps: int = STEPS, rows: int = ROWS, cols: int = COLS):
     """"edit": batch 1, a reference latent (4 x 8) in the positive branch and two (4 x 8, 4 x 4) placed by "index"
-    in the negative (even token counts, where diffusers' positions are ComfyUI's); "masked": batch 2, the positive's text mask differing per item, the negative's the
-    same for both (masked keys dropped); "plain": batch 1, neither; "hunyuan": HunyuanDiT's two encoders' states
-    with their padding masks."""
+    in the negative (even token counts, where diffusers' positions are ComfyUI's); "masked": batch 2, the positive's
+    text mask differing per item, the negative's the same for both (masked keys dropped); "masked_split": the same
+    with 8 text tokens (split across the ranks); "plain": batch 1, neither; "hunyuan": HunyuanDiT's two encoders'
+    states with their padding masks."""
     gen = torch.Generator().manual_seed(seed)
-    batch = 2 if kind == "masked" else 1
-    pos, neg = (BranchCond(torch.randn(batch, TEXT, spec.text_dim, generator=gen)) for _ in range(2))
+    batch = 2 if kind.startswith("masked") else 1
+    n_txt = TEXT + 1 if kind == "masked_split" else TEXT
+    pos, neg = (BranchCond(torch.randn(batch, n_txt, spec.text_dim, generator=gen)) for _ in range(2))
     if spec.pooled_dim:
         pos, neg = (replace(c, pooled=torch.randn(batch, spec.pooled_dim, generator=gen)) for c in (pos, neg))
     if kind == "hunyuan":
@@ -88,11 +93,11 @@ def family_request(spec, kind: str, seed: int = 0, steps: int = STEPS, rows: int
         pos = replace(pos, references=(ref,))
         neg = replace(neg, references=(ref, torch.randn(1, spec.latent_channels, 4, 4, generator=gen)),
                       reference_method="index" if spec.family in ("qwen", "flux") else None)
-    elif kind == "masked":
-        mask = torch.ones(batch, TEXT, dtype=torch.bool)
+    elif kind.startswith("masked"):
+        mask = torch.ones(batch, n_txt, dtype=torch.bool)
         mask[1, 4:] = False
         pos = replace(pos, text_mask=mask)
-        neg = replace(neg, text_mask=torch.tensor([[True] * 5 + [False] * 2]))
+        neg = replace(neg, text_mask=torch.tensor([[True] * 5 + [False] * (n_txt - 5)]))
     latent = torch.zeros(batch, spec.latent_channels, rows, cols)
     return build_request(spec, latent, seed=1, steps=steps, cfg=CFG, sampler="euler", scheduler="simple",
                          denoise=1.0, positive=pos, negative=neg)
