@@ -65,8 +65,9 @@ def check_keys(family: str, extra: dict, name: str, height: int, width: int) -> 
                        "target_height": height}[key]
             if _equals(value, default):
                 continue
-            raise ValueError(f"{name} conditioning sets {key} {value}, but the xDiT Sampler conditions "
-                             f"{'PixArt' if family == 'pixart' else 'HunyuanDiT'} on the latent's size ({width}x{height}); use a latent of the size you want instead")
+            model = "PixArt" if family == "pixart" else "HunyuanDiT"
+            raise ValueError(f"{name} conditioning sets {key} {value}, but the xDiT Sampler conditions {model} on the "
+                             f"latent's size ({width}x{height}); use a latent of the size you want instead")
         advice = ADVICE.get(key, f"the xDiT samplers apply only {_listing(family)} for {family}")
         raise ValueError(f"{name} conditioning has the key {key!r}, which the xDiT samplers do not apply: {advice}")
 
@@ -125,9 +126,11 @@ def branch_from_conditioning(spec, conditioning, shape, name: str, noise_mask=No
                       reference_method=extra.get("reference_latents_method"))
     if spec.family == "hunyuandit":  # ComfyUI's HunyuanDiT text encoder: both encoders' states and masks
         t5 = extra.get("conditioning_mt5xl")
-        cond = replace(cond, text_mask=_host(extra.get("attention_mask")), text2_mask=_host(extra.get("attention_mask_mt5xl")),
-                       text2=None if t5 is None else check_shape(f"{name} conditioning_mt5xl", t5, batch, spec.text2_dim,
-                                                                 text=True, source=f"{name} conditioning"))
+        if t5 is not None:
+            t5 = check_shape(f"{name} conditioning_mt5xl", t5, batch, spec.text2_dim, text=True,
+                             source=f"{name} conditioning")
+        cond = replace(cond, text2=t5, text_mask=_host(extra.get("attention_mask")),
+                       text2_mask=_host(extra.get("attention_mask_mt5xl")))
     return cond, guidance
 
 

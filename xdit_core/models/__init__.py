@@ -15,8 +15,8 @@ from xdit_core.models.zimage import ZImageAdapter
 from xdit_core.models.wan import WanAdapter
 from .sd3 import SD3Adapter
 
-ADAPTERS = {"flux": FluxAdapter, "sd3": SD3Adapter, "pixart": PixArtAdapter, "wan": WanAdapter, "qwen": QwenImageAdapter, "zimage": ZImageAdapter, "flux2": Flux2Adapter,
-            "hunyuandit": HunyuanDiTAdapter}
+ADAPTERS = {"flux": FluxAdapter, "sd3": SD3Adapter, "pixart": PixArtAdapter, "wan": WanAdapter,
+            "qwen": QwenImageAdapter, "zimage": ZImageAdapter, "flux2": Flux2Adapter, "hunyuandit": HunyuanDiTAdapter}
 
 
 def make_adapter(model: torch.nn.Module, spec: ModelSpec) -> ModelAdapter:

@@ -92,8 +92,8 @@ def load_cond_file(path: str | Path, spec: ModelSpec, batch: int, with_negative:
             pooled = check_shape(f"{branch}_pooled", tensors[f"{branch}_pooled"], batch, spec.pooled_dim, False)
         cond = BranchCond(text, pooled, text_mask=tensors.get(f"{branch}_mask"))
         if spec.text2_dim is not None:
-            cond = replace(cond, text2=check_shape(f"{branch}_t5", tensors[f"{branch}_t5"], batch, spec.text2_dim, True),
-                           text2_mask=tensors[f"{branch}_t5_mask"])
+            t5 = check_shape(f"{branch}_t5", tensors[f"{branch}_t5"], batch, spec.text2_dim, True)
+            cond = replace(cond, text2=t5, text2_mask=tensors[f"{branch}_t5_mask"])
         branches.append(cond)
     references, i = [], 0
     while f"reference_{i}" in tensors:

@@ -214,8 +214,8 @@ def resolve_model_spec(config: Mapping[str, Any], family: Optional[str] = None,
                "flux2": f"its guidance_embeds is {bool(config.get('guidance_embeds', True))}",
                "hunyuandit": "its size and style conditioning (use_style_cond_and_image_meta_size) is "
                              f"{bool(config.get('use_style_cond_and_image_meta_size', True))}"}[family]
-        raise XDiTConfigError(f"variant {variant!r} contradicts the model: {why}, so it is {family} {detected_variant}; "
-                              f"pass {detected_variant!r} or leave the variant to detection")
+        raise XDiTConfigError(f"variant {variant!r} contradicts the model: {why}, so it is {family} "
+                              f"{detected_variant}; pass {detected_variant!r} or leave the variant to detection")
     if family == "pixart" and variant == "sigma" and size_conditioned(config):
         raise XDiTConfigError("variant 'sigma' contradicts the model: it takes size conditioning "
                               "(use_additional_conditions), which only PixArt-alpha has; pass 'alpha' or leave the "
@@ -237,8 +237,8 @@ def resolve_model_spec(config: Mapping[str, Any], family: Optional[str] = None,
                          image_dim=config.get("image_dim"), concat_channels=in_channels - fmt.channels)
     if family == "qwen":
         # ComfyUI's QwenImage: Wan 2.1 VAE latents, ModelSamplingFlux shift 1.15 (multiplier 1); templates run cfg 2.5
-        return ModelSpec("qwen", variant, latent_formats.WAN21, 2.5, None, 1.15, int(config.get("joint_attention_dim", 3584)),
-                         None, heads, blocks)
+        return ModelSpec("qwen", variant, latent_formats.WAN21, 2.5, None, 1.15,
+                         int(config.get("joint_attention_dim", 3584)), None, heads, blocks)
     if family == "hunyuandit":
         # ComfyUI's HunyuanDiT: SDXL latents, v-prediction; templates run cfg 6. Text: CLIP-BERT 1024 + mT5 2048.
         return ModelSpec("hunyuandit", variant, latent_formats.SDXL, 6.0, None, 1.0,

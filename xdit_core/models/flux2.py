@@ -76,7 +76,8 @@ class Flux2Adapter(FluxAdapter):
 
     def blocks(self):
         m = self.model
-        return [(b, _run_double) for b in m.transformer_blocks] + [(b, _run_single) for b in m.single_transformer_blocks]
+        return ([(b, _run_double) for b in m.transformer_blocks]
+                + [(b, _run_single) for b in m.single_transformer_blocks])
 
     def head(self, tokens: Tokens) -> torch.Tensor:
         out = self.model.proj_out(self.model.norm_out(tokens.img, tokens.extras["temb"]))
