@@ -127,6 +127,15 @@ def _unmasked_text():
     return stack
 
 
+def _carried_zeroed():
+    """PipeFusion: the state a hand-off carries to the next stage (HunyuanDiT's long skips) arrives as zeros."""
+    from xdit_core.models.hunyuandit import HunyuanDiTAdapter
+
+    original = HunyuanDiTAdapter.carried
+    return mock.patch.object(HunyuanDiTAdapter, "carried",
+                             lambda self, tokens: [torch.zeros_like(t) for t in original(self, tokens)])
+
+
 def _stale_kv():
     """PipeFusion: after a layer's first evaluation, the fresh K/V of the first half of the image tokens (the
     first of 2 patches) is never written again: those keys stay stale, even in an exact (all-warmup) run."""
@@ -189,7 +198,7 @@ def _shard_roll():
 
 
 MUTATIONS = {"ring_skip": _ring_skip, "a2a_roll": _a2a_roll, "unmasked_padding": _unmasked_padding,
-             "unmasked_text": _unmasked_text,
+             "unmasked_text": _unmasked_text, "carried_zeroed": _carried_zeroed,
              "stale_kv": _stale_kv, "mask_rows": _mask_rows, "timestep_shard": _timestep_shard,
              "shard_roll": _shard_roll}
 

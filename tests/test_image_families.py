@@ -39,6 +39,7 @@ CONFIGS = {
     "cfg_r2": ParallelConfig(ring_degree=2, use_cfg_parallel=True),
     "pf2": ParallelConfig(pipefusion_parallel_degree=2, warmup_steps=STEPS),  # every step warm: exact
     "pf2_r2": ParallelConfig(pipefusion_parallel_degree=2, ring_degree=2, warmup_steps=STEPS),
+    "pf4": ParallelConfig(pipefusion_parallel_degree=4, warmup_steps=STEPS),
 }
 # (case, family, variant, request kind); kinds: see family_request.
 CASES = {
@@ -49,26 +50,26 @@ CASES = {
     "kontext": ("flux", "dev", "edit"),
     "zimage": ("zimage", "zimage", "plain"),
     "flux2_edit": ("flux2", "dev", "edit"),
-    "hunyuandit": ("hunyuandit", "v1.1", "hunyuan"),
+    "hunyuandit": ("hunyuandit", "v1.1", "hunyuan"),  # its long skips cross PipeFusion's stages with the patch
 }
 CASE_CONFIGS = {"qwen_edit": ("u2", "r2", "u2r2", "cfg_r2", "pf2", "pf2_r2"), "qwen_masked": ("u2", "r2", "cfg_r2", "pf2"),
                 "qwen_masked_split": ("u2", "r2", "u2r2"),
                 "qwen_2511": ("u2", "pf2_r2"), "kontext": ("u2r2", "cfg_r2", "pf2"),
                 "zimage": ("u2", "u3", "r2", "cfg_r2", "pf2", "pf2_r2"),
                 "flux2_edit": ("u2", "r2", "cfg_r2", "pf2", "pf2_r2"),
-                "hunyuandit": ("u2", "r2", "u2r2", "cfg_r2")}  # PipeFusion refuses it (its skips cross stages)
+                "hunyuandit": ("u2", "r2", "u2r2", "cfg_r2", "pf2", "pf2_r2", "pf4")}  # skips cross the stages
 # Weights ~ N(0, std): test_parallel.WEIGHT_STD, but 0.2 for Z-Image, whose float32 rounding margin is thin at 0.15
 # (Ring 2 moved its output by 8.2e-6 of the 1e-5 tolerance in 2 steps; at 0.1 by 2.8e-5 of a smaller output; at
 # 0.2 by 2.5e-6).
 WEIGHT_STD = {"zimage": 0.2}
 # PipeFusion with stale K/V (1 warmup step of PF_STEPS): equal to the exact single-process reference of its
 # schedule, and its distance from serial measured (the stale K/V's approximation).
-PIPELINED = ("qwen_edit", "qwen_masked", "kontext", "zimage", "flux2_edit")
+PIPELINED = ("qwen_edit", "qwen_masked", "kontext", "zimage", "flux2_edit", "hunyuandit")
 PF_PIPELINED = ParallelConfig(pipefusion_parallel_degree=2, warmup_steps=1)
 # Negative controls: each must move the output >= MUTATION_FACTOR x TOL.
 NEGATIVE = [("qwen_masked", "r2", "unmasked_text"), ("qwen_masked", "pf2", "unmasked_text"),
             ("qwen_masked_split", "u2r2", "unmasked_text"),
-            ("qwen_masked", "u2", "unmasked_padding")]
+            ("qwen_masked", "u2", "unmasked_padding"), ("hunyuandit", "pf2", "carried_zeroed")]
 
 
 def family_request(spec, kind: str, seed: int = 0, steps: int = STEPS, rows: int = ROWS, cols: int = COLS):
@@ -438,12 +439,14 @@ def test_hunyuandit_rotary_is_comfyuis():
                           .repeat_interleave(2, dim=1)[:, :4], atol=1e-6)
 
 
-def test_pipefusion_refuses_hunyuandit_before_any_worker():
-    from xdit_core.errors import XDiTConfigError
-    from xdit_core.parallel.mesh import validate_parallel_config
-
-    with pytest.raises(XDiTConfigError, match="long skip connections"):
-        validate_parallel_config(ParallelConfig(pipefusion_parallel_degree=2), family="hunyuandit")
+def test_hunyuandit_skips_still_to_use_travel_with_the_patch():
+    """HunyuanDiT's block i < depth/2 - 1 leaves a skip that block depth - 1 - i takes: after the first k blocks a
+    PipeFusion hand-off carries the skips pushed and not yet popped (6 blocks: 0, 1, 2, 2, 2, 1, 0; 40: up to 19)."""
+    model = build_tiny("hunyuandit", seed=2)
+    adapter = make_adapter(model, resolve_model_spec(dict(model.config), family="hunyuandit"))
+    assert [adapter.carried_after(k) for k in range(7)] == [0, 1, 2, 2, 2, 1, 0]
+    deep = make_adapter(build_tiny("hunyuandit", seed=2, layers=40), adapter.spec)
+    assert max(deep.carried_after(k) for k in range(41)) == 19 and deep.carried_after(40) == 0
 
 
 def test_hunyuandit_generate_equals_comfyuis_v_prediction_loop(tmp_path):

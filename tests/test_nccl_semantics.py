@@ -2,7 +2,7 @@
 
 Every multi-rank path that sends point to point (PipeFusion 2 and 4 stages, PipeFusion x Ulysses,
 CFG x PipeFusion, pipelined with warmup 1 of 3 steps, also with reference tokens and text with every patch
-(Qwen-Image-Edit, FLUX.2); Ulysses; Ring) runs in the emulated mode without
+(Qwen-Image-Edit, FLUX.2) and HunyuanDiT's skips in the hand-offs; Ulysses; Ring) runs in the emulated mode without
 hanging and gives exactly the native latent and byte counts. Negative controls: both ranks sending first
 on one channel, PipeFusion's former single-group schedule, and crossed tags pass on native gloo and fail
 quickly in the emulated mode. The cases run in the suite's one spawned world (tests/conftest.py); meshes
@@ -50,6 +50,7 @@ FAMILY_CASES = {  # name -> (tests/test_image_families.CASES key, config)
     "qwen_edit_pf2": ("qwen_edit", CONFIGS["pf2"]),
     "qwen_edit_cfg_pf2": ("qwen_edit", CONFIGS["cfg_pf2"]),
     "flux2_pf2_u2": ("flux2_edit", CONFIGS["pf2_u2"]),
+    "hunyuandit_pf4": ("hunyuandit", CONFIGS["pf4"]),  # its long skips in the hand-offs
 }
 
 

@@ -114,6 +114,19 @@ class ModelAdapter:
         """Every attention module and the kind of sequence it attends over (see ATTENTION_KINDS)."""
         raise NotImplementedError
 
+    def carried(self, tokens: Tokens) -> list[torch.Tensor]:
+        """Per-token state besides the hidden states that a block leaves for a later one (HunyuanDiT's long skips),
+        each shaped like `tokens.img`: what a PipeFusion hand-off carries to the next stage with the patch."""
+        return []
+
+    def with_carried(self, tokens: Tokens, carried: list[torch.Tensor]) -> Tokens:
+        """`tokens` with the state `carried` gave, received from the previous stage."""
+        return tokens
+
+    def carried_after(self, blocks: int) -> int:
+        """How many tensors `carried` holds after the first `blocks` blocks ran."""
+        return 0
+
     def shard_extras(self, tokens: Tokens, shard_txt: Callable, shard_img: Callable) -> dict[str, Any]:
         """Per-token tables split like the tokens (default: none are per-token)."""
         return tokens.extras

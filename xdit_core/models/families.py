@@ -36,8 +36,6 @@ VARIANTS = {"flux": ("dev", "schnell"), "sd3": ("sd3",), "pixart": ("alpha", "si
 PIPEFUSION_REFUSALS = {
     "wan": "PipeFusion does not run video models (its patches are latent rows of one image); split a video with "
            "ulysses_degree and ring_degree (and use_cfg_parallel) instead",
-    "hunyuandit": "PipeFusion does not run HunyuanDiT: its long skip connections join block i to block depth - 1 - i "
-                  "across the stages; use ulysses_degree, ring_degree and use_cfg_parallel instead",
 }
 # Latent side must be even for the 2x2 patch embedding: pixels multiple of 8 * 2 (the image families'; see
 # ModelSpec.pixel_multiple, 32 for Wan 2.2 5B's 16x VAE).

@@ -1,8 +1,8 @@
 """HunyuanDiT (v1.0-1.2, the xDiT paper's model): DiT blocks with image self-attention (2-D rotary positions on a
 512-px base grid, ComfyUI's formula), cross-attention to two text encoders' states (CLIP-BERT 77 and mT5 256, padded
 tokens replaced by a learned embedding rather than masked), and long skip connections from the first half of the
-blocks to the second. Those skips cross PipeFusion's stage boundaries, so PipeFusion refuses this family
-(families.PIPEFUSION_REFUSALS); Ulysses, Ring and CFG parallel split the skips with the image tokens."""
+blocks to the second. Ulysses, Ring and CFG parallel split the skips with the image tokens; under PipeFusion they
+cross the stage boundaries with the patch (`carried`: every hand-off takes the skips still to be used)."""
 from __future__ import annotations
 
 from typing import Optional
@@ -74,6 +74,9 @@ class HunyuanDiTAdapter(ModelAdapter):
         extras = {"temb": temb, "rotary": (cos.to(device), sin.to(device)), "skips": []}
         return Tokens(m.pos_embed(x), txt, h, w, extras)
 
+    def embed_image(self, rows: torch.Tensor, top: int, height: int) -> torch.Tensor:
+        return self.model.pos_embed(rows)  # a plain patch projection: positions live in the rotary table
+
     def blocks(self):
         depth = len(self.model.blocks)
         return [(b, _runner(i, depth)) for i, b in enumerate(self.model.blocks)]
@@ -92,6 +95,16 @@ class HunyuanDiTAdapter(ModelAdapter):
             kinds[b.attn1] = "image"
             kinds[b.attn2] = "cross"
         return kinds
+
+    def carried(self, tokens: Tokens) -> list[torch.Tensor]:
+        return list(tokens.extras["skips"])
+
+    def with_carried(self, tokens: Tokens, carried: list[torch.Tensor]) -> Tokens:
+        return tokens.with_(extras={**tokens.extras, "skips": list(carried)})
+
+    def carried_after(self, blocks: int) -> int:
+        depth = len(self.model.blocks)  # pushes by blocks < depth // 2 - 1, pops by blocks > depth // 2
+        return sum(1 for i in range(blocks) if i < depth // 2 - 1) - sum(1 for i in range(blocks) if i > depth // 2)
 
     def shard_extras(self, tokens, shard_txt, shard_img):
         cos, sin = tokens.extras["rotary"]

@@ -35,7 +35,7 @@ def choose_mesh(family: str, num_heads: int, ranks: int, cfg: float, num_blocks:
                 pipefusion: bool = True) -> tuple[ParallelConfig, str]:
     """A mesh for `ranks` workers and the reason, in one line. `cluster`: the workers' links (None: unknown);
     `workload`: the model at its nominal size (`perf_workloads.nominal_workload`); `pipefusion` False where
-    PipeFusion cannot run (host-driven sampling). Video (Wan) and HunyuanDiT never run PipeFusion."""
+    PipeFusion cannot run (host-driven sampling). Video (Wan) never runs PipeFusion."""
     if ranks <= 1:
         return ParallelConfig(), "1 rank: serial"
     negative = not math.isclose(cfg, 1.0)

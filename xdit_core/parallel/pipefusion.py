@@ -14,7 +14,8 @@ Work that does not grow with M: stage 0 embeds each patch's own rows only (`embe
 with the first patch of every evaluation only; the other patches attend over the text K/V that patch left in
 each layer (fresh for this evaluation, computed against partly stale image K/V, like the image's). A family whose
 attention cannot run without text tokens (Qwen-Image: TEXT_EVERY_UNIT) sends its text with every patch instead,
-each refreshing the text's K/V. Reference-image tokens (and Z-Image's image pad tokens) travel with the first
+each refreshing the text's K/V. State a block leaves for a later one (HunyuanDiT's long skips: ModelAdapter.carried)
+travels in the hand-off after the patch's tokens, fresh like the hidden states. Reference-image tokens (and Z-Image's image pad tokens) travel with the first
 patch and stay in the buffers after the image's. With
 `warmup_steps = steps` every evaluation is one whole-image unit with its text: exact.
 
@@ -405,7 +406,9 @@ class PipeFusionRunner:
                 self._recv((b, c, r1 - r0, w), x.dtype, self.P - 1, tag=self._tag(rnd, m, 99))
             first_branch = self._branches_order[0]
             loc = -(-(len(tokens) + self._refs[first_branch]) // self.sp_comm.size)
-            filler = torch.zeros(b, loc + self._joint_txt, self._width, dtype=self.adapter.dtype, device=x.device)
+            carried = self.adapter.carried_after(self.split.ranges[0].stop) * loc
+            filler = torch.zeros(b, loc + self._joint_txt + carried, self._width, dtype=self.adapter.dtype,
+                                 device=x.device)
             self._send_forward(filler, rnd, self._tag(rnd, 0, 0), sends, stop=True)
 
     def _check_schedule(self, rounds, rows, x, request: SampleRequest) -> None:
@@ -482,18 +485,21 @@ class PipeFusionRunner:
             local = base.with_(img=img, txt=keep_txt(base.txt) if joint else base.txt, extras=extras)
         else:
             width = base.img.shape[-1]
-            recv = self._recv((base.img.shape[0] * (loc + n_txt) * width + 1,), a.dtype, self.stage - 1,
-                              tag=self._tag(rnd, u, k))
+            carried = a.carried_after(self.split.ranges[self.stage].start)  # state the earlier stages left
+            recv = self._recv((base.img.shape[0] * (loc + n_txt + carried * loc) * width + 1,), a.dtype,
+                              self.stage - 1, tag=self._tag(rnd, u, k))
             if may_stop and recv[-1].item():
                 raise _Stop(recv)
-            recv = recv[:-1].reshape(base.img.shape[0], loc + n_txt, width)
-            local = base.with_(img=recv[:, :loc], txt=recv[:, loc:] if joint else base.txt, extras=extras)
+            recv = recv[:-1].reshape(base.img.shape[0], loc + n_txt + carried * loc, width)
+            txt = recv[:, loc:loc + n_txt] if joint else base.txt
+            local = base.with_(img=recv[:, :loc], txt=txt, extras=extras)
+            local = a.with_carried(local, list(recv[:, loc + n_txt:].split(loc, dim=1)) if carried else [])
         attention.set_unit(unit, base.img.shape[1], n_txt, carries_text, base.txt_mask)
         with router:
             for block, run in self.blocks:
                 local = run(block, local)
         if not self.last:
-            payload = torch.cat([local.img, local.txt], dim=1) if carries_text else local.img
+            payload = torch.cat([local.img] + ([local.txt] if carries_text else []) + a.carried(local), dim=1)
             self._send_forward(payload, rnd, self._tag(rnd, u, k), sends)
             return None
         gathered = self.sp_comm.all_gather(local.img, "sp_gather")

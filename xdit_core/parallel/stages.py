@@ -61,6 +61,7 @@ def _block_flops(config_json: str, family: str, variant: str) -> tuple[float, ..
     from xdit_core.models import make_adapter
     from xdit_core.models.base import BranchCond
     from xdit_core.models.families import model_class, resolve_model_spec
+    from xdit_core.models.hunyuandit import CLIP_TOKENS, T5_TOKENS
 
     config = json.loads(config_json)
     spec = resolve_model_spec(config, family, variant)
@@ -71,6 +72,9 @@ def _block_flops(config_json: str, family: str, variant: str) -> tuple[float, ..
         x = torch.zeros(1, spec.latent_format.channels, side, side)
         pooled = None if spec.pooled_dim is None else torch.zeros(1, spec.pooled_dim)
         cond = BranchCond(torch.zeros(1, NOMINAL_TEXT_TOKENS, spec.text_dim), pooled, spec.default_guidance)
+        if spec.text2_dim is not None:  # HunyuanDiT: its two encoders' padded lengths and masks
+            cond = BranchCond(torch.zeros(1, CLIP_TOKENS, spec.text_dim), text_mask=torch.ones(1, CLIP_TOKENS),
+                              text2=torch.zeros(1, T5_TOKENS, spec.text2_dim), text2_mask=torch.ones(1, T5_TOKENS))
         tokens = adapter.embed(x, torch.ones(1), cond, spec.default_guidance)
         flops = []
         for block, run in adapter.blocks():

@@ -171,7 +171,7 @@ class ModelMemory:
     other: Part  # conditioning (time, text, guidance embedders, modulations): every rank
     buffers: int  # bytes of buffers every rank holds (position tables)
     joint_text: bool  # text tokens join the attention sequence (Flux, SD3, Qwen) rather than cross-attention
-    video: bool  # no PipeFusion: a video model (or HunyuanDiT, whose skips cross the stages)
+    video: bool  # no PipeFusion: a video model (families.PIPEFUSION_REFUSALS)
     fp8_source: str  # where the fp8 flags come from: the file's header, or the assumption for a bare config
     block_costs: tuple[float, ...] = ()  # what PipeFusion balances its stages by (stages.block_flops)
     patch_size: int = 2  # latent rows per image token (FLUX.2: 1)
