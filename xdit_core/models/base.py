@@ -140,9 +140,4 @@ class ModelAdapter:
                 guidance: Optional[float]) -> torch.Tensor:
         """Serial forward: x [B, C, h, w] in the model's dtype, timestep [B] as the model expects it."""
         tokens = self.run_blocks(self.embed(x, timestep, cond, guidance))
-        return self.head(tokens.with_(img=drop_references(tokens.img, tokens.n_ref)))
-
-
-def drop_references(img: torch.Tensor, n_ref: int) -> torch.Tensor:
-    """The image tokens without the trailing reference tokens."""
-    return img[:, :img.shape[1] - n_ref] if n_ref else img
+        return self.head(tokens.with_(img=tokens.img[:, :tokens.img.shape[1] - tokens.n_ref]))

@@ -5,7 +5,8 @@ from typing import Optional, Sequence
 
 import torch
 
-from xdit_core.models.latent_formats import flux_image_ids, pack_flux, pad_to_patches, tokens_of, unpack_flux
+from xdit_core.models.latent_formats import (flux_image_ids, offset_placements, pack_flux, pad_to_patches, tokens_of,
+                                             unpack_flux)
 from xdit_core.models.base import BranchCond, ModelAdapter, Tokens
 
 
@@ -33,20 +34,16 @@ def kontext_ids(shapes: Sequence[tuple[int, int]], method: str, image: tuple[int
     padded to a whole patch), as ComfyUI's Flux sets them: "offset" on axis 0 = 1, each reference beside (taller) or
     below the ones before; "index" reference k on axis 0 = k; "uxo" diagonally after the sampled image (`image`, its
     latent size) and the references before. Offsets are counted in latent rows, then turned into tokens."""
-    out, h, w, index = [], 0, 0, 0
-    for rows, cols in shapes:
+    offsets = offset_placements(shapes)
+    out, h, w = [], 0, 0
+    for k, (rows, cols) in enumerate(shapes):
         if method == "index":
-            index, row0, col0 = index + 1, 0, 0
+            index, row0, col0 = k + 1, 0, 0
         elif method == "uxo":
             index, row0, col0 = 0, image[0] + h, image[1] + w
             h, w = h + rows, w + cols
         else:
-            index, row0, col0 = 1, 0, 0
-            if rows + h > cols + w:
-                col0 = w
-            else:
-                row0 = h
-            h, w = max(h, rows + row0), max(w, cols + col0)
+            index, (row0, col0) = 1, offsets[k]
         ids = flux_image_ids(2 * tokens_of(rows), 2 * tokens_of(cols), dtype)
         ids[:, 0] = index
         ids[:, 1] += (row0 + 1) // 2

@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Optional
+from typing import Optional, Sequence
 
 import torch
 
@@ -77,6 +77,17 @@ def pack_flux(latent: torch.Tensor) -> torch.Tensor:
 def tokens_of(size: int) -> int:
     """Tokens along a latent side of `size` rows: 2x2 patches, an odd side padded (ComfyUI's pad_to_patch_size)."""
     return (size + 1) // 2
+
+
+def offset_placements(shapes: Sequence[tuple[int, int]]) -> list[tuple[int, int]]:
+    """(row, column) offsets, in latent rows, of reference latents of `shapes` placed by ComfyUI's "offset" method
+    (its Flux and QwenImage models): each beside the ones before when taller than their extent, else below them."""
+    out, h, w = [], 0, 0
+    for rows, cols in shapes:
+        row0, col0 = (0, w) if rows + h > cols + w else (h, 0)
+        h, w = max(h, rows + row0), max(w, cols + col0)
+        out.append((row0, col0))
+    return out
 
 
 def pad_to_patches(latent: torch.Tensor) -> torch.Tensor:

@@ -8,7 +8,7 @@ from typing import Optional, Sequence
 import torch
 
 from xdit_core.models.base import BranchCond, ModelAdapter, Tokens
-from xdit_core.models.latent_formats import pack_flux, pad_to_patches, tokens_of, unpack_flux
+from xdit_core.models.latent_formats import offset_placements, pack_flux, pad_to_patches, tokens_of, unpack_flux
 
 REFERENCE_METHODS = ("index", "offset")  # ComfyUI's QwenImage ref_latents_method; "index" is its default
 
@@ -35,19 +35,10 @@ def reference_ids(shapes: Sequence[tuple[int, int]], method: str) -> list[torch.
     """Positions of each reference's tokens (latent sizes in latent rows and columns): "index" puts reference i on
     frame i + 1; "offset" puts all on frame 1, each beside the ones before, its offsets counted in latent rows and
     turned into tokens as ComfyUI's QwenImage._forward does."""
-    out, h, w = [], 0, 0
-    for i, (rows, cols) in enumerate(shapes):
-        if method == "index":
-            out.append(grid_ids(tokens_of(rows), tokens_of(cols), i + 1))
-            continue
-        row_offset = col_offset = 0
-        if rows + h > cols + w:
-            col_offset = w
-        else:
-            row_offset = h
-        h, w = max(h, rows + row_offset), max(w, cols + col_offset)
-        out.append(grid_ids(tokens_of(rows), tokens_of(cols), 1, tokens_of(row_offset), tokens_of(col_offset)))
-    return out
+    if method == "index":
+        return [grid_ids(tokens_of(rows), tokens_of(cols), i + 1) for i, (rows, cols) in enumerate(shapes)]
+    return [grid_ids(tokens_of(rows), tokens_of(cols), 1, tokens_of(row0), tokens_of(col0))
+            for (rows, cols), (row0, col0) in zip(shapes, offset_placements(shapes))]
 
 
 def complex_rope(ids: torch.Tensor, axes: Sequence[int], theta: float = 10000.0) -> torch.Tensor:
