@@ -525,6 +525,8 @@ def test_masked_lse_kernels_agree_and_an_empty_block_weighs_zero():
     other_out, other_lse = lse_masked_explicit(q, v, k, 0.3, torch.ones(3, 5, dtype=torch.bool))
     merged, merged_lse = _merge((out, lse), other_out, other_lse)
     assert torch.allclose(merged[2], other_out[2], atol=1e-6) and torch.isfinite(merged).all()
+    both, both_lse = _merge((out, lse), out, lse, masked=True)  # no key for item 2 in either block
+    assert not both[2].any() and torch.isneginf(both_lse[2]).all() and torch.isfinite(both).all()
 
 
 def test_kontext_generate_equals_a_loop_over_the_diffusers_transformer(tmp_path):

@@ -155,19 +155,23 @@ def _select(x: torch.Tensor, segments: Sequence[Segment], split: bool) -> torch.
 def _key_validity(segments: Sequence[Segment], ulysses: int, ring_origin: int, split: bool) -> Optional[torch.Tensor]:
     """Which keys are real, [B, keys] bool on the host (B = 1 without masks), in the split block gathered from
     ring rank `ring_origin` (split) or in the replicated segments (not split): padding and masked tokens are
-    not. None when every key is real."""
-    batch = max((s.mask.shape[0] for s in segments if s.mask is not None), default=1)
-    parts = []
+    not. None when every key is real (found from the lengths alone, without a tensor, when nothing is masked)."""
+    runs = []  # (segment, its first token in the whole sequence, real tokens of this block's piece)
     for u in range(ulysses if split else 1):
         shard = ring_origin * ulysses + u
         for seg in segments:
-            if seg.split != split:
-                continue
-            start = shard * seg.length if split else 0
-            real = max(0, min(seg.length, seg.valid - start))
-            part = torch.zeros(batch, seg.length, dtype=torch.bool)
-            part[:, :real] = True if seg.mask is None else seg.mask[:, start:start + real]
-            parts.append(part)
+            if seg.split == split:
+                start = shard * seg.length if split else 0
+                runs.append((seg, start, max(0, min(seg.length, seg.valid - start))))
+    masked = [seg.mask for seg, _, _ in runs if seg.mask is not None]
+    if not masked and all(real == seg.length for seg, _, real in runs):
+        return None
+    batch = max((m.shape[0] for m in masked), default=1)
+    parts = []
+    for seg, start, real in runs:
+        part = torch.zeros(batch, seg.length, dtype=torch.bool)
+        part[:, :real] = True if seg.mask is None else seg.mask[:, start:start + real]
+        parts.append(part)
     valid = torch.cat(parts, dim=1)
     return None if bool(valid.all()) else valid
 
@@ -183,15 +187,17 @@ def select_keys(valid: Optional[torch.Tensor], device: torch.device
     return None, valid.to(device)
 
 
-def _merge(acc: Optional[tuple[torch.Tensor, torch.Tensor]], out: torch.Tensor, lse: torch.Tensor):
-    """Combine two partial attentions over disjoint keys by their log-sum-exp (float32)."""
+def _merge(acc: Optional[tuple[torch.Tensor, torch.Tensor]], out: torch.Tensor, lse: torch.Tensor,
+           masked: bool = False):
+    """Combine two partial attentions over disjoint keys by their log-sum-exp (float32). `masked`: `lse` may be
+    -inf (a masked block with no key for an item)."""
     out, lse = out.float(), lse.float()
     if acc is None:
         return out, lse
     acc_out, acc_lse = acc
     new_lse = torch.logaddexp(acc_lse, lse)
-    # A query no block so far had a key for (masks) has LSE -inf: weigh both parts zero instead of NaN.
-    ref = new_lse.masked_fill(torch.isneginf(new_lse), 0.0)
+    # Both parts without a key for a query (only a masked block can add one): weigh them zero instead of NaN.
+    ref = new_lse.masked_fill(torch.isneginf(new_lse), 0.0) if masked else new_lse
     merged = acc_out * torch.exp(acc_lse - ref).unsqueeze(-1) + out * torch.exp(lse - ref).unsqueeze(-1)
     return merged, new_lse
 
@@ -251,7 +257,7 @@ def usp_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, segments: S
             return F.scaled_dot_product_attention(
                 query, kb, vb, attn_mask=None if mask is None else mask[:, None, None, :], scale=scale), None
         out, lse = attention_with_lse(groups.lse_kernel, query, kb, vb, scale, mask)
-        return _merge(acc, out, lse)
+        return _merge(acc, out, lse, masked=mask is not None)
 
     acc = None
     if separate_rep:

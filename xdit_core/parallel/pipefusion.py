@@ -14,9 +14,10 @@ Work that does not grow with M: stage 0 embeds each patch's own rows only (`embe
 with the first patch of every evaluation only; the other patches attend over the text K/V that patch left in
 each layer (fresh for this evaluation, computed against partly stale image K/V, like the image's). A family whose
 attention cannot run without text tokens (Qwen-Image: TEXT_EVERY_UNIT) sends its text with every patch instead,
-each refreshing the text's K/V. State a block leaves for a later one (HunyuanDiT's long skips: ModelAdapter.carried)
-travels in the hand-off after the patch's tokens, fresh like the hidden states. Reference-image tokens (and Z-Image's image pad tokens) travel with the first
-patch and stay in the buffers after the image's. With
+each refreshing the text's K/V. State a block leaves for a later one (HunyuanDiT's long skips:
+ModelAdapter.carried) travels in the hand-off after the patch's tokens, fresh like the hidden states.
+Reference-image tokens (and Z-Image's image pad tokens) travel with the first patch and stay in the buffers after
+the image's. With
 `warmup_steps = steps` every evaluation is one whole-image unit with its text: exact.
 
 One pipeline for the whole run: no rank waits for another at a step boundary, so step t+1's first patch
@@ -152,8 +153,7 @@ class PipeFusionKV:
         """The route of every attention layer of the stage (see AttentionRouter)."""
         if kind == "cross":  # image queries against replicated text: nothing to exchange or buffer
             return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale)
-        if mask is not None and self.txt_masks.get(self.unit.branch) is None:
-            check_declared_mask(module, mask, self.segments[kind])
+        check_declared_mask(module, mask, self.txt_masks.get(self.unit.branch) is not None)
         return usp_attention(q, k, v, self.segments[kind], self.groups, scale, kv_cache=self._cache(module))
 
 
@@ -323,7 +323,6 @@ class PipeFusionRunner:
                       for r in rows]
         unit_full = ((0, h), torch.arange(n_img, device=x.device), 0)
         branches = self._branches(request)
-        self._branches_order = [bid for bid, _ in branches]
         sigmas = request.sigmas.to(x.device)
         steps = len(sigmas) - 1
         rounds = pipefusion_rounds(request.sampler, ms, sigmas)
@@ -404,8 +403,8 @@ class PipeFusionRunner:
         if self.P > 1:
             for m, (r0, r1) in enumerate(rows):
                 self._recv((b, c, r1 - r0, w), x.dtype, self.P - 1, tag=self._tag(rnd, m, 99))
-            first_branch = self._branches_order[0]
-            loc = -(-(len(tokens) + self._refs[first_branch]) // self.sp_comm.size)
+            first_refs = next(iter(self._refs.values()))  # the first hand-off is the first branch's
+            loc = -(-(len(tokens) + first_refs) // self.sp_comm.size)
             carried = self.adapter.carried_after(self.split.ranges[0].stop) * loc
             filler = torch.zeros(b, loc + self._joint_txt + carried, self._width, dtype=self.adapter.dtype,
                                  device=x.device)

@@ -31,10 +31,10 @@ def shard_padded(x: torch.Tensor, dim: int, index: int, parts: int) -> torch.Ten
     return torch.cat([piece, x.new_zeros(pad_shape)], dim=dim)
 
 
-def check_declared_mask(module: torch.nn.Module, mask: Optional[torch.Tensor], segments: list[Segment]) -> None:
+def check_declared_mask(module: torch.nn.Module, mask: Optional[torch.Tensor], declared: bool) -> None:
     """A processor's attention mask must be the text mask the adapter declared (Tokens.txt_mask), which the
     parallel attention applies in its place: any other mask would be dropped silently."""
-    if mask is not None and all(seg.mask is None for seg in segments):
+    if mask is not None and not declared:
         raise XDiTWorkerError(f"attention layer {type(module).__name__} was given a mask the model adapter did not "
                               "declare (Tokens.txt_mask): the parallel attention applies only declared key masks")
 
@@ -65,7 +65,7 @@ class SequenceParallelRunner:
                 scale: Optional[float], mask: Optional[torch.Tensor] = None) -> torch.Tensor:
         if kind == "cross":  # image queries against replicated text: nothing to exchange (its mask applies as is)
             return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale)
-        check_declared_mask(module, mask, self.segments[kind])
+        check_declared_mask(module, mask, any(seg.mask is not None for seg in self.segments[kind]))
         return usp_attention(q, k, v, self.segments[kind], self.groups, scale)
 
     def predict(self, x: torch.Tensor, timestep: torch.Tensor, cond: BranchCond,
