@@ -63,6 +63,17 @@ def assert_same_tensors(model, reference, dtype=None):
         assert ours[name].dtype == t.dtype and torch.equal(ours[name], t), name
 
 
+def assert_loads_as(path, family, expected):
+    """The file upcast at load holds exactly `expected` (original names -> float values); returns the model."""
+    model, spec = load_model(path, "fp32", keep_fp8=False)
+    assert spec.family == family
+    loaded = to_original(family, model_tensors(model))
+    assert loaded.keys() == expected.keys()
+    for k, v in expected.items():
+        assert torch.equal(loaded[k], v), k
+    return model
+
+
 # --- the mapping -----------------------------------------------------------------------------------------------
 
 def _converter(family):
@@ -218,12 +229,7 @@ def test_fp8_file_loads_its_values(name, kind, references, tmp_path):
         if not k.endswith(".scale_weight"):
             scale = stored.get(k[: -len("weight")] + "scale_weight")
             expected[k] = v.float() * scale if scale is not None else v.float()
-    model, spec = load_model(path, "fp32", keep_fp8=False)
-    assert spec.family == family
-    loaded = to_original(family, model_tensors(model))
-    assert loaded.keys() == expected.keys()
-    for k, v in expected.items():
-        assert torch.equal(loaded[k], v), k
+    model = assert_loads_as(path, family, expected)
     kept, _ = load_model(path, "fp32")
     held = [n for n, t in model_tensors(kept).items() if isinstance(t, Fp8Weight)]
     assert held and all(torch.equal(model_tensors(kept)[n], model_tensors(model)[n]) for n in held)
@@ -260,12 +266,7 @@ def test_fp8mixed_file_loads_its_values(name, where, references, tmp_path):
                 else v.float() for k, v in stored.items() if not k.endswith(("_scale", ".comfy_quant"))}
     assert any(v.dtype == torch.float8_e4m3fn for v in stored.values())
     assert read_model_config(path) == read_model_config(_plain(tmp_path, family, references[name]))
-    model, spec = load_model(path, "fp32", keep_fp8=False)
-    assert spec.family == family
-    loaded = to_original(family, model_tensors(model))
-    assert loaded.keys() == expected.keys()
-    for k, v in expected.items():
-        assert torch.equal(loaded[k], v), k
+    model = assert_loads_as(path, family, expected)
     kept, _ = load_model(path, "fp32")
     held = {n for n, t in model_tensors(kept).items() if isinstance(t, Fp8Weight)}
     rules = layout_rules(family, list(model_tensors(kept)))

@@ -5,7 +5,6 @@ import json
 
 import pytest
 import torch
-from safetensors.torch import save_file
 
 from xdit_core.cli.generate import GenerateOptions, generate
 from xdit_core.cli.tiny import write_tiny
@@ -16,6 +15,9 @@ from xdit_core.loading.original_layout import (config_from_shapes, detect_diffus
                                                diffusers_file_config, shipped_configs)
 from xdit_core.models.families import model_class, resolve_model_spec
 from xdit_core.models.fp8 import Fp8Weight
+
+from test_loading_families import assert_same_tensors
+from test_loading_families import write_file as write_family_file
 
 AIO = "model.diffusion_model."
 # Other components of an all-in-one checkpoint (Qwen's text encoder and VAE), which the loader must leave alone.
@@ -40,20 +42,7 @@ def reference(folder):
 
 def write_file(path, reference, prefix="", extras=None, cast=None):
     """The model as one ComfyUI-style file: its tensors under their diffusers names (our mapping: the identity)."""
-    tensors = to_original("qwen", model_tensors(reference))
-    stored = {}
-    for k, v in tensors.items():
-        stored.update(cast(k, v) if cast else {k: v})
-    save_file({**{prefix + k: v.contiguous() for k, v in stored.items()}, **(extras or {})}, str(path))
-    return stored
-
-
-def assert_same_tensors(model, reference, dtype=None):
-    ours, theirs = model_tensors(model), model_tensors(reference)
-    assert ours.keys() == theirs.keys()
-    for name, t in theirs.items():
-        t = t if dtype is None else t.to(dtype)
-        assert ours[name].dtype == t.dtype and torch.equal(ours[name], t), name
+    return write_family_file(path, "qwen", reference, prefix, extras, cast)
 
 
 def test_the_original_layout_is_diffusers_names(reference):
