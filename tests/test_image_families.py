@@ -206,6 +206,16 @@ def comfy_flux_sigmas(mu: float, steps: int) -> torch.Tensor:
     return torch.tensor([float(table[-(1 + int(i * stride))]) for i in range(steps)] + [0.0])
 
 
+@torch.no_grad()
+def euler_cfg(x, sigmas, request, predict):
+    """ComfyUI's euler with CFG over `sigmas`, written out: predict(x, sigma, branch) is a branch's x0 prediction."""
+    for i in range(len(sigmas) - 1):
+        s = sigmas[i]
+        cond, uncond = (predict(x, s, c) for c in (request.positive, request.negative))
+        x = x + (x - (uncond + (cond - uncond) * CFG)) / s * (sigmas[i + 1] - s)
+    return x
+
+
 def test_qwen_generate_equals_a_loop_over_the_diffusers_transformer(tmp_path):
     """run_request equals euler with CFG over diffusers' transformer: ComfyUI's Qwen sigmas (ModelSamplingFlux
     1.15), noise and Wan 2.1 latent format, the reference latent in the positive branch, sigma as the timestep."""
@@ -217,20 +227,15 @@ def test_qwen_generate_equals_a_loop_over_the_diffusers_transformer(tmp_path):
     ours = run_request(adapter, request)
     sigmas = comfy_flux_sigmas(1.15, steps).float()
     x = sigmas[0] * torch.randn(1, 16, rows, cols, generator=torch.Generator().manual_seed(1))
-    for i in range(steps):
-        s = sigmas[i]
-        preds = []
-        for c in (request.positive, request.negative):
-            refs = list(c.references)
-            shapes = [[(1, rows // 2, cols // 2)] + [(1, r.shape[-2] // 2, r.shape[-1] // 2) for r in refs]]
-            with torch.no_grad():
-                out = model(hidden_states=torch.cat([pack_flux(v) for v in [x, *refs]], dim=1),
-                            encoder_hidden_states=c.text, timestep=s.reshape(1), img_shapes=shapes,
-                            return_dict=False)[0]
-            preds.append(x - unpack_flux(out[:, :(rows // 2) * (cols // 2)], rows, cols) * s)
-        cond, uncond = preds
-        denoised = uncond + (cond - uncond) * CFG
-        x = x + (x - denoised) / s * (sigmas[i + 1] - s)
+
+    def predict(x, s, c):
+        refs = list(c.references)
+        shapes = [[(1, rows // 2, cols // 2)] + [(1, r.shape[-2] // 2, r.shape[-1] // 2) for r in refs]]
+        out = model(hidden_states=torch.cat([pack_flux(v) for v in [x, *refs]], dim=1), encoder_hidden_states=c.text,
+                    timestep=s.reshape(1), img_shapes=shapes, return_dict=False)[0]
+        return x - unpack_flux(out[:, :(rows // 2) * (cols // 2)], rows, cols) * s
+
+    x = euler_cfg(x, sigmas, request, predict)
     # The negative's second reference sits on frame 2 ("index"), as diffusers' second image: positions agree.
     err = rel_err(ours, x)
     print(f"qwen generate vs loop over diffusers: {err:.2e}")
@@ -467,20 +472,16 @@ def test_hunyuandit_generate_equals_comfyuis_v_prediction_loop(tmp_path):
     sigmas = torch.tensor([float(table[-(1 + int(i * 1000 / steps))]) for i in range(steps)] + [0.0])
     x = torch.randn(1, 4, rows, cols, generator=torch.Generator().manual_seed(1)) * (1 + sigmas[0] ** 2).sqrt()
     meta = torch.tensor([[64.0, 96.0, 64.0, 96.0, 0.0, 0.0]])
-    for i in range(steps):
-        s = sigmas[i]
+
+    def predict(x, s, c):
         t = (s.log() - table.log()).abs().argmin().float().reshape(1)
-        preds = []
-        for c in (request.positive, request.negative):
-            with torch.no_grad():
-                v = model(x / (s ** 2 + 1).sqrt(), t, encoder_hidden_states=c.text, text_embedding_mask=c.text_mask,
-                          encoder_hidden_states_t5=c.text2, text_embedding_mask_t5=c.text2_mask, image_meta_size=meta,
-                          style=torch.zeros(1, dtype=torch.long), image_rotary_emb=rotary(16, rows // 2, cols // 2),
-                          return_dict=False)[0][:, :4]
-            preds.append(x / (s ** 2 + 1) - v * s / (s ** 2 + 1).sqrt())
-        cond, uncond = preds
-        denoised = uncond + (cond - uncond) * CFG
-        x = x + (x - denoised) / s * (sigmas[i + 1] - s)
+        v = model(x / (s ** 2 + 1).sqrt(), t, encoder_hidden_states=c.text, text_embedding_mask=c.text_mask,
+                  encoder_hidden_states_t5=c.text2, text_embedding_mask_t5=c.text2_mask, image_meta_size=meta,
+                  style=torch.zeros(1, dtype=torch.long), image_rotary_emb=rotary(16, rows // 2, cols // 2),
+                  return_dict=False)[0][:, :4]
+        return x / (s ** 2 + 1) - v * s / (s ** 2 + 1).sqrt()
+
+    x = euler_cfg(x, sigmas, request, predict)
     err = rel_err(ours, x)
     print(f"hunyuandit generate vs ComfyUI's v-prediction loop over diffusers: {err:.2e}")
     assert err <= TOL
@@ -544,23 +545,20 @@ def test_kontext_generate_equals_a_loop_over_the_diffusers_transformer(tmp_path)
     sigmas = comfy_flux_sigmas(1.15, steps).float()
     x = sigmas[0] * torch.randn(1, 16, ROWS, COLS, generator=torch.Generator().manual_seed(1))
     n = (ROWS // 2) * (COLS // 2)
-    for i in range(steps):
-        s = sigmas[i]
-        preds = []
-        for c in (request.positive, request.negative):
-            ids = [flux_image_ids(ROWS, COLS)]
-            for k, r in enumerate(c.references):
-                ref_ids = flux_image_ids(*r.shape[-2:])
-                ref_ids[:, 0] = k + 1
-                ids.append(ref_ids)
-            with torch.no_grad():
-                out = model(hidden_states=torch.cat([pack_flux(v) for v in [x, *c.references]], dim=1),
-                            encoder_hidden_states=c.text, pooled_projections=c.pooled, timestep=s.reshape(1),
-                            guidance=torch.tensor([3.5]), img_ids=torch.cat(ids), txt_ids=torch.zeros(TEXT, 3),
-                            return_dict=False)[0]
-            preds.append(x - unpack_flux(out[:, :n], ROWS, COLS) * s)
-        cond, uncond = preds
-        x = x + (x - (uncond + (cond - uncond) * CFG)) / s * (sigmas[i + 1] - s)
+
+    def predict(x, s, c):
+        ids = [flux_image_ids(ROWS, COLS)]
+        for k, r in enumerate(c.references):
+            ref_ids = flux_image_ids(*r.shape[-2:])
+            ref_ids[:, 0] = k + 1
+            ids.append(ref_ids)
+        out = model(hidden_states=torch.cat([pack_flux(v) for v in [x, *c.references]], dim=1),
+                    encoder_hidden_states=c.text, pooled_projections=c.pooled, timestep=s.reshape(1),
+                    guidance=torch.tensor([3.5]), img_ids=torch.cat(ids), txt_ids=torch.zeros(TEXT, 3),
+                    return_dict=False)[0]
+        return x - unpack_flux(out[:, :n], ROWS, COLS) * s
+
+    x = euler_cfg(x, sigmas, request, predict)
     err = rel_err(ours, x)
     print(f"kontext generate vs loop over diffusers: {err:.2e}")
     assert err <= TOL
