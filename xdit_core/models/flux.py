@@ -5,8 +5,8 @@ from typing import Optional, Sequence
 
 import torch
 
-from xdit_core.models.latent_formats import (flux_image_ids, offset_placements, pack_flux, pad_to_patches, tokens_of,
-                                             unpack_flux)
+from xdit_core.models.latent_formats import (flux_image_ids, offset_placements, pack_flux, packed_tokens, pad_to_patches,
+                                             tokens_of, unpack_flux)
 from xdit_core.models.base import BranchCond, ModelAdapter, Tokens
 
 
@@ -56,7 +56,7 @@ class FluxAdapter(ModelAdapter):
     JOINT_ORDER = ("txt", "img")  # Flux puts the text tokens first
 
     def reference_tokens(self, cond: BranchCond, height: int, width: int) -> int:
-        return sum(tokens_of(r.shape[-2]) * tokens_of(r.shape[-1]) for r in cond.references)
+        return packed_tokens(cond.references)
 
     def embed(self, x: torch.Tensor, timestep: torch.Tensor, cond: BranchCond,
               guidance: Optional[float]) -> Tokens:

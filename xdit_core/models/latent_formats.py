@@ -79,6 +79,11 @@ def tokens_of(size: int) -> int:
     return (size + 1) // 2
 
 
+def packed_tokens(latents: Sequence[torch.Tensor]) -> int:
+    """Tokens of latents packed 2x2 (an odd side padded): what reference latents add to the image's."""
+    return sum(tokens_of(r.shape[-2]) * tokens_of(r.shape[-1]) for r in latents)
+
+
 def offset_placements(shapes: Sequence[tuple[int, int]]) -> list[tuple[int, int]]:
     """(row, column) offsets, in latent rows, of reference latents of `shapes` placed by ComfyUI's "offset" method
     (its Flux and QwenImage models): each beside the ones before when taller than their extent, else below them."""

@@ -8,7 +8,8 @@ from typing import Optional, Sequence
 import torch
 
 from xdit_core.models.base import BranchCond, ModelAdapter, Tokens
-from xdit_core.models.latent_formats import offset_placements, pack_flux, pad_to_patches, tokens_of, unpack_flux
+from xdit_core.models.latent_formats import (offset_placements, pack_flux, packed_tokens, pad_to_patches, tokens_of,
+                                             unpack_flux)
 
 REFERENCE_METHODS = ("index", "offset")  # ComfyUI's QwenImage ref_latents_method; "index" is its default
 
@@ -64,7 +65,7 @@ class QwenImageAdapter(ModelAdapter):
     TEXT_EVERY_UNIT = True  # its processor's rotary cannot take zero text tokens
 
     def reference_tokens(self, cond: BranchCond, height: int, width: int) -> int:
-        return sum(tokens_of(r.shape[-2]) * tokens_of(r.shape[-1]) for r in cond.references)
+        return packed_tokens(cond.references)
 
     def embed(self, x: torch.Tensor, timestep: torch.Tensor, cond: BranchCond,
               guidance: Optional[float]) -> Tokens:
