@@ -172,7 +172,7 @@ def check_against_model(mesh: XDiTMesh, model: XDiTModel, cfg: float, steps: int
 
     parallel, _ = choose(mesh, model, cfg, pipefusion)
     validate_parallel_config(parallel, num_heads=model.num_heads, cfg=cfg, num_blocks=model.num_blocks,
-                             steps=steps, latent_height=latent_height, video=video, family=model.family)
+                             steps=steps, latent_height=latent_height, video=video)
     if uses_cluster(mesh.ray_address):
         place_workers(None)
         return parallel

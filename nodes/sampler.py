@@ -67,8 +67,7 @@ def plan_run(model: XDiTModel, mesh: XDiTMesh, shape, cfg: float, steps: int, po
             parallel = chosen  # and what the workers add on ComfyUI's GPU is that of the sharded mesh
             api.place_workers(placement, model.path, model.dtype, parallel, keep_fp8=model.keep_fp8)
         api.validate_parallel_config(parallel, num_heads=model.num_heads, cfg=cfg, num_blocks=model.num_blocks,
-                                     steps=steps, latent_height=shape[-2], video=len(shape) == 5,
-                                     family=model.family)
+                                     steps=steps, latent_height=shape[-2], video=len(shape) == 5)
     api.check_request_fits(
         model.path, list(shape), parallel, backend="ray", remote=remote, dtype=api.DTYPES[model.dtype],
         attention_backend=mesh.attention_backend, num_blocks=model.num_blocks, with_negative=negative is not None,

@@ -282,7 +282,7 @@ def prepare(opts: GenerateOptions) -> tuple[SampleRequest, Any, float]:
     batch = shape[0]
     cfg = spec.default_cfg if opts.cfg is None else opts.cfg
     validate_parallel_config(opts.parallel, num_heads=spec.num_heads, cfg=cfg, num_blocks=spec.num_blocks,
-                             steps=opts.steps, latent_height=shape[-2], video=spec.is_video, family=spec.family)
+                             steps=opts.steps, latent_height=shape[-2], video=spec.is_video)
     with_negative = not math.isclose(cfg, 1.0)
 
     api.check_request_fits(

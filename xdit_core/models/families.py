@@ -32,11 +32,6 @@ VIDEO_FAMILIES = ("wan",)
 VARIANTS = {"flux": ("dev", "schnell"), "sd3": ("sd3",), "pixart": ("alpha", "sigma"), "wan": ("t2v", "i2v", "ti2v"),
             "qwen": ("image", "edit_2511"), "zimage": ("zimage",), "flux2": ("dev", "klein"),
             "hunyuandit": ("v1.2", "v1.1")}
-# Why PipeFusion cannot run a family (its patches are latent rows of one image flowing through block stages).
-PIPEFUSION_REFUSALS = {
-    "wan": "PipeFusion does not run video models (its patches are latent rows of one image); split a video with "
-           "ulysses_degree and ring_degree (and use_cfg_parallel) instead",
-}
 # Latent side must be even for the 2x2 patch embedding: pixels multiple of 8 * 2 (the image families'; see
 # ModelSpec.pixel_multiple, 32 for Wan 2.2 5B's 16x VAE).
 PIXEL_MULTIPLE = 16

@@ -8,7 +8,6 @@ import math
 from dataclasses import replace
 from typing import Optional
 
-from xdit_core.models.families import PIPEFUSION_REFUSALS
 from xdit_core.parallel.mesh import ParallelConfig
 from xdit_core.parallel.perf_model import Cluster, Workload, predict
 from xdit_core.parallel.perf_workloads import candidate_configs, describe
@@ -35,11 +34,11 @@ def choose_mesh(family: str, num_heads: int, ranks: int, cfg: float, num_blocks:
                 pipefusion: bool = True) -> tuple[ParallelConfig, str]:
     """A mesh for `ranks` workers and the reason, in one line. `cluster`: the workers' links (None: unknown);
     `workload`: the model at its nominal size (`perf_workloads.nominal_workload`); `pipefusion` False where
-    PipeFusion cannot run (host-driven sampling). Video (Wan) never runs PipeFusion."""
+    PipeFusion cannot run (host-driven sampling). Video (family "wan") never runs PipeFusion."""
     if ranks <= 1:
         return ParallelConfig(), "1 rank: serial"
     negative = not math.isclose(cfg, 1.0)
-    pipefusion = pipefusion and family not in PIPEFUSION_REFUSALS
+    pipefusion = pipefusion and family != "wan"
     if cluster is None or workload is None:
         config, why = _rule(family, num_heads, ranks, cfg, num_blocks, negative, pipefusion)
         return config, f"links unknown, xDiT's advice: {why}"

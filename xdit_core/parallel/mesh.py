@@ -12,7 +12,7 @@ from datetime import timedelta
 from typing import Optional, Sequence
 
 from xdit_core.errors import XDiTConfigError
-from xdit_core.models.families import PIPEFUSION_REFUSALS, PIXEL_MULTIPLE
+from xdit_core.models.families import PIXEL_MULTIPLE
 from xdit_core.sampling.request import MAX_RESOLUTION
 from xdit_core.sampling.samplers import MAX_STEPS
 
@@ -99,8 +99,7 @@ def _divisors(n: int) -> list[int]:
 def validate_parallel_config(config: ParallelConfig, *, world_size: Optional[int] = None,
                              num_heads: Optional[int] = None, cfg: Optional[float] = None,
                              num_blocks: Optional[int] = None, steps: Optional[int] = None,
-                             latent_height: Optional[int] = None, video: bool = False,
-                             family: Optional[str] = None) -> None:
+                             latent_height: Optional[int] = None, video: bool = False) -> None:
     """Raise XDiTConfigError for an impossible mesh, saying what would be valid. No process is started."""
     for name, value in (("ulysses_degree", config.ulysses_degree), ("ring_degree", config.ring_degree),
                         ("pipefusion_parallel_degree", config.pipefusion_parallel_degree)):
@@ -129,9 +128,10 @@ def validate_parallel_config(config: ParallelConfig, *, world_size: Optional[int
         raise XDiTConfigError("shard_weights needs ranks that hold the same blocks to shard over: a ulysses, ring or "
                               "cfg degree above 1 (PipeFusion stages already split the blocks); turn it off or add one")
     if config.pipefusion_parallel_degree > 1:
-        refusal = PIPEFUSION_REFUSALS["wan"] if video else PIPEFUSION_REFUSALS.get(family)
-        if refusal:
-            raise XDiTConfigError(f"pipefusion_parallel_degree {config.pipefusion_parallel_degree}: {refusal}")
+        if video:
+            raise XDiTConfigError(f"pipefusion_parallel_degree {config.pipefusion_parallel_degree}: PipeFusion does "
+                                  "not run video models (its patches are latent rows of one image); split a video "
+                                  "with ulysses_degree and ring_degree (and use_cfg_parallel) instead")
         if num_blocks is not None and config.pipefusion_parallel_degree > num_blocks:
             raise XDiTConfigError(f"pipefusion_parallel_degree {config.pipefusion_parallel_degree} is larger than "
                                   f"the model's {num_blocks} blocks; use at most {num_blocks} stages")

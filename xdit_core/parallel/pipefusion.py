@@ -41,8 +41,7 @@ import torch.nn.functional as F
 
 from xdit_core.parallel.attention import Segment, SPGroups, select_lse_kernel, usp_attention
 from xdit_core.parallel.comm import Comm
-from xdit_core.errors import XDiTCancelled, XDiTConfigError, XDiTWorkerError
-from xdit_core.models.families import PIPEFUSION_REFUSALS
+from xdit_core.errors import XDiTCancelled, XDiTWorkerError
 from xdit_core.models.base import ModelAdapter, Tokens
 from xdit_core.parallel.context import RankContext
 from xdit_core.parallel.p2p import P2PChannel
@@ -211,9 +210,6 @@ class PipeFusionRunner:
     def __init__(self, adapter: ModelAdapter, ctx: RankContext, stage_ranges: Optional[list[range]] = None):
         """`stage_ranges`: the split the ranks loaded (default: by compute, as split_stages makes it)."""
         config = ctx.mesh.config
-        refusal = PIPEFUSION_REFUSALS.get(adapter.spec.family)
-        if refusal:  # the host refuses it first (validate_parallel_config); a direct caller gets the same reason
-            raise XDiTConfigError(refusal)
         self.adapter, self.ctx = adapter, ctx
         self.P = config.pipefusion_parallel_degree
         self.stage = ctx.mesh.coords["pipefusion"]

@@ -171,7 +171,7 @@ class ModelMemory:
     other: Part  # conditioning (time, text, guidance embedders, modulations): every rank
     buffers: int  # bytes of buffers every rank holds (position tables)
     joint_text: bool  # text tokens join the attention sequence (Flux, SD3, Qwen) rather than cross-attention
-    video: bool  # no PipeFusion: a video model (families.PIPEFUSION_REFUSALS)
+    video: bool
     fp8_source: str  # where the fp8 flags come from: the file's header, or the assumption for a bare config
     block_costs: tuple[float, ...] = ()  # what PipeFusion balances its stages by (stages.block_flops)
     patch_size: int = 2  # latent rows per image token (FLUX.2: 1)
@@ -231,7 +231,7 @@ def _describe(config: Optional[dict[str, Any]], family: Optional[str], variant: 
 
     from xdit_core.loading.load import BLOCK_LISTS, EMBED_MODULES, HEAD_MODULES, _build_on_meta
     from xdit_core.models import make_adapter
-    from xdit_core.models.families import CLASS_NAMES, PIPEFUSION_REFUSALS, resolve_model_spec
+    from xdit_core.models.families import CLASS_NAMES, resolve_model_spec
 
     config = source.config if source is not None else config
     class_name = config.get("_class_name")
@@ -241,8 +241,7 @@ def _describe(config: Optional[dict[str, Any]], family: Optional[str], variant: 
         lists, embed, head = BLOCK_LISTS[spec.family], EMBED_MODULES[spec.family], HEAD_MODULES[spec.family]
         kinds = make_adapter(model, spec).attention_kinds()
         buffered = {m for m, kind in kinds.items() if kind != "cross"}
-        joint, heads = any(k == "joint" for k in kinds.values()), spec.num_heads
-        video = spec.is_video or spec.family in PIPEFUSION_REFUSALS
+        joint, video, heads = any(k == "joint" for k in kinds.values()), spec.is_video, spec.num_heads
         costs = () if video else tuple(block_flops(config, spec))
         patch, hidden = spec.patch_size, int(config.get("dim") or 0)  # Z-Image states its width as dim
     else:  # a diffusers class for the tables only: every attention module joint, ModuleLists of blocks
