@@ -132,8 +132,6 @@ def derive_config(family: str, shapes: Mapping[str, Sequence[int]]) -> tuple[dic
     if family == "wan":
         names = wan_layout.diffusers_names(list(shapes))
         return wan_layout.derive_config({names[k]: v for k, v in shapes.items()})
-    if family == "qwen":
-        return _derive_qwen(shapes)
     if family in _DERIVE:
         return _DERIVE[family](shapes)
     if family == "flux":
@@ -272,7 +270,7 @@ def _derive_hunyuandit(shapes: Mapping[str, Sequence[int]]) -> tuple[dict[str, A
     return config, set(config) - {"activation_fn", "sample_size", "norm_type"}
 
 
-_DERIVE = {"zimage": _derive_zimage, "flux2": _derive_flux2, "hunyuandit": _derive_hunyuandit}
+_DERIVE = {"qwen": _derive_qwen, "zimage": _derive_zimage, "flux2": _derive_flux2, "hunyuandit": _derive_hunyuandit}
 
 
 @functools.cache
